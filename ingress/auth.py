@@ -1,0 +1,31 @@
+"""API keys: ``Authorization: Bearer <key>`` looked up by SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+
+from shared.config import AuthConfig
+from shared.errors import Unauthorized
+
+#: Tenant recorded on jobs when the server runs without keys.
+OPEN_TENANT = "default"
+
+
+class Authenticator:
+    def __init__(self, cfg: AuthConfig) -> None:
+        self._tenants = {k.sha256: k.tenant for k in cfg.keys}
+        self.open = not self._tenants
+
+    def tenant(self, authorization: str | None) -> str:
+        """The tenant owning the presented key; raises :class:`Unauthorized`."""
+        if self.open:
+            return OPEN_TENANT
+        if not authorization:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+        tenant = self._tenants.get(hashlib.sha256(key.strip().encode()).hexdigest())
+        if tenant is None:
+            raise Unauthorized("invalid API key")
+        return tenant

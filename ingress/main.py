@@ -1,0 +1,59 @@
+"""The ingress process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+
+from aiohttp import web
+
+from ingress.app import STATE, create_app
+from shared.config import Config
+
+log = logging.getLogger("llm_broker.ingress")
+
+
+def pod_name(config: Config) -> str:
+    return config.pod_name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def serve(config: Config, *, host: str | None = None, port: int | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; then fail /ready, stop accepting and drain."""
+    host = host if host is not None else config.ingress.host
+    port = port if port is not None else config.ingress.port
+    app = create_app(config, pod_name(config))
+    if not config.auth.keys:
+        log.warning(
+            "NO API KEYS CONFIGURED: ingress accepts every request without "
+            "authentication. Add auth.keys to the config before exposing it."
+        )
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=config.ingress.drain_s,
+        handler_cancellation=True,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    sockets = site._server.sockets if site._server is not None else ()
+    bound = sockets[0].getsockname()[1] if sockets else port
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    print(f"ingress listening on http://{shown}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info(
+        "ingress draining: /ready fails, waiting up to %.0fs for in-flight requests",
+        config.ingress.drain_s,
+    )
+    app[STATE].draining = True
+    await runner.cleanup()
+    log.info("ingress stopped")

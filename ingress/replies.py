@@ -1,0 +1,98 @@
+"""The reply reader: one task per ingress process reads this process's reply
+stream and hands each entry to the request waiting for that job."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared.config import Config
+from shared.keys import Keys
+from shared.redisio import connect
+
+log = logging.getLogger("llm_broker.ingress.replies")
+
+#: One reply: kind (chunks, result, error), data, HTTP status.
+Reply = tuple[bytes, bytes, int]
+
+_REDIS_DOWN = (RedisError, OSError, TimeoutError)
+
+
+class ReplyRouter:
+    TTL_S = 120
+
+    def __init__(self, config: Config, pod: str) -> None:
+        self.stream = Keys(config.redis.key_prefix).reply(pod)
+        self._cfg = config
+        self._waiters: dict[bytes, asyncio.Queue[Reply]] = {}
+        self._last_id = b"0-0"
+        self.healthy = False
+        self._client: aioredis.Redis | None = None
+
+    def register(self, job_id: str) -> asyncio.Queue[Reply]:
+        queue: asyncio.Queue[Reply] = asyncio.Queue()
+        self._waiters[job_id.encode()] = queue
+        return queue
+
+    def unregister(self, job_id: str) -> None:
+        self._waiters.pop(job_id.encode(), None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def _ensure_stream(self, client: aioredis.Redis) -> None:
+        """Create the reply stream (workers never create it) and refresh its TTL."""
+        if not await client.expire(self.stream, self.TTL_S):
+            await client.xadd(self.stream, {"k": "init"})
+            await client.expire(self.stream, self.TTL_S)
+            log.info("reply stream %s created", self.stream)
+
+    async def run(self) -> None:
+        block_ms = 1000
+        client = connect(
+            self._cfg.redis,
+            max_connections=1,
+            socket_timeout=block_ms / 1000 + self._cfg.redis.command_timeout_s,
+        )
+        self._client = client
+        next_refresh = next_trim = 0.0
+        backoff = 0.05
+        try:
+            while True:
+                try:
+                    now = time.monotonic()
+                    if now >= next_refresh:
+                        await self._ensure_stream(client)
+                        next_refresh = now + self.TTL_S / 4
+                    if now >= next_trim:
+                        # Entries up to the last one read are done with.
+                        await client.xtrim(self.stream, minid=self._last_id, approximate=True)
+                        next_trim = now + 1.0
+                    batches = await client.xread(
+                        {self.stream: self._last_id}, count=1000, block=block_ms
+                    )
+                    self.healthy = True
+                    backoff = 0.05
+                except _REDIS_DOWN as e:
+                    if self.healthy:
+                        log.warning("reply reader: Redis unreachable: %s", e)
+                    self.healthy = False
+                    next_refresh = 0.0
+                    await asyncio.sleep(backoff)  # back off while Redis is unreachable
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                for _stream, entries in batches or ():
+                    for entry_id, fields in entries:
+                        self._last_id = entry_id
+                        queue = self._waiters.get(fields.get(b"i", b""))
+                        if queue is not None:
+                            queue.put_nowait(
+                                (fields[b"k"], fields.get(b"d", b""), int(fields.get(b"s", b"200")))
+                            )
+        finally:
+            await client.aclose()

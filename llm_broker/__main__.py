@@ -1,0 +1,3 @@
+from llm_broker.cli import main
+
+raise SystemExit(main())

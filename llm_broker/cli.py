@@ -1,0 +1,156 @@
+"""The ``llm-broker`` command: dev, ingress, worker, mock-upstream, keygen, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from shared.config import Config, ConfigError, load_config, new_key
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, os.environ)
+
+
+def cmd_ingress(args: argparse.Namespace) -> int:
+    from ingress.main import serve
+
+    _run(serve(_config(args), host=args.host, port=args.port))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import serve
+
+    config = _config(args)
+    providers = list(config.providers) if args.all else list(dict.fromkeys(args.provider or []))
+    if not providers:
+        print("worker: name --provider NAME (repeatable) or --all", file=sys.stderr)
+        return 2
+    unknown = [p for p in providers if p not in config.providers]
+    if unknown:
+        print(f"worker: unknown provider(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    _run(serve(config, providers, metrics_port=args.metrics_port))
+    return 0
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from llm_broker.mock_upstream import MockDefaults, run
+
+    run(
+        args.host,
+        args.port,
+        MockDefaults(
+            latency_ms=args.latency_ms, chunks=args.chunks, chunk_delay_ms=args.chunk_delay_ms
+        ),
+    )
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from llm_broker.dev import run_dev
+
+    return run_dev(port=args.port, config_path=args.config, env=os.environ)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key, digest = new_key()
+    print(f"key:    {key}")
+    print("config: add under auth.keys:")
+    print(f"  - tenant: {args.tenant}")
+    print(f"    sha256: {digest}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(
+        f"config ok: {len(config.providers)} provider(s), {len(config.models)} model route(s), "
+        f"{len(config.auth.keys)} API key(s)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-broker", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("LLM_BROKER_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="YAML config file (default: $LLM_BROKER_CONFIG)")
+        return p
+
+    p = with_config(
+        sub.add_parser(
+            "dev", help="run everything locally: Redis, ingress, workers and the mock provider"
+        )
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_dev)
+
+    p = with_config(sub.add_parser("ingress", help="run the HTTP ingress"))
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_ingress)
+
+    p = with_config(sub.add_parser("worker", help="run provider worker pools"))
+    p.add_argument("--provider", action="append", help="provider to serve (repeatable)")
+    p.add_argument("--all", action="store_true", help="serve every configured provider")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("mock-upstream", help="run the mock OpenAI-compatible upstream")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    p.set_defaults(func=cmd_mock)
+
+    p = sub.add_parser("keygen", help="print a new API key and the config entry for its hash")
+    p.add_argument("--tenant", default="default")
+    p.set_defaults(func=cmd_keygen)
+
+    p = with_config(sub.add_parser("check-config", help="validate a config file"))
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        result: int = args.func(args)
+    except ConfigError as e:
+        print(f"llm-broker: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""``llm-broker dev``: Redis, the mock provider, a worker and ingress in one command."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm_broker.procs import Child, python_cmd
+from shared.config import load_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def dev_config(mock_url: str) -> dict[str, Any]:
+    """The default dev config: open (no keys), every ``mock*`` and two familiar
+    names routed to the mock provider, room for hundreds of concurrent calls."""
+    return {
+        "providers": {
+            "mock": {
+                "type": "mock",
+                "base_url": mock_url,
+                "max_concurrency": 1024,
+                "max_queue_depth": 100_000,
+            },
+        },
+        "models": {
+            "mock*": {"provider": "mock"},
+            "gpt-4o-mini": {"provider": "mock", "model": "mock"},
+            "gpt-4o": {"provider": "mock", "model": "mock-chunks-32"},
+        },
+        "ingress": {"drain_s": 5},
+        "worker": {"grace_period_s": 5, "lease_s": 15},
+    }
+
+
+class _EmbeddedRedis:
+    """A fakeredis TCP server in a thread, for machines without ``redis-server``."""
+
+    def __init__(self) -> None:
+        from fakeredis import TcpFakeServer
+
+        self.port = free_port()
+        self._server = TcpFakeServer(("127.0.0.1", self.port), server_type="redis")
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def run_dev(*, port: int, config_path: str | None, env: Mapping[str, str]) -> int:
+    children: list[Child] = []
+    embedded: _EmbeddedRedis | None = None
+    tmp = Path(tempfile.mkdtemp(prefix="llm-broker-dev-"))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    child_env = {k: v for k, v in env.items() if k != "LLM_BROKER_CONFIG"}
+    child_env["PYTHONUNBUFFERED"] = "1"
+    try:
+        redis_url = env.get("REDIS_URL")
+        if redis_url:
+            where = f"REDIS_URL ({redis_url})"
+        elif shutil.which("redis-server"):
+            rport = free_port()
+            redis = Child(
+                "redis",
+                [
+                    "redis-server",
+                    "--port",
+                    str(rport),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(tmp),
+                ],
+            )
+            children.append(redis)
+            redis.wait_for(r"Ready to accept connections", 15)
+            redis_url = f"redis://127.0.0.1:{rport}/0"
+            where = f"redis-server on port {rport}"
+        else:
+            embedded = _EmbeddedRedis()
+            redis_url = f"redis://127.0.0.1:{embedded.port}/0"
+            where = (
+                f"embedded Redis (fakeredis) on port {embedded.port}; install redis-server "
+                "for real throughput"
+            )
+        child_env["REDIS_URL"] = redis_url
+
+        if config_path:
+            cfg_file = Path(config_path)
+        else:
+            mock = Child("mock", python_cmd("mock-upstream", "--port", "0"), child_env, echo=True)
+            children.append(mock)
+            mock_port = mock.wait_for(r"listening on http://[\d.]+:(\d+)", 30).group(1)
+            cfg_file = tmp / "dev-config.yaml"
+            cfg_file.write_text(yaml.safe_dump(dev_config(f"http://127.0.0.1:{mock_port}/v1")))
+        config = load_config(str(cfg_file), child_env)
+
+        worker = Child(
+            "worker", python_cmd("worker", "--all", "--config", str(cfg_file)), child_env, echo=True
+        )
+        children.append(worker)
+        ingress = Child(
+            "ingress",
+            python_cmd("ingress", "--config", str(cfg_file), "--port", str(port)),
+            child_env,
+            echo=True,
+        )
+        children.append(ingress)
+        worker.wait_for(r"worker ready", 30)
+        url = ingress.wait_for(r"listening on (http://\S+)", 30).group(1)
+        model = next((n for n in config.models if not n.endswith("*")), "mock")
+        print(
+            f"""
+llm-broker dev is running
+  gateway:  {url}   (OpenAI-compatible: {url}/v1)
+  redis:    {where}
+  models:   {", ".join(config.models)}
+
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+Ctrl-C stops everything.
+""",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            dead = [c for c in children if c.proc.poll() is not None]
+            if dead:
+                print(
+                    f"llm-broker dev: {dead[0].name} exited with {dead[0].proc.returncode}; "
+                    "stopping",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
+        return 0
+    finally:
+        for child in reversed(children):
+            child.stop(timeout=10)
+        if embedded is not None:
+            embedded.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+        print("llm-broker dev stopped", flush=True)
+
+
+__all__ = ["dev_config", "free_port", "run_dev"]

@@ -1,0 +1,208 @@
+"""Typed, frozen configuration.
+
+The config is one YAML (or JSON) document parsed into the structs below; unknown
+fields are rejected with a message that names them. A few deploy knobs come from
+the environment mapping passed to :func:`load_config` (never read elsewhere):
+
+* ``REDIS_URL`` overrides ``redis.url``;
+* ``LLM_BROKER_CONFIG`` names the config file when no path is given;
+* ``LLM_BROKER_POD`` names this process's reply stream (defaults to host + pid).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import yaml
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says where and why."""
+
+
+class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RedisConfig(_Base):
+    url: str = "redis://127.0.0.1:6379/0"
+    #: Every key this deployment writes starts with this prefix.
+    key_prefix: str = "llmb:"
+    #: Timeout of one Redis command on the request path; keeps "Redis down" fast.
+    command_timeout_s: float = 0.75
+    connect_timeout_s: float = 0.5
+
+
+class IngressConfig(_Base):
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_body_bytes: int = 32 * 1024 * 1024
+    #: Default deadline of a request; ``X-Request-Timeout`` (seconds) overrides it.
+    request_timeout_s: float = 600.0
+    max_request_timeout_s: float = 3600.0
+    #: On SIGTERM, /ready fails at once and in-flight requests get this long to finish.
+    drain_s: float = 30.0
+    #: Retry-After sent with 429 when a provider queue is full.
+    queue_full_retry_after_s: int = 1
+
+
+class ApiKey(_Base):
+    tenant: str
+    #: Hex SHA-256 of the key (``llm-broker keygen`` prints a new key and its hash).
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError(f"api key for tenant {self.tenant!r}: sha256 must be 64 lowercase hex")
+
+
+class AuthConfig(_Base):
+    keys: tuple[ApiKey, ...] = ()
+
+
+ProviderType = Literal["openai", "mock"]
+
+
+class ProviderConfig(_Base):
+    type: ProviderType
+    #: Base URL of the upstream API, e.g. https://api.openai.com/v1 or a vLLM server's /v1.
+    base_url: str
+    #: File holding the upstream API key (a mounted secret); never inline.
+    api_key_file: str | None = None
+    #: In-flight upstream calls per worker process.
+    max_concurrency: int = 64
+    #: Ingress answers 429 when the provider's queue holds this many jobs.
+    max_queue_depth: int = 10_000
+    #: Upper bound of one upstream call (the request deadline may be shorter).
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if self.max_queue_depth < 1:
+            raise ValueError("max_queue_depth must be at least 1")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be http(s): {self.base_url!r}")
+
+
+class ModelRoute(_Base):
+    provider: str
+    #: Model name sent upstream; defaults to the requested name.
+    model: str | None = None
+
+
+class WorkerConfig(_Base):
+    #: An entry pending this long without a refresh is reclaimed by another worker.
+    lease_s: float = 30.0
+    #: A job delivered more than this many times fails and goes to the dead-letter stream.
+    max_deliveries: int = 3
+    #: On SIGTERM, in-flight jobs get this long to finish before the process exits.
+    grace_period_s: float = 30.0
+    #: Stream chunks are sent back to ingress at most this often (first chunk at once).
+    coalesce_ms: float = 5.0
+    block_ms: int = 1000
+
+
+class JobsConfig(_Base):
+    #: How long a job record (status and result) is kept after it was created or finished.
+    result_ttl_s: float = 86_400.0
+
+
+class Config(_Base):
+    redis: RedisConfig = RedisConfig()
+    jobs: JobsConfig = JobsConfig()
+    ingress: IngressConfig = IngressConfig()
+    auth: AuthConfig = AuthConfig()
+    providers: dict[str, ProviderConfig] = {}
+    #: Model name → route. A name ending in ``*`` matches every model with that prefix.
+    models: dict[str, ModelRoute] = {}
+    worker: WorkerConfig = WorkerConfig()
+    #: Name of this process's reply stream; unique per ingress process.
+    pod_name: str = ""
+
+    def __post_init__(self) -> None:
+        for name, route in self.models.items():
+            if route.provider not in self.providers:
+                raise ValueError(f"model {name!r} routes to unknown provider {route.provider!r}")
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest under which an API key is listed in the config."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str]:
+    """A new random API key and its hash."""
+    key = "sk-llmb-" + secrets.token_urlsafe(32)
+    return key, hash_key(key)
+
+
+def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
+    """Build a :class:`Config` from decoded YAML/JSON and an environment mapping."""
+    env = env or {}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a mapping at the top level")
+    data = dict(data)
+    if env.get("REDIS_URL"):
+        data["redis"] = {**(data.get("redis") or {}), "url": env["REDIS_URL"]}
+    if env.get("LLM_BROKER_POD"):
+        data["pod_name"] = env["LLM_BROKER_POD"]
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid config: {e}") from e
+
+
+def load_config(path: str | None, env: Mapping[str, str]) -> Config:
+    """Load the config file at ``path`` (or ``LLM_BROKER_CONFIG``), then apply ``env``."""
+    path = path or env.get("LLM_BROKER_CONFIG") or None
+    data: object = None
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+    return parse_config(data, env)
+
+
+class Route(msgspec.Struct, frozen=True):
+    provider: str
+    upstream_model: str
+
+
+class Router:
+    """Maps a requested model name to a provider and an upstream model name."""
+
+    def __init__(self, config: Config) -> None:
+        self._exact: dict[str, ModelRoute] = {}
+        self._prefixes: list[tuple[str, ModelRoute]] = []
+        for name, route in config.models.items():
+            if name.endswith("*"):
+                self._prefixes.append((name[:-1], route))
+            else:
+                self._exact[name] = route
+        self._prefixes.sort(key=lambda p: -len(p[0]))
+        self.model_names = tuple(config.models)
+
+    def route(self, model: str) -> Route | None:
+        found = self._exact.get(model)
+        if found is None:
+            for prefix, route in self._prefixes:
+                if model.startswith(prefix):
+                    found = route
+                    break
+            else:
+                return None
+        return Route(found.provider, found.model or model)

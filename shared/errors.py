@@ -1,0 +1,192 @@
+"""Errors and their OpenAI error objects.
+
+::
+
+    BrokerError                 status  type
+     ├── BadRequest              400    invalid_request_error
+     ├── Unauthorized            401    authentication_error
+     ├── NotFound                404    not_found_error / invalid_request_error
+     ├── MethodNotAllowed        405    invalid_request_error
+     ├── PayloadTooLarge         413    invalid_request_error
+     ├── UnsupportedMediaType    415    invalid_request_error
+     ├── QueueFull               429    rate_limit_error (with Retry-After)
+     ├── UpstreamError           the upstream's status, or 502
+     ├── Unavailable             503    service_unavailable (Redis unreachable, draining)
+     └── DeadlineExceeded        504    timeout
+
+Each error knows its HTTP status and renders as ``{"error": {"message", "type",
+"param", "code"}}``; one middleware in ingress turns them into responses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=False):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorObject(msgspec.Struct):
+    error: ErrorBody
+
+
+class BrokerError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.error_code = code if code is not None else self.code
+        self.headers = headers or {}
+
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+    def body(self) -> ErrorObject:
+        return ErrorObject(ErrorBody(self.message, self.type, self.param, self.error_code))
+
+
+class BadRequest(BrokerError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(BrokerError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(BrokerError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(BrokerError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(BrokerError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(BrokerError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class QueueFull(BrokerError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class Unavailable(BrokerError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class DeadlineExceeded(BrokerError):
+    status = 504
+    type = "timeout"
+    code = "deadline_exceeded"
+
+
+class UpstreamError(BrokerError):
+    """An error from (or on the way to) the upstream provider, with its own status."""
+
+    type = "upstream_error"
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self._status = status
+        self._type = type or self.type
+
+    @property
+    def http_status(self) -> int:
+        return self._status
+
+    def body(self) -> ErrorObject:
+        return ErrorObject(ErrorBody(self.message, self._type, self.param, self.error_code))
+
+
+_UPSTREAM_STATUS_PASSED_THROUGH = {400, 404, 409, 413, 422, 429}
+
+
+def upstream_status_error(status: int, payload: Any) -> UpstreamError:
+    """Map an upstream HTTP error response to the error the client sees.
+
+    The upstream's client errors (400, 404, 422, 429…) keep their status and its
+    message; an upstream 401/403 is our credential problem, not the client's, so
+    it becomes 502, as do 5xx answers.
+    """
+    message = f"upstream returned HTTP {status}"
+    etype: str | None = None
+    param: str | None = None
+    code: str | None = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        err = payload["error"]
+        message = str(err.get("message") or message)
+        etype = err.get("type") if isinstance(err.get("type"), str) else None
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+        raw_code = err.get("code")
+        code = str(raw_code) if raw_code is not None else None
+    if status in _UPSTREAM_STATUS_PASSED_THROUGH:
+        return UpstreamError(
+            status, message, type=etype or "invalid_request_error", param=param, code=code
+        )
+    if status in (401, 403):
+        return UpstreamError(
+            502,
+            f"upstream rejected the broker's credentials (HTTP {status})",
+            code="upstream_auth_failed",
+        )
+    if status == 504:
+        return UpstreamError(504, message, type="timeout", code="upstream_timeout")
+    return UpstreamError(502, message, type=etype or "upstream_error", code="upstream_error")
+
+
+def upstream_timeout(seconds: float) -> UpstreamError:
+    return UpstreamError(
+        504, f"upstream did not answer within {seconds:g}s", type="timeout", code="upstream_timeout"
+    )
+
+
+def upstream_unreachable(detail: str) -> UpstreamError:
+    return UpstreamError(502, f"cannot reach upstream: {detail}", code="upstream_connection_error")

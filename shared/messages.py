@@ -1,0 +1,82 @@
+"""Wire messages between ingress and workers, and the client request schema.
+
+Wire structs tolerate unknown fields and give new fields defaults, so ingress
+and workers of different versions interoperate during a rolling update.
+Encoders and decoders are built once here and reused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+# ---------------------------------------------------------------- client schema
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatMessage(msgspec.Struct):
+    role: Role
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(msgspec.Struct):
+    """The fields of an OpenAI chat request that the broker itself looks at.
+
+    Every other field (temperature, tools, response_format…) travels upstream
+    untouched in the raw body.
+    """
+
+    model: str
+    messages: list[ChatMessage]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+chat_request_decoder = msgspec.json.Decoder(ChatRequest)
+
+# ---------------------------------------------------------------- queue messages
+
+
+class Job(msgspec.Struct, kw_only=True):
+    """One queued call, as carried in a provider stream entry (field ``j``)."""
+
+    id: str
+    tenant: str
+    provider: str
+    #: The model name the client asked for (answers carry this name).
+    model: str
+    upstream_model: str
+    stream: bool = False
+    include_usage: bool = False
+    #: Reply stream of the ingress process holding the client, or "" for none.
+    reply_to: str = ""
+    #: Unix time after which nobody waits for the answer.
+    deadline: float
+    created: float
+    #: The client's request body, as received.
+    body: bytes
+    traceparent: str = ""
+
+
+job_encoder = msgspec.msgpack.Encoder()
+job_decoder = msgspec.msgpack.Decoder(Job)
+
+# Reply stream entries are flat: {i: job id, k: kind, d: data, s: http status}.
+REPLY_CHUNKS = b"c"  # d = SSE frames, ready to write to the client
+REPLY_RESULT = b"r"  # d = final body (JSON for plain calls, closing SSE frames for streams)
+REPLY_ERROR = b"e"  # d = OpenAI error object JSON, s = HTTP status
+
+# Job statuses; a job only moves forward.
+QUEUED = "queued"
+IN_PROGRESS = "in_progress"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+EXPIRED = "expired"
+FINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED, EXPIRED})

@@ -1,0 +1,121 @@
+"""Prometheus metrics, named ``llm_broker_*`` with units in the names.
+
+Buckets resolve p50/p95/p99 from 5 ms to 10 minutes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.35,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    90.0,
+    120.0,
+    180.0,
+    300.0,
+    450.0,
+    600.0,
+)
+
+
+class IngressMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "llm_broker_requests",
+            "HTTP requests answered by ingress",
+            ["endpoint", "model", "provider", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "llm_broker_request_duration_seconds",
+            "End-to-end request latency at ingress",
+            ["endpoint", "provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft_seconds = Histogram(
+            "llm_broker_time_to_first_token_seconds",
+            "Time from request to first streamed chunk",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.active = Gauge(
+            "llm_broker_active_requests", "Client requests being handled", registry=registry
+        )
+        self.rejected = Counter(
+            "llm_broker_admission_rejections",
+            "Requests refused at admission",
+            ["provider", "reason"],
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
+        )
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Counter(
+            "llm_broker_worker_jobs",
+            "Jobs finished by workers",
+            ["provider", "outcome"],
+            registry=registry,
+        )
+        self.upstream_seconds = Histogram(
+            "llm_broker_upstream_duration_seconds",
+            "Duration of upstream calls",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "llm_broker_queue_wait_seconds",
+            "Time a job waited in the queue",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "llm_broker_upstream_in_flight",
+            "Upstream calls in flight in this process",
+            ["provider"],
+            registry=registry,
+        )
+        self.reclaimed = Counter(
+            "llm_broker_reclaimed_jobs",
+            "Jobs reclaimed from a dead or stalled worker",
+            ["provider"],
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "llm_broker_dead_lettered_jobs",
+            "Jobs moved to the dead-letter stream",
+            ["provider"],
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
+        )

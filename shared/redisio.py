@@ -1,0 +1,162 @@
+"""The Redis connection, command batching and the job-state scripts.
+
+Job state only moves forward (queued → in_progress → a final state); every
+transition is one Lua script on the job hash, so a late duplicate delivery can
+never overwrite a final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from shared.config import RedisConfig
+
+# KEYS[1] queue stream, KEYS[2] job hash.
+# ARGV: max depth, packed job, job TTL, then job hash field/value pairs.
+ENQUEUE = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return redis.call('XADD', KEYS[1], '*', 'j', ARGV[2])
+"""
+
+# KEYS[1] job hash. ARGV: now, max deliveries, this delivery's count.
+# Returns 'ok' (run it), 'gone' (record expired), 'expired' (deadline passed:
+# marked so), 'poison' (delivered too often) or the job's final status.
+START = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'deadline')
+if not st[1] then return 'gone' end
+if st[1] ~= 'queued' and st[1] ~= 'in_progress' then return st[1] end
+if tonumber(st[2]) <= tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'status', 'expired', 'completed_at', ARGV[1], 'http_status', 504)
+  return 'expired'
+end
+if tonumber(ARGV[3]) > tonumber(ARGV[2]) then return 'poison' end
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started_at', ARGV[1])
+return 'ok'
+"""
+
+# KEYS[1] job hash. ARGV: new final status, now, result field, payload, http
+# status, TTL. Returns 1 if this call made the job final, 0 if it already was.
+FINISH = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 0 end
+if st ~= 'queued' and st ~= 'in_progress' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_at', ARGV[2], ARGV[3], ARGV[4],
+           'http_status', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return 1
+"""
+
+# KEYS[1] queue stream. ARGV: group, entry ids. Acknowledge and delete together,
+# so the stream holds only work not yet done.
+ACK = """
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+"""
+
+
+def connect(
+    cfg: RedisConfig, *, socket_timeout: float | None = None, max_connections: int = 64
+) -> aioredis.Redis:
+    """A client whose commands fail fast when Redis is unreachable."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        cfg.url,
+        max_connections=max_connections,
+        timeout=cfg.command_timeout_s,
+        socket_timeout=socket_timeout if socket_timeout is not None else cfg.command_timeout_s,
+        socket_connect_timeout=cfg.connect_timeout_s,
+        health_check_interval=0,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class Batcher:
+    """Sends the commands issued during one event-loop turn as one pipeline.
+
+    Hundreds of concurrent requests each needing one or two commands then cost a
+    handful of round trips instead of hundreds. Each caller gets its own result
+    (or exception).
+    """
+
+    def __init__(self, client: aioredis.Redis, *, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._pending: list[tuple[Sequence[Any], asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((args, fut))
+        return fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                if len(batch) == 1:
+                    try:
+                        results = [await self._client.execute_command(*batch[0][0])]
+                    except ResponseError as e:
+                        results = [e]
+                else:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for args, _ in batch:
+                            pipe.execute_command(*args)
+                        results = await pipe.execute(raise_on_error=False)
+        except (Exception, asyncio.CancelledError) as e:  # every caller must hear of it
+            err = e if isinstance(e, Exception) else ConnectionError("batch cancelled")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        for (_, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+    async def close(self) -> None:
+        self._flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
+    """Create the consumer group (and the stream) unless it exists."""
+    try:
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+# KEYS[1] job hash. ARGV: now. The client stopped waiting at its deadline: a job
+# not yet final becomes 'expired', so no worker starts it.
+EXPIRE_JOB = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st == 'queued' or st == 'in_progress' then
+  redis.call('HSET', KEYS[1], 'status', 'expired', 'completed_at', ARGV[1], 'http_status', 504)
+  return 1
+end
+return 0
+"""

@@ -1,0 +1,565 @@
+"""A provider's worker pool inside one process.
+
+The pool reads its provider's stream with the consumer group, pulling only as
+many entries as it has free slots, runs each job against the upstream, writes
+the result to ``job:{id}``, sends it to the waiting ingress process, then
+acknowledges the entry (XACK + XDEL in one script). Entries left pending by a
+dead worker are reclaimed once idle past the lease; the pool keeps its own
+entries' idle time fresh so a long call is never stolen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from shared import messages as m
+from shared.config import Config
+from shared.errors import BrokerError, UpstreamError
+from shared.keys import GROUP, Keys
+from shared.metrics import WorkerMetrics
+from shared.redisio import ACK, FINISH, START, Batcher, connect, ensure_group
+from workers.accumulate import StreamAccumulator
+from workers.upstream import OpenAIUpstream
+
+log = logging.getLogger("llm_broker.worker")
+
+REPLY_MAXLEN = 100_000
+_REDIS_DOWN = (RedisError, OSError, TimeoutError)
+
+
+class ProviderPool:
+    def __init__(
+        self,
+        *,
+        provider: str,
+        config: Config,
+        upstream: OpenAIUpstream,
+        redis: aioredis.Redis,
+        batcher: Batcher,
+        consumer: str,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.provider = provider
+        self.cfg = config
+        self.pcfg = config.providers[provider]
+        self.wcfg = config.worker
+        self.keys = Keys(config.redis.key_prefix)
+        self.queue = self.keys.queue(provider)
+        self.upstream = upstream
+        self.redis = redis
+        self.batcher = batcher
+        self.consumer = consumer
+        self.metrics = metrics
+        self.result_ttl = int(config.jobs.result_ttl_s)
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._in_flight = metrics.in_flight.labels(provider)
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def free_slots(self) -> int:
+        return self.pcfg.max_concurrency - len(self._jobs)
+
+    def stop_reading(self) -> None:
+        self._stopping.set()
+        self._slot_freed.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait for in-flight jobs; True if all finished within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self._jobs:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.wait(list(self._jobs.values()), timeout=remaining)
+        return True
+
+    async def abandon(self) -> None:
+        """Cancel what is still running; its entries stay pending for another worker."""
+        for task in self._jobs.values():
+            task.cancel()
+        await asyncio.gather(*self._jobs.values(), return_exceptions=True)
+
+    async def read_loop(self) -> None:
+        """Pull entries while there are free slots, until told to stop."""
+        reader = connect(
+            self.cfg.redis,
+            max_connections=1,
+            socket_timeout=self.wcfg.block_ms / 1000 + self.cfg.redis.command_timeout_s,
+        )
+        backoff = 0.1
+        try:
+            await self._ensure_group()
+            while not self._stopping.is_set():
+                free = self.free_slots
+                if free <= 0:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
+                try:
+                    batches = await reader.xreadgroup(
+                        GROUP,
+                        self.consumer,
+                        {self.queue: ">"},
+                        count=free,
+                        block=self.wcfg.block_ms,
+                    )
+                    backoff = 0.1
+                except ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    await self._ensure_group()
+                    continue
+                except _REDIS_DOWN as e:
+                    self.metrics.redis_errors.labels("read").inc()
+                    log.warning(
+                        "provider %s: cannot read the queue (%s); retrying in %.1fs",
+                        self.provider,
+                        e,
+                        backoff,
+                    )
+                    await asyncio.sleep(backoff)  # back off while Redis is unreachable
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                for _stream, entries in batches or ():
+                    for entry_id, fields in entries:
+                        self._spawn(entry_id.decode(), fields, 1)
+        finally:
+            await reader.aclose()
+
+    async def maintain_loop(self) -> None:
+        """Reclaim stale entries of dead workers and keep this pool's leases fresh."""
+        interval = max(0.05, self.wcfg.lease_s / 3)
+        while not self._stopping.is_set():
+            try:
+                await self._refresh_leases()
+                await self._reclaim()
+            except _REDIS_DOWN as e:
+                self.metrics.redis_errors.labels("maintain").inc()
+                log.warning("provider %s: lease maintenance failed: %s", self.provider, e)
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                await self._ensure_group()
+            try:
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            except TimeoutError:
+                pass
+        # Keep leases fresh while in-flight jobs finish during shutdown.
+        while self._jobs:
+            try:
+                await self._refresh_leases()
+            except (*_REDIS_DOWN, ResponseError) as e:
+                log.warning("provider %s: lease refresh failed: %s", self.provider, e)
+            await asyncio.sleep(interval)  # periodic timer, not synchronisation
+
+    async def _ensure_group(self) -> None:
+        await ensure_group(self.redis, self.queue, GROUP)
+
+    async def _refresh_leases(self) -> None:
+        if self._jobs:
+            await self.redis.xclaim(
+                self.queue, GROUP, self.consumer, 0, list(self._jobs), justid=True
+            )
+
+    async def _reclaim(self) -> None:
+        free = self.free_slots
+        if free <= 0:
+            return
+        lease_ms = int(self.wcfg.lease_s * 1000)
+        _next, claimed, _deleted = await self.redis.xautoclaim(
+            self.queue, GROUP, self.consumer, lease_ms, "0-0", count=free
+        )
+        if not claimed:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id, _ in claimed:
+                pipe.xpending_range(self.queue, GROUP, entry_id, entry_id, 1)
+            pending = await pipe.execute()
+        for (entry_id, fields), info in zip(claimed, pending, strict=True):
+            deliveries = info[0]["times_delivered"] if info else self.wcfg.max_deliveries + 1
+            self.metrics.reclaimed.labels(self.provider).inc()
+            log.info(
+                "provider %s: reclaimed %s (delivery %d)",
+                self.provider,
+                entry_id.decode(),
+                deliveries,
+            )
+            self._spawn(entry_id.decode(), fields or {}, deliveries)
+
+    def _spawn(self, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        if entry_id in self._jobs:
+            return
+        task = asyncio.get_running_loop().create_task(self._handle(entry_id, fields, deliveries))
+        self._jobs[entry_id] = task
+        self._in_flight.inc()
+        task.add_done_callback(lambda _t: self._done(entry_id))
+
+    def _done(self, entry_id: str) -> None:
+        self._jobs.pop(entry_id, None)
+        self._in_flight.dec()
+        self._slot_freed.set()
+
+    # ------------------------------------------------------------ one job
+
+    async def _handle(self, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        try:
+            await self._handle_entry(entry_id, fields, deliveries)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the task boundary: log once, the entry stays pending
+            log.exception("provider %s: entry %s failed unexpectedly", self.provider, entry_id)
+
+    async def _handle_entry(
+        self, entry_id: str, fields: dict[bytes, bytes], deliveries: int
+    ) -> None:
+        raw = fields.get(b"j", b"")
+        try:
+            job = m.job_decoder.decode(raw)
+        except msgspec.DecodeError:
+            log.error("provider %s: entry %s is not a job; dead-lettered", self.provider, entry_id)
+            await self._settle(None, entry_id, dead_letter=raw)
+            return
+        start = self.batcher.call(
+            "EVAL",
+            START,
+            1,
+            self.keys.job(job.id),
+            time.time(),
+            self.wcfg.max_deliveries,
+            deliveries,
+        )
+        # A first delivery within its deadline starts its upstream call while the
+        # start script runs: one Redis round trip less on every request. The call
+        # is aborted if the script says the job must not run (cancelled, expired).
+        run: asyncio.Task[None] | None = None
+        if deliveries == 1 and job.deadline > time.time():
+            run = asyncio.get_running_loop().create_task(self._run(job, entry_id, start))
+        try:
+            verdict = await start
+        except _REDIS_DOWN as e:
+            # The entry stays pending and is reclaimed once Redis answers again.
+            log.warning("job %s: cannot start (%s); left pending", job.id, e)
+            if run is not None:
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+            return
+        if verdict == b"ok":
+            await (run if run is not None else self._run(job, entry_id, start))
+            return
+        if run is not None:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+        match verdict:
+            case b"poison":
+                err = UpstreamError(
+                    500,
+                    f"job was delivered {deliveries} times without finishing "
+                    f"(limit {self.wcfg.max_deliveries}); moved to the dead-letter queue",
+                    type="server_error",
+                    code="max_deliveries_exceeded",
+                )
+                self.metrics.dead_lettered.labels(self.provider).inc()
+                self.metrics.jobs.labels(self.provider, "dead_lettered").inc()
+                log.error("job %s: %s", job.id, err.message)
+                await self._fail(job, entry_id, err, dead_letter=raw)
+            case b"expired":
+                self.metrics.jobs.labels(self.provider, "expired").inc()
+                await self._settle(
+                    job, entry_id, reply=self._error_reply(job, 504, _deadline_error())
+                )
+            case _:  # already final, or its record expired: nothing to do
+                await self._settle(job, entry_id)
+
+    async def _run(self, job: m.Job, entry_id: str, start: asyncio.Future[Any]) -> None:
+        """Call the upstream; record and send the outcome once ``start`` said "ok"."""
+        self.metrics.queue_wait_seconds.labels(self.provider).observe(
+            max(0.0, time.time() - job.created)
+        )
+        timeout = min(self.pcfg.timeout_s, job.deadline - time.time())
+        if timeout <= 0:
+            if await start == b"ok":
+                self.metrics.jobs.labels(self.provider, "expired").inc()
+                await self._finish(
+                    job, entry_id, m.EXPIRED, "error", _deadline_error(), 504, m.REPLY_ERROR
+                )
+            return
+        body = _upstream_body(job)
+        headers = {"traceparent": job.traceparent} if job.traceparent else None
+        started = time.monotonic()
+        try:
+            if job.stream:
+                result = await self._stream(job, body, timeout, headers, start)
+                payload = orjson.dumps(result)
+                reply = b""
+                if job.include_usage and result.get("usage"):
+                    reply = _frame(
+                        {
+                            "id": result["id"],
+                            "object": "chat.completion.chunk",
+                            "created": result["created"],
+                            "model": job.model,
+                            "choices": [],
+                            "usage": result["usage"],
+                        }
+                    )
+            else:
+                result = await self.upstream.complete(body, timeout, headers)
+                result["id"] = _response_id(job)
+                result["model"] = job.model
+                payload = reply = orjson.dumps(result)
+        except BrokerError as e:
+            self.metrics.jobs.labels(self.provider, "failed").inc()
+            log.info("job %s: upstream error %d: %s", job.id, e.http_status, e.message)
+            if await start == b"ok":
+                await self._fail(job, entry_id, e)
+            return
+        finally:
+            self.metrics.upstream_seconds.labels(self.provider).observe(time.monotonic() - started)
+        if await start == b"ok":
+            self.metrics.jobs.labels(self.provider, "completed").inc()
+            await self._finish(
+                job, entry_id, m.COMPLETED, "result", payload, 200, m.REPLY_RESULT, reply
+            )
+
+    async def _stream(
+        self,
+        job: m.Job,
+        body: bytes,
+        timeout: float,
+        headers: dict[str, str] | None,
+        start: asyncio.Future[Any],
+    ) -> dict[str, Any]:
+        acc = StreamAccumulator()
+        sender = _ChunkSender(self, job)
+        response_id = _response_id(job)
+        try:
+            async for chunk in self.upstream.stream(body, timeout, headers):
+                if not start.done():
+                    await start  # no chunk reaches the client before the job has started
+                acc.add(chunk)
+                if not chunk.get("choices") and chunk.get("usage"):
+                    continue  # usage is sent at the end, if the client asked for it
+                chunk["id"] = response_id
+                chunk["model"] = job.model
+                sender.add(_frame(chunk))
+        finally:
+            await sender.drain()
+        return acc.result(response_id, job.model, int(job.created))
+
+    async def _fail(
+        self, job: m.Job, entry_id: str, err: BrokerError, dead_letter: bytes | None = None
+    ) -> None:
+        await self._finish(
+            job,
+            entry_id,
+            m.FAILED,
+            "error",
+            msgspec.json.encode(err.body()),
+            err.http_status,
+            m.REPLY_ERROR,
+            dead_letter=dead_letter,
+        )
+
+    async def _finish(
+        self,
+        job: m.Job,
+        entry_id: str,
+        status: str,
+        field: str,
+        payload: bytes,
+        http_status: int,
+        reply_kind: bytes,
+        reply_data: bytes | None = None,
+        dead_letter: bytes | None = None,
+    ) -> None:
+        """Make the result durable in the job record, reply, then acknowledge."""
+        finish = (
+            "EVAL",
+            FINISH,
+            1,
+            self.keys.job(job.id),
+            status,
+            time.time(),
+            field,
+            payload,
+            http_status,
+            self.result_ttl,
+        )
+        reply = self._reply(
+            job, reply_kind, payload if reply_data is None else reply_data, http_status
+        )
+        await self._settle(job, entry_id, finish=finish, reply=reply, dead_letter=dead_letter)
+
+    def _reply(self, job: m.Job, kind: bytes, data: bytes, status: int) -> tuple[Any, ...] | None:
+        if not job.reply_to:
+            return None
+        return (
+            "XADD",
+            job.reply_to,
+            "NOMKSTREAM",
+            "MAXLEN",
+            "~",
+            REPLY_MAXLEN,
+            "*",
+            "i",
+            job.id,
+            "k",
+            kind,
+            "d",
+            data,
+            "s",
+            status,
+        )
+
+    def _error_reply(self, job: m.Job, status: int, body: bytes) -> tuple[Any, ...] | None:
+        return self._reply(job, m.REPLY_ERROR, body, status)
+
+    async def _settle(
+        self,
+        job: m.Job | None,
+        entry_id: str,
+        *,
+        finish: tuple[Any, ...] | None = None,
+        reply: tuple[Any, ...] | None = None,
+        dead_letter: bytes | None = None,
+    ) -> None:
+        """Send the closing commands of one entry in order, in one round trip.
+
+        Retried while Redis is unreachable, for up to one lease: after that
+        another worker may own the entry, and the job state script makes the
+        duplicate harmless.
+        """
+        commands: list[tuple[Any, ...]] = []
+        if finish:
+            commands.append(finish)
+        if reply:
+            commands.append(reply)
+        if dead_letter is not None:
+            commands.append(
+                (
+                    "XADD",
+                    self.keys.dead_letter(self.provider),
+                    "*",
+                    "entry",
+                    entry_id,
+                    "j",
+                    dead_letter,
+                    "consumer",
+                    self.consumer,
+                )
+            )
+        commands.append(("EVAL", ACK, 1, self.queue, GROUP, entry_id))
+        deadline = time.monotonic() + self.wcfg.lease_s
+        backoff = 0.05
+        while True:
+            futures = [self.batcher.call(*c) for c in commands]
+            try:
+                await asyncio.gather(*futures)
+                return
+            except ResponseError as e:
+                if "NOSCRIPT" in str(e) or "NOGROUP" in str(e):
+                    log.warning("job %s: %s while settling", job.id if job else entry_id, e)
+                    return
+                raise
+            except _REDIS_DOWN as e:
+                await asyncio.gather(*futures, return_exceptions=True)
+                self.metrics.redis_errors.labels("settle").inc()
+                if time.monotonic() + backoff > deadline:
+                    log.error(
+                        "job %s: could not record the result (%s); left pending",
+                        job.id if job else entry_id,
+                        e,
+                    )
+                    return
+                await asyncio.sleep(backoff)  # back off while Redis is unreachable
+                backoff = min(backoff * 2, 1.0)
+
+
+class _ChunkSender:
+    """Sends a stream's chunks to the waiting ingress process, coalesced.
+
+    The first chunk goes at once; later ones are gathered for at most
+    ``coalesce_ms`` so that throughput is not bound by one Redis write per token.
+    Writes are chained, so the client sees chunks in order.
+    """
+
+    def __init__(self, pool: ProviderPool, job: m.Job) -> None:
+        self._pool = pool
+        self._job = job
+        self._buf: list[bytes] = []
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._prev: asyncio.Future[Any] | None = None
+        self._interval = pool.wcfg.coalesce_ms / 1000
+        self._loop = asyncio.get_running_loop()
+
+    def add(self, frame: bytes) -> None:
+        if not self._job.reply_to:
+            return
+        self._buf.append(frame)
+        if self._timer is None:
+            delay = self._last + self._interval - self._loop.time()
+            if delay <= 0:
+                self.flush()
+            else:
+                self._timer = self._loop.call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._buf:
+            return
+        data = b"".join(self._buf)
+        self._buf.clear()
+        self._last = self._loop.time()
+        self._prev = asyncio.ensure_future(self._send(self._prev, data))
+
+    async def _send(self, prev: asyncio.Future[Any] | None, data: bytes) -> None:
+        if prev is not None:
+            await asyncio.gather(prev, return_exceptions=True)
+        cmd = self._pool._reply(self._job, m.REPLY_CHUNKS, data, 200)
+        if cmd is not None:
+            try:
+                await self._pool.batcher.call(*cmd)
+            except _REDIS_DOWN as e:
+                log.warning("job %s: lost stream chunks: %s", self._job.id, e)
+
+    async def drain(self) -> None:
+        self.flush()
+        if self._prev is not None:
+            await asyncio.gather(self._prev, return_exceptions=True)
+
+
+def _upstream_body(job: m.Job) -> bytes:
+    body = orjson.loads(job.body)
+    body["model"] = job.upstream_model
+    if job.stream:
+        body["stream_options"] = {"include_usage": True}
+    return orjson.dumps(body)
+
+
+def _response_id(job: m.Job) -> str:
+    return f"chatcmpl-{job.id}"
+
+
+def _frame(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _deadline_error() -> bytes:
+    return (
+        b'{"error":{"message":"the request deadline passed before a worker could run it",'
+        b'"type":"timeout","param":null,"code":"deadline_exceeded"}}'
+    )
