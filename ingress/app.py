@@ -34,7 +34,7 @@ from shared.errors import (
 )
 from shared.keys import Keys
 from shared.metrics import IngressMetrics
-from shared.redisio import ENQUEUE, EXPIRE_JOB, Batcher, connect
+from shared.redisio import EXPIRE_JOB, Batcher, connect, enqueue_command
 
 log = logging.getLogger("llm_broker.ingress")
 
@@ -226,30 +226,7 @@ async def _enqueue(state: State, job: m.Job) -> None:
     try:
         async with asyncio.timeout(state.config.redis.command_timeout_s):
             entry = await state.batcher.call(
-                "EVAL",
-                ENQUEUE,
-                2,
-                state.keys.queue(job.provider),
-                state.keys.job(job.id),
-                pcfg.max_queue_depth,
-                m.job_encoder.encode(job),
-                ttl,
-                "tenant",
-                job.tenant,
-                "status",
-                m.QUEUED,
-                "model",
-                job.model,
-                "provider",
-                job.provider,
-                "created_at",
-                job.created,
-                "deadline",
-                job.deadline,
-                "attempts",
-                0,
-                "stream",
-                int(job.stream),
+                *enqueue_command(state.keys, job, pcfg.max_queue_depth, ttl)
             )
     except _REDIS_DOWN as e:
         state.metrics.redis_errors.labels("enqueue").inc()

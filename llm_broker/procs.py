@@ -100,7 +100,7 @@ class Child:
         with self._cond:
             return "\n".join(self.lines)
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
@@ -121,6 +121,8 @@ class Child:
         if self.proc.poll() is None:
             self.proc.wait(5)
         self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 

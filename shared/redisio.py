@@ -14,7 +14,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from shared import messages as m
 from shared.config import RedisConfig
+from shared.keys import Keys
 
 # KEYS[1] queue stream, KEYS[2] job hash.
 # ARGV: max depth, packed job, job TTL, then job hash field/value pairs.
@@ -160,3 +162,37 @@ if st == 'queued' or st == 'in_progress' then
 end
 return 0
 """
+
+
+def enqueue_command(keys: Keys, job: m.Job, max_depth: int, ttl_s: int) -> tuple[Any, ...]:
+    """The command that admits ``job`` to its provider's queue and creates its record.
+
+    It returns the stream entry id, or nil when the queue already holds
+    ``max_depth`` jobs.
+    """
+    return (
+        "EVAL",
+        ENQUEUE,
+        2,
+        keys.queue(job.provider),
+        keys.job(job.id),
+        max_depth,
+        m.job_encoder.encode(job),
+        ttl_s,
+        "tenant",
+        job.tenant,
+        "status",
+        m.QUEUED,
+        "model",
+        job.model,
+        "provider",
+        job.provider,
+        "created_at",
+        job.created,
+        "deadline",
+        job.deadline,
+        "attempts",
+        0,
+        "stream",
+        int(job.stream),
+    )

@@ -89,7 +89,8 @@ class OpenAIUpstream:
                 if resp.status >= 400:
                     raise upstream_status_error(resp.status, _json_or_none(await resp.read()))
                 done = False
-                async for line in resp.content:
+                lines = _lines_or_interrupted(resp)
+                async for line in lines:
                     if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
@@ -123,6 +124,17 @@ class OpenAIUpstream:
 
     def _merge(self, extra: dict[str, str] | None) -> dict[str, str]:
         return {**self._headers, **extra} if extra else self._headers
+
+
+async def _lines_or_interrupted(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The lines of a response body; a connection cut mid-body is an interrupted stream."""
+    try:
+        async for line in resp.content:
+            yield line
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
+        raise UpstreamError(
+            502, "upstream closed the stream before it ended", code="upstream_stream_interrupted"
+        ) from e
 
 
 def _json_or_none(raw: bytes) -> Any:

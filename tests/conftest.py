@@ -1,0 +1,231 @@
+"""Fixtures: a real Redis server per session, the broker's processes, configs.
+
+The Redis server runs on a free port in a temporary directory so that tests can
+stop and restart it and concurrent runs never collide. Each test gets its own
+key prefix instead of a flushed database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+import redis.asyncio as aioredis
+import yaml
+
+from llm_broker.dev import free_port
+from llm_broker.procs import Child, python_cmd
+
+_prefixes = itertools.count()
+
+
+class RedisServer:
+    """A ``redis-server`` process that tests may stop, kill and restart."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+        self.port = free_port()
+        self.dir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--logfile",
+                str(self.dir / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)  # poll until the server accepts connections
+        client.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_up(redis_server: RedisServer) -> RedisServer:
+    """The session's Redis, started again if an earlier test left it stopped."""
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()
+    return redis_server
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{os.getpid()}-{next(_prefixes)}:"
+
+
+@pytest.fixture
+async def rclient(redis_up: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_up.url)
+    yield client
+    await client.aclose()
+
+
+class Procs:
+    """Starts the broker's processes and stops every one at the end of the test."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.children: list[Child] = []
+
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        ready: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 30,
+    ) -> tuple[Child, Any]:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env.pop("LLM_BROKER_CONFIG", None)
+        child = Child(name, argv, full_env)
+        self.children.append(child)
+        return child, child.wait_for(ready, timeout)
+
+    def mock(self, *args: str) -> tuple[Child, str]:
+        child, found = self.start(
+            "mock", python_cmd("mock-upstream", "--port", "0", *args), r"listening on (http://\S+)"
+        )
+        return child, found.group(1)
+
+    def worker(self, config: Path, *args: str) -> Child:
+        child, _ = self.start(
+            "worker", python_cmd("worker", "--all", "--config", str(config), *args), r"worker ready"
+        )
+        return child
+
+    def ingress(self, config: Path) -> tuple[Child, str]:
+        child, found = self.start(
+            "ingress",
+            python_cmd("ingress", "--config", str(config), "--port", "0"),
+            r"listening on (http://\S+)",
+        )
+        return child, found.group(1)
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            child.stop(timeout=10)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    yield p
+    p.stop_all()
+
+
+ConfigFactory = Callable[..., Path]
+_configs = itertools.count()
+
+
+def write_config(
+    directory: Path, redis_url: str, prefix: str, mock_url: str, **sections: Any
+) -> Path:
+    """Write a config file routing ``mock*`` and ``gpt-4o-mini`` to the mock at ``mock_url``.
+
+    ``sections`` are merged two levels deep into the defaults.
+    """
+    cfg: dict[str, Any] = {
+        "redis": {"url": redis_url, "key_prefix": prefix},
+        "providers": {
+            "mock": {"type": "mock", "base_url": f"{mock_url}/v1", "max_concurrency": 64}
+        },
+        "models": {
+            "mock*": {"provider": "mock"},
+            "gpt-4o-mini": {"provider": "mock", "model": "mock"},
+        },
+        "ingress": {"drain_s": 5},
+        "worker": {"grace_period_s": 10, "lease_s": 5},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            merged = dict(cfg[key])
+            for k, v in value.items():
+                if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                    merged[k] = {**merged[k], **v}
+                else:
+                    merged[k] = v
+            cfg[key] = merged
+        else:
+            cfg[key] = value
+    path = directory / f"config-{next(_configs)}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, redis_up: RedisServer, prefix: str) -> ConfigFactory:
+    def make(mock_url: str, **sections: Any) -> Path:
+        return write_config(tmp_path, redis_up.url, prefix, mock_url, **sections)
+
+    return make
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def mock_stats(http: aiohttp.ClientSession, mock_url: str) -> dict[str, Any]:
+    async with http.get(f"{mock_url}/mock/stats") as resp:
+        stats: dict[str, Any] = await resp.json()
+        return stats
+
+
+def chat(model: str = "gpt-4o-mini", content: str = "Hello there", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}

@@ -1,0 +1,73 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+
+from shared import messages as m
+from shared.keys import Keys
+from shared.redisio import enqueue_command
+
+T = TypeVar("T")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], timeout: float = 15.0, what: str = "condition"
+) -> T:
+    """Poll ``check`` until it returns something truthy, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)  # polling interval of a bounded wait
+
+
+def make_job(
+    model: str = "mock",
+    *,
+    timeout: float = 60.0,
+    stream: bool = False,
+    provider: str = "mock",
+    content: str = "hello",
+) -> m.Job:
+    now = time.time()
+    body = orjson.dumps(
+        {"model": model, "messages": [{"role": "user", "content": content}], "stream": stream}
+    )
+    return m.Job(
+        id=secrets.token_hex(16),
+        tenant="default",
+        provider=provider,
+        model=model,
+        upstream_model=model,
+        stream=stream,
+        deadline=now + timeout,
+        created=now,
+        body=body,
+    )
+
+
+async def enqueue(client: aioredis.Redis, prefix: str, job: m.Job, max_depth: int = 10_000) -> str:
+    entry = await client.execute_command(*enqueue_command(Keys(prefix), job, max_depth, 3600))
+    assert entry is not None
+    return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+
+async def job_record(client: aioredis.Redis, prefix: str, job_id: str) -> dict[str, Any]:
+    raw = await client.hgetall(Keys(prefix).job(job_id))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+async def job_status(client: aioredis.Redis, prefix: str, job_id: str) -> str:
+    status = await client.hget(Keys(prefix).job(job_id), "status")
+    return status.decode() if status else ""

@@ -1,0 +1,239 @@
+"""Unit tests: config, keys, routing, wire codecs, error mapping, accumulation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from ingress.auth import OPEN_TENANT, Authenticator
+from shared import messages as m
+from shared.config import (
+    ConfigError,
+    Route,
+    Router,
+    hash_key,
+    load_config,
+    new_key,
+    parse_config,
+)
+from shared.errors import Unauthorized, upstream_status_error
+from workers.accumulate import StreamAccumulator
+
+PROVIDERS = {"p1": {"type": "openai", "base_url": "https://api.example.com/v1"}}
+
+
+def test_config_defaults_need_no_file() -> None:
+    cfg = load_config(None, {})
+    assert cfg.ingress.port == 8000
+    assert cfg.ingress.max_body_bytes == 32 * 1024 * 1024
+    assert cfg.redis.url == "redis://127.0.0.1:6379/0"
+
+
+def test_unknown_field_is_rejected_by_name() -> None:
+    with pytest.raises(ConfigError, match="unknown field `max_conurrency`"):
+        parse_config({"providers": {"p1": {**PROVIDERS["p1"], "max_conurrency": 3}}})
+    with pytest.raises(ConfigError, match="unknown field `colour`"):
+        parse_config({"colour": "blue"})
+
+
+def test_wrong_type_names_the_path() -> None:
+    with pytest.raises(ConfigError, match=r"\$\.ingress\.port"):
+        parse_config({"ingress": {"port": "eighty"}})
+
+
+def test_route_to_unknown_provider_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="unknown provider 'nope'"):
+        parse_config({"providers": PROVIDERS, "models": {"m": {"provider": "nope"}}})
+
+
+def test_bad_key_hash_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="64 lowercase hex"):
+        parse_config({"auth": {"keys": [{"tenant": "a", "sha256": "abc"}]}})
+
+
+def test_environment_overrides_redis_url(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("redis: {url: 'redis://file:1/0'}\n")
+    assert load_config(str(path), {}).redis.url == "redis://file:1/0"
+    env = {"REDIS_URL": "redis://env:2/0", "LLM_BROKER_CONFIG": str(path)}
+    assert load_config(None, env).redis.url == "redis://env:2/0"
+
+
+def test_unreadable_and_invalid_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(str(tmp_path / "missing.yaml"), {})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("providers: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad), {})
+
+
+def test_key_hashing_and_new_keys() -> None:
+    assert hash_key("secret") == (
+        "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+    )
+    key, digest = new_key()
+    assert key.startswith("sk-llmb-") and len(key) > 40
+    assert hash_key(key) == digest
+    assert new_key()[0] != key
+
+
+def test_authenticator() -> None:
+    key, digest = new_key()
+    auth = Authenticator(
+        parse_config({"auth": {"keys": [{"tenant": "acme", "sha256": digest}]}}).auth
+    )
+    assert auth.tenant(f"Bearer {key}") == "acme"
+    for header in (None, "", "Bearer", f"Basic {key}", "Bearer wrong"):
+        with pytest.raises(Unauthorized):
+            auth.tenant(header)
+    assert Authenticator(parse_config({}).auth).tenant(None) == OPEN_TENANT
+
+
+def test_routing_exact_prefix_and_unknown() -> None:
+    cfg = parse_config(
+        {
+            "providers": {**PROVIDERS, "p2": {"type": "mock", "base_url": "http://127.0.0.1:1/v1"}},
+            "models": {
+                "gpt-4o": {"provider": "p1", "model": "gpt-4o-2024-08-06"},
+                "mock*": {"provider": "p2"},
+                "mock-special*": {"provider": "p1"},
+            },
+        }
+    )
+    router = Router(cfg)
+    assert router.route("gpt-4o") == Route("p1", "gpt-4o-2024-08-06")
+    assert router.route("mock-slow") == Route("p2", "mock-slow")
+    assert router.route("mock-special-1") == Route("p1", "mock-special-1")
+    assert router.route("gpt-5") is None
+
+
+def test_job_codec_round_trip() -> None:
+    job = m.Job(
+        id="ab" * 16,
+        tenant="t",
+        provider="p",
+        model="m",
+        upstream_model="u",
+        stream=True,
+        include_usage=True,
+        reply_to="r:x",
+        deadline=2.5,
+        created=1.5,
+        body=b'{"model":"m"}',
+        traceparent="00-abc-def-01",
+    )
+    assert m.job_decoder.decode(m.job_encoder.encode(job)) == job
+
+
+def test_job_decoder_tolerates_fields_from_newer_versions() -> None:
+    newer = {
+        "id": "x",
+        "tenant": "t",
+        "provider": "p",
+        "model": "m",
+        "upstream_model": "u",
+        "deadline": 1.0,
+        "created": 0.0,
+        "body": b"{}",
+        "priority": 5,
+    }
+    job = m.job_decoder.decode(msgspec.msgpack.encode(newer))
+    assert job.id == "x" and job.stream is False and job.reply_to == ""
+
+
+def test_chat_request_decoding_keeps_only_what_ingress_needs() -> None:
+    req = m.chat_request_decoder.decode(
+        b'{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.2,'
+        b'"stream":true,"stream_options":{"include_usage":true}}'
+    )
+    assert req.stream and req.stream_options and req.stream_options.include_usage
+    with pytest.raises(msgspec.ValidationError, match="messages"):
+        m.chat_request_decoder.decode(b'{"model":"m"}')
+
+
+@pytest.mark.parametrize(
+    ("upstream", "client", "etype"),
+    [
+        (400, 400, "invalid_request_error"),
+        (404, 404, "invalid_request_error"),
+        (422, 422, "invalid_request_error"),
+        (429, 429, "rate_limit_error"),
+        (401, 502, "upstream_error"),
+        (403, 502, "upstream_error"),
+        (500, 502, "server_error"),
+        (503, 502, "upstream_error"),
+        (504, 504, "timeout"),
+    ],
+)
+def test_upstream_error_mapping(upstream: int, client: int, etype: str) -> None:
+    payload = {"error": {"message": "boom", "type": "server_error" if upstream == 500 else None}}
+    if upstream == 429:
+        payload["error"]["type"] = "rate_limit_error"
+    err = upstream_status_error(upstream, payload)
+    assert err.http_status == client
+    body = msgspec.to_builtins(err.body())
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == etype
+
+
+def test_upstream_error_without_json_body() -> None:
+    err = upstream_status_error(500, None)
+    assert err.http_status == 502
+    assert "HTTP 500" in err.message
+
+
+def test_stream_accumulator_rebuilds_content_tool_calls_and_usage() -> None:
+    acc = StreamAccumulator()
+    acc.add(
+        {"created": 7, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    )
+    acc.add({"choices": [{"index": 0, "delta": {"content": "Hel"}}]})
+    acc.add({"choices": [{"index": 0, "delta": {"content": "lo"}}]})
+    acc.add(
+        {
+            "choices": [
+                {
+                    "index": 1,
+                    "delta": {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_1",
+                                "function": {"name": "get", "arguments": '{"a"'},
+                            }
+                        ]
+                    },
+                }
+            ]
+        }
+    )
+    acc.add(
+        {
+            "choices": [
+                {
+                    "index": 1,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]},
+                    "finish_reason": "tool_calls",
+                }
+            ]
+        }
+    )
+    acc.add({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    acc.add(
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    )
+    out = acc.result("id-1", "model-a", 1)
+    assert out["created"] == 7
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
+    assert out["choices"][0]["finish_reason"] == "stop"
+    call = out["choices"][1]["message"]["tool_calls"][0]
+    assert call == {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get", "arguments": '{"a": 1}'},
+    }
+    assert out["choices"][1]["message"]["content"] is None
+    assert out["usage"]["total_tokens"] == 5
