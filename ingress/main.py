@@ -41,8 +41,7 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     await site.start()
-    sockets = site._server.sockets if site._server is not None else ()
-    bound = sockets[0].getsockname()[1] if sockets else port
+    bound = runner.addresses[0][1] if runner.addresses else port
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     print(f"ingress listening on http://{shown}:{bound}", flush=True)
     stop = asyncio.Event()

@@ -29,7 +29,7 @@ class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     pass
 
 
-class RedisConfig(_Base):
+class RedisConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     url: str = "redis://127.0.0.1:6379/0"
     #: Every key this deployment writes starts with this prefix.
     key_prefix: str = "llmb:"
@@ -38,7 +38,7 @@ class RedisConfig(_Base):
     connect_timeout_s: float = 0.5
 
 
-class IngressConfig(_Base):
+class IngressConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: str = "0.0.0.0"
     port: int = 8000
     max_body_bytes: int = 32 * 1024 * 1024
@@ -51,7 +51,7 @@ class IngressConfig(_Base):
     queue_full_retry_after_s: int = 1
 
 
-class ApiKey(_Base):
+class ApiKey(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     tenant: str
     #: Hex SHA-256 of the key (``llm-broker keygen`` prints a new key and its hash).
     sha256: str
@@ -61,14 +61,14 @@ class ApiKey(_Base):
             raise ValueError(f"api key for tenant {self.tenant!r}: sha256 must be 64 lowercase hex")
 
 
-class AuthConfig(_Base):
+class AuthConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     keys: tuple[ApiKey, ...] = ()
 
 
 ProviderType = Literal["openai", "mock"]
 
 
-class ProviderConfig(_Base):
+class ProviderConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     type: ProviderType
     #: Base URL of the upstream API, e.g. https://api.openai.com/v1 or a vLLM server's /v1.
     base_url: str
@@ -91,13 +91,13 @@ class ProviderConfig(_Base):
             raise ValueError(f"base_url must be http(s): {self.base_url!r}")
 
 
-class ModelRoute(_Base):
+class ModelRoute(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     provider: str
     #: Model name sent upstream; defaults to the requested name.
     model: str | None = None
 
 
-class WorkerConfig(_Base):
+class WorkerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: An entry pending this long without a refresh is reclaimed by another worker.
     lease_s: float = 30.0
     #: A job delivered more than this many times fails and goes to the dead-letter stream.
@@ -109,12 +109,12 @@ class WorkerConfig(_Base):
     block_ms: int = 1000
 
 
-class JobsConfig(_Base):
+class JobsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: How long a job record (status and result) is kept after it was created or finished.
     result_ttl_s: float = 86_400.0
 
 
-class Config(_Base):
+class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     redis: RedisConfig = RedisConfig()
     jobs: JobsConfig = JobsConfig()
     ingress: IngressConfig = IngressConfig()

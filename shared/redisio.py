@@ -113,7 +113,7 @@ class Batcher:
             async with asyncio.timeout(self._timeout):
                 if len(batch) == 1:
                     try:
-                        results = [await self._client.execute_command(*batch[0][0])]
+                        results = [await self._client.execute_command(*batch[0][0])]  # type: ignore[no-untyped-call]
                     except ResponseError as e:
                         results = [e]
                 else:

@@ -58,16 +58,17 @@ def make_job(
 
 
 async def enqueue(client: aioredis.Redis, prefix: str, job: m.Job, max_depth: int = 10_000) -> str:
-    entry = await client.execute_command(*enqueue_command(Keys(prefix), job, max_depth, 3600))
+    command = enqueue_command(Keys(prefix), job, max_depth, 3600)
+    entry = await client.execute_command(*command)  # type: ignore[no-untyped-call]
     assert entry is not None
     return entry.decode() if isinstance(entry, bytes) else str(entry)
 
 
 async def job_record(client: aioredis.Redis, prefix: str, job_id: str) -> dict[str, Any]:
-    raw = await client.hgetall(Keys(prefix).job(job_id))
+    raw: dict[bytes, bytes] = await client.hgetall(Keys(prefix).job(job_id))  # type: ignore[misc]
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 async def job_status(client: aioredis.Redis, prefix: str, job_id: str) -> str:
-    status = await client.hget(Keys(prefix).job(job_id), "status")
+    status: bytes | None = await client.hget(Keys(prefix).job(job_id), "status")  # type: ignore[misc]
     return status.decode() if status else ""

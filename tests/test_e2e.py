@@ -15,12 +15,13 @@ import openai
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from openai.types.chat import ChatCompletionMessageParam
 
 from llm_broker.procs import Child
 from shared.config import new_key
 from shared.keys import Keys
 from tests.conftest import ConfigFactory, Procs, RedisServer, chat, mock_stats, write_config
-from tests.helpers import eventually
+from tests.helpers import eventually, job_status
 
 KEY, KEY_HASH = new_key()
 
@@ -84,7 +85,7 @@ async def test_openai_sdk_gets_the_upstream_content_and_usage(
     sdk: openai.AsyncOpenAI,
     http: aiohttp.ClientSession,
 ) -> None:
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Name three rivers"},
     ]
@@ -107,7 +108,7 @@ async def test_openai_sdk_streams_chunks_and_the_usage_chunk(
     sdk: openai.AsyncOpenAI,
     http: aiohttp.ClientSession,
 ) -> None:
-    messages = [{"role": "user", "content": "Count to twenty"}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count to twenty"}]
     stream = await sdk.chat.completions.create(
         model="mock-chunks-20",
         messages=messages,
@@ -455,12 +456,15 @@ async def test_deadline_passed_in_the_queue_gives_504_and_never_runs(
     queue = Keys(prefix).queue("mock")
 
     async def drained() -> bool:
-        return await rclient.xlen(queue) == 0
+        return bool(await rclient.xlen(queue) == 0)
 
     await eventually(drained, what="the worker to drop the expired job")
     assert (await mock_stats(http, mock_url))["calls"] == 0
-    statuses = [await rclient.hget(k, "status") async for k in rclient.scan_iter(f"{prefix}job:*")]
-    assert statuses == [b"expired"]
+    statuses = [
+        await job_status(rclient, prefix, k.decode().rsplit(":", 1)[1])
+        async for k in rclient.scan_iter(f"{prefix}job:*")
+    ]
+    assert statuses == ["expired"]
     assert job_id is None or isinstance(job_id, str)
 
 
@@ -484,7 +488,7 @@ async def test_full_queue_answers_429_with_retry_after(
         queue = Keys(prefix).queue("mock")
 
         async def two_queued() -> bool:
-            return await rclient.xlen(queue) == 2
+            return bool(await rclient.xlen(queue) == 2)
 
         await eventually(two_queued, what="two jobs in the queue")
         started = time.monotonic()
@@ -558,7 +562,7 @@ async def test_sigterm_to_a_worker_mid_request_still_completes_it(
     )
 
     async def in_flight() -> bool:
-        return (await mock_stats(http, mock_url))["in_flight"] == 1
+        return bool((await mock_stats(http, mock_url))["in_flight"] == 1)
 
     await eventually(in_flight, what="the upstream call to start")
     worker.send_signal(signal.SIGTERM)
@@ -584,7 +588,7 @@ async def test_ingress_sigterm_fails_ready_and_finishes_in_flight_requests(
     )
 
     async def in_flight() -> bool:
-        return (await mock_stats(http, mock_url))["in_flight"] == 1
+        return bool((await mock_stats(http, mock_url))["in_flight"] == 1)
 
     await eventually(in_flight, what="the upstream call to start")
     ingress.send_signal(signal.SIGTERM)

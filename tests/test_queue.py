@@ -118,7 +118,7 @@ async def test_job_past_its_deadline_never_reaches_the_upstream(
     await enqueue(rclient, prefix, expired)
 
     async def past_deadline() -> bool:
-        return (await rclient.time())[0] > expired.deadline
+        return bool((await rclient.time())[0] > expired.deadline)
 
     await eventually(past_deadline, what="the deadline to pass")
     fresh = make_job("mock")
@@ -196,7 +196,7 @@ async def test_worker_pulls_only_as_many_jobs_as_it_has_slots(
     async def drained() -> bool:
         nonlocal peak
         peak = max(peak, await pending_now())
-        return await rclient.xlen(queue) == 0
+        return bool(await rclient.xlen(queue) == 0)
 
     await eventually(drained, timeout=20, what="the queue to drain")
     stats = await mock_stats(http, mock_url)
@@ -219,7 +219,7 @@ async def test_sigterm_lets_in_flight_jobs_finish_and_exits_zero(
     await enqueue(rclient, prefix, job)
 
     async def running() -> bool:
-        return (await mock_stats(http, mock_url))["in_flight"] == 1
+        return bool((await mock_stats(http, mock_url))["in_flight"] == 1)
 
     await eventually(running, what="the job to start")
     worker.send_signal(signal.SIGTERM)
