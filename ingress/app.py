@@ -14,7 +14,6 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from redis.exceptions import RedisError
 
 from ingress.auth import Authenticator
 from ingress.replies import Reply, ReplyRouter
@@ -34,11 +33,10 @@ from shared.errors import (
 )
 from shared.keys import Keys
 from shared.metrics import IngressMetrics
-from shared.redisio import EXPIRE_JOB, Batcher, connect, enqueue_command
+from shared.redisio import EXPIRE_JOB, REDIS_DOWN, Batcher, connect, enqueue_command
 
 log = logging.getLogger("llm_broker.ingress")
 
-_REDIS_DOWN = (RedisError, OSError, TimeoutError)
 _PARAM_RE = re.compile(r"at `\$\.?([^`]*)`")
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -93,7 +91,10 @@ async def errors_middleware(
         return response
     except BrokerError as e:
         status = e.http_status
-        return _error_response(e)
+        response = _error_response(e)
+        if "job_id" in request:
+            response.headers["X-Request-Id"] = request["job_id"]
+        return response
     except web.HTTPException as e:
         status = e.status
         if e.status == 404:
@@ -182,10 +183,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     tenant = state.auth.tenant(request.headers.get("Authorization"))
     raw = await _read_json_body(request, state.config.ingress.max_body_bytes)
     req = _decode_chat(raw)
-    request["model"] = req.model
     route = state.router.route(req.model)
     if route is None:
         raise ModelNotFound(f"the model {req.model!r} does not exist", param="model")
+    # Only routed names become metric labels: unknown names cannot grow the series.
+    request["model"] = req.model
     request["provider"] = route.provider
     timeout = _deadline(request, state)
     now = time.time()
@@ -203,19 +205,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body=raw,
         traceparent=request.headers.get("traceparent", ""),
     )
+    request["job_id"] = job.id
     loop_deadline = asyncio.get_running_loop().time() + timeout
     replies = state.replies.register(job.id)
     try:
         await _enqueue(state, job)
         if job.stream:
             return await _stream_reply(request, state, job, replies, loop_deadline)
-        _kind, data, status = await _next_reply(state, job, replies, loop_deadline)
-        return web.Response(
-            body=data,
-            status=status,
-            content_type="application/json",
-            headers={"X-Request-Id": job.id},
-        )
+        _kind, data, status, retry_after = await _next_reply(state, job, replies, loop_deadline)
+        return _reply_response(job, data, status, retry_after)
     finally:
         state.replies.unregister(job.id)
 
@@ -228,7 +226,7 @@ async def _enqueue(state: State, job: m.Job) -> None:
             entry = await state.batcher.call(
                 *enqueue_command(state.keys, job, pcfg.max_queue_depth, ttl)
             )
-    except _REDIS_DOWN as e:
+    except REDIS_DOWN as e:
         state.metrics.redis_errors.labels("enqueue").inc()
         state.metrics.rejected.labels(job.provider, "redis_unavailable").inc()
         raise Unavailable(
@@ -241,6 +239,13 @@ async def _enqueue(state: State, job: m.Job) -> None:
             f"the queue for provider {job.provider!r} is full; retry later",
             headers={"Retry-After": retry},
         )
+
+
+def _reply_response(job: m.Job, data: bytes, status: int, retry_after: str) -> web.Response:
+    headers = {"X-Request-Id": job.id}
+    if retry_after:
+        headers["Retry-After"] = retry_after
+    return web.Response(body=data, status=status, content_type="application/json", headers=headers)
 
 
 async def _next_reply(
@@ -261,7 +266,7 @@ async def _expire(state: State, job: m.Job) -> None:
     try:
         async with asyncio.timeout(state.config.redis.command_timeout_s):
             await state.batcher.call("EVAL", EXPIRE_JOB, 1, state.keys.job(job.id), time.time())
-    except _REDIS_DOWN as e:
+    except REDIS_DOWN as e:
         log.warning("job %s: could not mark expired: %s", job.id, e)
 
 
@@ -272,10 +277,10 @@ async def _stream_reply(
     replies: asyncio.Queue[Reply],
     loop_deadline: float,
 ) -> web.StreamResponse:
-    kind, data, status = await _next_reply(state, job, replies, loop_deadline)
+    kind, data, status, retry_after = await _next_reply(state, job, replies, loop_deadline)
     if kind == m.REPLY_ERROR:
         # Nothing was sent yet: the client gets a plain HTTP error.
-        return web.Response(body=data, status=status, content_type="application/json")
+        return _reply_response(job, data, status, retry_after)
     started = time.perf_counter()
     response = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-Id": job.id})
     await response.prepare(request)
@@ -290,7 +295,7 @@ async def _stream_reply(
             await response.write(b"data: " + data + b"\n\n")
             break
         try:
-            kind, data, status = await _next_reply(state, job, replies, loop_deadline)
+            kind, data, _, _ = await _next_reply(state, job, replies, loop_deadline)
         except DeadlineExceeded as e:
             await response.write(b"data: " + msgspec.json.encode(e.body()) + b"\n\n")
             break
@@ -321,7 +326,7 @@ async def ready(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(state.config.redis.command_timeout_s):
             await state.batcher.call("PING")
-    except _REDIS_DOWN as e:
+    except REDIS_DOWN as e:
         return _json({"status": "redis unreachable", "detail": str(e)}, 503)
     if not state.replies.healthy:
         return _json({"status": "reply reader not connected"}, 503)

@@ -49,10 +49,13 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    app[STATE].draining = True
+    if config.ingress.shutdown_delay_s > 0:
+        log.info("ingress: /ready fails; still serving for %.1fs", config.ingress.shutdown_delay_s)
+        await asyncio.sleep(config.ingress.shutdown_delay_s)  # let load balancers catch up
     log.info(
         "ingress draining: /ready fails, waiting up to %.0fs for in-flight requests",
         config.ingress.drain_s,
     )
-    app[STATE].draining = True
     await runner.cleanup()
     log.info("ingress stopped")

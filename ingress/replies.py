@@ -8,18 +8,15 @@ import logging
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from shared.config import Config
 from shared.keys import Keys
-from shared.redisio import connect
+from shared.redisio import REDIS_DOWN, connect
 
 log = logging.getLogger("llm_broker.ingress.replies")
 
-#: One reply: kind (chunks, result, error), data, HTTP status.
-Reply = tuple[bytes, bytes, int]
-
-_REDIS_DOWN = (RedisError, OSError, TimeoutError)
+#: One reply: kind (chunks, result, error), data, HTTP status, Retry-After ("" if none).
+Reply = tuple[bytes, bytes, int, str]
 
 
 class ReplyRouter:
@@ -78,7 +75,7 @@ class ReplyRouter:
                     )
                     self.healthy = True
                     backoff = 0.05
-                except _REDIS_DOWN as e:
+                except REDIS_DOWN as e:
                     if self.healthy:
                         log.warning("reply reader: Redis unreachable: %s", e)
                     self.healthy = False
@@ -92,7 +89,12 @@ class ReplyRouter:
                         queue = self._waiters.get(fields.get(b"i", b""))
                         if queue is not None:
                             queue.put_nowait(
-                                (fields[b"k"], fields.get(b"d", b""), int(fields.get(b"s", b"200")))
+                                (
+                                    fields[b"k"],
+                                    fields.get(b"d", b""),
+                                    int(fields.get(b"s", b"200")),
+                                    fields.get(b"ra", b"").decode(),
+                                )
                             )
         finally:
             await client.aclose()

@@ -74,6 +74,7 @@ def run_dev(*, port: int, config_path: str | None, env: Mapping[str, str]) -> in
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    config_path = config_path or env.get("LLM_BROKER_CONFIG") or None
     child_env = {k: v for k, v in env.items() if k != "LLM_BROKER_CONFIG"}
     child_env["PYTHONUNBUFFERED"] = "1"
     try:

@@ -45,7 +45,10 @@ class IngressConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True
     #: Default deadline of a request; ``X-Request-Timeout`` (seconds) overrides it.
     request_timeout_s: float = 600.0
     max_request_timeout_s: float = 3600.0
-    #: On SIGTERM, /ready fails at once and in-flight requests get this long to finish.
+    #: On SIGTERM, /ready fails at once while new requests are still served for this
+    #: long (so a load balancer can stop routing here), then listening stops.
+    shutdown_delay_s: float = 0.0
+    #: After listening stops, in-flight requests get this long to finish.
     drain_s: float = 30.0
     #: Retry-After sent with 429 when a provider queue is full.
     queue_full_retry_after_s: int = 1

@@ -133,8 +133,9 @@ class UpstreamError(BrokerError):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message, param=param, code=code)
+        super().__init__(message, param=param, code=code, headers=headers)
         self._status = status
         self._type = type or self.type
 
@@ -149,7 +150,9 @@ class UpstreamError(BrokerError):
 _UPSTREAM_STATUS_PASSED_THROUGH = {400, 404, 409, 413, 422, 429}
 
 
-def upstream_status_error(status: int, payload: Any) -> UpstreamError:
+def upstream_status_error(
+    status: int, payload: Any, retry_after: str | None = None
+) -> UpstreamError:
     """Map an upstream HTTP error response to the error the client sees.
 
     The upstream's client errors (400, 404, 422, 429…) keep their status and its
@@ -168,8 +171,14 @@ def upstream_status_error(status: int, payload: Any) -> UpstreamError:
         raw_code = err.get("code")
         code = str(raw_code) if raw_code is not None else None
     if status in _UPSTREAM_STATUS_PASSED_THROUGH:
+        headers = {"Retry-After": retry_after} if retry_after and status == 429 else None
         return UpstreamError(
-            status, message, type=etype or "invalid_request_error", param=param, code=code
+            status,
+            message,
+            type=etype or "invalid_request_error",
+            param=param,
+            code=code,
+            headers=headers,
         )
     if status in (401, 403):
         return UpstreamError(

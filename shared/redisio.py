@@ -12,11 +12,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import messages as m
 from shared.config import RedisConfig
 from shared.keys import Keys
+
+#: Errors meaning "Redis cannot be reached right now" (as opposed to a command error).
+REDIS_DOWN: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    TimeoutError,
+)
 
 # KEYS[1] queue stream, KEYS[2] job hash.
 # ARGV: max depth, packed job, job TTL, then job hash field/value pairs.
@@ -97,16 +107,17 @@ class Batcher:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
-            loop.call_soon(self._flush)
+            # The task's first step runs on the next loop turn: every command
+            # issued until then joins this batch.
+            task = loop.create_task(self._run_pending())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         self._pending.append((args, fut))
         return fut
 
-    def _flush(self) -> None:
+    async def _run_pending(self) -> None:
         batch, self._pending = self._pending, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._run(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        await self._run(batch)
 
     async def _run(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]]) -> None:
         try:
@@ -138,7 +149,6 @@ class Batcher:
                 fut.set_result(result)
 
     async def close(self) -> None:
-        self._flush()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

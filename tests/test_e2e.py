@@ -376,6 +376,19 @@ async def test_upstream_errors_map_to_openai_errors(
         assert f"mock upstream error {model.rsplit('-', 1)[1]}" in error["message"]
 
 
+async def test_upstream_429_keeps_its_retry_after(
+    stack: Stack,
+    http: aiohttp.ClientSession,
+) -> None:
+    async with http.post(
+        f"{stack.url}/v1/chat/completions", headers=AUTH, json=chat("mock-error-429-retryafter-7")
+    ) as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "7"
+        assert resp.headers["X-Request-Id"]
+        assert (await resp.json())["error"]["type"] == "rate_limit_error"
+
+
 async def test_openai_sdk_sees_upstream_400_as_bad_request(sdk: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         await sdk.chat.completions.create(
@@ -451,7 +464,7 @@ async def test_deadline_passed_in_the_queue_gives_504_and_never_runs(
         f"{url}/v1/chat/completions", json=chat(), headers={"X-Request-Timeout": "0.3"}
     ) as resp:
         assert resp.status == 504
-        job_id = resp.headers.get("X-Request-Id")
+        job_id = resp.headers["X-Request-Id"]
     procs.worker(config)
     queue = Keys(prefix).queue("mock")
 
@@ -465,7 +478,7 @@ async def test_deadline_passed_in_the_queue_gives_504_and_never_runs(
         async for k in rclient.scan_iter(f"{prefix}job:*")
     ]
     assert statuses == ["expired"]
-    assert job_id is None or isinstance(job_id, str)
+    assert await job_status(rclient, prefix, job_id) == "expired"
 
 
 async def test_full_queue_answers_429_with_retry_after(
@@ -574,17 +587,17 @@ async def test_sigterm_to_a_worker_mid_request_still_completes_it(
     assert await asyncio.to_thread(worker.proc.wait, 10) == 0
 
 
-async def test_ingress_sigterm_fails_ready_and_finishes_in_flight_requests(
+async def test_ingress_sigterm_fails_ready_then_drains_in_flight_requests(
     procs: Procs,
     make_config: ConfigFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     _, mock_url = procs.mock()
-    config = make_config(mock_url)
+    config = make_config(mock_url, ingress={"shutdown_delay_s": 1.5})
     procs.worker(config)
     ingress, url = procs.ingress(config)
     request = asyncio.ensure_future(
-        http.post(f"{url}/v1/chat/completions", json=chat("mock-latency-1000"))
+        http.post(f"{url}/v1/chat/completions", json=chat("mock-latency-2500"))
     )
 
     async def in_flight() -> bool:
@@ -592,6 +605,15 @@ async def test_ingress_sigterm_fails_ready_and_finishes_in_flight_requests(
 
     await eventually(in_flight, what="the upstream call to start")
     ingress.send_signal(signal.SIGTERM)
+
+    async def not_ready() -> bool:
+        async with http.get(f"{url}/ready") as resp:
+            return resp.status == 503 and (await resp.json())["status"] == "draining"
+
+    await eventually(not_ready, timeout=1, what="/ready to fail after SIGTERM")
+    # Within the shutdown delay new requests are still served.
+    async with http.post(f"{url}/v1/chat/completions", json=chat()) as resp:
+        assert resp.status == 200
     resp = await request
     async with resp:
         assert resp.status == 200

@@ -18,21 +18,21 @@ from typing import Any
 import msgspec
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from shared import messages as m
 from shared.config import Config
 from shared.errors import BrokerError, UpstreamError
 from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
-from shared.redisio import ACK, FINISH, START, Batcher, connect, ensure_group
+from shared.redisio import ACK, FINISH, REDIS_DOWN, START, Batcher, connect, ensure_group
 from workers.accumulate import StreamAccumulator
 from workers.upstream import OpenAIUpstream
 
 log = logging.getLogger("llm_broker.worker")
 
 REPLY_MAXLEN = 100_000
-_REDIS_DOWN = (RedisError, OSError, TimeoutError)
+DEAD_LETTER_MAXLEN = 100_000
 
 
 class ProviderPool:
@@ -120,7 +120,7 @@ class ProviderPool:
                         raise
                     await self._ensure_group()
                     continue
-                except _REDIS_DOWN as e:
+                except REDIS_DOWN as e:
                     self.metrics.redis_errors.labels("read").inc()
                     log.warning(
                         "provider %s: cannot read the queue (%s); retrying in %.1fs",
@@ -144,7 +144,7 @@ class ProviderPool:
             try:
                 await self._refresh_leases()
                 await self._reclaim()
-            except _REDIS_DOWN as e:
+            except REDIS_DOWN as e:
                 self.metrics.redis_errors.labels("maintain").inc()
                 log.warning("provider %s: lease maintenance failed: %s", self.provider, e)
             except ResponseError as e:
@@ -159,7 +159,7 @@ class ProviderPool:
         while self._jobs:
             try:
                 await self._refresh_leases()
-            except (*_REDIS_DOWN, ResponseError) as e:
+            except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
                 log.warning("provider %s: lease refresh failed: %s", self.provider, e)
             await asyncio.sleep(interval)  # periodic timer, not synchronisation
 
@@ -167,10 +167,19 @@ class ProviderPool:
         await ensure_group(self.redis, self.queue, GROUP)
 
     async def _refresh_leases(self) -> None:
-        if self._jobs:
-            await self.redis.xclaim(
-                self.queue, GROUP, self.consumer, 0, list(self._jobs), justid=True
-            )
+        """Reset the idle time of the entries this consumer still owns.
+
+        Only entries still owned are touched: XCLAIM would otherwise take back
+        an entry that another worker reclaimed while this one was stalled.
+        """
+        if not self._jobs:
+            return
+        owned = await self.redis.xpending_range(
+            self.queue, GROUP, "-", "+", len(self._jobs) + 16, consumername=self.consumer
+        )
+        ids = [p["message_id"] for p in owned if p["message_id"].decode() in self._jobs]
+        if ids:
+            await self.redis.xclaim(self.queue, GROUP, self.consumer, 0, ids, justid=True)
 
     async def _reclaim(self) -> None:
         free = self.free_slots
@@ -247,7 +256,7 @@ class ProviderPool:
             run = asyncio.get_running_loop().create_task(self._run(job, entry_id, start))
         try:
             verdict = await start
-        except _REDIS_DOWN as e:
+        except REDIS_DOWN as e:
             # The entry stays pending and is reclaimed once Redis answers again.
             log.warning("job %s: cannot start (%s); left pending", job.id, e)
             if run is not None:
@@ -369,6 +378,7 @@ class ProviderPool:
             err.http_status,
             m.REPLY_ERROR,
             dead_letter=dead_letter,
+            retry_after=err.headers.get("Retry-After", ""),
         )
 
     async def _finish(
@@ -382,6 +392,7 @@ class ProviderPool:
         reply_kind: bytes,
         reply_data: bytes | None = None,
         dead_letter: bytes | None = None,
+        retry_after: str = "",
     ) -> None:
         """Make the result durable in the job record, reply, then acknowledge."""
         finish = (
@@ -397,13 +408,20 @@ class ProviderPool:
             self.result_ttl,
         )
         reply = self._reply(
-            job, reply_kind, payload if reply_data is None else reply_data, http_status
+            job,
+            reply_kind,
+            payload if reply_data is None else reply_data,
+            http_status,
+            retry_after,
         )
         await self._settle(job, entry_id, finish=finish, reply=reply, dead_letter=dead_letter)
 
-    def _reply(self, job: m.Job, kind: bytes, data: bytes, status: int) -> tuple[Any, ...] | None:
+    def _reply(
+        self, job: m.Job, kind: bytes, data: bytes, status: int, retry_after: str = ""
+    ) -> tuple[Any, ...] | None:
         if not job.reply_to:
             return None
+        extra = ("ra", retry_after) if retry_after else ()
         return (
             "XADD",
             job.reply_to,
@@ -420,6 +438,7 @@ class ProviderPool:
             data,
             "s",
             status,
+            *extra,
         )
 
     def _error_reply(self, job: m.Job, status: int, body: bytes) -> tuple[Any, ...] | None:
@@ -450,6 +469,9 @@ class ProviderPool:
                 (
                     "XADD",
                     self.keys.dead_letter(self.provider),
+                    "MAXLEN",
+                    "~",
+                    DEAD_LETTER_MAXLEN,
                     "*",
                     "entry",
                     entry_id,
@@ -472,7 +494,7 @@ class ProviderPool:
                     log.warning("job %s: %s while settling", job.id if job else entry_id, e)
                     return
                 raise
-            except _REDIS_DOWN as e:
+            except REDIS_DOWN as e:
                 await asyncio.gather(*futures, return_exceptions=True)
                 self.metrics.redis_errors.labels("settle").inc()
                 if time.monotonic() + backoff > deadline:
@@ -533,7 +555,7 @@ class _ChunkSender:
         if cmd is not None:
             try:
                 await self._pool.batcher.call(*cmd)
-            except _REDIS_DOWN as e:
+            except REDIS_DOWN as e:
                 log.warning("job %s: lost stream chunks: %s", self._job.id, e)
 
     async def drain(self) -> None:

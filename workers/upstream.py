@@ -59,7 +59,9 @@ class OpenAIUpstream:
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
-                    raise upstream_status_error(resp.status, _json_or_none(raw))
+                    raise upstream_status_error(
+                        resp.status, _json_or_none(raw), resp.headers.get("Retry-After")
+                    )
         except UpstreamError:
             raise
         except TimeoutError as e:
@@ -87,7 +89,11 @@ class OpenAIUpstream:
                 timeout=self._timeout(timeout_s),
             ) as resp:
                 if resp.status >= 400:
-                    raise upstream_status_error(resp.status, _json_or_none(await resp.read()))
+                    raise upstream_status_error(
+                        resp.status,
+                        _json_or_none(await resp.read()),
+                        resp.headers.get("Retry-After"),
+                    )
                 done = False
                 lines = _lines_or_interrupted(resp)
                 async for line in lines:
