@@ -265,7 +265,7 @@ async def _expire(state: State, job: m.Job) -> None:
     """Mark the job expired so that no worker starts it."""
     try:
         async with asyncio.timeout(state.config.redis.command_timeout_s):
-            await state.batcher.call("EVAL", EXPIRE_JOB, 1, state.keys.job(job.id), time.time())
+            await state.batcher.call(*EXPIRE_JOB.command((state.keys.job(job.id),), (time.time(),)))
     except REDIS_DOWN as e:
         log.warning("job %s: could not mark expired: %s", job.id, e)
 

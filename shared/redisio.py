@@ -8,17 +8,36 @@ never overwrite a final state.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import messages as m
 from shared.config import RedisConfig
 from shared.keys import Keys
+
+
+class Script:
+    """A Lua script sent by its SHA-1 (EVALSHA); Redis gets the text only when it
+    does not know the script yet (first use, or after a restart)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def command(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+def _with_text(command: Sequence[Any]) -> tuple[Any, ...]:
+    """The EVAL form of an EVALSHA command of one of this module's scripts."""
+    return ("EVAL", _SCRIPTS[command[1]].text, *command[2:])
+
 
 #: Errors meaning "Redis cannot be reached right now" (as opposed to a command error).
 REDIS_DOWN: tuple[type[Exception], ...] = (
@@ -30,17 +49,17 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
 
 # KEYS[1] queue stream, KEYS[2] job hash.
 # ARGV: max depth, packed job, job TTL, then job hash field/value pairs.
-ENQUEUE = """
+ENQUEUE = Script("""
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
 redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return redis.call('XADD', KEYS[1], '*', 'j', ARGV[2])
-"""
+""")
 
 # KEYS[1] job hash. ARGV: now, max deliveries, this delivery's count.
 # Returns 'ok' (run it), 'gone' (record expired), 'expired' (deadline passed:
 # marked so), 'poison' (delivered too often) or the job's final status.
-START = """
+START = Script("""
 local st = redis.call('HMGET', KEYS[1], 'status', 'deadline')
 if not st[1] then return 'gone' end
 if st[1] ~= 'queued' and st[1] ~= 'in_progress' then return st[1] end
@@ -52,11 +71,11 @@ if tonumber(ARGV[3]) > tonumber(ARGV[2]) then return 'poison' end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started_at', ARGV[1])
 return 'ok'
-"""
+""")
 
 # KEYS[1] job hash. ARGV: new final status, now, result field, payload, http
 # status, TTL. Returns 1 if this call made the job final, 0 if it already was.
-FINISH = """
+FINISH = Script("""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 0 end
 if st ~= 'queued' and st ~= 'in_progress' then return 0 end
@@ -64,14 +83,27 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_at', ARGV[2], ARGV[3],
            'http_status', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 return 1
-"""
+""")
 
 # KEYS[1] queue stream. ARGV: group, entry ids. Acknowledge and delete together,
 # so the stream holds only work not yet done.
-ACK = """
+ACK = Script("""
 redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
 return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
-"""
+""")
+
+
+# KEYS[1] job hash. ARGV: now. The client stopped waiting at its deadline: a job
+# not yet final becomes 'expired', so no worker starts it.
+EXPIRE_JOB = Script("""
+local st = redis.call('HGET', KEYS[1], 'status')
+if st == 'queued' or st == 'in_progress' then
+  redis.call('HSET', KEYS[1], 'status', 'expired', 'completed_at', ARGV[1], 'http_status', 504)
+  return 1
+end
+return 0
+""")
+_SCRIPTS = {s.sha: s for s in (ENQUEUE, START, FINISH, ACK, EXPIRE_JOB)}
 
 
 def connect(
@@ -122,16 +154,7 @@ class Batcher:
     async def _run(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]]) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                if len(batch) == 1:
-                    try:
-                        results = [await self._client.execute_command(*batch[0][0])]  # type: ignore[no-untyped-call]
-                    except ResponseError as e:
-                        results = [e]
-                else:
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for args, _ in batch:
-                            pipe.execute_command(*args)
-                        results = await pipe.execute(raise_on_error=False)
+                results = await execute(self._client, [args for args, _ in batch])
         except (Exception, asyncio.CancelledError) as e:  # every caller must hear of it
             err = e if isinstance(e, Exception) else ConnectionError("batch cancelled")
             for _, fut in batch:
@@ -153,6 +176,33 @@ class Batcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+async def execute(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Run ``commands`` in one round trip; a command's error is its result.
+
+    Scripts Redis does not know yet (first use, or Redis restarted) are sent
+    again with their text, in a second round trip.
+    """
+    results = await _pipeline(client, commands)
+    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if missing:
+        retried = await _pipeline(client, [_with_text(commands[i]) for i in missing])
+        for i, result in zip(missing, retried, strict=True):
+            results[i] = result
+    return results
+
+
+async def _pipeline(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    if len(commands) == 1:
+        try:
+            return [await client.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
+        except ResponseError as e:
+            return [e]
+    async with client.pipeline(transaction=False) as pipe:
+        for args in commands:
+            pipe.execute_command(*args)
+        return list(await pipe.execute(raise_on_error=False))
+
+
 async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
     """Create the consumer group (and the stream) unless it exists."""
     try:
@@ -162,47 +212,33 @@ async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
             raise
 
 
-# KEYS[1] job hash. ARGV: now. The client stopped waiting at its deadline: a job
-# not yet final becomes 'expired', so no worker starts it.
-EXPIRE_JOB = """
-local st = redis.call('HGET', KEYS[1], 'status')
-if st == 'queued' or st == 'in_progress' then
-  redis.call('HSET', KEYS[1], 'status', 'expired', 'completed_at', ARGV[1], 'http_status', 504)
-  return 1
-end
-return 0
-"""
-
-
 def enqueue_command(keys: Keys, job: m.Job, max_depth: int, ttl_s: int) -> tuple[Any, ...]:
     """The command that admits ``job`` to its provider's queue and creates its record.
 
     It returns the stream entry id, or nil when the queue already holds
     ``max_depth`` jobs.
     """
-    return (
-        "EVAL",
-        ENQUEUE,
-        2,
-        keys.queue(job.provider),
-        keys.job(job.id),
-        max_depth,
-        m.job_encoder.encode(job),
-        ttl_s,
-        "tenant",
-        job.tenant,
-        "status",
-        m.QUEUED,
-        "model",
-        job.model,
-        "provider",
-        job.provider,
-        "created_at",
-        job.created,
-        "deadline",
-        job.deadline,
-        "attempts",
-        0,
-        "stream",
-        int(job.stream),
+    return ENQUEUE.command(
+        (keys.queue(job.provider), keys.job(job.id)),
+        (
+            max_depth,
+            m.job_encoder.encode(job),
+            ttl_s,
+            "tenant",
+            job.tenant,
+            "status",
+            m.QUEUED,
+            "model",
+            job.model,
+            "provider",
+            job.provider,
+            "created_at",
+            job.created,
+            "deadline",
+            job.deadline,
+            "attempts",
+            0,
+            "stream",
+            int(job.stream),
+        ),
     )

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from shared import messages as m
 from shared.keys import Keys
-from shared.redisio import enqueue_command
+from shared.redisio import enqueue_command, execute
 
 T = TypeVar("T")
 
@@ -58,8 +58,7 @@ def make_job(
 
 
 async def enqueue(client: aioredis.Redis, prefix: str, job: m.Job, max_depth: int = 10_000) -> str:
-    command = enqueue_command(Keys(prefix), job, max_depth, 3600)
-    entry = await client.execute_command(*command)  # type: ignore[no-untyped-call]
+    [entry] = await execute(client, [enqueue_command(Keys(prefix), job, max_depth, 3600)])
     assert entry is not None
     return entry.decode() if isinstance(entry, bytes) else str(entry)
 

@@ -63,6 +63,12 @@ class ProviderPool:
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._in_flight = metrics.in_flight.labels(provider)
+        self._outcomes = {
+            outcome: metrics.jobs.labels(provider, outcome)
+            for outcome in ("completed", "failed", "expired", "dead_lettered")
+        }
+        self._queue_wait = metrics.queue_wait_seconds.labels(provider)
+        self._upstream_seconds = metrics.upstream_seconds.labels(provider)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -240,13 +246,9 @@ class ProviderPool:
             await self._settle(None, entry_id, dead_letter=raw)
             return
         start = self.batcher.call(
-            "EVAL",
-            START,
-            1,
-            self.keys.job(job.id),
-            time.time(),
-            self.wcfg.max_deliveries,
-            deliveries,
+            *START.command(
+                (self.keys.job(job.id),), (time.time(), self.wcfg.max_deliveries, deliveries)
+            )
         )
         # A first delivery within its deadline starts its upstream call while the
         # start script runs: one Redis round trip less on every request. The call
@@ -279,11 +281,11 @@ class ProviderPool:
                     code="max_deliveries_exceeded",
                 )
                 self.metrics.dead_lettered.labels(self.provider).inc()
-                self.metrics.jobs.labels(self.provider, "dead_lettered").inc()
+                self._outcomes["dead_lettered"].inc()
                 log.error("job %s: %s", job.id, err.message)
                 await self._fail(job, entry_id, err, dead_letter=raw)
             case b"expired":
-                self.metrics.jobs.labels(self.provider, "expired").inc()
+                self._outcomes["expired"].inc()
                 await self._settle(
                     job, entry_id, reply=self._error_reply(job, 504, _deadline_error())
                 )
@@ -292,13 +294,13 @@ class ProviderPool:
 
     async def _run(self, job: m.Job, entry_id: str, start: asyncio.Future[Any]) -> None:
         """Call the upstream; record and send the outcome once ``start`` said "ok"."""
-        self.metrics.queue_wait_seconds.labels(self.provider).observe(
+        self._queue_wait.observe(
             max(0.0, time.time() - job.created)
         )
         timeout = min(self.pcfg.timeout_s, job.deadline - time.time())
         if timeout <= 0:
             if await start == b"ok":
-                self.metrics.jobs.labels(self.provider, "expired").inc()
+                self._outcomes["expired"].inc()
                 await self._finish(
                     job, entry_id, m.EXPIRED, "error", _deadline_error(), 504, m.REPLY_ERROR
                 )
@@ -328,15 +330,15 @@ class ProviderPool:
                 result["model"] = job.model
                 payload = reply = orjson.dumps(result)
         except BrokerError as e:
-            self.metrics.jobs.labels(self.provider, "failed").inc()
+            self._outcomes["failed"].inc()
             log.info("job %s: upstream error %d: %s", job.id, e.http_status, e.message)
             if await start == b"ok":
                 await self._fail(job, entry_id, e)
             return
         finally:
-            self.metrics.upstream_seconds.labels(self.provider).observe(time.monotonic() - started)
+            self._upstream_seconds.observe(time.monotonic() - started)
         if await start == b"ok":
-            self.metrics.jobs.labels(self.provider, "completed").inc()
+            self._outcomes["completed"].inc()
             await self._finish(
                 job, entry_id, m.COMPLETED, "result", payload, 200, m.REPLY_RESULT, reply
             )
@@ -395,17 +397,9 @@ class ProviderPool:
         retry_after: str = "",
     ) -> None:
         """Make the result durable in the job record, reply, then acknowledge."""
-        finish = (
-            "EVAL",
-            FINISH,
-            1,
-            self.keys.job(job.id),
-            status,
-            time.time(),
-            field,
-            payload,
-            http_status,
-            self.result_ttl,
+        finish = FINISH.command(
+            (self.keys.job(job.id),),
+            (status, time.time(), field, payload, http_status, self.result_ttl),
         )
         reply = self._reply(
             job,
@@ -481,7 +475,7 @@ class ProviderPool:
                     self.consumer,
                 )
             )
-        commands.append(("EVAL", ACK, 1, self.queue, GROUP, entry_id))
+        commands.append(ACK.command((self.queue,), (GROUP, entry_id)))
         deadline = time.monotonic() + self.wcfg.lease_s
         backoff = 0.05
         while True:

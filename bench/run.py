@@ -1,0 +1,710 @@
+"""End-to-end benchmark of llm-broker against its mock upstream.
+
+What it measures: the cost the broker (aiohttp ingress -> Redis Streams -> worker ->
+upstream) adds on top of an upstream call. Every scenario runs twice with ``wrk -t1
+--latency`` and the same request body: once straight against the mock upstream (the
+baseline) and once through the broker. It reports req/s, p50/p99 latency and errors
+(non-2xx responses, socket errors, incomplete streams) for both, the added p50 latency
+and the broker/mock throughput ratio, the peak number of calls the mock saw in flight,
+peak RSS (``VmHWM``) of every process and the CPU each process used during each run.
+
+Scenarios (B and D run 10 s, C 15 s; each broker run follows a 2 s warm-up):
+
+* A - 1 connection, model ``mock`` (answers at once): the added latency per request
+  (10 s; 5 s with ``--quick``, which shortens nothing else).
+* B - 64 connections, model ``mock``: throughput of the whole path.
+* C - 1000 connections, model ``mock-latency-1000`` (1 s upstream): concurrency;
+  all 1000 calls must be in flight at the upstream at once, in bounded memory.
+* D - 16 connections, model ``mock-chunks-20`` with ``"stream": true``: SSE streams/s.
+
+The run starts its own ``redis-server`` (free port, temp dir, no persistence), one mock
+upstream, ONE worker process and ONE ingress process, all on 127.0.0.1, and stops them
+at the end. It reports; it does not gate: the exit status is 0 even when a target is
+missed, 1 when something broke (a process died, wrk failed, every request errored),
+2 when a prerequisite is missing.
+
+Usage: ``python bench/run.py [--quick] [--out FILE.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+from llm_broker.dev import free_port
+from llm_broker.procs import Child, python_cmd
+
+BENCH_DIR = Path(__file__).resolve().parent
+LUA_SCRIPT = BENCH_DIR / "chat.lua"
+CHAT_PATH = "/v1/chat/completions"
+HOST = "127.0.0.1"
+MB = 1024.0  # kB per MB (VmHWM / VmRSS are in kB)
+PROCESS_NAMES = ("ingress", "worker", "mock", "redis")
+WARMUP_S = 2  # wrk run against the broker before each measured broker run
+
+# The targets the run reports PASS/FAIL for.
+TARGET_A_ADDED_P50_MS = 2.0
+TARGET_B_RPS = 1500.0
+TARGET_C_RPS = 900.0
+TARGET_C_P99_MS = 1200.0
+TARGET_C_IN_FLIGHT = 1000
+TARGET_C_RSS_MB = 250.0
+TARGET_D_RPS = 400.0
+
+
+class BenchBroken(Exception):
+    """Something broke (not merely slow): the run cannot be trusted."""
+
+
+class MissingPrerequisite(Exception):
+    """A tool the benchmark needs is not installed."""
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    model: str
+    connections: int
+    duration_s: int
+    stream: bool = False
+    timeout_s: int = 5
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    """The four scenarios; ``quick`` shortens A only.
+
+    C keeps 15 s even when quick: with 1 s calls, req/s counts whole 1 s rounds, so a
+    run of d seconds tops out near 1000 * (d - 1) / d req/s (933 at 15 s, 875 at 8 s).
+    """
+    return [
+        Scenario("A", "latency, c=1, mock 0 ms", "mock", 1, 5 if quick else 10),
+        Scenario("B", "throughput, c=64, mock 0 ms", "mock", 64, 10),
+        Scenario("C", "concurrency, c=1000, mock 1 s", "mock-latency-1000", 1000, 15, timeout_s=10),
+        Scenario("D", "streaming, c=16, 20 chunks", "mock-chunks-20", 16, 10, stream=True),
+    ]
+
+
+# --------------------------------------------------------------------------- wrk output
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_TIME = r"([0-9.]+)(us|ms|s|m|h)"
+_RE_PERCENTILE = re.compile(rf"^\s*([0-9.]+)%\s+{_TIME}\s*$", re.MULTILINE)
+_RE_REQUESTS = re.compile(rf"(\d+) requests in {_TIME}")
+_RE_RPS = re.compile(r"Requests/sec:\s+([0-9.]+)")
+_RE_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_RE_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_RE_LUA = re.compile(r"BENCH-LUA non2xx=(\d+) bad_stream=(\d+)(?: p50_us=(\d+) p99_us=(\d+))?")
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    duration_s: float
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    non2xx: int = 0
+    bad_streams: int = 0
+    socket_errors: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        return self.non2xx + self.bad_streams + sum(self.socket_errors.values())
+
+    def error_detail(self) -> str:
+        parts = [f"{k} {v}" for k, v in self.socket_errors.items() if v]
+        if self.non2xx:
+            parts.insert(0, f"non-2xx {self.non2xx}")
+        if self.bad_streams:
+            parts.append(f"bad stream {self.bad_streams}")
+        return f"{self.errors} ({', '.join(parts)})" if parts else "0"
+
+
+def to_ms(value: str, unit: str) -> float:
+    """A wrk duration such as ``383.00us`` / ``1.02s`` in milliseconds."""
+    return float(value) * _UNIT_MS[unit]
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """Parse ``wrk --latency`` output (plus the line printed by ``chat.lua``'s done())."""
+    found = _RE_REQUESTS.search(text)
+    rps = _RE_RPS.search(text)
+    if found is None or rps is None:
+        raise BenchBroken(f"cannot parse wrk output:\n{text}")
+    requests = int(found.group(1))
+    percentiles = {float(p): to_ms(v, u) for p, v, u in _RE_PERCENTILE.findall(text)}
+    lua = _RE_LUA.search(text)
+    if lua and lua.group(3):  # exact values from chat.lua win over wrk's rounded text
+        percentiles.update({50.0: int(lua.group(3)) / 1000.0, 99.0: int(lua.group(4)) / 1000.0})
+    socket = _RE_SOCKET.search(text)
+    socket_errors = (
+        dict(zip(("connect", "read", "write", "timeout"), map(int, socket.groups()), strict=True))
+        if socket
+        else {}
+    )
+    non2xx = _RE_NON2XX.search(text)
+    return WrkResult(
+        requests=requests,
+        duration_s=to_ms(found.group(2), found.group(3)) / 1000.0,
+        rps=float(rps.group(1)),
+        p50_ms=percentiles.get(50.0) if requests else None,
+        p99_ms=percentiles.get(99.0) if requests else None,
+        non2xx=max(int(non2xx.group(1)) if non2xx else 0, int(lua.group(1)) if lua else 0),
+        bad_streams=int(lua.group(2)) if lua else 0,
+        socket_errors=socket_errors,
+    )
+
+
+def wrk_argv(url: str, sc: Scenario, duration_s: int) -> list[str]:
+    argv = ["wrk", "-t1", f"-c{sc.connections}", f"-d{duration_s}s", "--latency"]
+    argv += ["--timeout", f"{sc.timeout_s}s", "-s", str(LUA_SCRIPT), url, "--", sc.model]
+    return [*argv, "stream"] if sc.stream else argv
+
+
+def run_wrk(url: str, sc: Scenario, duration_s: int, strict: bool = True) -> WrkResult:
+    """Run wrk once; raise :class:`BenchBroken` when it fails or (``strict``) every
+    request errored. A warm-up is not strict: a 1 s run of 1 s calls completes none."""
+    argv = wrk_argv(url, sc, duration_s)
+    log(f"  $ {shlex.join(argv)}")
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=duration_s + sc.timeout_s + 60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchBroken(f"wrk exited with {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    result = parse_wrk(done.stdout)
+    if strict and (result.requests == 0 or result.errors >= result.requests):
+        raise BenchBroken(f"every request failed ({url}, {sc.model}):\n{done.stdout}")
+    return result
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Stack:
+    """The running processes and where to reach them."""
+
+    children: dict[str, Child] = field(default_factory=dict)
+    mock_url: str = ""
+    broker_url: str = ""
+
+    def check_alive(self) -> None:
+        for name, child in self.children.items():
+            code = child.proc.poll()
+            if code is not None:
+                tail = "\n".join(child.output().splitlines()[-30:])
+                raise BenchBroken(f"{name} (pid {child.pid}) exited with {code}:\n{tail}")
+
+    def stop(self) -> None:
+        for name in ("ingress", "worker", "mock", "redis"):
+            child = self.children.get(name)
+            if child is not None:
+                child.stop(timeout=10)
+
+
+def child_env(redis_url: str) -> dict[str, str]:
+    """Our environment minus proxies and broker settings that would override the config."""
+    drop = {"LLM_BROKER_CONFIG", "LLM_BROKER_POD"}
+    env = {
+        k: v for k, v in os.environ.items() if k not in drop and not k.lower().endswith("_proxy")
+    }
+    env.update(REDIS_URL=redis_url, PYTHONUNBUFFERED="1", NO_PROXY="*")
+    return env
+
+
+def broker_config(redis_url: str, mock_url: str) -> dict[str, object]:
+    return {
+        "redis": {"url": redis_url, "key_prefix": "bench:"},
+        "providers": {
+            "mock": {
+                "type": "mock",
+                "base_url": f"{mock_url}/v1",
+                "max_concurrency": 1200,
+                "max_queue_depth": 100_000,
+            }
+        },
+        "models": {"mock*": {"provider": "mock"}},
+        "ingress": {"host": HOST, "drain_s": 2},
+        "worker": {"coalesce_ms": 5, "grace_period_s": 2},
+    }
+
+
+def start_redis(stack: Stack, tmp: Path) -> str:
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", HOST, "--save", ""]
+    argv += ["--appendonly", "no", "--dir", str(tmp)]
+    stack.children["redis"] = Child("redis", argv)
+    stack.children["redis"].wait_for(r"Ready to accept connections", 15)
+    return f"redis://{HOST}:{port}/0"
+
+
+def start_stack(tmp: Path) -> Stack:
+    """Redis, the mock, one worker and one ingress; returns once all are ready."""
+    stack = Stack()
+    try:
+        redis_url = start_redis(stack, tmp)
+        env = child_env(redis_url)
+        mock = Child("mock", python_cmd("mock-upstream", "--host", HOST, "--port", "0"), env)
+        stack.children["mock"] = mock
+        port = mock.wait_for(r"listening on http://[\d.]+:(\d+)", 30).group(1)
+        stack.mock_url = f"http://{HOST}:{port}"
+        cfg = tmp / "bench-config.yaml"  # JSON is valid YAML
+        cfg.write_text(json.dumps(broker_config(redis_url, stack.mock_url), indent=2))
+        worker_argv = python_cmd("worker", "--all", "--config", str(cfg))
+        stack.children["worker"] = Child("worker", worker_argv, env)
+        ingress_argv = python_cmd("ingress", "--config", str(cfg), "--host", HOST, "--port", "0")
+        stack.children["ingress"] = Child("ingress", ingress_argv, env)
+        stack.children["worker"].wait_for(r"worker ready", 30)
+        found = stack.children["ingress"].wait_for(r"listening on http://[\d.]+:(\d+)", 30)
+        stack.broker_url = f"http://{HOST}:{found.group(1)}"
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+# --------------------------------------------------------------------------- mock stats
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def mock_stats(mock_url: str) -> dict[str, int]:
+    with _OPENER.open(f"{mock_url}/mock/stats", timeout=5) as resp:
+        data = json.loads(resp.read())
+    return {k: int(v) for k, v in data.items() if isinstance(v, int)}
+
+
+def mock_reset(mock_url: str) -> None:
+    req = urllib.request.Request(f"{mock_url}/mock/reset", data=b"", method="POST")
+    with _OPENER.open(req, timeout=5) as resp:
+        resp.read()
+
+
+def wait_idle(mock_url: str, timeout_s: float = 20.0) -> None:
+    """Poll the mock until no call is in flight (twice in a row), e.g. after a warm-up."""
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while quiet < 2:
+        if time.monotonic() > deadline:
+            raise BenchBroken(f"the mock still has calls in flight after {timeout_s:.0f}s")
+        quiet = quiet + 1 if mock_stats(mock_url)["in_flight"] == 0 else 0
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- memory
+
+Memory = dict[str, tuple[int, int]]  # process -> (VmHWM kB, VmRSS kB)
+
+
+def read_memory(pid: int) -> tuple[int, int]:
+    """(VmHWM, VmRSS) of ``pid`` in kB from /proc/PID/status."""
+    values = {"VmHWM:": 0, "VmRSS:": 0}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            parts = line.split()
+            if parts and parts[0] in values:
+                values[parts[0]] = int(parts[1])
+    return values["VmHWM:"], values["VmRSS:"]
+
+
+def snapshot_memory(stack: Stack) -> Memory:
+    return {name: read_memory(child.pid) for name, child in stack.children.items()}
+
+
+# --------------------------------------------------------------------------- cpu
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def read_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine from the first line of /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(v) for v in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq) / _CLK_TCK, steal / _CLK_TCK
+
+
+def cpu_now(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of every child, of reaped children (wrk) as "wrk", and of the
+    whole machine as "machine" (busy) and "steal" (taken by the hypervisor)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = {name: read_cpu_s(child.pid) for name, child in stack.children.items()}
+    cpu["wrk"] = usage.ru_utime + usage.ru_stime
+    cpu["machine"], cpu["steal"] = machine_cpu_s()
+    return cpu
+
+
+def cpu_percent(
+    before: Mapping[str, float], after: Mapping[str, float], wall_s: float
+) -> dict[str, float]:
+    """CPU used between two :func:`cpu_now` samples, in % of one core."""
+    return {k: 100.0 * (after[k] - before[k]) / wall_s for k in before if wall_s > 0}
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class Row:
+    scenario: Scenario
+    target: str  # "mock" or "broker"
+    result: WrkResult
+    peak_in_flight: int
+    cpu: Mapping[str, float]  # process -> % of one core during the run
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    memory: dict[str, Memory] = field(default_factory=dict)  # scenario key -> snapshot
+    pids: dict[str, int] = field(default_factory=dict)
+    broken: str | None = None
+
+    def row(self, key: str, target: str) -> Row | None:
+        return next((r for r in self.rows if r.scenario.key == key and r.target == target), None)
+
+
+def measure(stack: Stack, url: str, sc: Scenario, target: str) -> Row:
+    wait_idle(stack.mock_url)
+    mock_reset(stack.mock_url)
+    before, started = cpu_now(stack), time.monotonic()
+    result = run_wrk(url + CHAT_PATH, sc, sc.duration_s)
+    cpu = cpu_percent(before, cpu_now(stack), time.monotonic() - started)
+    peak = mock_stats(stack.mock_url)["peak_in_flight"]
+    stack.check_alive()
+    log(
+        f"  {target}: {result.rps:.0f} req/s, p50 {fmt_ms(result.p50_ms)}, "
+        f"errors {result.errors}, peak in flight {peak}"
+    )
+    return Row(sc, target, result, peak, cpu)
+
+
+def run_scenario(stack: Stack, sc: Scenario, warmup_s: int, report: Report) -> None:
+    log(f"scenario {sc.key}: {sc.title}, {sc.duration_s}s")
+    report.rows.append(measure(stack, stack.mock_url, sc, "mock"))
+    wait_idle(stack.mock_url)
+    log(f"  warm-up {warmup_s}s")
+    run_wrk(stack.broker_url + CHAT_PATH, sc, warmup_s, strict=False)
+    stack.check_alive()
+    report.rows.append(measure(stack, stack.broker_url, sc, "broker"))
+    report.memory[sc.key] = snapshot_memory(stack)
+
+
+def run_all(stack: Stack, quick: bool, report: Report) -> None:
+    report.pids = {name: child.pid for name, child in stack.children.items()}
+    for sc in scenarios(quick):
+        run_scenario(stack, sc, WARMUP_S, report)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} ms" if value < 1 else f"{value:.2f} ms"
+
+
+def fmt_mb(kb: int) -> str:
+    return f"{kb / MB:.1f}"
+
+
+def results_table(report: Report) -> list[str]:
+    lines = [
+        "| scenario | target | conns | req/s | p50 | p99 | errors | added p50 | broker/mock "
+        "| mock peak in-flight |",
+        "|---|---|--:|--:|--:|--:|---|--:|--:|--:|",
+    ]
+    for row in report.rows:
+        r, sc = row.result, row.scenario
+        added, ratio = "", ""
+        base = report.row(sc.key, "mock")
+        if row.target == "broker" and base is not None:
+            if r.p50_ms is not None and base.result.p50_ms is not None:
+                added = f"{r.p50_ms - base.result.p50_ms:+.2f} ms"
+            ratio = f"{r.rps / base.result.rps:.3f}" if base.result.rps else "-"
+        lines.append(
+            f"| {sc.key}: {sc.title} | {row.target} | {sc.connections} | {r.rps:,.0f} "
+            f"| {fmt_ms(r.p50_ms)} | {fmt_ms(r.p99_ms)} | {r.error_detail()} | {added} "
+            f"| {ratio} | {row.peak_in_flight} |"
+        )
+    return lines
+
+
+def memory_table(report: Report) -> list[str]:
+    keys = list(report.memory)
+    head = " | ".join(f"VmHWM after {k}" for k in keys)
+    lines = [
+        f"| process | pid | {head} | peak (max) | VmRSS at end |",
+        "|---|--:|" + "--:|" * (len(keys) + 2),
+    ]
+    for name in PROCESS_NAMES:
+        snaps = [report.memory[k][name] for k in keys if name in report.memory[k]]
+        if not snaps:
+            continue
+        cols = " | ".join(fmt_mb(hwm) for hwm, _ in snaps)
+        peak = max(hwm for hwm, _ in snaps)
+        lines.append(
+            f"| {name} | {report.pids.get(name, '')} | {cols} | {fmt_mb(peak)} "
+            f"| {fmt_mb(snaps[-1][1])} |"
+        )
+    return lines
+
+
+def cpu_table(report: Report) -> list[str]:
+    names = [*PROCESS_NAMES, "wrk"]
+    lines = [
+        f"| scenario | target | {' | '.join(names)} | ours | machine busy | steal |",
+        "|---|---|" + "--:|" * (len(names) + 3),
+    ]
+    for row in report.rows:
+        cols = " | ".join(f"{row.cpu.get(n, 0.0):.0f}" for n in names)
+        ours = sum(row.cpu.get(n, 0.0) for n in names)
+        lines.append(
+            f"| {row.scenario.key} | {row.target} | {cols} | {ours:.0f} "
+            f"| {row.cpu.get('machine', 0.0):.0f} | {row.cpu.get('steal', 0.0):.0f} |"
+        )
+    return lines
+
+
+Check = tuple[str, bool | None, str]  # (target, passed or None if not measured, value)
+
+
+def _rps_check(report: Report, key: str, label: str, minimum: float) -> Check:
+    row = report.row(key, "broker")
+    if row is None:
+        return (label, None, "not measured")
+    return (label, row.result.rps >= minimum, f"{row.result.rps:,.0f}/s")
+
+
+def target_checks(report: Report) -> list[Check]:
+    """PASS/FAIL of every target; ``None`` when the scenario did not run."""
+    checks: list[Check] = []
+    a_b, a_m = report.row("A", "broker"), report.row("A", "mock")
+    label = f"A: added p50 <= {TARGET_A_ADDED_P50_MS:g} ms"
+    if a_b and a_m and a_b.result.p50_ms is not None and a_m.result.p50_ms is not None:
+        added = a_b.result.p50_ms - a_m.result.p50_ms
+        checks.append((label, added <= TARGET_A_ADDED_P50_MS, f"{added:.2f} ms"))
+    else:
+        checks.append((label, None, "not measured"))
+    checks.append(_rps_check(report, "B", f"B: >= {TARGET_B_RPS:,.0f} req/s", TARGET_B_RPS))
+    checks.append(_rps_check(report, "C", f"C: >= {TARGET_C_RPS:,.0f} req/s", TARGET_C_RPS))
+    checks.extend(c_checks(report))
+    checks.append(_rps_check(report, "D", f"D: >= {TARGET_D_RPS:,.0f} streams/s", TARGET_D_RPS))
+    return checks
+
+
+def c_checks(report: Report) -> list[Check]:
+    row = report.row("C", "broker")
+    labels = [
+        f"C: p99 <= {TARGET_C_P99_MS:,.0f} ms",
+        "C: no errors",
+        f"C: all {TARGET_C_IN_FLIGHT} in flight at the mock at once",
+        *(f"C: {p} peak RSS < {TARGET_C_RSS_MB:g} MB" for p in ("ingress", "worker")),
+    ]
+    mem = report.memory.get("C")
+    if row is None or mem is None:
+        return [(label, None, "not measured") for label in labels]
+    r = row.result
+    p99 = r.p99_ms if r.p99_ms is not None else float("inf")
+    values: list[tuple[bool, str]] = [
+        (p99 <= TARGET_C_P99_MS, fmt_ms(r.p99_ms)),
+        (r.errors == 0, r.error_detail()),
+        (row.peak_in_flight >= TARGET_C_IN_FLIGHT, f"peak {row.peak_in_flight}"),
+        *(
+            (mem[p][0] / MB < TARGET_C_RSS_MB, f"{fmt_mb(mem[p][0])} MB")
+            for p in ("ingress", "worker")
+        ),
+    ]
+    return [(label, ok, text) for label, (ok, text) in zip(labels, values, strict=True)]
+
+
+def targets_section(report: Report) -> list[str]:
+    lines = []
+    for label, ok, value in target_checks(report):
+        verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        lines.append(f"- {verdict} {label} (measured: {value})")
+    return lines
+
+
+def render_results(report: Report) -> str:
+    parts = ["## Results", "", *results_table(report), "", "## Peak RSS (MB)", ""]
+    parts += [*memory_table(report), "", "## CPU during each run (% of one core)", ""]
+    parts += [*cpu_table(report), "", "## Targets", "", *targets_section(report)]
+    if report.broken:
+        parts += ["", f"**BROKEN**: {report.broken}"]
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def command_version(argv: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError as e:
+        return f"unavailable ({e})"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def header(quick: bool) -> str:
+    sc = scenarios(quick)
+    durations = ", ".join(f"{s.key} {s.duration_s}s" for s in sc)
+    argv = shlex.join([sys.executable, *sys.argv])
+    return "\n".join(
+        [
+            "# llm-broker benchmark",
+            "",
+            f"- command: `{argv}`",
+            f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
+            f"- nproc: {len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}), "
+            f"cpu: {cpu_model()}, kernel: {platform.release()}, "
+            f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+            f"- python: {platform.python_version()} ({sys.executable})",
+            f"- redis-server: {command_version(['redis-server', '--version'])}",
+            f"- wrk: {command_version(['wrk', '--version'])}",
+            f"- mode: {'quick' if quick else 'default'}; durations: {durations}; "
+            "processes: 1 ingress, 1 worker, 1 mock, 1 redis-server; wrk -t1",
+            "",
+        ]
+    )
+
+
+def ensure_wrk() -> None:
+    """Install wrk with apt-get when it is missing (needs root)."""
+    if shutil.which("wrk"):
+        return
+    if os.geteuid() != 0:
+        raise MissingPrerequisite("wrk is not installed; run: sudo apt-get install -y wrk")
+    log("bench: wrk missing; installing it with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, env=env)
+    if not shutil.which("wrk"):
+        raise MissingPrerequisite("wrk still not found after apt-get install -y wrk")
+
+
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE := hard limit; wrk and the children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < 2 * TARGET_C_IN_FLIGHT + 200:
+        log(f"bench: warning: fd hard limit {hard} is low for 1000 connections")
+
+
+def check_prerequisites() -> None:
+    if shutil.which("redis-server") is None:
+        raise MissingPrerequisite(
+            "redis-server not found on PATH; install it (apt-get install -y redis-server)"
+        )
+    ensure_wrk()
+    raise_fd_limit()
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def benchmark(quick: bool, emit: Callable[[str], None]) -> int:
+    """Run every scenario; emit the report; return the exit status."""
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="llm-broker-bench-") as tmp:
+        stack = start_stack(Path(tmp))
+        try:
+            run_all(stack, quick, report)
+        except (BenchBroken, OSError, subprocess.SubprocessError) as e:
+            report.broken = f"{type(e).__name__}: {e}"
+            log(f"bench: BROKEN: {e}")
+        finally:
+            stack.stop()
+    emit(render_results(report))
+    return 1 if report.broken else 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="run scenario A for 5 s instead of 10 s")
+    ap.add_argument("--out", type=Path, help="also write the markdown report to this file")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_prerequisites()
+    except (MissingPrerequisite, subprocess.CalledProcessError) as e:
+        log(f"bench: {e}")
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    text = header(args.quick)
+    print(text, flush=True)
+    out: Path | None = args.out
+
+    def emit(results: str) -> None:
+        print(results, flush=True)
+        if out is not None:
+            out.write_text(text + "\n" + results)
+
+    try:
+        return benchmark(args.quick, emit)
+    except (RuntimeError, TimeoutError) as e:  # a process did not start (Child.wait_for)
+        log(f"bench: could not start the processes: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("bench: interrupted; processes stopped")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
