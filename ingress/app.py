@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingress.auth import Authenticator
-from ingress.replies import Reply, ReplyRouter
+from ingress.replies import Reply, ReplyRouter, Waiter
 from shared import messages as m
 from shared.config import Config, Router
 from shared.errors import (
@@ -114,11 +114,8 @@ async def errors_middleware(
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
         provider = request.get("provider", "")
-        state.metrics.requests.labels(
-            endpoint, request.get("model", ""), provider, str(status)
-        ).inc()
-        state.metrics.request_seconds.labels(endpoint, provider).observe(
-            time.perf_counter() - started
+        state.metrics.observe_request(
+            endpoint, request.get("model", ""), provider, status, time.perf_counter() - started
         )
 
 
@@ -222,10 +219,10 @@ async def _enqueue(state: State, job: m.Job) -> None:
     pcfg = state.config.providers[job.provider]
     ttl = int(job.deadline - job.created + state.config.jobs.result_ttl_s)
     try:
-        async with asyncio.timeout(state.config.redis.command_timeout_s):
-            entry = await state.batcher.call(
-                *enqueue_command(state.keys, job, pcfg.max_queue_depth, ttl)
-            )
+        # The batcher bounds the call by redis.command_timeout_s.
+        entry = await state.batcher.call(
+            *enqueue_command(state.keys, job, pcfg.max_queue_depth, ttl)
+        )
     except REDIS_DOWN as e:
         state.metrics.redis_errors.labels("enqueue").inc()
         state.metrics.rejected.labels(job.provider, "redis_unavailable").inc()
@@ -248,9 +245,7 @@ def _reply_response(job: m.Job, data: bytes, status: int, retry_after: str) -> w
     return web.Response(body=data, status=status, content_type="application/json", headers=headers)
 
 
-async def _next_reply(
-    state: State, job: m.Job, replies: asyncio.Queue[Reply], loop_deadline: float
-) -> Reply:
+async def _next_reply(state: State, job: m.Job, replies: Waiter, loop_deadline: float) -> Reply:
     try:
         async with asyncio.timeout_at(loop_deadline):
             return await replies.get()
@@ -274,7 +269,7 @@ async def _stream_reply(
     request: web.Request,
     state: State,
     job: m.Job,
-    replies: asyncio.Queue[Reply],
+    replies: Waiter,
     loop_deadline: float,
 ) -> web.StreamResponse:
     kind, data, status, retry_after = await _next_reply(state, job, replies, loop_deadline)

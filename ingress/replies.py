@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 import redis.asyncio as aioredis
 
@@ -19,21 +20,45 @@ log = logging.getLogger("llm_broker.ingress.replies")
 Reply = tuple[bytes, bytes, int, str]
 
 
+class Waiter:
+    """The replies for one job, in order: a deque and a future to wake the reader."""
+
+    __slots__ = ("_items", "_wakeup")
+
+    def __init__(self) -> None:
+        self._items: deque[Reply] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+
+    def put(self, item: Reply) -> None:
+        self._items.append(item)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def get(self) -> Reply:
+        while not self._items:
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+        return self._items.popleft()
+
+
 class ReplyRouter:
     TTL_S = 120
 
     def __init__(self, config: Config, pod: str) -> None:
         self.stream = Keys(config.redis.key_prefix).reply(pod)
         self._cfg = config
-        self._waiters: dict[bytes, asyncio.Queue[Reply]] = {}
+        self._waiters: dict[bytes, Waiter] = {}
         self._last_id = b"0-0"
         self.healthy = False
         self._client: aioredis.Redis | None = None
 
-    def register(self, job_id: str) -> asyncio.Queue[Reply]:
-        queue: asyncio.Queue[Reply] = asyncio.Queue()
-        self._waiters[job_id.encode()] = queue
-        return queue
+    def register(self, job_id: str) -> Waiter:
+        waiter = Waiter()
+        self._waiters[job_id.encode()] = waiter
+        return waiter
 
     def unregister(self, job_id: str) -> None:
         self._waiters.pop(job_id.encode(), None)
@@ -88,7 +113,7 @@ class ReplyRouter:
                         self._last_id = entry_id
                         queue = self._waiters.get(fields.get(b"i", b""))
                         if queue is not None:
-                            queue.put_nowait(
+                            queue.put(
                                 (
                                     fields[b"k"],
                                     fields.get(b"d", b""),

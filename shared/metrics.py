@@ -74,6 +74,22 @@ class IngressMetrics:
         self.redis_errors = Counter(
             "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
         )
+        self._children: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(
+        self, endpoint: str, model: str, provider: str, status: int, seconds: float
+    ) -> None:
+        """Count one answered request; the labelled children are looked up once."""
+        key = (endpoint, model, provider, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(endpoint, model, provider, str(status)),
+                self.request_seconds.labels(endpoint, provider),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class WorkerMetrics:

@@ -237,3 +237,23 @@ def test_stream_accumulator_rebuilds_content_tool_calls_and_usage() -> None:
     }
     assert out["choices"][1]["message"]["content"] is None
     assert out["usage"]["total_tokens"] == 5
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("PING",),
+        ("SET", "key", b"\x00\xffbytes", "EX", 30),
+        ("EVALSHA", "ab" * 20, 2, "k1", "k2", 1.5, 1795736447.587850, -3, "ünïcode"),
+        ("XINFO GROUPS", "stream"),
+        (b"CLIENT SETNAME", b"name"),
+    ],
+)
+def test_hiredis_packing_matches_redis_py(command: tuple[str | bytes | int | float, ...]) -> None:
+    from redis.asyncio import Connection
+
+    from shared.redisio import _Connection
+
+    expected = b"".join(Connection().pack_command(*command))
+    assert _Connection().pack_command(*command) == [expected]
+    assert _Connection().pack_commands([command, command]) == [expected + expected]

@@ -9,7 +9,6 @@ import secrets
 import signal
 import socket
 
-import aiohttp
 from prometheus_client import CollectorRegistry, start_http_server
 
 from shared.config import Config
@@ -41,60 +40,56 @@ async def serve(
     total = sum(config.providers[p].max_concurrency for p in providers)
     redis = connect(config.redis, max_connections=max(8, min(total, 64)))
     batcher = Batcher(redis, timeout=config.redis.command_timeout_s * 2)
-    connector = aiohttp.TCPConnector(
-        limit=total + 16, limit_per_host=0, ttl_dns_cache=60, enable_cleanup_closed=True
-    )
     consumer = consumer_name()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with aiohttp.ClientSession(
-        connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
-    ) as session:
-        pools = [
-            ProviderPool(
-                provider=p,
-                config=config,
-                upstream=make_upstream(p, config.providers[p], session),
-                redis=redis,
-                batcher=batcher,
-                consumer=consumer,
-                metrics=metrics,
-            )
-            for p in providers
-        ]
-        tasks = [loop.create_task(pool.read_loop()) for pool in pools]
-        tasks += [loop.create_task(pool.maintain_loop()) for pool in pools]
-        if ready_line:
-            print(f"worker ready consumer={consumer} providers={','.join(providers)}", flush=True)
-        stopped = loop.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t is not stopped and t.exception() is not None:
-                log.error("worker loop died", exc_info=t.exception())
-        log.info(
-            "worker stopping: no new jobs; waiting up to %.0fs for in-flight ones",
-            config.worker.grace_period_s,
+    pools = [
+        ProviderPool(
+            provider=p,
+            config=config,
+            upstream=make_upstream(p, config.providers[p]),
+            redis=redis,
+            batcher=batcher,
+            consumer=consumer,
+            metrics=metrics,
         )
-        for pool in pools:
-            pool.stop_reading()
-        # A read in progress returns within block_ms; what it brings is run too.
-        await asyncio.wait(
-            tasks[: len(pools)],
-            timeout=config.worker.block_ms / 1000 + config.redis.command_timeout_s,
-        )
-        results = await asyncio.gather(
-            *(pool.wait_idle(config.worker.grace_period_s) for pool in pools)
-        )
-        if not all(results):
-            log.warning("grace period over: abandoning unfinished jobs to other workers")
-        for pool in pools:
-            await pool.abandon()
-        stopped.cancel()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(stopped, *tasks, return_exceptions=True)
+        for p in providers
+    ]
+    tasks = [loop.create_task(pool.read_loop()) for pool in pools]
+    tasks += [loop.create_task(pool.maintain_loop()) for pool in pools]
+    if ready_line:
+        print(f"worker ready consumer={consumer} providers={','.join(providers)}", flush=True)
+    stopped = loop.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for t in done:
+        if t is not stopped and t.exception() is not None:
+            log.error("worker loop died", exc_info=t.exception())
+    log.info(
+        "worker stopping: no new jobs; waiting up to %.0fs for in-flight ones",
+        config.worker.grace_period_s,
+    )
+    for pool in pools:
+        pool.stop_reading()
+    # A read in progress returns within block_ms; what it brings is run too.
+    await asyncio.wait(
+        tasks[: len(pools)],
+        timeout=config.worker.block_ms / 1000 + config.redis.command_timeout_s,
+    )
+    results = await asyncio.gather(
+        *(pool.wait_idle(config.worker.grace_period_s) for pool in pools)
+    )
+    if not all(results):
+        log.warning("grace period over: abandoning unfinished jobs to other workers")
+    for pool in pools:
+        await pool.abandon()
+    stopped.cancel()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(stopped, *tasks, return_exceptions=True)
+    for pool in pools:
+        pool.upstream.close()
     await batcher.close()
     await redis.aclose()
     log.info("worker stopped")

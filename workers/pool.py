@@ -25,7 +25,7 @@ from shared.config import Config
 from shared.errors import BrokerError, UpstreamError
 from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
-from shared.redisio import ACK, FINISH, REDIS_DOWN, START, Batcher, connect, ensure_group
+from shared.redisio import REDIS_DOWN, SETTLE, START, Batcher, connect, ensure_group
 from workers.accumulate import StreamAccumulator
 from workers.upstream import OpenAIUpstream
 
@@ -287,22 +287,30 @@ class ProviderPool:
             case b"expired":
                 self._outcomes["expired"].inc()
                 await self._settle(
-                    job, entry_id, reply=self._error_reply(job, 504, _deadline_error())
+                    job,
+                    entry_id,
+                    http_status=504,
+                    reply_kind=m.REPLY_ERROR,
+                    reply_data=_deadline_error(),
                 )
             case _:  # already final, or its record expired: nothing to do
                 await self._settle(job, entry_id)
 
     async def _run(self, job: m.Job, entry_id: str, start: asyncio.Future[Any]) -> None:
         """Call the upstream; record and send the outcome once ``start`` said "ok"."""
-        self._queue_wait.observe(
-            max(0.0, time.time() - job.created)
-        )
+        self._queue_wait.observe(max(0.0, time.time() - job.created))
         timeout = min(self.pcfg.timeout_s, job.deadline - time.time())
         if timeout <= 0:
             if await start == b"ok":
                 self._outcomes["expired"].inc()
-                await self._finish(
-                    job, entry_id, m.EXPIRED, "error", _deadline_error(), 504, m.REPLY_ERROR
+                await self._settle(
+                    job,
+                    entry_id,
+                    status=m.EXPIRED,
+                    field="error",
+                    payload=_deadline_error(),
+                    http_status=504,
+                    reply_kind=m.REPLY_ERROR,
                 )
             return
         body = _upstream_body(job)
@@ -312,7 +320,7 @@ class ProviderPool:
             if job.stream:
                 result = await self._stream(job, body, timeout, headers, start)
                 payload = orjson.dumps(result)
-                reply = b""
+                reply: bytes | None = b""
                 if job.include_usage and result.get("usage"):
                     reply = _frame(
                         {
@@ -328,7 +336,8 @@ class ProviderPool:
                 result = await self.upstream.complete(body, timeout, headers)
                 result["id"] = _response_id(job)
                 result["model"] = job.model
-                payload = reply = orjson.dumps(result)
+                payload = orjson.dumps(result)
+                reply = None  # the reply is the result itself
         except BrokerError as e:
             self._outcomes["failed"].inc()
             log.info("job %s: upstream error %d: %s", job.id, e.http_status, e.message)
@@ -339,8 +348,14 @@ class ProviderPool:
             self._upstream_seconds.observe(time.monotonic() - started)
         if await start == b"ok":
             self._outcomes["completed"].inc()
-            await self._finish(
-                job, entry_id, m.COMPLETED, "result", payload, 200, m.REPLY_RESULT, reply
+            await self._settle(
+                job,
+                entry_id,
+                status=m.COMPLETED,
+                field="result",
+                payload=payload,
+                reply_kind=m.REPLY_RESULT,
+                reply_data=reply,
             )
 
     async def _stream(
@@ -371,51 +386,22 @@ class ProviderPool:
     async def _fail(
         self, job: m.Job, entry_id: str, err: BrokerError, dead_letter: bytes | None = None
     ) -> None:
-        await self._finish(
+        await self._settle(
             job,
             entry_id,
-            m.FAILED,
-            "error",
-            msgspec.json.encode(err.body()),
-            err.http_status,
-            m.REPLY_ERROR,
-            dead_letter=dead_letter,
+            status=m.FAILED,
+            field="error",
+            payload=msgspec.json.encode(err.body()),
+            http_status=err.http_status,
+            reply_kind=m.REPLY_ERROR,
             retry_after=err.headers.get("Retry-After", ""),
+            dead_letter=dead_letter,
         )
 
-    async def _finish(
-        self,
-        job: m.Job,
-        entry_id: str,
-        status: str,
-        field: str,
-        payload: bytes,
-        http_status: int,
-        reply_kind: bytes,
-        reply_data: bytes | None = None,
-        dead_letter: bytes | None = None,
-        retry_after: str = "",
-    ) -> None:
-        """Make the result durable in the job record, reply, then acknowledge."""
-        finish = FINISH.command(
-            (self.keys.job(job.id),),
-            (status, time.time(), field, payload, http_status, self.result_ttl),
-        )
-        reply = self._reply(
-            job,
-            reply_kind,
-            payload if reply_data is None else reply_data,
-            http_status,
-            retry_after,
-        )
-        await self._settle(job, entry_id, finish=finish, reply=reply, dead_letter=dead_letter)
-
-    def _reply(
-        self, job: m.Job, kind: bytes, data: bytes, status: int, retry_after: str = ""
-    ) -> tuple[Any, ...] | None:
+    def reply_command(self, job: m.Job, data: bytes) -> tuple[Any, ...] | None:
+        """The command sending stream chunks to the waiting ingress process."""
         if not job.reply_to:
             return None
-        extra = ("ra", retry_after) if retry_after else ()
         return (
             "XADD",
             job.reply_to,
@@ -427,37 +413,56 @@ class ProviderPool:
             "i",
             job.id,
             "k",
-            kind,
+            m.REPLY_CHUNKS,
             "d",
             data,
             "s",
-            status,
-            *extra,
+            200,
         )
-
-    def _error_reply(self, job: m.Job, status: int, body: bytes) -> tuple[Any, ...] | None:
-        return self._reply(job, m.REPLY_ERROR, body, status)
 
     async def _settle(
         self,
         job: m.Job | None,
         entry_id: str,
         *,
-        finish: tuple[Any, ...] | None = None,
-        reply: tuple[Any, ...] | None = None,
+        status: str = "",
+        field: str = "",
+        payload: bytes = b"",
+        http_status: int = 200,
+        reply_kind: bytes = b"",
+        reply_data: bytes | None = None,
+        retry_after: str = "",
         dead_letter: bytes | None = None,
     ) -> None:
-        """Send the closing commands of one entry in order, in one round trip.
+        """Close one entry: the job's final state first, then the reply, then the ack.
 
-        Retried while Redis is unreachable, for up to one lease: after that
-        another worker may own the entry, and the job state script makes the
+        One script call (plus the dead-letter entry, if any) in one round trip;
+        retried while Redis is unreachable, for up to one lease: after that
+        another worker may own the entry, and the job state check makes the
         duplicate harmless.
         """
+        job_key = self.keys.job(job.id) if job else self.queue
+        reply_to = job.reply_to if job and job.reply_to else self.queue
+        settle = SETTLE.command(
+            (job_key, self.queue, reply_to),
+            (
+                GROUP,
+                entry_id,
+                job.id if job else "",
+                status,
+                time.time(),
+                field,
+                payload,
+                http_status,
+                self.result_ttl,
+                reply_kind if job and job.reply_to else b"",
+                b"" if reply_data is None else reply_data,
+                "1" if reply_data is None else "0",
+                retry_after,
+                REPLY_MAXLEN,
+            ),
+        )
         commands: list[tuple[Any, ...]] = []
-        if finish:
-            commands.append(finish)
-        if reply:
-            commands.append(reply)
         if dead_letter is not None:
             commands.append(
                 (
@@ -475,7 +480,7 @@ class ProviderPool:
                     self.consumer,
                 )
             )
-        commands.append(ACK.command((self.queue,), (GROUP, entry_id)))
+        commands.append(settle)
         deadline = time.monotonic() + self.wcfg.lease_s
         backoff = 0.05
         while True:
@@ -484,10 +489,9 @@ class ProviderPool:
                 await asyncio.gather(*futures)
                 return
             except ResponseError as e:
-                if "NOSCRIPT" in str(e) or "NOGROUP" in str(e):
-                    log.warning("job %s: %s while settling", job.id if job else entry_id, e)
-                    return
-                raise
+                await asyncio.gather(*futures, return_exceptions=True)
+                log.warning("job %s: %s while settling", job.id if job else entry_id, e)
+                return
             except REDIS_DOWN as e:
                 await asyncio.gather(*futures, return_exceptions=True)
                 self.metrics.redis_errors.labels("settle").inc()
@@ -545,7 +549,7 @@ class _ChunkSender:
     async def _send(self, prev: asyncio.Future[Any] | None, data: bytes) -> None:
         if prev is not None:
             await asyncio.gather(prev, return_exceptions=True)
-        cmd = self._pool._reply(self._job, m.REPLY_CHUNKS, data, 200)
+        cmd = self._pool.reply_command(self._job, data)
         if cmd is not None:
             try:
                 await self._pool.batcher.call(*cmd)

@@ -8,12 +8,12 @@ client should see.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 
 from shared.config import ProviderConfig
@@ -23,6 +23,14 @@ from shared.errors import (
     upstream_timeout,
     upstream_unreachable,
 )
+from workers.http import (
+    ConnectionPool,
+    HTTPClientError,
+    Origin,
+    Response,
+    ResponseInterrupted,
+    build_request,
+)
 
 log = logging.getLogger("llm_broker.worker.upstream")
 
@@ -30,44 +38,42 @@ log = logging.getLogger("llm_broker.worker.upstream")
 class OpenAIUpstream:
     """Calls an OpenAI-compatible ``/chat/completions`` endpoint."""
 
-    def __init__(self, name: str, cfg: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, name: str, cfg: ProviderConfig) -> None:
         self.name = name
         self.cfg = cfg
-        self._session = session
-        self._url = cfg.base_url.rstrip("/") + "/chat/completions"
-        self._headers = {"Content-Type": "application/json"}
+        self._origin = Origin.parse(cfg.base_url)
+        self._pool = ConnectionPool(self._origin, connect_timeout=cfg.connect_timeout_s)
+        self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if cfg.api_key_file:
             key = Path(cfg.api_key_file).read_text().strip()
             log.info("provider %s: read API key from %s", name, cfg.api_key_file)
             self._headers["Authorization"] = f"Bearer {key}"
 
-    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(
-            total=seconds, connect=min(seconds, self.cfg.connect_timeout_s)
-        )
+    def close(self) -> None:
+        self._pool.close()
+
+    async def _post(self, body: bytes, headers: dict[str, str] | None) -> Response:
+        merged = {**self._headers, **headers} if headers else self._headers
+        request = build_request(self._origin, "/chat/completions", body, merged)
+        resp = await self._pool.request(request)
+        if resp.status >= 400:
+            raw = await resp.read()
+            raise upstream_status_error(
+                resp.status, _json_or_none(raw), resp.headers.get("retry-after")
+            )
+        return resp
 
     async def complete(
         self, body: bytes, timeout_s: float, headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
         """A non-streaming call; the decoded ``chat.completion`` object."""
         try:
-            async with self._session.post(
-                self._url,
-                data=body,
-                headers=self._merge(headers),
-                timeout=self._timeout(timeout_s),
-            ) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise upstream_status_error(
-                        resp.status, _json_or_none(raw), resp.headers.get("Retry-After")
-                    )
-        except UpstreamError:
-            raise
+            async with asyncio.timeout(timeout_s):
+                raw = await (await self._post(body, headers)).read()
         except TimeoutError as e:
             raise upstream_timeout(timeout_s) from e
-        except aiohttp.ClientError as e:
-            raise upstream_unreachable(str(e) or type(e).__name__) from e
+        except HTTPClientError as e:
+            raise upstream_unreachable(str(e)) from e
         result = _json_or_none(raw)
         if not isinstance(result, dict):
             raise UpstreamError(
@@ -82,27 +88,11 @@ class OpenAIUpstream:
     ) -> AsyncIterator[dict[str, Any]]:
         """A streaming call; yields each decoded ``chat.completion.chunk``."""
         try:
-            async with self._session.post(
-                self._url,
-                data=body,
-                headers=self._merge(headers),
-                timeout=self._timeout(timeout_s),
-            ) as resp:
-                if resp.status >= 400:
-                    raise upstream_status_error(
-                        resp.status,
-                        _json_or_none(await resp.read()),
-                        resp.headers.get("Retry-After"),
-                    )
-                done = False
-                lines = _lines_or_interrupted(resp)
-                async for line in lines:
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
+            async with asyncio.timeout(timeout_s):
+                resp = await self._post(body, headers)
+                async for data in _sse_data(resp):
                     if data == b"[DONE]":
-                        done = True
-                        break
+                        return
                     try:
                         chunk = orjson.loads(data)
                     except orjson.JSONDecodeError as e:
@@ -115,32 +105,34 @@ class OpenAIUpstream:
                         if "error" in chunk and "choices" not in chunk:
                             raise upstream_status_error(502, chunk)
                         yield chunk
-                if not done:
-                    raise UpstreamError(
-                        502,
-                        "upstream closed the stream before it ended",
-                        code="upstream_stream_interrupted",
-                    )
-        except UpstreamError:
-            raise
+                raise UpstreamError(
+                    502,
+                    "upstream closed the stream before it ended",
+                    code="upstream_stream_interrupted",
+                )
         except TimeoutError as e:
             raise upstream_timeout(timeout_s) from e
-        except aiohttp.ClientError as e:
-            raise upstream_unreachable(str(e) or type(e).__name__) from e
+        except ResponseInterrupted as e:
+            raise UpstreamError(
+                502,
+                "upstream closed the stream before it ended",
+                code="upstream_stream_interrupted",
+            ) from e
+        except HTTPClientError as e:
+            raise upstream_unreachable(str(e)) from e
 
-    def _merge(self, extra: dict[str, str] | None) -> dict[str, str]:
-        return {**self._headers, **extra} if extra else self._headers
 
-
-async def _lines_or_interrupted(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The lines of a response body; a connection cut mid-body is an interrupted stream."""
-    try:
-        async for line in resp.content:
-            yield line
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
-        raise UpstreamError(
-            502, "upstream closed the stream before it ended", code="upstream_stream_interrupted"
-        ) from e
+async def _sse_data(resp: Response) -> AsyncIterator[bytes]:
+    """The payloads of the ``data:`` lines of an event stream."""
+    pending = b""
+    async for chunk in resp.chunks():
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+    if pending.startswith(b"data:"):
+        yield pending[5:].strip()
 
 
 def _json_or_none(raw: bytes) -> Any:
@@ -150,10 +142,7 @@ def _json_or_none(raw: bytes) -> Any:
         return None
 
 
-def make_upstream(name: str, cfg: ProviderConfig, session: aiohttp.ClientSession) -> OpenAIUpstream:
+def make_upstream(name: str, cfg: ProviderConfig) -> OpenAIUpstream:
     if cfg.type in ("openai", "mock"):
-        return OpenAIUpstream(name, cfg, session)
+        return OpenAIUpstream(name, cfg)
     raise ValueError(f"provider {name!r}: unknown type {cfg.type!r}")
-
-
-__all__ = ["OpenAIUpstream", "make_upstream"]
