@@ -119,7 +119,9 @@ def run_dev(*, port: int, config_path: str | None, env: Mapping[str, str]) -> in
             children.append(mock)
             mock_port = mock.wait_for(r"listening on http://[\d.]+:(\d+)", 30).group(1)
             cfg_file = tmp / "dev-config.yaml"
-            cfg_file.write_text(yaml.safe_dump(dev_config(f"http://127.0.0.1:{mock_port}/v1")))
+            cfg_file.write_text(
+                yaml.safe_dump(dev_config(f"http://127.0.0.1:{mock_port}/v1"), sort_keys=False)
+            )
         config = load_config(str(cfg_file), child_env)
 
         worker = Child(
