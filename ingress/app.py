@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingress.auth import Authenticator
+from ingress.ids import JobIds
 from ingress.replies import Reply, ReplyRouter, Waiter
 from shared import messages as m
 from shared.config import Config, Router
@@ -58,6 +58,7 @@ class State:
     registry: CollectorRegistry
     metrics: IngressMetrics
     draining: bool = False
+    ids: JobIds = field(default_factory=JobIds)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -189,7 +190,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     timeout = _deadline(request, state)
     now = time.time()
     job = m.Job(
-        id=secrets.token_hex(16),
+        id=state.ids.next(),
         tenant=tenant,
         provider=route.provider,
         model=req.model,

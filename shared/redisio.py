@@ -153,7 +153,12 @@ class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
 def connect(
     cfg: RedisConfig, *, socket_timeout: float | None = None, max_connections: int = 64
 ) -> aioredis.Redis:
-    """A client whose commands fail fast when Redis is unreachable."""
+    """A client whose connections fail fast when Redis is unreachable.
+
+    Without ``socket_timeout`` a read has no timer of its own (redis-py would
+    arm one per command); callers bound their calls instead, as the
+    :class:`Batcher` does for each batch.
+    """
     scheme = cfg.url.split("://", 1)[0]
     extra: dict[str, Any] = {}
     if scheme == "redis":
@@ -164,7 +169,7 @@ def connect(
         cfg.url,
         max_connections=max_connections,
         timeout=cfg.command_timeout_s,
-        socket_timeout=socket_timeout if socket_timeout is not None else cfg.command_timeout_s,
+        socket_timeout=socket_timeout,
         socket_connect_timeout=cfg.connect_timeout_s,
         health_check_interval=0,
         **extra,

@@ -257,3 +257,12 @@ def test_hiredis_packing_matches_redis_py(command: tuple[str | bytes | int | flo
     expected = b"".join(Connection().pack_command(*command))
     assert _Connection().pack_command(*command) == [expected]
     assert _Connection().pack_commands([command, command]) == [expected + expected]
+
+
+def test_job_ids_are_128_bit_hex_and_unique() -> None:
+    from ingress.ids import JobIds
+
+    ids = JobIds()
+    seen = {ids.next() for _ in range(1000)}  # spans several pages of randomness
+    assert len(seen) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in seen)

@@ -104,8 +104,8 @@ class ProviderPool:
             socket_timeout=self.wcfg.block_ms / 1000 + self.cfg.redis.command_timeout_s,
         )
         backoff = 0.1
+        need_group = True
         try:
-            await self._ensure_group()
             while not self._stopping.is_set():
                 free = self.free_slots
                 if free <= 0:
@@ -113,6 +113,9 @@ class ProviderPool:
                     await self._slot_freed.wait()
                     continue
                 try:
+                    if need_group:
+                        await self._ensure_group()
+                        need_group = False
                     batches = await reader.xreadgroup(
                         GROUP,
                         self.consumer,
@@ -124,7 +127,7 @@ class ProviderPool:
                 except ResponseError as e:
                     if "NOGROUP" not in str(e):
                         raise
-                    await self._ensure_group()
+                    need_group = True  # Redis lost the group (restarted empty)
                     continue
                 except REDIS_DOWN as e:
                     self.metrics.redis_errors.labels("read").inc()
@@ -148,8 +151,9 @@ class ProviderPool:
         interval = max(0.05, self.wcfg.lease_s / 3)
         while not self._stopping.is_set():
             try:
-                await self._refresh_leases()
-                await self._reclaim()
+                async with asyncio.timeout(self.cfg.redis.command_timeout_s * 4):
+                    await self._refresh_leases()
+                    await self._reclaim()
             except REDIS_DOWN as e:
                 self.metrics.redis_errors.labels("maintain").inc()
                 log.warning("provider %s: lease maintenance failed: %s", self.provider, e)
@@ -164,13 +168,15 @@ class ProviderPool:
         # Keep leases fresh while in-flight jobs finish during shutdown.
         while self._jobs:
             try:
-                await self._refresh_leases()
+                async with asyncio.timeout(self.cfg.redis.command_timeout_s * 4):
+                    await self._refresh_leases()
             except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
                 log.warning("provider %s: lease refresh failed: %s", self.provider, e)
             await asyncio.sleep(interval)  # periodic timer, not synchronisation
 
     async def _ensure_group(self) -> None:
-        await ensure_group(self.redis, self.queue, GROUP)
+        async with asyncio.timeout(self.cfg.redis.command_timeout_s * 4):
+            await ensure_group(self.redis, self.queue, GROUP)
 
     async def _refresh_leases(self) -> None:
         """Reset the idle time of the entries this consumer still owns.
