@@ -11,6 +11,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from llm_broker import mock_upstream
 from shared.config import Config, ConfigError, load_config, new_key
 
 
@@ -64,16 +65,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from llm_broker.mock_upstream import MockDefaults, run
+    from llm_broker.mock_upstream import run_from_args
 
-    run(
-        args.host,
-        args.port,
-        MockDefaults(
-            latency_ms=args.latency_ms, chunks=args.chunks, chunk_delay_ms=args.chunk_delay_ms
-        ),
-    )
-    return 0
+    return run_from_args(args)
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -129,11 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("mock-upstream", help="run the mock OpenAI-compatible upstream")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9000)
-    p.add_argument("--latency-ms", type=float, default=0.0)
-    p.add_argument("--chunks", type=int, default=8)
-    p.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    mock_upstream.add_arguments(p)
     p.set_defaults(func=cmd_mock)
 
     p = sub.add_parser("keygen", help="print a new API key and the config entry for its hash")

@@ -414,6 +414,24 @@ class _App:
 
     # -- chat ------------------------------------------------------------------------
 
+    def _behaviour(
+        self, req: dict[str, Any], keep_alive: bool
+    ) -> tuple[str, _Params, float, _Plan | None]:
+        """The model name, the resolved behaviour, the latency in seconds and, when
+        the behaviour is an injected error, the plan that answers it."""
+        model = req.get("model")
+        if not isinstance(model, str) or not model:
+            model = "mock"
+        p = _resolve(self.defaults, model, req)
+        latency = p.latency_ms / 1000.0
+        failure = None
+        if p.error is not None:
+            msg = f"mock upstream error {p.error}"
+            failure = _Plan(
+                _error_response(p.error, msg, keep_alive, p.retry_after), latency=latency
+            )
+        return model, p, latency, failure
+
     def chat(self, raw: bytes, keep_alive: bool) -> _Plan:
         req = self._load(raw)
         if req is None:
@@ -421,14 +439,9 @@ class _App:
         messages = req.get("messages")
         if not isinstance(messages, list) or not messages:
             return _Plan(_error_response(400, "'messages' is required", keep_alive))
-        model = req.get("model")
-        if not isinstance(model, str) or not model:
-            model = "mock"
-        p = _resolve(self.defaults, model, req)
-        latency = p.latency_ms / 1000.0
-        if p.error is not None:
-            msg = f"mock upstream error {p.error}"
-            return _Plan(_error_response(p.error, msg, keep_alive, p.retry_after), latency=latency)
+        model, p, latency, failure = self._behaviour(req, keep_alive)
+        if failure is not None:
+            return failure
 
         prompt_tokens = 0
         text = ""
@@ -531,14 +544,9 @@ class _App:
             inputs = [x if isinstance(x, str) else orjson.dumps(x).decode() for x in inp]
         else:
             return _Plan(_error_response(400, "'input' is required", keep_alive))
-        model = req.get("model")
-        if not isinstance(model, str) or not model:
-            model = "mock"
-        p = _resolve(self.defaults, model, req)
-        latency = p.latency_ms / 1000.0
-        if p.error is not None:
-            msg = f"mock upstream error {p.error}"
-            return _Plan(_error_response(p.error, msg, keep_alive, p.retry_after), latency=latency)
+        model, _, latency, failure = self._behaviour(req, keep_alive)
+        if failure is not None:
+            return failure
         data = []
         tokens = 0
         for i, s in enumerate(inputs):
@@ -852,25 +860,30 @@ def run(host: str, port: int, defaults: MockDefaults) -> None:
         runner.run(_serve(host, port, defaults))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m llm_broker.mock_upstream",
-        description="Fast deterministic OpenAI-compatible mock LLM upstream.",
-    )
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The mock's command-line options (also used by ``llm-broker mock-upstream``)."""
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--latency-ms", type=float, default=MockDefaults.latency_ms)
     ap.add_argument("--chunks", type=int, default=MockDefaults.chunks)
     ap.add_argument("--chunk-delay-ms", type=float, default=MockDefaults.chunk_delay_ms)
-    args = ap.parse_args(argv)
-    run(
-        args.host,
-        args.port,
-        MockDefaults(
-            latency_ms=args.latency_ms, chunks=args.chunks, chunk_delay_ms=args.chunk_delay_ms
-        ),
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    defaults = MockDefaults(
+        latency_ms=args.latency_ms, chunks=args.chunks, chunk_delay_ms=args.chunk_delay_ms
     )
+    run(args.host, args.port, defaults)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m llm_broker.mock_upstream",
+        description="Fast deterministic OpenAI-compatible mock LLM upstream.",
+    )
+    add_arguments(ap)
+    return run_from_args(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

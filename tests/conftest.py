@@ -25,6 +25,7 @@ import yaml
 
 from llm_broker.dev import free_port
 from llm_broker.procs import Child, python_cmd
+from tests.helpers import eventually
 
 _prefixes = itertools.count()
 
@@ -225,6 +226,15 @@ async def mock_stats(http: aiohttp.ClientSession, mock_url: str) -> dict[str, An
     async with http.get(f"{mock_url}/mock/stats") as resp:
         stats: dict[str, Any] = await resp.json()
         return stats
+
+
+async def wait_in_flight(http: aiohttp.ClientSession, mock_url: str, count: int = 1) -> None:
+    """Wait (bounded) until the mock holds ``count`` calls in flight."""
+
+    async def reached() -> bool:
+        return bool((await mock_stats(http, mock_url))["in_flight"] == count)
+
+    await eventually(reached, what=f"{count} upstream call(s) in flight")
 
 
 def chat(model: str = "gpt-4o-mini", content: str = "Hello there", **extra: Any) -> dict[str, Any]:

@@ -20,7 +20,15 @@ from openai.types.chat import ChatCompletionMessageParam
 from llm_broker.procs import Child
 from shared.config import new_key
 from shared.keys import Keys
-from tests.conftest import ConfigFactory, Procs, RedisServer, chat, mock_stats, write_config
+from tests.conftest import (
+    ConfigFactory,
+    Procs,
+    RedisServer,
+    chat,
+    mock_stats,
+    wait_in_flight,
+    write_config,
+)
 from tests.helpers import eventually, job_status
 
 KEY, KEY_HASH = new_key()
@@ -574,10 +582,7 @@ async def test_sigterm_to_a_worker_mid_request_still_completes_it(
         http.post(f"{url}/v1/chat/completions", json=chat("mock-latency-2000"))
     )
 
-    async def in_flight() -> bool:
-        return bool((await mock_stats(http, mock_url))["in_flight"] == 1)
-
-    await eventually(in_flight, what="the upstream call to start")
+    await wait_in_flight(http, mock_url)
     worker.send_signal(signal.SIGTERM)
     resp = await request
     async with resp:
@@ -600,10 +605,7 @@ async def test_ingress_sigterm_fails_ready_then_drains_in_flight_requests(
         http.post(f"{url}/v1/chat/completions", json=chat("mock-latency-2500"))
     )
 
-    async def in_flight() -> bool:
-        return bool((await mock_stats(http, mock_url))["in_flight"] == 1)
-
-    await eventually(in_flight, what="the upstream call to start")
+    await wait_in_flight(http, mock_url)
     ingress.send_signal(signal.SIGTERM)
 
     async def not_ready() -> bool:

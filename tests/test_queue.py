@@ -10,7 +10,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from shared.keys import GROUP, Keys
-from tests.conftest import ConfigFactory, Procs, mock_stats
+from tests.conftest import ConfigFactory, Procs, mock_stats, wait_in_flight
 from tests.helpers import enqueue, eventually, job_record, job_status, make_job
 
 
@@ -218,10 +218,7 @@ async def test_sigterm_lets_in_flight_jobs_finish_and_exits_zero(
     job = make_job("mock-latency-1500")
     await enqueue(rclient, prefix, job)
 
-    async def running() -> bool:
-        return bool((await mock_stats(http, mock_url))["in_flight"] == 1)
-
-    await eventually(running, what="the job to start")
+    await wait_in_flight(http, mock_url)
     worker.send_signal(signal.SIGTERM)
     code = await asyncio.to_thread(worker.proc.wait, 15)
     assert code == 0
