@@ -109,7 +109,11 @@ class WorkerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
     grace_period_s: float = 30.0
     #: Stream chunks are sent back to ingress at most this often (first chunk at once).
     coalesce_ms: float = 5.0
+    #: How long one XREADGROUP blocks waiting for work.
     block_ms: int = 1000
+    #: Consumers (dead worker processes) idle this long with nothing pending are
+    #: removed from the consumer group.
+    forget_consumers_after_s: float = 3600.0
 
 
 class JobsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -223,3 +223,24 @@ async def test_sigterm_lets_in_flight_jobs_finish_and_exits_zero(
     code = await asyncio.to_thread(worker.proc.wait, 15)
     assert code == 0
     assert await job_status(rclient, prefix, job.id) == "completed"
+
+
+async def test_consumers_of_dead_workers_are_forgotten(
+    procs: Procs,
+    make_config: ConfigFactory,
+    rclient: aioredis.Redis,
+    prefix: str,
+) -> None:
+    config = make_config(
+        "http://127.0.0.1:9", worker={"lease_s": 0.3, "forget_consumers_after_s": 0.5}
+    )
+    queue = Keys(prefix).queue("mock")
+    await rclient.xgroup_create(queue, GROUP, id="0", mkstream=True)
+    await rclient.xgroup_createconsumer(queue, GROUP, "dead-worker")  # holds nothing
+    procs.worker(config)
+
+    async def dead_one_gone() -> bool:
+        names = [c["name"] for c in await rclient.xinfo_consumers(queue, GROUP)]
+        return b"dead-worker" not in names
+
+    await eventually(dead_one_gone, what="the dead consumer to be removed")

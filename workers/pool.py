@@ -149,11 +149,17 @@ class ProviderPool:
     async def maintain_loop(self) -> None:
         """Reclaim stale entries of dead workers and keep this pool's leases fresh."""
         interval = max(0.05, self.wcfg.lease_s / 3)
+        next_forget = 0.0
         while not self._stopping.is_set():
             try:
                 async with asyncio.timeout(self.cfg.redis.command_timeout_s * 4):
                     await self._refresh_leases()
                     await self._reclaim()
+                    if time.monotonic() >= next_forget:
+                        await self._forget_dead_consumers()
+                        next_forget = time.monotonic() + min(
+                            600.0, self.wcfg.forget_consumers_after_s / 2
+                        )
             except REDIS_DOWN as e:
                 self.metrics.redis_errors.labels("maintain").inc()
                 log.warning("provider %s: lease maintenance failed: %s", self.provider, e)
@@ -192,6 +198,21 @@ class ProviderPool:
         ids = [p["message_id"] for p in owned if p["message_id"].decode() in self._jobs]
         if ids:
             await self.redis.xclaim(self.queue, GROUP, self.consumer, 0, ids, justid=True)
+
+    async def _forget_dead_consumers(self) -> None:
+        """Remove consumers of dead workers once they hold nothing and sat idle long enough.
+
+        Every worker process joins the group under a new name, so without this
+        the group's consumer list grows with every restart. Removing a live but
+        idle consumer that holds nothing is harmless: its next read re-creates it.
+        """
+        idle_ms = self.wcfg.forget_consumers_after_s * 1000
+        for consumer in await self.redis.xinfo_consumers(self.queue, GROUP):
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
+                await self.redis.xgroup_delconsumer(self.queue, GROUP, name)
+                log.info("provider %s: removed idle consumer %s", self.provider, name)
 
     async def _reclaim(self) -> None:
         free = self.free_slots
@@ -345,9 +366,9 @@ class ProviderPool:
                 payload = orjson.dumps(result)
                 reply = None  # the reply is the result itself
         except BrokerError as e:
-            self._outcomes["failed"].inc()
-            log.info("job %s: upstream error %d: %s", job.id, e.http_status, e.message)
             if await start == b"ok":
+                self._outcomes["failed"].inc()
+                log.info("job %s: upstream error %d: %s", job.id, e.http_status, e.message)
                 await self._fail(job, entry_id, e)
             return
         finally:
