@@ -77,6 +77,9 @@ class ProviderConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     base_url: str
     #: File holding the upstream API key (a mounted secret); never inline.
     api_key_file: str | None = None
+    #: HTTP proxy for upstream calls (``http://[user:password@]host:port``), reached
+    #: with CONNECT; the proxy must allow CONNECT to the upstream's port.
+    proxy_url: str | None = None
     #: In-flight upstream calls per worker process.
     max_concurrency: int = 64
     #: Ingress answers 429 when the provider's queue holds this many jobs.

@@ -196,7 +196,9 @@ async def test_cancelling_a_call_closes_its_connection(server: Server) -> None:
     assert server.disconnects == 1
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl")
+
+
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
@@ -224,6 +226,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+@needs_openssl
 async def test_tls(server: Server, tmp_path: Path) -> None:
     cert, key = await asyncio.to_thread(_self_signed, tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -242,5 +245,112 @@ async def test_tls(server: Server, tmp_path: Path) -> None:
         untrusting = ConnectionPool(pool.origin, connect_timeout=2)
         with pytest.raises(ConnectError):
             await untrusting.request(_request(untrusting))
+    finally:
+        pool.close()
+
+
+class ConnectProxy:
+    """A minimal HTTP CONNECT proxy that relays bytes and records what it was asked."""
+
+    def __init__(self, require_auth: str | None = None) -> None:
+        self.require_auth = require_auth
+        self.targets: list[str] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for writer in self._writers:
+                writer.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        target = head.split("\r\n", 1)[0].split(" ", 2)[1]
+        self.targets.append(target)
+        if self.require_auth and f"Proxy-Authorization: {self.require_auth}" not in head:
+            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+            writer.close()
+            return
+        host, port = target.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        self._writers.append(up_writer)
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[ConnectProxy]:
+    p = ConnectProxy(require_auth="Basic dXNlcjpwQHNz")  # user:p@ss
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def test_plain_upstream_through_a_connect_proxy(server: Server, proxy: ConnectProxy) -> None:
+    await server.start(echo)
+    pool = ConnectionPool(
+        Origin.parse(f"http://127.0.0.1:{server.port}/v1"),
+        connect_timeout=2,
+        proxy_url=f"http://user:p%40ss@127.0.0.1:{proxy.port}",
+    )
+    try:
+        for _ in range(3):
+            resp = await pool.request(_request(pool, b"abc"))
+            assert resp.status == 200
+            assert b"/v1/chat" in await resp.read()
+        assert proxy.targets == [f"127.0.0.1:{server.port}"]  # one tunnel, kept alive
+    finally:
+        pool.close()
+
+
+async def test_proxy_refusal_is_a_connect_error(server: Server, proxy: ConnectProxy) -> None:
+    await server.start(echo)
+    pool = ConnectionPool(
+        Origin.parse(f"http://127.0.0.1:{server.port}"),
+        connect_timeout=2,
+        proxy_url=f"http://127.0.0.1:{proxy.port}",  # no credentials
+    )
+    with pytest.raises(ConnectError, match="HTTP 407"):
+        await pool.request(_request(pool))
+
+
+@needs_openssl
+async def test_tls_through_a_connect_proxy(
+    server: Server, proxy: ConnectProxy, tmp_path: Path
+) -> None:
+    cert, key = await asyncio.to_thread(_self_signed, tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    await server.start(echo, ssl_context=server_ctx)
+    pool = ConnectionPool(
+        Origin.parse(f"https://localhost:{server.port}/v1"),
+        connect_timeout=2,
+        ssl_context=ssl.create_default_context(cafile=str(cert)),
+        proxy_url=f"http://user:p%40ss@127.0.0.1:{proxy.port}",
+    )
+    try:
+        resp = await pool.request(_request(pool, b"secret"))
+        assert resp.status == 200
+        assert b"localhost:" in await resp.read()
+        assert proxy.targets == [f"localhost:{server.port}"]
     finally:
         pool.close()

@@ -42,7 +42,9 @@ class OpenAIUpstream:
         self.name = name
         self.cfg = cfg
         self._origin = Origin.parse(cfg.base_url)
-        self._pool = ConnectionPool(self._origin, connect_timeout=cfg.connect_timeout_s)
+        self._pool = ConnectionPool(
+            self._origin, connect_timeout=cfg.connect_timeout_s, proxy_url=cfg.proxy_url
+        )
         self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if cfg.api_key_file:
             key = Path(cfg.api_key_file).read_text().strip()
