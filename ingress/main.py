@@ -18,7 +18,9 @@ log = logging.getLogger("llm_broker.ingress")
 
 
 def pod_name(config: Config) -> str:
-    return config.pod_name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    """This process's reply stream name: the configured pod name (or the host
+    name), made unique per process so that two processes never share a stream."""
+    return f"{config.pod_name or socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 async def serve(config: Config, *, host: str | None = None, port: int | None = None) -> None:

@@ -6,7 +6,7 @@ the environment mapping passed to :func:`load_config` (never read elsewhere):
 
 * ``REDIS_URL`` overrides ``redis.url``;
 * ``LLM_BROKER_CONFIG`` names the config file when no path is given;
-* ``LLM_BROKER_POD`` names this process's reply stream (defaults to host + pid).
+* ``LLM_BROKER_POD`` is the first part of this process's reply stream name.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: Model name → route. A name ending in ``*`` matches every model with that prefix.
     models: dict[str, ModelRoute] = {}
     worker: WorkerConfig = WorkerConfig()
-    #: Name of this process's reply stream; unique per ingress process.
+    #: First part of each ingress process's reply stream name (pid and a random
+    #: suffix follow); the host name when empty.
     pod_name: str = ""
 
     def __post_init__(self) -> None:
