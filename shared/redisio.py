@@ -178,48 +178,60 @@ def connect(
 
 
 class Batcher:
-    """Sends the commands issued during one event-loop turn as one pipeline.
+    """Sends commands in pipelines, several callers' commands per round trip.
 
-    Hundreds of concurrent requests each needing one or two commands then cost a
-    handful of round trips instead of hundreds. Each caller gets its own result
-    (or exception).
+    While ``max_in_flight`` pipelines are on the wire, new commands wait and
+    leave together with the next one, as in Nagle's algorithm: an idle
+    process pays no delay, a busy one pays a fraction of a round trip and
+    sends one write instead of hundreds. Each caller gets its own result (or
+    exception) within ``timeout`` of its call, however long it waited.
     """
 
-    def __init__(self, client: aioredis.Redis, *, timeout: float) -> None:
+    def __init__(self, client: aioredis.Redis, *, timeout: float, max_in_flight: int = 1) -> None:
         self._client = client
         self._timeout = timeout
-        self._pending: list[tuple[Sequence[Any], asyncio.Future[Any]]] = []
+        self._max_in_flight = max_in_flight
+        self._pending: list[tuple[Sequence[Any], asyncio.Future[Any], float]] = []
+        self._runners = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            # The task's first step runs on the next loop turn: every command
-            # issued until then joins this batch.
+        self._pending.append((args, fut, loop.time()))
+        if self._runners < self._max_in_flight and len(self._pending) == 1:
+            # The runner's first step comes on the next loop turn: every
+            # command issued until then joins its first pipeline.
+            self._runners += 1
             task = loop.create_task(self._run_pending())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        self._pending.append((args, fut))
         return fut
 
     async def _run_pending(self) -> None:
-        batch, self._pending = self._pending, []
-        await self._run(batch)
-
-    async def _run(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]]) -> None:
         try:
-            async with asyncio.timeout(self._timeout):
-                results = await execute(self._client, [args for args, _ in batch])
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._run(batch)
+        finally:
+            self._runners -= 1
+
+    async def _run(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any], float]]) -> None:
+        budget = batch[0][2] + self._timeout - asyncio.get_running_loop().time()
+        try:
+            if budget <= 0:
+                raise TimeoutError("Redis did not answer in time")
+            async with asyncio.timeout(budget):
+                results = await execute(self._client, [args for args, _, _ in batch])
         except (Exception, asyncio.CancelledError) as e:  # every caller must hear of it
             err = e if isinstance(e, Exception) else ConnectionError("batch cancelled")
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(err)
             if isinstance(e, asyncio.CancelledError):
                 raise
             return
-        for (_, fut), result in zip(batch, results, strict=True):
+        for (_, fut, _), result in zip(batch, results, strict=True):
             if fut.done():
                 continue
             if isinstance(result, Exception):

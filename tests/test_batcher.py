@@ -1,0 +1,81 @@
+"""The Redis command batcher: pipelining under load, bounded waits when Redis hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, cast
+
+import pytest
+import redis.asyncio as aioredis
+
+from shared.redisio import Batcher
+
+
+class HeldRedis:
+    """Stands in for a Redis client: records each round trip, holds it until released."""
+
+    def __init__(self) -> None:
+        self.round_trips: list[list[tuple[Any, ...]]] = []
+        self.release = asyncio.Event()
+
+    async def _answer(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        self.round_trips.append(commands)
+        await self.release.wait()
+        return [c[1] for c in commands]  # "ECHO x" answers x
+
+    async def execute_command(self, *args: Any) -> Any:
+        return (await self._answer([args]))[0]
+
+    def pipeline(self, transaction: bool = False) -> _Pipeline:
+        return _Pipeline(self)
+
+
+class _Pipeline:
+    def __init__(self, owner: HeldRedis) -> None:
+        self._owner = owner
+        self._commands: list[tuple[Any, ...]] = []
+
+    async def __aenter__(self) -> _Pipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def execute_command(self, *args: Any) -> None:
+        self._commands.append(args)
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        return await self._owner._answer(self._commands)
+
+
+async def test_commands_issued_during_a_round_trip_share_the_next_one() -> None:
+    fake = HeldRedis()
+    batcher = Batcher(cast(aioredis.Redis, fake), timeout=5)
+    first = batcher.call("ECHO", "a")
+    await asyncio.sleep(0)  # the runner sends "a" on its own: nothing else is waiting
+    await asyncio.sleep(0)
+    assert fake.round_trips == [[("ECHO", "a")]]
+    later = [batcher.call("ECHO", str(i)) for i in range(50)]
+    fake.release.set()
+    assert await first == "a"
+    assert await asyncio.gather(*later) == [str(i) for i in range(50)]
+    assert len(fake.round_trips) == 2
+    assert len(fake.round_trips[1]) == 50
+    await batcher.close()
+
+
+async def test_every_call_fails_within_its_timeout_when_redis_hangs() -> None:
+    fake = HeldRedis()  # never released: Redis accepts commands and never answers
+    batcher = Batcher(cast(aioredis.Redis, fake), timeout=0.3)
+    started = time.monotonic()
+    first = batcher.call("ECHO", "a")
+    await asyncio.sleep(0.2)
+    second = batcher.call("ECHO", "b")  # waits behind the hung round trip
+    with pytest.raises(TimeoutError):
+        await first
+    with pytest.raises(TimeoutError):
+        await second
+    # The second call gave up 0.3 s after it was made, not 0.3 s after the first failed.
+    assert time.monotonic() - started < 0.2 + 0.3 + 0.15
+    await batcher.close()
