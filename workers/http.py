@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import unquote, urlsplit
@@ -292,7 +293,7 @@ class ConnectionPool:
         if self._proxy is not None:
             return await self._connect_through_proxy(self._proxy)
         loop = asyncio.get_running_loop()
-        try:
+        with _connect_errors(self.origin.host_header):
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
                     _Connection,
@@ -301,19 +302,13 @@ class ConnectionPool:
                     ssl=self._ssl,
                     server_hostname=self.origin.host if self._ssl else None,
                 )
-        except TimeoutError as e:
-            raise ConnectError(f"connect to {self.origin.host_header} timed out") from e
-        except OSError as e:
-            raise ConnectError(
-                f"cannot connect to {self.origin.host_header}: {e.strerror or e}"
-            ) from e
         return conn
 
     async def _connect_through_proxy(self, proxy: Origin) -> _Connection:
         """A tunnel through an HTTP proxy (CONNECT), with TLS inside it for https."""
         loop = asyncio.get_running_loop()
         target = self.origin.authority
-        try:
+        with _connect_errors(f"{target} through {proxy.host_header}"):
             async with asyncio.timeout(self._connect_timeout):
                 transport, handshake = await loop.create_connection(
                     _TunnelHandshake, proxy.host, proxy.port
@@ -341,12 +336,6 @@ class ConnectionPool:
                     transport.set_protocol(conn)
                 conn.connection_made(transport)
                 return conn
-        except TimeoutError as e:
-            raise ConnectError(f"connect to {target} through {proxy.host_header} timed out") from e
-        except OSError as e:
-            raise ConnectError(
-                f"cannot connect to {target} through {proxy.host_header}: {e}"
-            ) from e
 
     def release(self, conn: _Connection) -> None:
         if conn.reusable and len(self._idle) < self._max_idle:
@@ -357,6 +346,17 @@ class ConnectionPool:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
+
+
+@contextlib.contextmanager
+def _connect_errors(where: str) -> Iterator[None]:
+    """Turn a failed or timed-out connect into :class:`ConnectError`."""
+    try:
+        yield
+    except TimeoutError as e:
+        raise ConnectError(f"connect to {where} timed out") from e
+    except OSError as e:
+        raise ConnectError(f"cannot connect to {where}: {e.strerror or e}") from e
 
 
 def build_request(origin: Origin, path: str, body: bytes, headers: dict[str, str]) -> bytes:
