@@ -53,7 +53,6 @@ class ReplyRouter:
         self._waiters: dict[bytes, Waiter] = {}
         self._last_id = b"0-0"
         self.healthy = False
-        self._client: aioredis.Redis | None = None
 
     def register(self, job_id: str) -> Waiter:
         waiter = Waiter()
@@ -81,7 +80,6 @@ class ReplyRouter:
             max_connections=1,
             socket_timeout=block_ms / 1000 + self._cfg.redis.command_timeout_s,
         )
-        self._client = client
         next_refresh = next_trim = 0.0
         backoff = 0.05
         try:
