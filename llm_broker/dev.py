@@ -170,6 +170,3 @@ Ctrl-C stops everything.
             embedded.stop()
         shutil.rmtree(tmp, ignore_errors=True)
         print("llm-broker dev stopped", flush=True)
-
-
-__all__ = ["dev_config", "free_port", "run_dev"]

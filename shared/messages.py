@@ -67,16 +67,15 @@ class Job(msgspec.Struct, kw_only=True):
 job_encoder = msgspec.msgpack.Encoder()
 job_decoder = msgspec.msgpack.Decoder(Job)
 
-# Reply stream entries are flat: {i: job id, k: kind, d: data, s: http status}.
+# Reply stream entries are flat: {i: job id, k: kind, d: data, s: http status,
+# ra: Retry-After (errors only)}.
 REPLY_CHUNKS = b"c"  # d = SSE frames, ready to write to the client
 REPLY_RESULT = b"r"  # d = final body (JSON for plain calls, closing SSE frames for streams)
 REPLY_ERROR = b"e"  # d = OpenAI error object JSON, s = HTTP status
 
-# Job statuses; a job only moves forward.
+# Job statuses written from Python; a job only moves forward (queued -> in_progress ->
+# completed | failed | expired), which the scripts in shared/redisio.py enforce.
 QUEUED = "queued"
-IN_PROGRESS = "in_progress"
 COMPLETED = "completed"
 FAILED = "failed"
-CANCELLED = "cancelled"
 EXPIRED = "expired"
-FINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED, EXPIRED})
