@@ -11,7 +11,8 @@ import socket
 
 from aiohttp import web
 
-from ingress.app import STATE, create_app
+from ingress.app import create_app
+from ingress.common import STATE
 from shared.config import Config
 
 log = logging.getLogger("llm_broker.ingress")

@@ -1,4 +1,5 @@
-"""The ``llm-broker`` command: dev, ingress, worker, mock-upstream, keygen, check-config."""
+"""The ``llm-broker`` command: dev, ingress, worker, webhooks, mock-upstream, keygen,
+check-config."""
 
 from __future__ import annotations
 
@@ -64,6 +65,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from workers.webhooks import serve
+
+    _run(serve(_config(args), metrics_port=args.metrics_port))
+    return 0
+
+
 def cmd_mock(args: argparse.Namespace) -> int:
     from llm_broker.mock_upstream import run_from_args
 
@@ -121,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="serve every configured provider")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.set_defaults(func=cmd_worker)
+
+    p = with_config(sub.add_parser("webhooks", help="deliver webhooks (an arq worker)"))
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.set_defaults(func=cmd_webhooks)
 
     p = sub.add_parser("mock-upstream", help="run the mock OpenAI-compatible upstream")
     mock_upstream.add_arguments(p)

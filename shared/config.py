@@ -12,6 +12,7 @@ the environment mapping passed to :func:`load_config` (never read elsewhere):
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -120,13 +121,75 @@ class WorkerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
 
 
 class JobsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    #: How long a job record (status and result) is kept after it was created or finished.
+    #: How long a job record (status and result) is kept after it finished.
     result_ttl_s: float = 86_400.0
+    #: How long an Idempotency-Key maps to its job (never longer than the job is kept).
+    idempotency_ttl_s: float = 86_400.0
+    #: Seconds a client is told to wait (Retry-After) before polling an unfinished job again.
+    poll_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if self.result_ttl_s < 1 or self.idempotency_ttl_s < 1:
+            raise ValueError("result_ttl_s and idempotency_ttl_s must be at least 1 second")
+
+
+#: Delays between webhook delivery attempts: immediately, 5 s, 5 min, 30 min, 2 h,
+#: 5 h, 10 h, 14 h, 20 h, 24 h (the Standard Webhooks reference schedule).
+DEFAULT_RETRY_SCHEDULE = (
+    0.0,
+    5.0,
+    300.0,
+    1800.0,
+    7200.0,
+    18000.0,
+    36000.0,
+    50400.0,
+    72000.0,
+    86400.0,
+)
+
+
+class WebhooksConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    #: File with the signing secret(s) (``whsec_`` + base64), separated by whitespace;
+    #: while rotating, list the new and the old one: both sign.
+    secret_file: str | None = None
+    #: Tenant name → secret file, used instead of ``secret_file`` for that tenant.
+    tenant_secret_files: dict[str, str] = {}
+    #: Delay before each attempt, in seconds; the number of entries is the number of attempts.
+    retry_schedule_s: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    #: Each delay is spread by up to this fraction either way.
+    jitter: float = 0.1
+    #: Timeout of one delivery attempt.
+    timeout_s: float = 15.0
+    #: Longest Retry-After (on 429 or 503) honoured.
+    max_retry_after_s: float = 86_400.0
+    #: Webhook URLs may resolve to these networks even when they are private or
+    #: loopback (e.g. ``10.0.0.0/8`` for in-cluster receivers). Empty: public addresses only.
+    allow_cidrs: tuple[str, ...] = ()
+    #: Concurrent deliveries per webhooks process.
+    max_concurrency: int = 50
+    #: How often the delivery worker looks for due attempts.
+    poll_delay_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.retry_schedule_s or any(d < 0 for d in self.retry_schedule_s):
+            raise ValueError("retry_schedule_s needs at least one delay, none negative")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+        for cidr in self.allow_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as e:
+                raise ValueError(f"allow_cidrs: {e}") from e
+
+    def secret_file_for(self, tenant: str) -> str | None:
+        return self.tenant_secret_files.get(tenant, self.secret_file)
 
 
 class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     redis: RedisConfig = RedisConfig()
     jobs: JobsConfig = JobsConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     ingress: IngressConfig = IngressConfig()
     auth: AuthConfig = AuthConfig()
     providers: dict[str, ProviderConfig] = {}

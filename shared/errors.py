@@ -9,6 +9,7 @@
      ├── MethodNotAllowed        405    invalid_request_error
      ├── PayloadTooLarge         413    invalid_request_error
      ├── UnsupportedMediaType    415    invalid_request_error
+     ├── IdempotencyMismatch     422    invalid_request_error
      ├── QueueFull               429    rate_limit_error (with Retry-After)
      ├── UpstreamError           the upstream's status, or 502
      ├── Unavailable             503    service_unavailable (Redis unreachable, draining)
@@ -100,6 +101,12 @@ class UnsupportedMediaType(BrokerError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class IdempotencyMismatch(BrokerError):
+    status = 422
+    type = "invalid_request_error"
+    code = "idempotency_key_reused"
 
 
 class QueueFull(BrokerError):

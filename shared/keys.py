@@ -8,6 +8,8 @@ from __future__ import annotations
 
 #: Consumer group of every provider queue.
 GROUP = "workers"
+#: Consumer group of the webhook event stream.
+WEBHOOK_GROUP = "webhooks"
 
 
 class Keys:
@@ -29,3 +31,27 @@ class Keys:
     def reply(self, pod: str) -> str:
         """Stream of replies for the jobs whose client waits on one ingress process."""
         return f"{self.prefix}r:{pod}"
+
+    def idempotency(self, tenant: str, key: str) -> str:
+        """String holding the job id (and request hash) for a tenant's Idempotency-Key."""
+        return f"{self.prefix}idem:{tenant}:{key}"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        """Sorted set of a tenant's async jobs, scored by creation time (for listing)."""
+        return f"{self.prefix}jobs:{tenant}"
+
+    def webhook_events(self) -> str:
+        """Stream of finished jobs whose webhook is still to be delivered."""
+        return f"{self.prefix}wh:events"
+
+    def webhook_queue(self) -> str:
+        """The arq queue (sorted set) of webhook delivery attempts."""
+        return f"{self.prefix}wh:queue"
+
+    def webhook_attempt(self, job_id: str, attempt: int) -> str:
+        """arq job id of one delivery attempt; arq refuses a second job with the same id."""
+        return f"{self.prefix}wh:{job_id}:{attempt}"
+
+    def cancel_channel(self) -> str:
+        """Pub/sub channel on which job cancellations reach the worker running the job."""
+        return f"{self.prefix}cancel"

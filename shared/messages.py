@@ -40,6 +40,17 @@ class ChatRequest(msgspec.Struct):
 
 chat_request_decoder = msgspec.json.Decoder(ChatRequest)
 
+
+class JobSubmission(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /v1/jobs``."""
+
+    request: msgspec.Raw
+    webhook_url: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+job_submission_decoder = msgspec.json.Decoder(JobSubmission)
+
 # ---------------------------------------------------------------- queue messages
 
 
@@ -73,9 +84,19 @@ REPLY_CHUNKS = b"c"  # d = SSE frames, ready to write to the client
 REPLY_RESULT = b"r"  # d = final body (JSON for plain calls, closing SSE frames for streams)
 REPLY_ERROR = b"e"  # d = OpenAI error object JSON, s = HTTP status
 
-# Job statuses written from Python; a job only moves forward (queued -> in_progress ->
-# completed | failed | expired), which the scripts in shared/redisio.py enforce.
+# Job statuses; a job only moves forward (queued -> in_progress -> completed |
+# failed | cancelled | expired), which the scripts in shared/redisio.py enforce.
 QUEUED = "queued"
+IN_PROGRESS = "in_progress"
 COMPLETED = "completed"
 FAILED = "failed"
+CANCELLED = "cancelled"
 EXPIRED = "expired"
+STATUSES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, EXPIRED)
+FINAL_STATUSES = frozenset((COMPLETED, FAILED, CANCELLED, EXPIRED))
+
+#: The error of a job whose deadline passed before it could run.
+DEADLINE_ERROR = (
+    b'{"error":{"message":"the request deadline passed before a worker could run it",'
+    b'"type":"timeout","param":null,"code":"deadline_exceeded"}}'
+)

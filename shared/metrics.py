@@ -111,3 +111,27 @@ class WorkerMetrics:
         self.redis_errors = Counter(
             "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
         )
+
+
+class WebhookMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.deliveries = Counter(
+            "llm_broker_webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, retrying, failed, disabled)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.delivery_seconds = Histogram(
+            "llm_broker_webhook_delivery_duration_seconds",
+            "Duration of webhook delivery attempts",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.events = Counter(
+            "llm_broker_webhook_events",
+            "Finished jobs handed to webhook delivery",
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
+        )

@@ -143,9 +143,16 @@ class Procs:
         )
         return child, found.group(1)
 
-    def worker(self, config: Path, *args: str) -> Child:
+    def worker(self, config: Path, *args: str, providers: list[str] | None = None) -> Child:
+        which = [f"--provider={p}" for p in providers] if providers else ["--all"]
         child, _ = self.start(
-            "worker", python_cmd("worker", "--all", "--config", str(config), *args), r"worker ready"
+            "worker", python_cmd("worker", *which, "--config", str(config), *args), r"worker ready"
+        )
+        return child
+
+    def webhooks(self, config: Path, *args: str) -> Child:
+        child, _ = self.start(
+            "webhooks", python_cmd("webhooks", "--config", str(config), *args), r"webhooks ready"
         )
         return child
 

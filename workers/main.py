@@ -12,12 +12,40 @@ import socket
 from prometheus_client import CollectorRegistry, start_http_server
 
 from shared.config import Config
+from shared.keys import Keys
 from shared.metrics import WorkerMetrics
-from shared.redisio import Batcher, connect
+from shared.redisio import REDIS_DOWN, Batcher, connect
 from workers.pool import ProviderPool
 from workers.upstream import make_upstream
 
 log = logging.getLogger("llm_broker.worker")
+
+
+async def listen_for_cancels(config: Config, pools: list[ProviderPool]) -> None:
+    """Abort the upstream call of every job cancelled while this process runs it."""
+    channel = Keys(config.redis.key_prefix).cancel_channel()
+    backoff = 0.1
+    while True:
+        client = connect(config.redis, max_connections=1)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+            backoff = 0.1
+            while True:
+                message = await pubsub.get_message(timeout=None)
+                if message is None:
+                    continue
+                job_id = message["data"].decode()
+                for pool in pools:
+                    if pool.cancel(job_id):
+                        log.info("job %s: cancelled; aborting its upstream call", job_id)
+        except REDIS_DOWN as e:
+            log.warning("cancel channel: %s; resubscribing in %.1fs", e, backoff)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await client.aclose()
+        await asyncio.sleep(backoff)  # back off while Redis is unreachable
+        backoff = min(backoff * 2, 2.0)
 
 
 def consumer_name() -> str:
@@ -59,6 +87,7 @@ async def serve(
     ]
     tasks = [loop.create_task(pool.read_loop()) for pool in pools]
     tasks += [loop.create_task(pool.maintain_loop()) for pool in pools]
+    cancels = loop.create_task(listen_for_cancels(config, pools))
     if ready_line:
         print(f"worker ready consumer={consumer} providers={','.join(providers)}", flush=True)
     stopped = loop.create_task(stop.wait())
@@ -85,9 +114,10 @@ async def serve(
     for pool in pools:
         await pool.abandon()
     stopped.cancel()
+    cancels.cancel()
     for t in tasks:
         t.cancel()
-    await asyncio.gather(stopped, *tasks, return_exceptions=True)
+    await asyncio.gather(stopped, cancels, *tasks, return_exceptions=True)
     for pool in pools:
         pool.upstream.close()
     await batcher.close()

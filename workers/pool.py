@@ -60,12 +60,14 @@ class ProviderPool:
         self.metrics = metrics
         self.result_ttl = int(config.jobs.result_ttl_s)
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        #: Upstream calls in progress, by job id (cancellation aborts them).
+        self._runs: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._in_flight = metrics.in_flight.labels(provider)
         self._outcomes = {
             outcome: metrics.jobs.labels(provider, outcome)
-            for outcome in ("completed", "failed", "expired", "dead_lettered")
+            for outcome in ("completed", "failed", "expired", "cancelled", "dead_lettered")
         }
         self._queue_wait = metrics.queue_wait_seconds.labels(provider)
         self._upstream_seconds = metrics.upstream_seconds.labels(provider)
@@ -154,6 +156,7 @@ class ProviderPool:
             try:
                 async with asyncio.timeout(self.cfg.redis.command_timeout_s * 4):
                     await self._refresh_leases()
+                    await self._abort_finished()
                     await self._reclaim()
                     if time.monotonic() >= next_forget:
                         await self._forget_dead_consumers()
@@ -198,6 +201,24 @@ class ProviderPool:
         ids = [p["message_id"] for p in owned if p["message_id"].decode() in self._jobs]
         if ids:
             await self.redis.xclaim(self.queue, GROUP, self.consumer, 0, ids, justid=True)
+
+    async def _abort_finished(self) -> None:
+        """Abort calls whose job was made final elsewhere (cancelled, expired).
+
+        Cancellations also arrive on a pub/sub channel at once; this catches
+        those sent while this worker was not subscribed.
+        """
+        running = list(self._runs)
+        if not running:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in running:
+                pipe.hget(self.keys.job(job_id), "status")
+            statuses = await pipe.execute()
+        for job_id, status in zip(running, statuses, strict=True):
+            if status is not None and status.decode() in (m.CANCELLED, m.EXPIRED):
+                if self.cancel(job_id):
+                    log.info("job %s: %s elsewhere; aborting its call", job_id, status.decode())
 
     async def _forget_dead_consumers(self) -> None:
         """Remove consumers of dead workers once they hold nothing and sat idle long enough.
@@ -274,15 +295,18 @@ class ProviderPool:
             return
         start = self.batcher.call(
             *START.command(
-                (self.keys.job(job.id),), (time.time(), self.wcfg.max_deliveries, deliveries)
+                (self.keys.job(job.id), self.keys.webhook_events()),
+                (time.time(), self.wcfg.max_deliveries, deliveries, job.id, self.result_ttl),
             )
         )
-        # A first delivery within its deadline starts its upstream call while the
-        # start script runs: one Redis round trip less on every request. The call
-        # is aborted if the script says the job must not run (cancelled, expired).
+        # A first delivery of a job whose client waits, within its deadline, starts
+        # its upstream call while the start script runs: one Redis round trip less
+        # on every request. The call is aborted if the script says the job must not
+        # run (cancelled, expired). A job nobody waits on (async) starts only after
+        # the script said so: a job cancelled while queued never reaches the upstream.
         run: asyncio.Task[None] | None = None
-        if deliveries == 1 and job.deadline > time.time():
-            run = asyncio.get_running_loop().create_task(self._run(job, entry_id, start))
+        if deliveries == 1 and job.reply_to and job.deadline > time.time():
+            run = self._start_run(job, entry_id, start)
         try:
             verdict = await start
         except REDIS_DOWN as e:
@@ -293,7 +317,19 @@ class ProviderPool:
                 await asyncio.gather(run, return_exceptions=True)
             return
         if verdict == b"ok":
-            await (run if run is not None else self._run(job, entry_id, start))
+            if run is None:
+                run = self._start_run(job, entry_id, start)
+            try:
+                await run
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                # Only the upstream call was cancelled: the job was cancelled (or
+                # made final elsewhere); its record says so already. Close the entry.
+                self._outcomes["cancelled"].inc()
+                log.info("job %s: cancelled; upstream call aborted", job.id)
+                await self._settle(job, entry_id)
             return
         if run is not None:
             run.cancel()
@@ -318,10 +354,26 @@ class ProviderPool:
                     entry_id,
                     http_status=504,
                     reply_kind=m.REPLY_ERROR,
-                    reply_data=_deadline_error(),
+                    reply_data=m.DEADLINE_ERROR,
                 )
             case _:  # already final, or its record expired: nothing to do
                 await self._settle(job, entry_id)
+
+    def _start_run(
+        self, job: m.Job, entry_id: str, start: asyncio.Future[Any]
+    ) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._run(job, entry_id, start))
+        self._runs[job.id] = task
+        task.add_done_callback(lambda _t: self._runs.pop(job.id, None))
+        return task
+
+    def cancel(self, job_id: str) -> bool:
+        """Abort the upstream call of ``job_id`` if this pool runs it."""
+        run = self._runs.get(job_id)
+        if run is None or run.done():
+            return False
+        run.cancel()
+        return True
 
     async def _run(self, job: m.Job, entry_id: str, start: asyncio.Future[Any]) -> None:
         """Call the upstream; record and send the outcome once ``start`` said "ok"."""
@@ -335,7 +387,7 @@ class ProviderPool:
                     entry_id,
                     status=m.EXPIRED,
                     field="error",
-                    payload=_deadline_error(),
+                    payload=m.DEADLINE_ERROR,
                     http_status=504,
                     reply_kind=m.REPLY_ERROR,
                 )
@@ -471,7 +523,7 @@ class ProviderPool:
         job_key = self.keys.job(job.id) if job else self.queue
         reply_to = job.reply_to if job and job.reply_to else self.queue
         settle = SETTLE.command(
-            (job_key, self.queue, reply_to),
+            (job_key, self.queue, reply_to, self.keys.webhook_events()),
             (
                 GROUP,
                 entry_id,
@@ -603,10 +655,3 @@ def _response_id(job: m.Job) -> str:
 
 def _frame(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-def _deadline_error() -> bytes:
-    return (
-        b'{"error":{"message":"the request deadline passed before a worker could run it",'
-        b'"type":"timeout","param":null,"code":"deadline_exceeded"}}'
-    )

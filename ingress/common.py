@@ -1,0 +1,173 @@
+"""What the ingress handlers share: the app state, body decoding, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from ingress.auth import Authenticator
+from ingress.ids import JobIds
+from ingress.replies import ReplyRouter
+from shared import messages as m
+from shared.config import Config, Router
+from shared.errors import (
+    BadRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from shared.keys import Keys
+from shared.metrics import IngressMetrics
+from shared.redisio import REDIS_DOWN, Batcher
+from shared.ssrf import Network
+
+_PARAM_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+
+@dataclass
+class State:
+    config: Config
+    router: Router
+    auth: Authenticator
+    keys: Keys
+    redis: aioredis.Redis
+    batcher: Batcher
+    replies: ReplyRouter
+    registry: CollectorRegistry
+    metrics: IngressMetrics
+    #: Networks webhook URLs may point to although they are not public.
+    webhook_allow: tuple[Network, ...] = ()
+    draining: bool = False
+    ids: JobIds = field(default_factory=JobIds)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+STATE = web.AppKey("state", State)
+
+
+def json_response(
+    obj: object, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(obj),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+
+
+async def read_json_body(request: web.Request, limit: int) -> bytes:
+    ctype = request.headers.get("Content-Type")
+    if ctype is not None and request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {request.content_type!r}"
+        )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise too_large(limit) from e
+
+
+def decode_chat(raw: bytes) -> m.ChatRequest:
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        req = m.chat_request_decoder.decode(raw)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        found = _PARAM_RE.search(text)
+        param = found.group(1) if found and found.group(1) else None
+        if "missing required field `messages`" in text:
+            param = "messages"
+        elif "missing required field `model`" in text:
+            param = "model"
+        raise BadRequest(f"invalid request: {text}", param=param) from e
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"malformed JSON body: {e}", code="invalid_json") from e
+    if not req.messages:
+        raise BadRequest("'messages' must contain at least one message", param="messages")
+    return req
+
+
+def request_timeout(request: web.Request, state: State) -> float:
+    cfg = state.config.ingress
+    raw = request.headers.get("X-Request-Timeout")
+    if raw is None:
+        return cfg.request_timeout_s
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= cfg.max_request_timeout_s:
+        raise BadRequest(
+            f"X-Request-Timeout must be a number of seconds in (0, {cfg.max_request_timeout_s:g}]",
+            param="X-Request-Timeout",
+        )
+    return seconds
+
+
+def new_job(request: web.Request, state: State, tenant: str, raw: bytes, *, reply_to: str) -> m.Job:
+    """Validate a chat request body and make it a job for the provider it routes to."""
+    req = decode_chat(raw)
+    route = state.router.route(req.model)
+    if route is None:
+        raise ModelNotFound(f"the model {req.model!r} does not exist", param="model")
+    # Only routed names become metric labels: unknown names cannot grow the series.
+    request["model"] = req.model
+    request["provider"] = route.provider
+    timeout = request_timeout(request, state)
+    now = time.time()
+    job = m.Job(
+        id=state.ids.next(),
+        tenant=tenant,
+        provider=route.provider,
+        model=req.model,
+        upstream_model=route.upstream_model,
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        reply_to=reply_to,
+        deadline=now + timeout,
+        created=now,
+        body=raw,
+        traceparent=request.headers.get("traceparent", ""),
+    )
+    request["job_id"] = job.id
+    return job
+
+
+async def call_redis(state: State, what: str, provider: str, *command: Any) -> Any:
+    """One command through the batcher; "Redis unreachable" becomes a 503."""
+    try:
+        # The batcher bounds the call by redis.command_timeout_s.
+        return await state.batcher.call(*command)
+    except REDIS_DOWN as e:
+        state.metrics.redis_errors.labels(what).inc()
+        if provider:
+            state.metrics.rejected.labels(provider, "redis_unavailable").inc()
+        raise Unavailable(
+            "the queue is unavailable; retry shortly", headers={"Retry-After": "1"}
+        ) from e
+
+
+def queue_full(state: State, provider: str) -> QueueFull:
+    state.metrics.rejected.labels(provider, "queue_full").inc()
+    return QueueFull(
+        f"the queue for provider {provider!r} is full; retry later",
+        headers={"Retry-After": str(state.config.ingress.queue_full_retry_after_s)},
+    )

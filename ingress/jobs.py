@@ -1,0 +1,321 @@
+"""The jobs API: async submission, polling, listing and cancellation.
+
+An async job is an ordinary queued job without a waiting client: its result
+lands in its record, which the owner polls (``GET /v1/jobs/{id}``) or receives
+by webhook. A job belongs to its tenant; every other tenant gets 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import web
+
+from ingress.common import (
+    STATE,
+    State,
+    call_redis,
+    json_response,
+    new_job,
+    queue_full,
+    read_json_body,
+)
+from shared import messages as m
+from shared.errors import BadRequest, IdempotencyMismatch, NotFound
+from shared.jobs import Record, is_final, job_object, record_from_pairs
+from shared.redisio import CANCEL, SUBMIT, job_fields
+from shared.ssrf import BlockedURL, check_url
+
+MAX_IDEMPOTENCY_KEY = 255
+MAX_METADATA_KEYS = 16
+MAX_METADATA_VALUE = 512
+MAX_LIST_LIMIT = 100
+_MAX_LIST_PAGES = 10
+
+
+def prefers_async(request: web.Request) -> bool:
+    """True if the ``Prefer`` header asks for ``respond-async`` (RFC 7240)."""
+    for header in request.headers.getall("Prefer", ()):
+        for pref in header.split(","):
+            if pref.split(";", 1)[0].strip().lower() == "respond-async":
+                return True
+    return False
+
+
+async def post_job(request: web.Request) -> web.Response:
+    """``POST /v1/jobs``: ``{"request": <chat body>, "webhook_url"?, "metadata"?}``."""
+    state = request.app[STATE]
+    tenant = state.auth.tenant(request.headers.get("Authorization"))
+    raw = await read_json_body(request, state.config.ingress.max_body_bytes)
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        sub = m.job_submission_decoder.decode(raw)
+    except msgspec.ValidationError as e:
+        raise BadRequest(f"invalid job: {e}") from e
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"malformed JSON body: {e}", code="invalid_json") from e
+    return await submit(
+        request,
+        state,
+        tenant,
+        bytes(sub.request),
+        raw,
+        webhook_url=sub.webhook_url,
+        metadata=sub.metadata,
+    )
+
+
+def _check_metadata(metadata: dict[str, str]) -> None:
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise BadRequest(f"metadata holds at most {MAX_METADATA_KEYS} keys", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > 64 or len(value) > MAX_METADATA_VALUE:
+            raise BadRequest(
+                f"metadata keys are at most 64 characters and values at most "
+                f"{MAX_METADATA_VALUE}; {key[:64]!r} is longer",
+                param="metadata",
+            )
+
+
+async def _check_webhook(state: State, tenant: str, url: str) -> None:
+    if state.config.webhooks.secret_file_for(tenant) is None:
+        raise BadRequest(
+            "webhooks are not configured: no signing secret (webhooks.secret_file)",
+            param="webhook_url",
+        )
+    try:
+        await check_url(url, state.webhook_allow)
+    except BlockedURL as e:
+        raise BadRequest(str(e), param="webhook_url", code="invalid_webhook_url") from e
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise BadRequest(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+            param="Idempotency-Key",
+        )
+    return key
+
+
+def _request_hash(request: web.Request, raw: bytes) -> str:
+    """A hash of what was asked: the endpoint and the body, key order ignored."""
+    canonical = orjson.dumps(orjson.loads(raw), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(request.path.encode() + b"\n" + canonical).hexdigest()
+
+
+def _accepted(
+    state: State, request: web.Request, job_id: str, rec: Record, replayed: bool = False
+) -> web.Response:
+    headers = {
+        "Location": f"/v1/jobs/{job_id}",
+        "X-Request-Id": job_id,
+        "Retry-After": str(state.config.jobs.poll_after_s),
+    }
+    if prefers_async(request) and request.path == "/v1/chat/completions":
+        headers["Preference-Applied"] = "respond-async"
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(job_object(job_id, rec), 202, headers)
+
+
+async def submit(
+    request: web.Request,
+    state: State,
+    tenant: str,
+    chat_body: bytes,
+    raw: bytes,
+    *,
+    webhook_url: str | None,
+    metadata: dict[str, str] | None,
+) -> web.Response:
+    """Queue ``chat_body`` as an async job and answer 202 with the job object.
+
+    ``raw`` is the whole request body, which an Idempotency-Key is bound to.
+    """
+    job = new_job(request, state, tenant, chat_body, reply_to="")
+    idem = _idempotency_key(request)
+    if metadata:
+        _check_metadata(metadata)
+    if webhook_url is not None:
+        await _check_webhook(state, tenant, webhook_url)
+    jobs_cfg = state.config.jobs
+    ttl = int(job.deadline - job.created + jobs_cfg.result_ttl_s)
+    fields = job_fields(job)
+    if metadata:
+        fields += ["metadata", msgspec.json.encode(metadata)]
+    if webhook_url is not None:
+        fields += ["webhook_url", webhook_url, "webhook_status", "pending", "webhook_attempts", 0]
+    keys = state.keys
+    idem_key = keys.idempotency(tenant, idem) if idem is not None else keys.job(job.id)
+    request_hash = _request_hash(request, raw) if idem is not None else ""
+    if idem is not None:
+        fields += ["idem_key", idem_key]
+    command = SUBMIT.command(
+        (keys.queue(job.provider), keys.job(job.id), idem_key, keys.tenant_jobs(tenant)),
+        (
+            state.config.providers[job.provider].max_queue_depth,
+            m.job_encoder.encode(job),
+            ttl,
+            "1" if idem is not None else "0",
+            f"{request_hash} {job.id}",
+            min(ttl, int(jobs_cfg.idempotency_ttl_s)),
+            job.id,
+            job.created,
+            keys.job(""),
+            *fields,
+        ),
+    )
+    answer = await call_redis(state, "enqueue", job.provider, *command)
+    match answer[0]:
+        case b"ok":
+            rec = {
+                str(fields[i]).encode(): str(fields[i + 1]).encode()
+                for i in range(0, len(fields), 2)
+            }
+            if metadata:
+                rec[b"metadata"] = msgspec.json.encode(metadata)
+            return _accepted(state, request, job.id, rec)
+        case b"full":
+            raise queue_full(state, job.provider)
+        case _:  # b"dup": the key was used before
+            seen_hash, _, seen_id = answer[1].decode().partition(" ")
+            if seen_hash != request_hash:
+                raise IdempotencyMismatch(
+                    "this Idempotency-Key was used with a different request; "
+                    "use a new key for a new request",
+                    param="Idempotency-Key",
+                )
+            request["job_id"] = seen_id
+            return _accepted(state, request, seen_id, record_from_pairs(answer[2]), replayed=True)
+
+
+async def _owned_record(state: State, tenant: str, job_id: str) -> Record:
+    """The record of the caller's job ``job_id``; 404 for a missing or foreign job."""
+    rec: Record = await call_redis(state, "jobs", "", "HGETALL", state.keys.job(job_id))
+    if not rec or rec.get(b"tenant", b"").decode() != tenant:
+        raise NotFound(f"no job with id {job_id!r}", code="job_not_found")
+    return rec
+
+
+def _job_response(state: State, job_id: str, rec: Record) -> web.Response:
+    headers = {} if is_final(rec) else {"Retry-After": str(state.config.jobs.poll_after_s)}
+    return json_response(job_object(job_id, rec), headers=headers)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    tenant = state.auth.tenant(request.headers.get("Authorization"))
+    job_id = request.match_info["job_id"]
+    return _job_response(state, job_id, await _owned_record(state, tenant, job_id))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a job that is not final yet; a final job is returned as it is."""
+    state = request.app[STATE]
+    tenant = state.auth.tenant(request.headers.get("Authorization"))
+    job_id = request.match_info["job_id"]
+    keys = state.keys
+    answer = await call_redis(
+        state,
+        "jobs",
+        "",
+        *CANCEL.command(
+            (keys.job(job_id), keys.webhook_events()),
+            (
+                time.time(),
+                tenant,
+                int(state.config.jobs.result_ttl_s),
+                keys.cancel_channel(),
+                job_id,
+            ),
+        ),
+    )
+    if answer[0] == b"gone":
+        raise NotFound(f"no job with id {job_id!r}", code="job_not_found")
+    return _job_response(state, job_id, record_from_pairs(answer[1]))
+
+
+def _list_params(request: web.Request) -> tuple[str | None, int, str | None]:
+    query = request.query
+    status = query.get("status") or None
+    if status is not None and status not in m.STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(m.STATUSES)}", param="status")
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}", param="limit")
+    return status, limit, query.get("after") or None
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """The caller's async jobs, newest first; ``after`` is the last id of the previous page."""
+    state = request.app[STATE]
+    tenant = state.auth.tenant(request.headers.get("Authorization"))
+    status, limit, after = _list_params(request)
+    index = state.keys.tenant_jobs(tenant)
+    start = 0
+    if after is not None:
+        rank = await call_redis(state, "jobs", "", "ZREVRANK", index, after)
+        if rank is None:
+            raise BadRequest(f"after: no job with id {after!r}", param="after")
+        start = rank + 1
+    data: list[dict[str, Any]] = []
+    # One more than asked tells whether there is a next page. A status filter
+    # may skip many jobs: it scans a bounded number of pages.
+    page = limit + 1 if status is None else MAX_LIST_LIMIT
+    exhausted = False
+    for _ in range(_MAX_LIST_PAGES):
+        ids: list[bytes] = await call_redis(
+            state, "jobs", "", "ZREVRANGE", index, start, start + page - 1
+        )
+        exhausted = len(ids) < page
+        records = await _records(state, [i.decode() for i in ids])
+        gone = []
+        for raw_id, rec in zip(ids, records, strict=True):
+            if not rec:  # expired: dropped from the index below
+                gone.append(raw_id)
+                continue
+            start += 1
+            if status is None or rec.get(b"status", b"").decode() == status:
+                data.append(job_object(raw_id.decode(), rec))
+                if len(data) > limit:
+                    break
+        if gone:
+            await call_redis(state, "jobs", "", "ZREM", index, *gone)
+        if exhausted or len(data) > limit:
+            break
+    has_more = len(data) > limit or not exhausted
+    data = data[:limit]
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": has_more,
+        }
+    )
+
+
+async def _records(state: State, job_ids: list[str]) -> list[Record]:
+    """The records of ``job_ids`` (empty for an expired one), in one batch."""
+    results = await asyncio.gather(
+        *(call_redis(state, "jobs", "", "HGETALL", state.keys.job(i)) for i in job_ids),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
