@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 import yaml
+from aiohttp import web
 
 from llm_broker.dev import free_port
 from llm_broker.procs import Child, python_cmd
@@ -246,3 +248,49 @@ async def wait_in_flight(http: aiohttp.ClientSession, mock_url: str, count: int 
 
 def chat(model: str = "gpt-4o-mini", content: str = "Hello there", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver: answers each path with scripted statuses, then 200."""
+
+    url: str = ""
+    script: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
+    got: dict[str, list[Delivery]] = field(default_factory=dict)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = await request.read()
+        self.got.setdefault(name, []).append(Delivery(dict(request.headers), body, time.time()))
+        planned = self.script.get(name)
+        status, headers = planned.pop(0) if planned else (200, {})
+        return web.Response(status=status, headers=headers)
+
+    async def deliveries(self, name: str, count: int) -> list[Delivery]:
+        async def arrived() -> list[Delivery] | None:
+            got = self.got.get(name, [])
+            return got if len(got) >= count else None
+
+        return await eventually(arrived, what=f"{count} webhook deliveries to {name}")
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    app = web.Application()
+    rec = Receiver()
+    app.router.add_post("/hook/{name}", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    rec.url = f"http://127.0.0.1:{port}/hook"
+    yield rec
+    await runner.cleanup()

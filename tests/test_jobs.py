@@ -7,12 +7,11 @@ with the ``standardwebhooks`` library.
 
 from __future__ import annotations
 
-import base64
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,69 +20,28 @@ import openai
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from llm_broker.dev import free_port
 from shared.config import new_key
 from shared.keys import Keys
-from tests.conftest import Procs, RedisServer, chat, mock_stats, wait_in_flight, write_config
-from tests.helpers import eventually
+from tests.conftest import (
+    ConfigFactory,
+    Delivery,
+    Procs,
+    Receiver,
+    RedisServer,
+    chat,
+    mock_stats,
+    wait_in_flight,
+    write_config,
+)
+from tests.helpers import eventually, new_secret
 
 KEY_A, HASH_A = new_key()
 KEY_B, HASH_B = new_key()
 AUTH_A = {"Authorization": f"Bearer {KEY_A}"}
 AUTH_B = {"Authorization": f"Bearer {KEY_B}"}
-
-
-def new_secret() -> str:
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-
-
-@dataclass
-class Delivery:
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver: answers each path with scripted statuses, then 200."""
-
-    url: str = ""
-    script: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
-    got: dict[str, list[Delivery]] = field(default_factory=dict)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        body = await request.read()
-        self.got.setdefault(name, []).append(Delivery(dict(request.headers), body, time.time()))
-        planned = self.script.get(name)
-        status, headers = planned.pop(0) if planned else (200, {})
-        return web.Response(status=status, headers=headers)
-
-    async def deliveries(self, name: str, count: int) -> list[Delivery]:
-        async def arrived() -> list[Delivery] | None:
-            got = self.got.get(name, [])
-            return got if len(got) >= count else None
-
-        return await eventually(arrived, what=f"{count} webhook deliveries to {name}")
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    app = web.Application()
-    rec = Receiver()
-    app.router.add_post("/hook/{name}", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    rec.url = f"http://127.0.0.1:{port}/hook"
-    yield rec
-    await runner.cleanup()
 
 
 @dataclass
@@ -659,3 +617,37 @@ async def test_webhook_urls_to_internal_addresses_are_refused(
     assert status == 400
     assert err["error"]["param"] == "webhook_url"
     assert err["error"]["code"] == "invalid_webhook_url"
+
+
+async def test_a_job_past_its_ttl_answers_404_and_leaves_no_keys(
+    stack: Stack,
+    http: aiohttp.ClientSession,
+    procs: Procs,
+    make_config: ConfigFactory,
+    prefix: str,
+    rclient: aioredis.Redis,
+) -> None:
+    config = make_config(stack.mock_url, jobs={"result_ttl_s": 1, "idempotency_ttl_s": 60})
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    headers = {"Idempotency-Key": "expiring", "X-Request-Timeout": "2"}
+    async with http.post(f"{url}/v1/jobs", json={"request": chat()}, headers=headers) as r:
+        assert r.status == 202
+        job = await r.json()
+    await wait_status(http, url, job["id"], "completed")
+
+    async def gone() -> bool:
+        async with http.get(f"{url}/v1/jobs/{job['id']}") as r:
+            return r.status == 404
+
+    await eventually(gone, what="the job to expire")
+    keys = Keys(prefix)
+    # What stays belongs to the processes, not to the job: the queue and the
+    # ingress's reply stream.
+    own = {keys.queue("mock").encode(), keys.reply("").encode()}
+
+    async def no_keys() -> list[bytes] | None:
+        left = [k async for k in rclient.scan_iter(match=f"{prefix}*")]
+        return None if [k for k in left if not k.startswith(tuple(own))] else left
+
+    await eventually(no_keys, what="every key of the job to expire")

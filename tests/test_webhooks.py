@@ -1,0 +1,230 @@
+"""Webhook signing, the arq serializer, URL checks and one delivery attempt in-process.
+
+The delivery tests run the real deliverer against the session's Redis and a
+receiver on 127.0.0.1, with a resolver that answers like a DNS server under an
+attacker's control would: a public-looking name that resolves to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.abc import AbstractResolver, ResolveResult
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from prometheus_client import CollectorRegistry
+from standardwebhooks.webhooks import Webhook
+
+from shared.config import parse_config
+from shared.jobs import event_body, job_object
+from shared.keys import Keys
+from shared.metrics import WebhookMetrics
+from shared.ssrf import BlockedURL, check_url, networks
+from tests.conftest import Receiver, RedisServer
+from tests.helpers import new_secret
+from workers.webhooks import (
+    Deliverer,
+    deserialize,
+    parse_secret,
+    retry_after_seconds,
+    serialize,
+    signature,
+)
+
+EVIL_NAME = "hooks.example-public.com"
+
+
+class _EvilResolver(AbstractResolver):
+    """Resolves every name to 127.0.0.1."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def _evil_resolve(host: str, port: int) -> list[str]:
+    return ["127.0.0.1"]
+
+
+def test_signatures_verify_with_the_standard_webhooks_library() -> None:
+    old, new = new_secret(), new_secret()
+    body = b'{"type":"job.completed"}'
+    ts = int(time.time())
+    header = signature([parse_secret(new), parse_secret(old)], "msg_1", ts, body)
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(ts), "webhook-signature": header}
+    for secret in (old, new):
+        assert Webhook(secret).verify(body, headers) == {"type": "job.completed"}
+
+
+@pytest.mark.parametrize("bad", ["abc", "whsec_", "whsec_!!notbase64", "whsec_c2hvcnQ="])
+def test_malformed_secrets_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="secret"):
+        parse_secret(bad)
+
+
+def test_arq_jobs_round_trip_through_msgspec_and_exceptions_become_text() -> None:
+    job = {"t": 1, "f": "deliver", "a": ["abc"], "k": {}, "et": 123}
+    assert deserialize(serialize(job)) == job
+    result = deserialize(serialize({"r": RuntimeError("boom"), "s": False}))
+    assert result == {"r": "RuntimeError('boom')", "s": False}
+
+
+def test_retry_after_takes_seconds_and_http_dates() -> None:
+    assert retry_after_seconds("120") == 120.0
+    in_a_minute = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
+    parsed = retry_after_seconds(in_a_minute)
+    assert parsed is not None and 55 <= parsed <= 61
+    assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+
+
+def test_an_event_carries_the_job_with_its_result() -> None:
+    rec = {
+        b"status": b"completed",
+        b"model": b"m",
+        b"created_at": b"1700000000.5",
+        b"completed_at": b"1700000001.25",
+        b"result": b'{"object":"chat.completion"}',
+        b"webhook_url": b"https://example.com/h",
+    }
+    event = msgspec.json.decode(event_body("abc", rec))
+    assert event["type"] == "job.completed"
+    assert event["timestamp"] == "2023-11-14T22:13:21.250000Z"
+    assert event["data"] == msgspec.json.decode(msgspec.json.encode(job_object("abc", rec)))
+    assert event["data"]["result"] == {"object": "chat.completion"}
+    assert event["data"]["webhook"]["status"] == "pending"
+
+
+async def test_a_public_looking_name_that_resolves_to_loopback_is_refused() -> None:
+    with pytest.raises(BlockedURL, match="not a public address"):
+        await check_url(f"https://{EVIL_NAME}/hook", (), _evil_resolve)
+    allowed = await check_url(f"https://{EVIL_NAME}/hook", networks(["127.0.0.0/8"]), _evil_resolve)
+    assert allowed == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://100.100.100.200/",  # a cloud metadata service outside link-local
+        "http://[fd00:ec2::254]/",
+        "http://224.0.0.1/",
+        "http://0.0.0.0/",
+        "http://user:pw@example.com/",
+        "http:///nohost",
+    ],
+)
+async def test_more_internal_urls_are_refused(url: str) -> None:
+    with pytest.raises(BlockedURL):
+        await check_url(url, (), _evil_resolve)
+
+
+@pytest.fixture
+async def arq_pool(redis_up: RedisServer) -> AsyncIterator[ArqRedis]:
+    pool = await create_pool(
+        RedisSettings.from_dsn(redis_up.url), job_serializer=serialize, job_deserializer=deserialize
+    )
+    yield pool
+    await pool.aclose()
+
+
+async def _deliverer(
+    tmp_path: Path,
+    redis_up: RedisServer,
+    prefix: str,
+    rclient: aioredis.Redis,
+    arq_pool: ArqRedis,
+    receiver: Receiver,
+    allow: list[str],
+) -> tuple[Deliverer, str, str]:
+    secret = new_secret()
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(secret)
+    config = parse_config(
+        {
+            "redis": {"url": redis_up.url, "key_prefix": prefix},
+            "webhooks": {
+                "secret_file": str(secret_file),
+                "retry_schedule_s": [0],
+                "allow_cidrs": allow,
+            },
+        }
+    )
+    deliverer = Deliverer(
+        config, rclient, arq_pool, WebhookMetrics(CollectorRegistry()), _EvilResolver()
+    )
+    port = receiver.url.split(":")[2].split("/")[0]
+    fields: dict[str, Any] = {
+        "tenant": "default",
+        "status": "completed",
+        "model": "mock",
+        "created_at": time.time(),
+        "completed_at": time.time(),
+        "result": b'{"object":"chat.completion"}',
+        "webhook_url": f"http://{EVIL_NAME}:{port}/hook/rebind",
+        "webhook_status": "pending",
+        "webhook_attempts": 0,
+    }
+    await rclient.hset(Keys(prefix).job("j1"), mapping=fields)  # type: ignore[misc]
+    await rclient.expire(Keys(prefix).job("j1"), 60)
+    return deliverer, "j1", secret
+
+
+async def test_delivery_refuses_a_name_that_now_resolves_to_loopback(
+    tmp_path: Path,
+    redis_up: RedisServer,
+    prefix: str,
+    rclient: aioredis.Redis,
+    arq_pool: ArqRedis,
+    receiver: Receiver,
+) -> None:
+    deliverer, job_id, _ = await _deliverer(
+        tmp_path, redis_up, prefix, rclient, arq_pool, receiver, allow=[]
+    )
+    try:
+        assert await deliverer.deliver(job_id) == "failed"
+    finally:
+        await deliverer.close()
+    job = job_object(job_id, await rclient.hgetall(Keys(prefix).job(job_id)))  # type: ignore[misc]
+    assert job["webhook"]["status"] == "failed"
+    assert "not a public address" in job["webhook"]["last_error"]
+    assert receiver.got == {}
+
+
+async def test_delivery_reaches_an_allowed_address_signed(
+    tmp_path: Path,
+    redis_up: RedisServer,
+    prefix: str,
+    rclient: aioredis.Redis,
+    arq_pool: ArqRedis,
+    receiver: Receiver,
+) -> None:
+    deliverer, job_id, secret = await _deliverer(
+        tmp_path, redis_up, prefix, rclient, arq_pool, receiver, allow=["127.0.0.0/8"]
+    )
+    try:
+        assert await deliverer.deliver(job_id) == "delivered"
+        assert await deliverer.deliver(job_id) == "done"  # a second run sends nothing
+    finally:
+        await deliverer.close()
+    [delivery] = receiver.got["rebind"]
+    assert delivery.headers["Host"].startswith(EVIL_NAME)
+    event = Webhook(secret).verify(delivery.body, delivery.headers)
+    assert event["data"]["id"] == job_id and event["data"]["status"] == "completed"
