@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import secrets
 import shutil
 import signal
 import socket
@@ -25,10 +27,12 @@ def free_port() -> int:
         return port
 
 
-def dev_config(mock_url: str) -> dict[str, Any]:
+def dev_config(mock_url: str, webhook_secret_file: str) -> dict[str, Any]:
     """The default dev config: open (no keys), every ``mock*`` and two familiar
-    names routed to the mock provider, room for hundreds of concurrent calls."""
+    names routed to the mock provider, room for hundreds of concurrent calls,
+    webhooks signed with a secret made for this run (to public addresses only)."""
     return {
+        "webhooks": {"secret_file": webhook_secret_file},
         "providers": {
             "mock": {
                 "type": "mock",
@@ -118,9 +122,14 @@ def run_dev(*, port: int, config_path: str | None, env: Mapping[str, str]) -> in
             mock = Child("mock", python_cmd("mock-upstream", "--port", "0"), child_env, echo=True)
             children.append(mock)
             mock_port = mock.wait_for(r"listening on http://[\d.]+:(\d+)", 30).group(1)
+            secret_file = tmp / "webhook-secret"
+            secret_file.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
             cfg_file = tmp / "dev-config.yaml"
             cfg_file.write_text(
-                yaml.safe_dump(dev_config(f"http://127.0.0.1:{mock_port}/v1"), sort_keys=False)
+                yaml.safe_dump(
+                    dev_config(f"http://127.0.0.1:{mock_port}/v1", str(secret_file)),
+                    sort_keys=False,
+                )
             )
         config = load_config(str(cfg_file), child_env)
 
@@ -135,6 +144,18 @@ def run_dev(*, port: int, config_path: str | None, env: Mapping[str, str]) -> in
             echo=True,
         )
         children.append(ingress)
+        if embedded is None:
+            webhooks = Child(
+                "webhooks", python_cmd("webhooks", "--config", str(cfg_file)), child_env, echo=True
+            )
+            children.append(webhooks)
+            webhooks.wait_for(r"webhooks ready", 30)
+            webhook_line = "webhooks: delivered by an arq worker"
+            if config.webhooks.secret_file:
+                webhook_line += f" (signing secret in {config.webhooks.secret_file})"
+        else:
+            # arq needs Redis's INFO command, which the embedded Redis lacks.
+            webhook_line = "webhooks: not delivered on the embedded Redis (install redis-server)"
         worker.wait_for(r"worker ready", 30)
         url = ingress.wait_for(r"listening on (http://\S+)", 30).group(1)
         model = next((n for n in config.models if not n.endswith("*")), "mock")
@@ -144,6 +165,7 @@ llm-broker dev is running
   gateway:  {url}   (OpenAI-compatible: {url}/v1)
   redis:    {where}
   models:   {", ".join(config.models)}
+  {webhook_line}
 
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'

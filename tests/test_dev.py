@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from llm_broker.dev import free_port
 from llm_broker.procs import Child, python_cmd
 from tests.conftest import chat
+from tests.helpers import eventually
 
 
 def _descendants(pid: int) -> set[int]:
@@ -56,6 +58,17 @@ async def _run_dev(env: dict[str, str], http: aiohttp.ClientSession, concurrent:
             assert resp.status == 200
             body = await resp.json()
         assert body["choices"][0]["message"]["content"]
+        async with http.post(f"{url}/v1/jobs", json={"request": chat()}) as resp:
+            assert resp.status == 202
+            job_id = (await resp.json())["id"]
+
+        async def completed() -> dict[str, Any] | None:
+            async with http.get(f"{url}/v1/jobs/{job_id}") as resp:
+                job: dict[str, Any] = await resp.json()
+            return job if job["status"] == "completed" else None
+
+        job = await eventually(completed, what="the async job to complete")
+        assert job["result"]["choices"][0]["message"] == body["choices"][0]["message"]
         if concurrent:
             await _burst(url, concurrent)
         spawned = _descendants(dev.pid)
@@ -102,6 +115,7 @@ async def test_dev_runs_everything_and_stops_cleanly_on_sigint(
         pytest.skip("redis-server not installed")
     output = await _run_dev(_env(), http, concurrent=300)
     assert "redis-server on port" in output
+    assert "webhooks: delivered by an arq worker (signing secret in" in output
 
 
 async def test_dev_without_redis_server_uses_the_embedded_one(
