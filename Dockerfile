@@ -34,7 +34,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 RUN groupadd --system --gid 10001 llmb \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
-      --home-dir /nonexistent --shell /usr/sbin/nologin llmb
+      --home-dir /nonexistent --shell /usr/sbin/nologin llmb \
+ && install -d -o 10001 -g 10001 -m 0700 /secrets
 
 COPY --from=build /opt/venv /opt/venv
 

@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from llm_broker import mock_upstream
-from shared.config import Config, ConfigError, load_config, new_key
+from shared.config import Config, ConfigError, load_config, new_key, new_webhook_secret
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
@@ -93,6 +93,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhook_secret(args: argparse.Namespace) -> int:
+    print(new_webhook_secret())
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
     print(
@@ -141,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keygen", help="print a new API key and the config entry for its hash")
     p.add_argument("--tenant", default="default")
     p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("webhook-secret", help="print a new webhook signing secret")
+    p.set_defaults(func=cmd_webhook_secret)
 
     p = with_config(sub.add_parser("check-config", help="validate a config file"))
     p.set_defaults(func=cmd_check_config)

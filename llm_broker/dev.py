@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import secrets
 import shutil
 import signal
 import socket
@@ -17,7 +15,7 @@ from typing import Any
 import yaml
 
 from llm_broker.procs import Child, python_cmd
-from shared.config import load_config
+from shared.config import load_config, new_webhook_secret
 
 
 def free_port() -> int:
@@ -123,7 +121,7 @@ def run_dev(*, port: int, config_path: str | None, env: Mapping[str, str]) -> in
             children.append(mock)
             mock_port = mock.wait_for(r"listening on http://[\d.]+:(\d+)", 30).group(1)
             secret_file = tmp / "webhook-secret"
-            secret_file.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+            secret_file.write_text(new_webhook_secret())
             cfg_file = tmp / "dev-config.yaml"
             cfg_file.write_text(
                 yaml.safe_dump(

@@ -11,6 +11,7 @@ the environment mapping passed to :func:`load_config` (never read elsewhere):
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import secrets
@@ -215,6 +216,11 @@ def new_key() -> tuple[str, str]:
     """A new random API key and its hash."""
     key = "sk-llmb-" + secrets.token_urlsafe(32)
     return key, hash_key(key)
+
+
+def new_webhook_secret() -> str:
+    """A new webhook signing secret: ``whsec_`` and base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -72,8 +71,3 @@ async def job_record(client: aioredis.Redis, prefix: str, job_id: str) -> dict[s
 async def job_status(client: aioredis.Redis, prefix: str, job_id: str) -> str:
     status: bytes | None = await client.hget(Keys(prefix).job(job_id), "status")  # type: ignore[misc]
     return status.decode() if status else ""
-
-
-def new_secret() -> str:
-    """A new webhook signing secret."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()

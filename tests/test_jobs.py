@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from llm_broker.dev import free_port
-from shared.config import new_key
+from shared.config import new_key, new_webhook_secret
 from shared.keys import Keys
 from tests.conftest import (
     ConfigFactory,
@@ -36,7 +36,7 @@ from tests.conftest import (
     wait_in_flight,
     write_config,
 )
-from tests.helpers import eventually, new_secret
+from tests.helpers import eventually
 
 KEY_A, HASH_A = new_key()
 KEY_B, HASH_B = new_key()
@@ -69,9 +69,9 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
         _, parked_url = procs.mock()
         prefix = "jobs-shared:"
         secret_a = tmp / "secret-a"
-        secret_a.write_text(new_secret())
+        secret_a.write_text(new_webhook_secret())
         secret_all = tmp / "secret-all"
-        secret_all.write_text(new_secret())
+        secret_all.write_text(new_webhook_secret())
         common: dict[str, Any] = dict(
             auth={
                 "keys": [
@@ -497,7 +497,7 @@ async def test_webhooks_are_signed_and_verify_through_a_secret_rotation(
     stack: Stack, http: aiohttp.ClientSession, receiver: Receiver
 ) -> None:
     old = stack.secret_a.read_text().strip()
-    new = new_secret()
+    new = new_webhook_secret()
     hook = f"{receiver.url}/rotation"
 
     async def deliver_one(n: int) -> Delivery:

@@ -266,3 +266,9 @@ def test_job_ids_are_128_bit_hex_and_unique() -> None:
     seen = {ids.next() for _ in range(1000)}  # spans several pages of randomness
     assert len(seen) == 1000
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in seen)
+
+
+@pytest.mark.parametrize("path", ["deploy/config.example.yaml", "deploy/compose/config.yaml"])
+def test_the_shipped_configs_load(path: str) -> None:
+    config = load_config(str(Path(__file__).parent.parent / path), {})
+    assert config.providers and config.webhooks.secret_file

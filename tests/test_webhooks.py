@@ -21,13 +21,12 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from prometheus_client import CollectorRegistry
 from standardwebhooks.webhooks import Webhook
 
-from shared.config import parse_config
+from shared.config import new_webhook_secret, parse_config
 from shared.jobs import event_body, job_object
 from shared.keys import Keys
 from shared.metrics import WebhookMetrics
 from shared.ssrf import BlockedURL, check_url, networks
 from tests.conftest import Receiver, RedisServer
-from tests.helpers import new_secret
 from workers.webhooks import (
     Deliverer,
     deserialize,
@@ -66,7 +65,7 @@ async def _evil_resolve(host: str, port: int) -> list[str]:
 
 
 def test_signatures_verify_with_the_standard_webhooks_library() -> None:
-    old, new = new_secret(), new_secret()
+    old, new = new_webhook_secret(), new_webhook_secret()
     body = b'{"type":"job.completed"}'
     ts = int(time.time())
     header = signature([parse_secret(new), parse_secret(old)], "msg_1", ts, body)
@@ -154,7 +153,7 @@ async def _deliverer(
     receiver: Receiver,
     allow: list[str],
 ) -> tuple[Deliverer, str, str]:
-    secret = new_secret()
+    secret = new_webhook_secret()
     secret_file = tmp_path / "secret"
     secret_file.write_text(secret)
     config = parse_config(
