@@ -178,13 +178,7 @@ async def submit(
     answer = await call_redis(state, "enqueue", job.provider, *command)
     match answer[0]:
         case b"ok":
-            rec = {
-                str(fields[i]).encode(): str(fields[i + 1]).encode()
-                for i in range(0, len(fields), 2)
-            }
-            if metadata:
-                rec[b"metadata"] = msgspec.json.encode(metadata)
-            return _accepted(state, request, job.id, rec)
+            return _accepted(state, request, job.id, _record(fields))
         case b"full":
             raise queue_full(state, job.provider)
         case _:  # b"dup": the key was used before
@@ -197,6 +191,12 @@ async def submit(
                 )
             request["job_id"] = seen_id
             return _accepted(state, request, seen_id, record_from_pairs(answer[2]), replayed=True)
+
+
+def _record(fields: list[Any]) -> Record:
+    """The record that a flat field/value list written to Redis makes."""
+    as_bytes = [v if isinstance(v, bytes) else str(v).encode() for v in fields]
+    return record_from_pairs(as_bytes)
 
 
 async def _owned_record(state: State, tenant: str, job_id: str) -> Record:

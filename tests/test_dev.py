@@ -81,6 +81,9 @@ async def _run_dev(env: dict[str, str], http: aiohttp.ClientSession, concurrent:
         assert "curl http://127.0.0.1" in output
         assert "llm-broker dev stopped" in output
         return output
+    except BaseException:
+        print(dev.output())  # shown by pytest for a failed test
+        raise
     finally:
         dev.stop()
 

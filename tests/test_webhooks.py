@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,15 +145,31 @@ async def arq_pool(redis_up: RedisServer) -> AsyncIterator[ArqRedis]:
     await pool.aclose()
 
 
-async def _deliverer(
+@dataclass
+class Setup:
+    """A deliverer for the job ``j1`` whose webhook URL names EVIL_NAME."""
+
+    deliverer: Deliverer
+    job_id: str
+    secret: str
+    rclient: aioredis.Redis
+    prefix: str
+
+    async def job(self) -> dict[str, Any]:
+        rec = await self.rclient.hgetall(Keys(self.prefix).job(self.job_id))  # type: ignore[misc]
+        return job_object(self.job_id, rec)
+
+
+@pytest.fixture
+async def setup(
     tmp_path: Path,
     redis_up: RedisServer,
     prefix: str,
     rclient: aioredis.Redis,
     arq_pool: ArqRedis,
     receiver: Receiver,
-    allow: list[str],
-) -> tuple[Deliverer, str, str]:
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Setup]:
     secret = new_webhook_secret()
     secret_file = tmp_path / "secret"
     secret_file.write_text(secret)
@@ -162,7 +179,7 @@ async def _deliverer(
             "webhooks": {
                 "secret_file": str(secret_file),
                 "retry_schedule_s": [0],
-                "allow_cidrs": allow,
+                "allow_cidrs": request.param,
             },
         }
     )
@@ -183,46 +200,26 @@ async def _deliverer(
     }
     await rclient.hset(Keys(prefix).job("j1"), mapping=fields)  # type: ignore[misc]
     await rclient.expire(Keys(prefix).job("j1"), 60)
-    return deliverer, "j1", secret
+    yield Setup(deliverer, "j1", secret, rclient, prefix)
+    await deliverer.close()
 
 
+@pytest.mark.parametrize("setup", [[]], indirect=True)
 async def test_delivery_refuses_a_name_that_now_resolves_to_loopback(
-    tmp_path: Path,
-    redis_up: RedisServer,
-    prefix: str,
-    rclient: aioredis.Redis,
-    arq_pool: ArqRedis,
-    receiver: Receiver,
+    setup: Setup, receiver: Receiver
 ) -> None:
-    deliverer, job_id, _ = await _deliverer(
-        tmp_path, redis_up, prefix, rclient, arq_pool, receiver, allow=[]
-    )
-    try:
-        assert await deliverer.deliver(job_id) == "failed"
-    finally:
-        await deliverer.close()
-    job = job_object(job_id, await rclient.hgetall(Keys(prefix).job(job_id)))  # type: ignore[misc]
+    assert await setup.deliverer.deliver(setup.job_id) == "failed"
+    job = await setup.job()
     assert job["webhook"]["status"] == "failed"
     assert "not a public address" in job["webhook"]["last_error"]
     assert receiver.got == {}
 
 
-async def test_delivery_reaches_an_allowed_address_signed(
-    tmp_path: Path,
-    redis_up: RedisServer,
-    prefix: str,
-    rclient: aioredis.Redis,
-    arq_pool: ArqRedis,
-    receiver: Receiver,
-) -> None:
-    deliverer, job_id, secret = await _deliverer(
-        tmp_path, redis_up, prefix, rclient, arq_pool, receiver, allow=["127.0.0.0/8"]
-    )
-    try:
-        assert await deliverer.deliver(job_id) == "delivered"
-        assert await deliverer.deliver(job_id) == "done"  # a second run sends nothing
-    finally:
-        await deliverer.close()
+@pytest.mark.parametrize("setup", [["127.0.0.0/8"]], indirect=True)
+async def test_delivery_reaches_an_allowed_address_signed(setup: Setup, receiver: Receiver) -> None:
+    assert await setup.deliverer.deliver(setup.job_id) == "delivered"
+    assert await setup.deliverer.deliver(setup.job_id) == "done"  # a second run sends nothing
+    secret, job_id = setup.secret, setup.job_id
     [delivery] = receiver.got["rebind"]
     assert delivery.headers["Host"].startswith(EVIL_NAME)
     event = Webhook(secret).verify(delivery.body, delivery.headers)
