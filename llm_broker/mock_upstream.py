@@ -1,26 +1,87 @@
-"""Fast, deterministic, OpenAI-compatible mock LLM upstream.
+"""Fast, deterministic mock LLM upstream: OpenAI, Azure OpenAI and Anthropic wire formats.
 
 Built directly on asyncio protocols (uvloop when available) and ``httptools`` so that
 it can serve tens of thousands of requests per second on a single core; benchmarks
-then measure the gateway rather than the mock.
+then measure the gateway rather than the mock. The response builders of the non-OpenAI
+formats live in :mod:`llm_broker.mock_formats`.
 
-Behaviour of ``POST /v1/chat/completions`` is controlled (in increasing priority) by
-the server defaults, by tokens in the model name and by an optional ``"mock"`` body
-field::
+Model calls (a trailing ``/`` and the query string are ignored, except Azure's)::
+
+    POST /v1/chat/completions   (or /chat/completions)   OpenAI chat
+    POST /v1/embeddings         (or /embeddings)         OpenAI embeddings
+    POST /v1/messages           (or /messages)           Anthropic Messages
+    POST /openai/deployments/{deployment}/chat/completions?api-version=V   Azure chat
+    POST /openai/deployments/{deployment}/embeddings?api-version=V         Azure embeddings
+
+Behaviour of every model call is controlled (in increasing priority) by the server
+defaults, by tokens in the model name (Azure: the deployment name) and by an optional
+``"mock"`` body field::
 
     mock                      defaults
     mock-slow                 latency_ms = 2000
     mock-latency-1000         latency_ms = 1000   (also ``lat``)
     mock-chunks-20-delay-50   20 words, 50 ms between stream chunks
     mock-error-429            HTTP 429 (+ Retry-After) after latency_ms
+    mock-retryafter-5         the Retry-After of 429 / 503 / 529 errors (default 1)
     mock-failafter-3          stream: close the connection after 3 content chunks
 
     {"mock": {"latency_ms": .., "chunks": .., "chunk_delay_ms": .., "error": ..,
               "fail_after": .., "retry_after": ..}}
 
 Content is deterministic: ``seed = zlib.crc32(text of the last message)`` (text parts of
-a multi-part content are joined with single spaces) and word ``k`` is
-``WORDS[(seed + k) % len(WORDS)]``. Usage counts whitespace-separated words.
+a multi-part content are joined with single spaces; Anthropic: the text blocks, or the
+tool_result blocks' text when there are any) and word ``k`` is
+``WORDS[(seed + k) % len(WORDS)]``. Usage counts whitespace-separated words (Anthropic:
+``system`` included); ``max_tokens`` / ``max_completion_tokens`` below the word count
+shorten the answer (``finish_reason: "length"``, Anthropic ``stop_reason: "max_tokens"``).
+
+Anthropic Messages: ``max_tokens`` is required (400 ``invalid_request_error``). The answer
+is ``{"id": "msg_mock_N", "type": "message", "content": [{"type": "text", ..}],
+"stop_reason": "end_turn", "usage": {"input_tokens", "output_tokens"}, ..}``; with
+``"stream": true`` the events are those of the real API: ``message_start`` (input
+tokens), ``content_block_start``, ``ping``, one ``content_block_delta`` (``text_delta``)
+per word, ``content_block_stop``, ``message_delta`` (stop_reason, output tokens),
+``message_stop``.
+
+Tool calls: when the request has ``tools``, ``tool_choice`` is not none and the last
+message is not a tool result (OpenAI: role ``tool``; Anthropic: a ``tool_result`` block),
+the answer is one call of the first tool (or of the forced one) with the arguments
+``{"<param>": "<first word of the last message>"}`` (``<param>``: the schema's first
+required property, else its first property, else ``query``); finish_reason
+``tool_calls`` / stop_reason ``tool_use``, usage 2 completion tokens. Streamed: OpenAI
+sends the id and name first, then the arguments in two ``tool_calls`` deltas; Anthropic
+a ``tool_use`` content_block_start and two ``input_json_delta`` pieces. After a tool
+result the answer is text, seeded from the result's text.
+
+Azure: the deployment name is the model (the body's ``model`` is ignored) and the answer
+carries it; without ``api-version`` the answer is Azure's 404 ``{"error": {"code": "404",
+"message": "Resource not found"}}``.
+
+Errors come in the API's own shape: OpenAI ``{"error": {"message", "type", "param",
+"code"}}`` (Azure: ``code`` is the status as a string), Anthropic ``{"type": "error",
+"error": {"type": "rate_limit_error" | "api_error" | "overloaded_error" | ..,
+"message"}}``. Streaming requests get them as plain JSON too.
+
+Control endpoints (not model calls)::
+
+    GET  /health, GET /v1/models (or /models)
+    GET  /mock/stats    counters, JSON (below)
+    POST /mock/reset    zero the counters, clear the recorded history and /mock/fail
+    POST /mock/fail     {"status": 500, "times": 3, "retry_after": "2",
+                         "retry_after_ms": 1500, "body": ..}  -> {"status", "failures_left"}
+        the next ``times`` model calls (any API; -1: until cleared; 0: clear now; default
+        1) answer ``status`` at once (no latency, no behaviour) with exactly the given
+        ``Retry-After`` / ``retry-after-ms`` headers and ``body`` (a string is sent as
+        text/plain, other JSON as JSON) or else the API's error object.
+
+``GET /mock/stats``: ``calls``, ``completed``, ``disconnects``, ``in_flight``,
+``peak_in_flight``; ``auth_seen`` (every credential header value of any request but
+``/mock/*``, as always); for model calls ``authorization_seen`` (``Authorization``),
+``api_key_seen`` (Azure ``api-key``), ``x_api_key_seen`` (Anthropic ``x-api-key``) and
+``models_seen`` (the last 100 each), ``api_version_seen`` (the last Azure api-version
+or ``anthropic-version`` header, else null), ``call_times`` (``time.time()`` of the last
+1000 arrivals), ``calls_by_path`` (``{"/v1/messages": n, ..}``, path without query) and
+``failures_left`` (of ``/mock/fail``).
 
 Run standalone: ``python -m llm_broker.mock_upstream --port 9000``.
 """
@@ -30,31 +91,61 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import http
 import itertools
+import math
 import signal
 import sys
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, cast
+from time import time as _now
+from typing import Any, Final, cast
 
 import httptools
 import orjson
 
+from llm_broker.mock_formats import (
+    A_DELTA_FIRST,
+    A_DELTA_REST,
+    ANTHROPIC,
+    AZURE,
+    AZURE_CHAT,
+    AZURE_NOT_FOUND,
+    AZURE_PREFIX,
+    CHUNKED_END,
+    JSON_CT,
+    NWORDS,
+    OPENAI,
+    TEXT_CT,
+    WORDS,
+    anthropic_json_delta,
+    anthropic_message,
+    anthropic_stream_end,
+    anthropic_stream_start,
+    anthropic_text,
+    anthropic_tool,
+    content_text,
+    error_response,
+    frame,
+    injected_response,
+    openai_tool,
+    openai_tool_completion,
+    openai_tool_stream,
+    parse_azure,
+    response,
+    stream_head,
+    tool_arguments,
+)
+
 __all__ = ["WORDS", "MockDefaults", "MockState", "main", "run", "start_server"]
 
-WORDS: tuple[str, ...] = (
-    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy",
-    "dog", "while", "bright", "stars", "shine", "above", "quiet", "hills",
-    "and", "gentle", "rivers", "flow", "past", "old", "stone", "bridges",
-    "under", "soft", "silver", "light", "of", "early", "morning", "sun",
-)  # fmt: skip
-_NWORDS = len(WORDS)
-
 _AUTH_HISTORY = 100
+_CALL_HISTORY = 1000
+_MAX_PATHS = 1000  # distinct calls_by_path keys; later new paths count under "<other>"
+_OTHER_PATH = b"<other>"
 _MODEL_CACHE_MAX = 4096
 _MAX_CHUNKS = 100_000
+_TOOL_TOKENS = 2  # completion tokens of a tool call (one per arguments piece)
 
 
 @dataclass(frozen=True)
@@ -65,9 +156,28 @@ class MockDefaults:
 
 
 class MockState:
-    """Per-server counters (exposed as JSON by ``GET /mock/stats``)."""
+    """Per-server counters and history (exposed as JSON by ``GET /mock/stats``)."""
 
-    __slots__ = ("auth_seen", "calls", "completed", "disconnects", "in_flight", "peak_in_flight")
+    __slots__ = (
+        "api_key_seen",
+        "api_version_seen",
+        "auth_seen",
+        "authorization_seen",
+        "call_times",
+        "calls",
+        "completed",
+        "disconnects",
+        "fail_body",
+        "fail_ctype",
+        "fail_headers",
+        "fail_status",
+        "failures_left",
+        "in_flight",
+        "models_seen",
+        "path_counts",
+        "peak_in_flight",
+        "x_api_key_seen",
+    )
 
     def __init__(self) -> None:
         self.calls = 0
@@ -76,6 +186,23 @@ class MockState:
         self.completed = 0
         self.disconnects = 0
         self.auth_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
+        self.authorization_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
+        self.api_key_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
+        self.x_api_key_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
+        self.api_version_seen: str | None = None
+        self.models_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
+        self.call_times: collections.deque[float] = collections.deque(maxlen=_CALL_HISTORY)
+        self.path_counts: dict[bytes, int] = {}  # raw path -> model calls
+        # POST /mock/fail: the remaining failures (-1: unlimited) and the answer.
+        self.failures_left = 0
+        self.fail_status = 500
+        self.fail_headers = b""
+        self.fail_body: bytes | None = None
+        self.fail_ctype = JSON_CT
+
+    @property
+    def calls_by_path(self) -> dict[str, int]:
+        return {k.decode("latin-1"): v for k, v in self.path_counts.items()}
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -85,33 +212,55 @@ class MockState:
             "completed": self.completed,
             "disconnects": self.disconnects,
             "auth_seen": list(self.auth_seen),
+            "authorization_seen": list(self.authorization_seen),
+            "api_key_seen": list(self.api_key_seen),
+            "x_api_key_seen": list(self.x_api_key_seen),
+            "api_version_seen": self.api_version_seen,
+            "models_seen": list(self.models_seen),
+            "call_times": list(self.call_times),
+            "calls_by_path": self.calls_by_path,
+            "failures_left": self.failures_left,
         }
 
+    def set_failure(
+        self, status: int, times: int, headers: bytes, body: bytes | None, ctype: bytes
+    ) -> None:
+        """Answer the next ``times`` model calls (-1: all) with ``status``."""
+        self.failures_left = times
+        self.fail_status = status
+        self.fail_headers = headers
+        self.fail_body = body
+        self.fail_ctype = ctype
+
+    def clear_failure(self) -> None:
+        self.set_failure(500, 0, b"", None, JSON_CT)
+
     def reset(self) -> None:
-        """Zero the counters. ``in_flight`` is a live gauge and is kept (peak := current)."""
+        """Zero the counters, clear the history and the injected failures. ``in_flight``
+        is a live gauge and is kept (peak := current)."""
         self.calls = 0
         self.completed = 0
         self.disconnects = 0
         self.peak_in_flight = self.in_flight
         self.auth_seen.clear()
+        self.authorization_seen.clear()
+        self.api_key_seen.clear()
+        self.x_api_key_seen.clear()
+        self.api_version_seen = None
+        self.models_seen.clear()
+        self.call_times.clear()
+        self.path_counts.clear()
+        self.clear_failure()
 
 
 # --------------------------------------------------------------------------- constants
 
-_CRLF = b"\r\n"
-_JSON_CT = b"application/json"
-_CLOSE_HDR = b"Connection: close\r\n"
-_STREAM_HEAD = (
-    b"HTTP/1.1 200 OK\r\n"
-    b"Content-Type: text/event-stream\r\n"
-    b"Cache-Control: no-cache\r\n"
-    b"Transfer-Encoding: chunked\r\n"
-)
-_CHUNKED_END = b"0\r\n\r\n"
-_DONE_EVENT = b"data: [DONE]\n\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_DONE_EVENT = b"data: [DONE]\n\n"
 
-_AUTH_HEADERS = frozenset((b"authorization", b"x-api-key", b"api-key"))
+_ANTHROPIC_VERSION = b"anthropic-version"
+# Request headers recorded in the stats; all but anthropic-version also go to auth_seen.
+_CAPTURED_HEADERS = frozenset((b"authorization", b"x-api-key", b"api-key", _ANTHROPIC_VERSION))
 
 _MODELS_BODY = orjson.dumps(
     {
@@ -124,6 +273,8 @@ _EMPTY_BODY = b"{}"
 
 _CHAT_PATHS = frozenset((b"/v1/chat/completions", b"/chat/completions"))
 _EMBED_PATHS = frozenset((b"/v1/embeddings", b"/embeddings"))
+_MESSAGES_PATHS = frozenset((b"/v1/messages", b"/messages"))
+_TOOL_ROLES = frozenset(("tool", "function"))
 
 # Stream deltas for each word, first position (no leading space) and later positions.
 _DELTA_FIRST: tuple[bytes, ...] = tuple(orjson.dumps({"content": w}) for w in WORDS)
@@ -132,58 +283,7 @@ _DELTA_ROLE = b'{"role":"assistant","content":""}'
 _FINISH_NULL = b',"finish_reason":null}]}\n\n'
 _FINISH_STOP = b'{},"finish_reason":"stop"}]}\n\n'
 _FINISH_LENGTH = b'{},"finish_reason":"length"}]}\n\n'
-
-_status_lines: dict[int, bytes] = {}
-
-
-def _status_line(status: int) -> bytes:
-    line = _status_lines.get(status)
-    if line is None:
-        try:
-            phrase = http.HTTPStatus(status).phrase
-        except ValueError:
-            phrase = "Error"
-        line = b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode("ascii"))
-        _status_lines[status] = line
-    return line
-
-
-def _response(
-    status: int, body: bytes, keep_alive: bool, ctype: bytes = _JSON_CT, extra: bytes = b""
-) -> bytes:
-    return b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
-        _status_line(status),
-        ctype,
-        len(body),
-        extra,
-        b"" if keep_alive else _CLOSE_HDR,
-        body,
-    )
-
-
-def _error_type(status: int) -> str:
-    if status == 400:
-        return "invalid_request_error"
-    if status == 429:
-        return "rate_limit_error"
-    if 500 <= status <= 599:
-        return "server_error"
-    return "api_error"
-
-
-def _error_body(status: int, message: str) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": _error_type(status), "param": None, "code": None}}
-    )
-
-
-def _error_response(
-    status: int, message: str, keep_alive: bool, retry_after: str | None = None
-) -> bytes:
-    extra = b""
-    if status in (429, 503):
-        extra = b"Retry-After: %s\r\n" % (retry_after or "1").encode("latin-1")
-    return _response(status, _error_body(status, message), keep_alive, extra=extra)
+_A_TEXT_BLOCK: Final = {"type": "text", "text": ""}
 
 
 # --------------------------------------------------------------------------- parameters
@@ -315,23 +415,20 @@ def _resolve(defaults: MockDefaults, model: str, body: dict[str, Any]) -> _Param
     return p
 
 
-def _content_text(content: object) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [
-            part["text"]
-            for part in content
-            if isinstance(part, dict)
-            and part.get("type") == "text"
-            and isinstance(part.get("text"), str)
-        ]
-        return parts[0] if len(parts) == 1 else " ".join(parts)
-    return ""
-
-
 def _word_count(text: str) -> int:
     return len(text.split())
+
+
+def _header_value(v: object) -> str | None:
+    """A ``/mock/fail`` header value: a non-empty one-line string or a number >= 0."""
+    if isinstance(v, str):
+        if v and "\r" not in v and "\n" not in v and v.isascii():
+            return v
+        return None
+    n = _as_number(v)
+    if n is None or n < 0 or not math.isfinite(n):
+        return None
+    return str(int(n)) if n.is_integer() else repr(n)
 
 
 # --------------------------------------------------------------------------- plans
@@ -354,7 +451,7 @@ class _Plan:
         abort: bool = False,
     ) -> None:
         self.head = head  # full response, or status line + headers for streams
-        self.counted = counted  # chat/embeddings request: tracked by in_flight/completed
+        self.counted = counted  # a model call: tracked by calls/in_flight/completed
         self.latency = latency  # seconds before the first byte
         self.events = events  # stream: chunk-framed events written one by one
         self.tail = tail  # stream: chunk-framed final events + terminator
@@ -362,11 +459,9 @@ class _Plan:
         self.abort = abort  # close the connection after the events (fail_after)
 
 
-def _frame(ev: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(ev), ev)
-
-
 # --------------------------------------------------------------------------- application
+
+_Captured = list[tuple[bytes, str]]  # recorded request headers: (lowercase name, value)
 
 
 class _App:
@@ -380,29 +475,63 @@ class _App:
 
     # -- routing ---------------------------------------------------------------------
 
-    def dispatch(self, method: bytes, url: bytes, body: bytes, keep_alive: bool) -> _Plan:
+    def dispatch(
+        self, method: bytes, url: bytes, body: bytes, keep_alive: bool, captured: _Captured | None
+    ) -> _Plan:
         q = url.find(b"?")
         path = url if q < 0 else url[:q]
         if len(path) > 1 and path.endswith(b"/"):
             path = path[:-1]
         if method == b"POST":
             if path in _CHAT_PATHS:
+                self._arrive(path, captured)
                 return self.chat(body, keep_alive)
+            if path in _MESSAGES_PATHS:
+                self._arrive(path, captured)
+                return self.messages(body, keep_alive)
             if path in _EMBED_PATHS:
+                self._arrive(path, captured)
                 return self.embeddings(body, keep_alive)
+            if path.startswith(b"/openai/"):
+                query = url[q + 1 :] if q >= 0 else b""
+                return self.azure(path, query, body, keep_alive, captured)
             if path == b"/mock/reset":
                 self.state.reset()
-                return _Plan(_response(200, _EMPTY_BODY, keep_alive), counted=False)
+                return _Plan(response(200, _EMPTY_BODY, keep_alive), counted=False)
+            if path == b"/mock/fail":
+                return self.fail(body, keep_alive)
         elif method == b"GET":
             if path == b"/health":
-                return _Plan(_response(200, _HEALTH_BODY, keep_alive), counted=False)
+                return _Plan(response(200, _HEALTH_BODY, keep_alive), counted=False)
             if path == b"/v1/models" or path == b"/models":
-                return _Plan(_response(200, _MODELS_BODY, keep_alive), counted=False)
+                return _Plan(response(200, _MODELS_BODY, keep_alive), counted=False)
             if path == b"/mock/stats":
                 body = orjson.dumps(self.state.snapshot())
-                return _Plan(_response(200, body, keep_alive), counted=False)
+                return _Plan(response(200, body, keep_alive), counted=False)
         msg = f"unknown route: {method.decode('latin-1')} {path.decode('latin-1')}"
-        return _Plan(_error_response(404, msg, keep_alive), counted=False)
+        return _Plan(error_response(OPENAI, 404, msg, keep_alive), counted=False)
+
+    def _arrive(self, path: bytes, captured: _Captured | None) -> None:
+        """Record a model call: its time, its path and its credentials."""
+        st = self.state
+        st.call_times.append(_now())
+        counts = st.path_counts
+        if path in counts:
+            counts[path] += 1
+        else:
+            if len(counts) >= _MAX_PATHS:
+                path = _OTHER_PATH
+            counts[path] = counts.get(path, 0) + 1
+        if captured is not None:
+            for name, value in captured:
+                if name == b"authorization":
+                    st.authorization_seen.append(value)
+                elif name == b"x-api-key":
+                    st.x_api_key_seen.append(value)
+                elif name == b"api-key":
+                    st.api_key_seen.append(value)
+                else:
+                    st.api_version_seen = value
 
     @staticmethod
     def _load(body: bytes) -> dict[str, Any] | None:
@@ -412,34 +541,79 @@ class _App:
             return None
         return data if isinstance(data, dict) else None
 
-    # -- chat ------------------------------------------------------------------------
+    def _model(self, req: dict[str, Any] | None, deployment: str | None) -> str:
+        """The requested model (recorded in ``models_seen``), ``"mock"`` if none."""
+        model: object = deployment
+        if model is None and req is not None:
+            model = req.get("model")
+        if not isinstance(model, str) or not model:
+            return "mock"
+        self.state.models_seen.append(model)
+        return model
+
+    def _injected(self, api: int, keep_alive: bool) -> _Plan:
+        """The answer of a ``POST /mock/fail`` failure (the caller checked one is due)."""
+        st = self.state
+        if st.failures_left > 0:
+            st.failures_left -= 1
+        head = injected_response(
+            api, st.fail_status, st.fail_headers, st.fail_body, st.fail_ctype, keep_alive
+        )
+        return _Plan(head)
 
     def _behaviour(
-        self, req: dict[str, Any], keep_alive: bool
-    ) -> tuple[str, _Params, float, _Plan | None]:
-        """The model name, the resolved behaviour, the latency in seconds and, when
-        the behaviour is an injected error, the plan that answers it."""
-        model = req.get("model")
-        if not isinstance(model, str) or not model:
-            model = "mock"
+        self, model: str, req: dict[str, Any], keep_alive: bool, api: int
+    ) -> tuple[_Params, float, _Plan | None]:
+        """The resolved behaviour, the latency in seconds and, when the behaviour is an
+        injected error, the plan that answers it."""
         p = _resolve(self.defaults, model, req)
         latency = p.latency_ms / 1000.0
         failure = None
         if p.error is not None:
             msg = f"mock upstream error {p.error}"
             failure = _Plan(
-                _error_response(p.error, msg, keep_alive, p.retry_after), latency=latency
+                error_response(api, p.error, msg, keep_alive, p.retry_after), latency=latency
             )
-        return model, p, latency, failure
+        return p, latency, failure
 
-    def chat(self, raw: bytes, keep_alive: bool) -> _Plan:
+    @staticmethod
+    def _stream(head: bytes, events: list[bytes], tail: bytes, p: _Params, latency: float) -> _Plan:
+        abort = p.fail_after is not None
+        if abort:
+            del events[p.fail_after :]
+            tail = b""
+        return _Plan(
+            head,
+            latency=latency,
+            events=events,
+            tail=tail,
+            delay=p.chunk_delay_ms / 1000.0,
+            abort=abort,
+        )
+
+    # -- chat ------------------------------------------------------------------------
+
+    def chat(
+        self, raw: bytes, keep_alive: bool, api: int = OPENAI, deployment: str | None = None
+    ) -> _Plan:
         req = self._load(raw)
+        st = self.state
+        if deployment is None and req is not None:  # _model(), inlined on the hot path
+            model = req.get("model")
+            if isinstance(model, str) and model:
+                st.models_seen.append(model)
+            else:
+                model = "mock"
+        else:
+            model = self._model(req, deployment)
+        if st.failures_left:
+            return self._injected(api, keep_alive)
         if req is None:
-            return _Plan(_error_response(400, "invalid JSON body", keep_alive))
+            return _Plan(error_response(api, 400, "invalid JSON body", keep_alive))
         messages = req.get("messages")
         if not isinstance(messages, list) or not messages:
-            return _Plan(_error_response(400, "'messages' is required", keep_alive))
-        model, p, latency, failure = self._behaviour(req, keep_alive)
+            return _Plan(error_response(api, 400, "'messages' is required", keep_alive))
+        p, latency, failure = self._behaviour(model, req, keep_alive, api)
         if failure is not None:
             return failure
 
@@ -447,12 +621,32 @@ class _App:
         text = ""
         for m in messages:
             if not isinstance(m, dict):
-                return _Plan(_error_response(400, "each message must be an object", keep_alive))
-            text = _content_text(m.get("content"))
+                msg = "each message must be an object"
+                return _Plan(error_response(api, 400, msg, keep_alive))
+            text = content_text(m.get("content"))
             prompt_tokens += _word_count(text)
         if prompt_tokens < 1:
             prompt_tokens = 1
         seed = zlib.crc32(text.encode("utf-8", "surrogatepass"))
+        rid = f"chatcmpl-mock-{next(self.ids)}"
+        created = int(time.time())
+
+        if req.get("tools") is not None and messages[-1].get("role") not in _TOOL_ROLES:
+            tool = openai_tool(req)
+            if tool is not None:
+                return self._chat_tool(
+                    req,
+                    tool,
+                    text,
+                    seed,
+                    rid,
+                    created,
+                    model,
+                    prompt_tokens,
+                    p,
+                    latency,
+                    keep_alive,
+                )
 
         n = p.chunks
         finish = "stop"
@@ -465,15 +659,13 @@ class _App:
                 n = max_tokens
                 finish = "length"
 
-        rid = f"chatcmpl-mock-{next(self.ids)}"
-        created = int(time.time())
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": n,
             "total_tokens": prompt_tokens + n,
         }
         if req.get("stream") is not True:
-            content = " ".join([WORDS[(seed + k) % _NWORDS] for k in range(n)])
+            content = " ".join([WORDS[(seed + k) % NWORDS] for k in range(n)])
             body = orjson.dumps(
                 {
                     "id": rid,
@@ -490,52 +682,178 @@ class _App:
                     "usage": usage,
                 }
             )
-            return _Plan(_response(200, body, keep_alive), latency=latency)
+            return _Plan(response(200, body, keep_alive), latency=latency)
 
         # Streaming: pre-render every event; the connection writes them as it goes.
-        meta = b'"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s' % (
+        meta = self._chunk_meta(rid, created, model)
+        prefix = b'data: {%s,"choices":[{"index":0,"delta":' % meta
+        head = stream_head(keep_alive) + frame(prefix + _DELTA_ROLE + _FINISH_NULL)
+        n_words = n if p.fail_after is None else min(n, p.fail_after)
+        events = [
+            frame(prefix + (_DELTA_REST if k else _DELTA_FIRST)[(seed + k) % NWORDS] + _FINISH_NULL)
+            for k in range(n_words)
+        ]
+        finish_chunk = frame(prefix + (_FINISH_STOP if finish == "stop" else _FINISH_LENGTH))
+        return self._stream(
+            head, events, self._chat_tail(finish_chunk, meta, req, usage), p, latency
+        )
+
+    @staticmethod
+    def _chunk_meta(rid: str, created: int, model: str) -> bytes:
+        return b'"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s' % (
             rid.encode("ascii"),
             created,
             orjson.dumps(model),
         )
+
+    @staticmethod
+    def _chat_tail(finish: bytes, meta: bytes, req: dict[str, Any], usage: object) -> bytes:
+        """The finish chunk, the usage chunk when asked for, ``[DONE]`` and the end."""
+        tail = finish
+        opts = req.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            tail += frame(b'data: {%s,"choices":[],"usage":%s}\n\n' % (meta, orjson.dumps(usage)))
+        return tail + frame(_DONE_EVENT) + CHUNKED_END
+
+    def _chat_tool(
+        self,
+        req: dict[str, Any],
+        tool: tuple[str, object],
+        text: str,
+        seed: int,
+        rid: str,
+        created: int,
+        model: str,
+        prompt_tokens: int,
+        p: _Params,
+        latency: float,
+        keep_alive: bool,
+    ) -> _Plan:
+        name, schema = tool
+        pieces = tool_arguments(schema, text, seed)
+        call_id = f"call_mock_{next(self.ids)}"
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": _TOOL_TOKENS,
+            "total_tokens": prompt_tokens + _TOOL_TOKENS,
+        }
+        if req.get("stream") is not True:
+            args = pieces[0] + pieces[1]
+            body = openai_tool_completion(rid, created, model, call_id, name, args, usage)
+            return _Plan(response(200, body, keep_alive), latency=latency)
+        meta = self._chunk_meta(rid, created, model)
         prefix = b'data: {%s,"choices":[{"index":0,"delta":' % meta
-        head = _STREAM_HEAD + (_CRLF if keep_alive else _CLOSE_HDR + _CRLF)
-        head += _frame(prefix + _DELTA_ROLE + _FINISH_NULL)
-        n_words = n
-        abort = False
-        if p.fail_after is not None:
-            n_words = min(n, p.fail_after)
-            abort = True
-        events = [
-            _frame(
-                prefix + (_DELTA_REST if k else _DELTA_FIRST)[(seed + k) % _NWORDS] + _FINISH_NULL
-            )
-            for k in range(n_words)
-        ]
-        tail = b""
-        if not abort:
-            tail = _frame(prefix + (_FINISH_STOP if finish == "stop" else _FINISH_LENGTH))
-            opts = req.get("stream_options")
-            if isinstance(opts, dict) and opts.get("include_usage") is True:
-                tail += _frame(
-                    b'data: {%s,"choices":[],"usage":%s}\n\n' % (meta, orjson.dumps(usage))
-                )
-            tail += _frame(_DONE_EVENT) + _CHUNKED_END
-        return _Plan(
-            head,
-            latency=latency,
-            events=events,
-            tail=tail,
-            delay=p.chunk_delay_ms / 1000.0,
-            abort=abort,
-        )
+        first, events, finish = openai_tool_stream(prefix, call_id, name, pieces)
+        head = stream_head(keep_alive) + first
+        return self._stream(head, events, self._chat_tail(finish, meta, req, usage), p, latency)
+
+    # -- Anthropic messages ----------------------------------------------------------
+
+    def messages(self, raw: bytes, keep_alive: bool) -> _Plan:
+        req = self._load(raw)
+        model = self._model(req, None)
+        if self.state.failures_left:
+            return self._injected(ANTHROPIC, keep_alive)
+        if req is None:
+            return _Plan(error_response(ANTHROPIC, 400, "invalid JSON body", keep_alive))
+        messages = req.get("messages")
+        if not isinstance(messages, list) or not messages:
+            msg = "messages: Field required"
+            return _Plan(error_response(ANTHROPIC, 400, msg, keep_alive))
+        max_tokens = req.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            msg = "max_tokens: Field required"
+            return _Plan(error_response(ANTHROPIC, 400, msg, keep_alive))
+        if max_tokens < 1:
+            msg = "max_tokens: Input should be greater than or equal to 1"
+            return _Plan(error_response(ANTHROPIC, 400, msg, keep_alive))
+        p, latency, failure = self._behaviour(model, req, keep_alive, ANTHROPIC)
+        if failure is not None:
+            return failure
+
+        input_tokens = _word_count(content_text(req.get("system")))
+        text = ""
+        tool_result = False
+        for m in messages:
+            if not isinstance(m, dict):
+                msg = "messages: each message must be an object"
+                return _Plan(error_response(ANTHROPIC, 400, msg, keep_alive))
+            text, tool_result = anthropic_text(m.get("content"))
+            input_tokens += _word_count(text)
+        if input_tokens < 1:
+            input_tokens = 1
+        seed = zlib.crc32(text.encode("utf-8", "surrogatepass"))
+        rid = f"msg_mock_{next(self.ids)}"
+        stream = req.get("stream") is True
+
+        tool = None if tool_result or req.get("tools") is None else anthropic_tool(req)
+        if tool is not None:
+            name, schema = tool
+            pieces = tool_arguments(schema, text, seed)
+            tool_id = f"toolu_mock_{next(self.ids)}"
+            n = _TOOL_TOKENS
+            stop = "tool_use"
+            if not stream:
+                block = {
+                    "type": "tool_use",
+                    "id": tool_id,
+                    "name": name,
+                    "input": orjson.loads(pieces[0] + pieces[1]),
+                }
+                body = anthropic_message(rid, model, [block], stop, input_tokens, n)
+                return _Plan(response(200, body, keep_alive), latency=latency)
+            start: dict[str, Any] = {"type": "tool_use", "id": tool_id, "name": name, "input": {}}
+            events = [anthropic_json_delta(piece) for piece in pieces]
+        else:
+            n = p.chunks
+            stop = "end_turn"
+            if max_tokens < n:
+                n = max_tokens
+                stop = "max_tokens"
+            if not stream:
+                content = " ".join([WORDS[(seed + k) % NWORDS] for k in range(n)])
+                blocks = [{"type": "text", "text": content}]
+                body = anthropic_message(rid, model, blocks, stop, input_tokens, n)
+                return _Plan(response(200, body, keep_alive), latency=latency)
+            start = _A_TEXT_BLOCK
+            n_words = n if p.fail_after is None else min(n, p.fail_after)
+            events = [
+                (A_DELTA_REST if k else A_DELTA_FIRST)[(seed + k) % NWORDS] for k in range(n_words)
+            ]
+        head = stream_head(keep_alive) + anthropic_stream_start(rid, model, input_tokens, start)
+        return self._stream(head, events, anthropic_stream_end(stop, n), p, latency)
+
+    # -- Azure -----------------------------------------------------------------------
+
+    def azure(
+        self,
+        path: bytes,
+        query: bytes,
+        raw: bytes,
+        keep_alive: bool,
+        captured: _Captured | None,
+    ) -> _Plan:
+        parsed = parse_azure(path, query) if path.startswith(AZURE_PREFIX) else None
+        if parsed is None or parsed[2] is None:
+            return _Plan(response(404, AZURE_NOT_FOUND, keep_alive), counted=False)
+        deployment, kind, version = parsed
+        self._arrive(path, captured)
+        self.state.api_version_seen = version
+        if kind == AZURE_CHAT:
+            return self.chat(raw, keep_alive, AZURE, deployment)
+        return self.embeddings(raw, keep_alive, AZURE, deployment)
 
     # -- embeddings ------------------------------------------------------------------
 
-    def embeddings(self, raw: bytes, keep_alive: bool) -> _Plan:
+    def embeddings(
+        self, raw: bytes, keep_alive: bool, api: int = OPENAI, deployment: str | None = None
+    ) -> _Plan:
         req = self._load(raw)
+        model = self._model(req, deployment)
+        if self.state.failures_left:
+            return self._injected(api, keep_alive)
         if req is None:
-            return _Plan(_error_response(400, "invalid JSON body", keep_alive))
+            return _Plan(error_response(api, 400, "invalid JSON body", keep_alive))
         inp = req.get("input")
         inputs: list[str]
         if isinstance(inp, str):
@@ -543,8 +861,8 @@ class _App:
         elif isinstance(inp, list) and inp:
             inputs = [x if isinstance(x, str) else orjson.dumps(x).decode() for x in inp]
         else:
-            return _Plan(_error_response(400, "'input' is required", keep_alive))
-        model, _, latency, failure = self._behaviour(req, keep_alive)
+            return _Plan(error_response(api, 400, "'input' is required", keep_alive))
+        _, latency, failure = self._behaviour(model, req, keep_alive, api)
         if failure is not None:
             return failure
         data = []
@@ -563,23 +881,68 @@ class _App:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
-        return _Plan(_response(200, body, keep_alive), latency=latency)
+        return _Plan(response(200, body, keep_alive), latency=latency)
+
+    # -- control ---------------------------------------------------------------------
+
+    def fail(self, raw: bytes, keep_alive: bool) -> _Plan:
+        """``POST /mock/fail``: arm (or clear, ``times: 0``) failures of the next calls."""
+
+        def bad(message: str) -> _Plan:
+            return _Plan(error_response(OPENAI, 400, message, keep_alive), counted=False)
+
+        req = self._load(raw)
+        if req is None:
+            return bad("invalid JSON body: an object is required")
+        st = self.state
+        times = req.get("times", 1)
+        if not isinstance(times, int) or isinstance(times, bool) or times < -1:
+            return bad("'times' must be an integer >= -1")
+        if times == 0:
+            st.clear_failure()
+            return _Plan(response(200, b'{"failures_left":0}', keep_alive), counted=False)
+        status = req.get("status", 500)
+        if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+            return bad("'status' must be an HTTP error status (400-599)")
+        headers = b""
+        for field, header in (
+            ("retry_after", b"Retry-After"),
+            ("retry_after_ms", b"retry-after-ms"),
+        ):
+            given = req.get(field)
+            if given is None:
+                continue
+            value = _header_value(given)
+            if value is None:
+                return bad(f"'{field}' must be a number >= 0 or a one-line ASCII string")
+            headers += b"%s: %s\r\n" % (header, value.encode("ascii"))
+        given = req.get("body")
+        body: bytes | None = None
+        ctype = JSON_CT
+        if isinstance(given, str):
+            body, ctype = given.encode("utf-8"), TEXT_CT
+        elif given is not None:
+            body = orjson.dumps(given)
+        st.set_failure(status, times, headers, body, ctype)
+        answer = orjson.dumps({"status": status, "failures_left": times})
+        return _Plan(response(200, answer, keep_alive), counted=False)
 
 
 # --------------------------------------------------------------------------- connection
 
-_Request = tuple[bytes, bytes, bytes, bool]  # method, url, body, keep_alive
+# method, url, body, keep_alive, recorded headers
+_Request = tuple[bytes, bytes, bytes, bool, _Captured | None]
 
 
 class _Conn(asyncio.Protocol):
     __slots__ = (
         "app",
         "body",
+        "captured",
         "closed",
         "drain_waiter",
         "parser",
         "pending",
-        "record_auth",
         "task",
         "transport",
         "url",
@@ -597,7 +960,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
-        self.record_auth: list[str] = []
+        self.captured: _Captured | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -646,8 +1009,11 @@ class _Conn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
-        if lname in _AUTH_HEADERS:
-            self.record_auth.append(value.decode("latin-1"))
+        if lname in _CAPTURED_HEADERS:
+            if self.captured is None:
+                self.captured = [(lname, value.decode("latin-1"))]
+            else:
+                self.captured.append((lname, value.decode("latin-1")))
         elif lname == b"expect" and value.lower() == b"100-continue":
             if self.transport is not None and not self.closed:
                 self.transport.write(_CONTINUE)
@@ -659,11 +1025,21 @@ class _Conn(asyncio.Protocol):
         body = self.body
         raw = body[0] if len(body) == 1 else b"".join(body)
         self.body = []
-        req: _Request = (self.parser.get_method(), self.url, raw, self.parser.should_keep_alive())
-        if self.record_auth:
+        captured = self.captured
+        if captured is not None:
+            self.captured = None
             if not self.url.startswith(b"/mock/"):
-                self.app.state.auth_seen.extend(self.record_auth)
-            self.record_auth = []
+                seen = self.app.state.auth_seen
+                for name, value in captured:
+                    if name != _ANTHROPIC_VERSION:
+                        seen.append(value)
+        req: _Request = (
+            self.parser.get_method(),
+            self.url,
+            raw,
+            self.parser.should_keep_alive(),
+            captured,
+        )
         if self.task is None and not self.pending:
             self._handle(req)
         else:
@@ -676,16 +1052,16 @@ class _Conn(asyncio.Protocol):
             self.closed = True
             self.pending.clear()
             if self.task is None:
-                self.transport.write(_error_response(status, message, False))
+                self.transport.write(error_response(OPENAI, status, message, False))
             self.transport.close()
 
     def _handle(self, req: _Request) -> None:
-        method, url, raw, keep_alive = req
+        method, url, raw, keep_alive, captured = req
         app = self.app
         state = app.state
         counted = False
         try:
-            plan = app.dispatch(method, url, raw, keep_alive)
+            plan = app.dispatch(method, url, raw, keep_alive, captured)
             if plan.counted:
                 counted = True
                 state.calls += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -16,6 +17,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+import anthropic
+import openai
 import orjson
 import pytest
 
@@ -61,6 +64,54 @@ class Mock:
             result: dict[str, Any] = await resp.json()
             return result
 
+    async def post(
+        self, path: str, body: Any = None, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any, Mapping[str, str]]:
+        """POST JSON; the answer is decoded as JSON when it is, else returned as text."""
+        async with self.session.post(f"{self.url}{path}", json=body, headers=headers) as resp:
+            data = await resp.read()
+            try:
+                decoded: Any = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                decoded = data.decode()
+            return resp.status, decoded, resp.headers
+
+    async def messages(self, **body: Any) -> tuple[int, dict[str, Any], Mapping[str, str]]:
+        body.setdefault("model", "mock")
+        body.setdefault("max_tokens", 100)
+        body.setdefault("messages", [{"role": "user", "content": "hello world"}])
+        return await self.post("/v1/messages", body)
+
+    async def anthropic_events(self, **body: Any) -> list[tuple[str, dict[str, Any]]]:
+        """(event name, decoded data) of an Anthropic stream, checking the SSE framing."""
+        body.setdefault("model", "mock")
+        body.setdefault("max_tokens", 100)
+        body.setdefault("messages", [{"role": "user", "content": "hello world"}])
+        body["stream"] = True
+        async with self.session.post(f"{self.url}/v1/messages", json=body) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            raw = (await resp.read()).decode()
+        assert raw.endswith("\n\n")
+        events: list[tuple[str, dict[str, Any]]] = []
+        for block in raw[:-2].split("\n\n"):
+            name_line, data_line = block.split("\n")
+            assert name_line.startswith("event: ") and data_line.startswith("data: ")
+            data = orjson.loads(data_line[6:])
+            assert data["type"] == name_line[7:]
+            events.append((name_line[7:], data))
+        return events
+
+    async def fail(self, **spec: Any) -> dict[str, Any]:
+        status, body, _ = await self.post("/mock/fail", spec)
+        assert status == 200, body
+        result: dict[str, Any] = body
+        return result
+
+    async def reset(self) -> None:
+        status, _, _ = await self.post("/mock/reset")
+        assert status == 200
+
 
 async def _wait_for(
     check: Callable[[], Awaitable[bool]], limit_s: float = 5.0, what: str = "condition"
@@ -87,6 +138,26 @@ async def _make_mock(defaults: MockDefaults) -> AsyncIterator[Mock]:
 async def mock() -> AsyncIterator[Mock]:
     async for m in _make_mock(MockDefaults()):
         yield m
+
+
+LEGACY_STATS_KEYS = (
+    "calls",
+    "in_flight",
+    "peak_in_flight",
+    "completed",
+    "disconnects",
+    "auth_seen",
+)
+NEW_STATS_KEYS = {
+    "authorization_seen",
+    "api_key_seen",
+    "x_api_key_seen",
+    "api_version_seen",
+    "models_seen",
+    "call_times",
+    "calls_by_path",
+    "failures_left",
+}
 
 
 def expected_words(last_text: str, n: int) -> list[str]:
@@ -411,7 +482,8 @@ async def test_stats_reset_and_auth(mock: Mock) -> None:
     ) as resp:
         assert resp.status == 200
     stats = await mock.stats()
-    assert stats == {
+    # The original keys keep their meaning (auth_seen: every credential header, as before).
+    assert {k: stats[k] for k in LEGACY_STATS_KEYS} == {
         "calls": 4,
         "in_flight": 0,
         "peak_in_flight": 1,
@@ -419,6 +491,7 @@ async def test_stats_reset_and_auth(mock: Mock) -> None:
         "disconnects": 0,
         "auth_seen": ["Bearer sk-0", "Bearer sk-1", "Bearer sk-2", "anthropic-key"],
     }
+    assert set(stats) == set(LEGACY_STATS_KEYS) | NEW_STATS_KEYS
     assert mock.state.snapshot() == stats
     async with mock.session.post(f"{mock.url}/mock/reset") as resp:
         assert resp.status == 200 and await resp.json() == {}
@@ -552,6 +625,649 @@ async def test_malformed_http_request(mock: Mock) -> None:
     writer.close()
     await writer.wait_closed()
     assert data.startswith(b"HTTP/1.1 400")
+
+
+# --------------------------------------------------------------------------- Anthropic
+
+WEATHER_TOOL: dict[str, Any] = {
+    "name": "get_weather",
+    "description": "Weather of a place",
+    "input_schema": {
+        "type": "object",
+        "properties": {"unit": {"type": "string"}, "location": {"type": "string"}},
+        "required": ["location"],
+    },
+}
+SEARCH_TOOL: dict[str, Any] = {
+    "name": "search",
+    "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}},
+}
+
+
+@pytest.fixture
+async def claude(mock: Mock) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    async with anthropic.AsyncAnthropic(
+        base_url=mock.url, api_key="sk-ant-test", max_retries=0
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def gpt(mock: Mock) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=f"{mock.url}/v1", api_key="sk-openai-test", max_retries=0
+    ) as client:
+        yield client
+
+
+async def test_anthropic_non_streaming_shape(mock: Mock) -> None:
+    status, body, headers = await mock.messages(
+        model="claude-mock",
+        system="be brief",
+        messages=[
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "an answer"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look at"},
+                    {"type": "image", "source": {"type": "base64", "data": "AAAA"}},
+                    {"type": "text", "text": "this"},
+                ],
+            },
+        ],
+    )
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert body["id"].startswith("msg_")
+    assert body == {
+        "id": body["id"],
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-mock",
+        "content": [{"type": "text", "text": " ".join(expected_words("look at this", 8))}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 2 + 2 + 2 + 3, "output_tokens": 8},
+    }
+    # /messages is the same endpoint; max_tokens below the word count stops early.
+    status, short, _ = await mock.post(
+        "/messages",
+        {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "hello world"}]},
+    )
+    assert status == 200
+    assert short["content"][0]["text"] == " ".join(expected_words("hello world", 3))
+    assert short["stop_reason"] == "max_tokens" and short["usage"]["output_tokens"] == 3
+
+
+async def test_anthropic_requires_max_tokens_and_messages(mock: Mock) -> None:
+    status, body, _ = await mock.post(
+        "/v1/messages", {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert status == 400
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in body["error"]["message"]
+    assert set(body) == {"type", "error"} and set(body["error"]) == {"type", "message"}
+    status, body, _ = await mock.messages(max_tokens=0)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, body, _ = await mock.messages(messages=[])
+    assert status == 400 and "messages" in body["error"]["message"]
+    async with mock.session.post(f"{mock.url}/v1/messages", data=b"{oops") as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_anthropic_stream_event_sequence(mock: Mock) -> None:
+    events = await mock.anthropic_events(
+        model="mock-chunks-4", messages=[{"role": "user", "content": "a b c"}]
+    )
+    names = [name for name, _ in events]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        *["content_block_delta"] * 4,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    message = events[0][1]["message"]
+    assert message["id"].startswith("msg_") and message["model"] == "mock-chunks-4"
+    assert message["role"] == "assistant" and message["content"] == []
+    assert message["stop_reason"] is None and message["usage"]["input_tokens"] == 3
+    assert events[1][1] == {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    deltas = [data["delta"] for _, data in events[3:7]]
+    assert all(d["type"] == "text_delta" for d in deltas)
+    assert all(data["index"] == 0 for _, data in events[3:8])
+    words = expected_words("a b c", 4)
+    assert [d["text"] for d in deltas] == [words[0]] + [" " + w for w in words[1:]]
+    assert events[8][1] == {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": 4},
+    }
+    # Streamed text equals the non-streamed text.
+    _, body, _ = await mock.messages(
+        model="mock-chunks-4", messages=[{"role": "user", "content": "a b c"}]
+    )
+    assert body["content"][0]["text"] == "".join(d["text"] for d in deltas)
+    events = await mock.anthropic_events(max_tokens=2)
+    assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+
+
+async def test_anthropic_sdk_create_and_stream(
+    mock: Mock, claude: anthropic.AsyncAnthropic
+) -> None:
+    message = await claude.messages.create(
+        model="claude-mock-chunks-5",
+        max_tokens=64,
+        system="be brief",
+        messages=[{"role": "user", "content": "tell me a story"}],
+    )
+    assert message.model == "claude-mock-chunks-5"
+    assert message.stop_reason == "end_turn" and message.stop_sequence is None
+    assert len(message.content) == 1 and message.content[0].type == "text"
+    assert message.content[0].text == " ".join(expected_words("tell me a story", 5))
+    assert message.usage.input_tokens == 6 and message.usage.output_tokens == 5
+
+    async with claude.messages.stream(
+        model="claude-mock-chunks-5-delay-5",
+        max_tokens=64,
+        system="be brief",
+        messages=[{"role": "user", "content": "tell me a story"}],
+    ) as stream:
+        texts = [text async for text in stream.text_stream]
+        final = await stream.get_final_message()
+    assert len(texts) == 5
+    assert final.content[0].type == "text" and final.content[0].text == "".join(texts)
+    assert final.content[0].text == message.content[0].text
+    assert final.stop_reason == "end_turn"
+    assert final.usage.input_tokens == 6 and final.usage.output_tokens == 5
+    stats = await mock.stats()
+    # SDK versions differ in how they send the key (x-api-key or a bearer token).
+    keys = stats["x_api_key_seen"] + [
+        a.removeprefix("Bearer ") for a in stats["authorization_seen"]
+    ]
+    assert keys == ["sk-ant-test", "sk-ant-test"]
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", stats["api_version_seen"])  # anthropic-version
+    assert stats["calls_by_path"] == {"/v1/messages": 2}
+
+
+async def test_anthropic_errors(mock: Mock, claude: anthropic.AsyncAnthropic) -> None:
+    status, body, headers = await mock.messages(model="mock-error-429-retryafter-3")
+    assert status == 429 and headers["Retry-After"] == "3"
+    assert body == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "mock upstream error 429"},
+    }
+    for code, kind in (
+        (500, "api_error"),
+        (529, "overloaded_error"),
+        (401, "authentication_error"),
+    ):
+        status, body, _ = await mock.messages(mock={"error": code})
+        assert status == code and body["error"]["type"] == kind
+    with pytest.raises(anthropic.RateLimitError) as err:
+        await claude.messages.create(
+            model="mock-error-429", max_tokens=10, messages=[{"role": "user", "content": "x"}]
+        )
+    assert err.value.response.headers["retry-after"] == "1"
+    # Errors of streaming requests are plain JSON too.
+    async with mock.session.post(
+        f"{mock.url}/v1/messages",
+        json={"model": "mock-error-503", "max_tokens": 5, "stream": True, "messages": []},
+    ) as resp:
+        assert resp.status == 400  # the request is checked first: no messages
+    async with mock.session.post(
+        f"{mock.url}/v1/messages",
+        json={
+            "model": "mock-error-503",
+            "max_tokens": 5,
+            "stream": True,
+            "messages": [{"role": "user", "content": "x"}],
+        },
+    ) as resp:
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["type"] == "overloaded_error"
+
+
+async def test_anthropic_stream_delay_and_fail_after(mock: Mock) -> None:
+    body = {
+        "model": "mock-chunks-3-delay-100",
+        "max_tokens": 10,
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    arrivals: list[float] = []
+    async with mock.session.post(f"{mock.url}/v1/messages", json=body) as resp:
+        async for line in resp.content:
+            if line.startswith(b"event: content_block_delta"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 3 and arrivals[-1] - arrivals[0] >= 0.15
+
+    body["model"] = "mock-chunks-5-failafter-2"
+    lines: list[bytes] = []
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with mock.session.post(f"{mock.url}/v1/messages", json=body) as resp:
+            async for line in resp.content:
+                if line.startswith(b"event: "):
+                    lines.append(line.strip())
+    assert lines == [
+        b"event: message_start",
+        b"event: content_block_start",
+        b"event: ping",
+        b"event: content_block_delta",
+        b"event: content_block_delta",
+    ]
+    assert mock.state.completed == 1
+
+
+# --------------------------------------------------------------------------- tool calls
+
+
+def _openai_tools() -> list[dict[str, Any]]:
+    return [
+        {"type": "function", "function": {"name": t["name"], "parameters": t["input_schema"]}}
+        for t in (WEATHER_TOOL, SEARCH_TOOL)
+    ]
+
+
+async def test_openai_tool_calls_raw(mock: Mock) -> None:
+    msgs = [{"role": "user", "content": "Paris weather today"}]
+    status, body, _ = await mock.chat(messages=msgs, tools=_openai_tools())
+    assert status == 200
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert orjson.loads(call["function"]["arguments"]) == {"location": "Paris"}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+    # A forced function; "none" answers with text; no tools, no call.
+    forced = {"type": "function", "function": {"name": "search"}}
+    _, body, _ = await mock.chat(messages=msgs, tools=_openai_tools(), tool_choice=forced)
+    (call,) = body["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "search"
+    assert orjson.loads(call["function"]["arguments"]) == {"query": "Paris"}
+    _, body, _ = await mock.chat(messages=msgs, tools=_openai_tools(), tool_choice="none")
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert "tool_calls" not in body["choices"][0]["message"]
+
+    # After the tool result: text seeded from the result.
+    history = [
+        *msgs,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny and warm"},
+    ]
+    _, body, _ = await mock.chat(messages=history, tools=_openai_tools())
+    assert body["choices"][0]["finish_reason"] == "stop"
+    expected = " ".join(expected_words("sunny and warm", 8))
+    assert body["choices"][0]["message"]["content"] == expected
+
+    # Streamed: role + id + name first, then the arguments in two pieces.
+    events = await mock.stream(
+        messages=msgs, tools=_openai_tools(), stream_options={"include_usage": True}
+    )
+    assert events[-1] == "[DONE]"
+    deltas = [e["choices"][0]["delta"] for e in events[:-2]]
+    assert len(deltas) == 4
+    first = deltas[0]["tool_calls"][0]
+    assert deltas[0]["role"] == "assistant"
+    assert first["index"] == 0 and first["id"].startswith("call_")
+    assert first["function"] == {"name": "get_weather", "arguments": ""}
+    pieces = [d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:3]]
+    assert all(pieces) and orjson.loads("".join(pieces)) == {"location": "Paris"}
+    assert events[-3]["choices"][0]["finish_reason"] == "tool_calls"
+    assert events[-2]["usage"]["completion_tokens"] == 2
+
+
+async def test_openai_tool_calls_sdk(gpt: openai.AsyncOpenAI) -> None:
+    result = await gpt.chat.completions.create(
+        model="gpt-mock",
+        messages=[{"role": "user", "content": "Lisbon forecast"}],
+        tools=[
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "parameters": WEATHER_TOOL["input_schema"]},
+            }
+        ],
+    )
+    choice = result.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls
+    assert calls is not None and len(calls) == 1
+    call = calls[0]
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert orjson.loads(call.function.arguments) == {"location": "Lisbon"}
+
+    async with gpt.chat.completions.stream(
+        model="gpt-mock-delay-5",
+        messages=[{"role": "user", "content": "Lisbon forecast"}],
+        tools=[
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "parameters": WEATHER_TOOL["input_schema"]},
+            }
+        ],
+    ) as stream:
+        final = await stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    streamed = choice.message.tool_calls
+    assert streamed is not None and len(streamed) == 1
+    assert streamed[0].type == "function"
+    assert streamed[0].function.name == "get_weather"
+    assert orjson.loads(streamed[0].function.arguments) == {"location": "Lisbon"}
+
+
+async def test_anthropic_tool_calls(mock: Mock, claude: anthropic.AsyncAnthropic) -> None:
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Oslo weather now"}]}]
+    status, body, _ = await mock.messages(messages=msgs, tools=[WEATHER_TOOL, SEARCH_TOOL])
+    assert status == 200
+    assert body["stop_reason"] == "tool_use"
+    (block,) = body["content"]
+    assert block["type"] == "tool_use" and block["id"].startswith("toolu_")
+    assert block["name"] == "get_weather" and block["input"] == {"location": "Oslo"}
+    assert body["usage"] == {"input_tokens": 3, "output_tokens": 2}
+    forced = {"type": "tool", "name": "search"}
+    _, body, _ = await mock.messages(
+        messages=msgs, tools=[WEATHER_TOOL, SEARCH_TOOL], tool_choice=forced
+    )
+    assert body["content"][0]["name"] == "search"
+    assert body["content"][0]["input"] == {"query": "Oslo"}
+    _, body, _ = await mock.messages(
+        messages=msgs, tools=[WEATHER_TOOL], tool_choice={"type": "none"}
+    )
+    assert body["stop_reason"] == "end_turn" and body["content"][0]["type"] == "text"
+
+    # The tool result: text again, seeded from the result's text.
+    history = [
+        *msgs,
+        {"role": "assistant", "content": [block]},
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": block["id"],
+                    "content": [{"type": "text", "text": "cold and windy"}],
+                }
+            ],
+        },
+    ]
+    _, body, _ = await mock.messages(messages=history, tools=[WEATHER_TOOL])
+    assert body["stop_reason"] == "end_turn"
+    assert body["content"][0]["text"] == " ".join(expected_words("cold and windy", 8))
+
+    # Streamed: a tool_use block, then the input in two input_json_delta pieces.
+    events = await mock.anthropic_events(messages=msgs, tools=[WEATHER_TOOL])
+    assert [name for name, _ in events] == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    start = events[1][1]["content_block"]
+    assert start["type"] == "tool_use" and start["name"] == "get_weather"
+    assert start["input"] == {}
+    pieces = [data["delta"] for _, data in events[3:5]]
+    assert all(p["type"] == "input_json_delta" and p["partial_json"] for p in pieces)
+    assert orjson.loads("".join(p["partial_json"] for p in pieces)) == {"location": "Oslo"}
+    assert events[6][1]["delta"]["stop_reason"] == "tool_use"
+
+    # The official SDK, streamed and not.
+    message = await claude.messages.create(
+        model="claude-mock",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "Oslo weather now"}],
+        tools=[
+            {"name": "get_weather", "input_schema": WEATHER_TOOL["input_schema"]},
+        ],
+    )
+    assert message.stop_reason == "tool_use"
+    tool_use = message.content[0]
+    assert tool_use.type == "tool_use"
+    assert tool_use.name == "get_weather" and tool_use.input == {"location": "Oslo"}
+    async with claude.messages.stream(
+        model="claude-mock-delay-5",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "Oslo weather now"}],
+        tools=[
+            {"name": "get_weather", "input_schema": WEATHER_TOOL["input_schema"]},
+        ],
+    ) as stream:
+        final = await stream.get_final_message()
+    assert final.stop_reason == "tool_use" and final.usage.output_tokens == 2
+    streamed = final.content[0]
+    assert streamed.type == "tool_use"
+    assert streamed.name == "get_weather" and streamed.input == {"location": "Oslo"}
+
+
+# --------------------------------------------------------------------------- Azure
+
+
+async def test_azure_chat_and_embeddings(mock: Mock) -> None:
+    base = "/openai/deployments/my-gpt-chunks-3/chat/completions"
+    status, body, _ = await mock.post(
+        f"{base}?api-version=2024-06-01",
+        {"messages": [{"role": "user", "content": "hi"}]},
+        headers={"api-key": "azure-key-1"},
+    )
+    assert status == 200
+    assert body["model"] == "my-gpt-chunks-3"  # the deployment, not the body's model
+    assert body["choices"][0]["message"]["content"] == " ".join(expected_words("hi", 3))
+    status, body, _ = await mock.post(
+        "/openai/deployments/emb/embeddings?api-version=2024-02-01",
+        {"input": ["a b", "c"], "model": "ignored"},
+        headers={"api-key": "azure-key-2"},
+    )
+    assert status == 200 and body["model"] == "emb" and len(body["data"]) == 2
+    # Errors are OpenAI-shaped with Azure's string code.
+    status, body, headers = await mock.post(
+        "/openai/deployments/mock-error-429/chat/completions?api-version=2024-06-01",
+        {"messages": [{"role": "user", "content": "x"}]},
+    )
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert body["error"]["code"] == "429" and body["error"]["type"] == "rate_limit_error"
+    stats = await mock.stats()
+    assert stats["api_key_seen"] == ["azure-key-1", "azure-key-2"]
+    assert stats["api_version_seen"] == "2024-06-01"
+    assert stats["models_seen"] == ["my-gpt-chunks-3", "emb", "mock-error-429"]
+    assert stats["calls"] == 3
+
+    # Without api-version (or on an unknown operation): Azure's 404, not a model call.
+    for path in (base, f"{base}?foo=1", "/openai/deployments/x/completions?api-version=1"):
+        status, body, _ = await mock.post(path, {"messages": [{"role": "user", "content": "x"}]})
+        assert status == 404
+        assert body == {"error": {"code": "404", "message": "Resource not found"}}
+    assert (await mock.stats())["calls"] == 3
+
+
+async def test_azure_openai_sdk(mock: Mock) -> None:
+    async with openai.AsyncAzureOpenAI(
+        azure_endpoint=mock.url, api_key="az-sdk-key", api_version="2024-10-21", max_retries=0
+    ) as client:
+        result = await client.chat.completions.create(
+            model="dep-one", messages=[{"role": "user", "content": "hello world"}]
+        )
+        assert result.model == "dep-one"
+        assert result.choices[0].message.content == " ".join(expected_words("hello world", 8))
+        emb = await client.embeddings.create(model="dep-emb", input="text")
+        assert len(emb.data) == 1 and emb.model == "dep-emb"
+    stats = await mock.stats()
+    assert stats["api_key_seen"] == ["az-sdk-key", "az-sdk-key"]
+    assert stats["api_version_seen"] == "2024-10-21"
+    assert stats["calls_by_path"] == {
+        "/openai/deployments/dep-one/chat/completions": 1,
+        "/openai/deployments/dep-emb/embeddings": 1,
+    }
+
+
+# --------------------------------------------------------------------------- keys seen
+
+
+async def test_keys_seen(mock: Mock) -> None:
+    await mock.post(
+        "/v1/chat/completions",
+        {"model": "a", "messages": [{"role": "user", "content": "x"}]},
+        headers={"Authorization": "Bearer sk-openai"},
+    )
+    await mock.post(
+        "/v1/messages",
+        {"model": "b", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+        headers={"x-api-key": "sk-ant", "anthropic-version": "2023-06-01"},
+    )
+    await mock.post(
+        "/openai/deployments/c/chat/completions?api-version=2024-06-01",
+        {"messages": [{"role": "user", "content": "x"}]},
+        headers={"api-key": "az"},
+    )
+    # Not model calls: no entry in the per-call histories.
+    async with mock.session.get(f"{mock.url}/health", headers={"api-key": "health"}) as resp:
+        assert resp.status == 200
+    await mock.post("/mock/reset-nothing", {}, headers={"x-api-key": "control"})
+    stats = await mock.stats()
+    assert stats["authorization_seen"] == ["Bearer sk-openai"]
+    assert stats["x_api_key_seen"] == ["sk-ant"]
+    assert stats["api_key_seen"] == ["az"]
+    assert stats["api_version_seen"] == "2024-06-01"
+    assert stats["models_seen"] == ["a", "b", "c"]
+    assert stats["auth_seen"] == ["Bearer sk-openai", "sk-ant", "az", "health"]
+
+    # Bounded histories.
+    for i in range(105):
+        await mock.post(
+            "/v1/embeddings", {"model": f"m{i}", "input": "x"}, headers={"x-api-key": f"k{i}"}
+        )
+    stats = await mock.stats()
+    assert stats["x_api_key_seen"] == [f"k{i}" for i in range(5, 105)]
+    assert stats["models_seen"] == [f"m{i}" for i in range(5, 105)]
+    assert len(stats["auth_seen"]) == 100
+    await mock.reset()
+    stats = await mock.stats()
+    for key in ("authorization_seen", "api_key_seen", "x_api_key_seen", "models_seen"):
+        assert stats[key] == []
+    assert stats["api_version_seen"] is None
+
+
+# --------------------------------------------------------------------------- fail on demand
+
+
+async def test_fail_on_demand(mock: Mock) -> None:
+    armed = await mock.fail(status=503, times=3, retry_after="2", retry_after_ms=1500)
+    assert armed == {"status": 503, "failures_left": 3}
+    assert (await mock.stats())["failures_left"] == 3
+
+    status, body, headers = await mock.chat(model="mock-latency-5000")  # no latency applied
+    assert status == 503
+    assert headers["Retry-After"] == "2" and headers["retry-after-ms"] == "1500"
+    assert body["error"]["type"] == "server_error" and set(body["error"]) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
+    status, body, headers = await mock.messages()
+    assert status == 503 and headers["Retry-After"] == "2"
+    assert body["type"] == "error" and body["error"]["type"] == "overloaded_error"
+    status, body, _ = await mock.post(
+        "/openai/deployments/d/embeddings?api-version=1", {"input": "x"}
+    )
+    assert status == 503 and body["error"]["code"] == "503"
+    stats = await mock.stats()
+    assert stats["failures_left"] == 0 and stats["calls"] == 3 and stats["completed"] == 3
+
+    # Then normal again.
+    status, _, headers = await mock.chat()
+    assert status == 200 and "Retry-After" not in headers
+    events = await mock.stream()
+    assert events[-1] == "[DONE]"
+
+
+async def test_fail_on_demand_until_cleared_and_body(mock: Mock) -> None:
+    await mock.fail(status=429, times=-1, body={"custom": True})
+    for _ in range(3):
+        status, body, headers = await mock.chat(stream=True)
+        assert status == 429 and body == {"custom": True}
+        assert "Retry-After" not in headers and "retry-after-ms" not in headers
+    status, body, _ = await mock.post("/v1/embeddings", {"input": "x"})
+    assert status == 429 and body == {"custom": True}
+    assert (await mock.stats())["failures_left"] == -1
+    assert await mock.fail(times=0) == {"failures_left": 0}
+    assert (await mock.chat())[0] == 200
+
+    # A text body; /mock/reset clears too.
+    await mock.fail(status=502, times=-1, body="<html>bad gateway</html>")
+    async with mock.session.post(f"{mock.url}/v1/messages", json={}) as resp:
+        assert resp.status == 502
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        assert await resp.text() == "<html>bad gateway</html>"
+    await mock.reset()
+    assert (await mock.stats())["failures_left"] == 0
+    assert (await mock.messages())[0] == 200
+
+    # The default is one failure of 500; bad specs are rejected.
+    assert await mock.fail() == {"status": 500, "failures_left": 1}
+    assert (await mock.chat())[0] == 500
+    assert (await mock.chat())[0] == 200
+    for spec in ({"status": 200}, {"times": -2}, {"times": "1"}, {"retry_after": "a\r\nb"}):
+        status, body, _ = await mock.post("/mock/fail", spec)
+        assert status == 400, spec
+    assert (await mock.stats())["failures_left"] == 0
+
+
+async def test_retry_after_ms_is_honoured_by_the_sdk(mock: Mock) -> None:
+    await mock.fail(status=429, times=1, retry_after_ms=300)
+    async with openai.AsyncOpenAI(
+        base_url=f"{mock.url}/v1", api_key="sk-retry", max_retries=1
+    ) as client:
+        result = await client.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "x"}]
+        )
+    assert result.choices[0].finish_reason == "stop"
+    stats = await mock.stats()
+    first, second = stats["call_times"]
+    assert second - first >= 0.29  # the retry waited for retry-after-ms
+
+
+# --------------------------------------------------------------------------- timeline
+
+
+async def test_call_times_and_calls_by_path(mock: Mock) -> None:
+    t0 = time.time()
+    await mock.chat(model="m-1")
+    await mock.post("/chat/completions/", {"model": "m-2", "messages": [{"role": "user"}]})
+    await mock.messages(model="m-3")
+    await mock.post("/v1/embeddings?x=1", {"model": "m-4", "input": "y"})
+    await mock.post("/v1/chat/completions", {"model": "m-5"})  # a 400 is a call too
+    async with mock.session.get(f"{mock.url}/v1/models") as resp:
+        assert resp.status == 200
+    t1 = time.time()
+    stats = await mock.stats()
+    times = stats["call_times"]
+    assert len(times) == stats["calls"] == 5
+    assert times == sorted(times) and t0 <= times[0] and times[-1] <= t1
+    assert stats["calls_by_path"] == {
+        "/v1/chat/completions": 2,
+        "/chat/completions": 1,
+        "/v1/messages": 1,
+        "/v1/embeddings": 1,
+    }
+    assert stats["models_seen"] == ["m-1", "m-2", "m-3", "m-4", "m-5"]
+    assert mock.state.call_times.maxlen == 1000
+    assert mock.state.calls_by_path == stats["calls_by_path"]
+    await mock.reset()
+    stats = await mock.stats()
+    assert stats["call_times"] == [] and stats["calls_by_path"] == {}
 
 
 # --------------------------------------------------------------------------- run()
