@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry
 from ingress.auth import Authenticator
 from ingress.ids import JobIds
 from ingress.replies import ReplyRouter
+from ingress.routing import Chooser
 from shared import messages as m
-from shared.config import Config, Router
+from shared.config import Config, ModelRoute, Router
 from shared.errors import (
     BadRequest,
     ModelNotFound,
@@ -45,6 +46,7 @@ class State:
     replies: ReplyRouter
     registry: CollectorRegistry
     metrics: IngressMetrics
+    chooser: Chooser
     #: Networks webhook URLs may point to although they are not public.
     webhook_allow: tuple[Network, ...] = ()
     draining: bool = False
@@ -122,33 +124,84 @@ def request_timeout(request: web.Request, state: State) -> float:
     return seconds
 
 
-def new_job(request: web.Request, state: State, tenant: str, raw: bytes, *, reply_to: str) -> m.Job:
-    """Validate a chat request body and make it a job for the provider it routes to."""
-    req = decode_chat(raw)
-    route = state.router.route(req.model)
-    if route is None:
-        raise ModelNotFound(f"the model {req.model!r} does not exist", param="model")
+def decode_embeddings(raw: bytes) -> m.EmbeddingsRequest:
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        req = m.embeddings_request_decoder.decode(raw)
+    except msgspec.ValidationError as e:
+        found = _PARAM_RE.search(str(e))
+        param = found.group(1) if found and found.group(1) else None
+        if "missing required field `input`" in str(e):
+            param = "input"
+        elif "missing required field `model`" in str(e):
+            param = "model"
+        raise BadRequest(f"invalid request: {e}", param=param) from e
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"malformed JSON body: {e}", code="invalid_json") from e
+    if req.input == "" or req.input == []:
+        raise BadRequest("'input' must not be empty", param="input")
+    return req
+
+
+async def new_job(
+    request: web.Request,
+    state: State,
+    tenant: str,
+    raw: bytes,
+    *,
+    reply_to: str,
+    kind: str = m.CHAT,
+) -> tuple[m.Job, ModelRoute]:
+    """Validate a request body and make it a job for the deployment it routes to;
+    the other deployments of its model become its fallbacks."""
+    if kind == m.EMBEDDINGS:
+        model, stream, include_usage = decode_embeddings(raw).model, False, False
+    else:
+        req = decode_chat(raw)
+        model, stream = req.model, req.stream
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    candidates = state.router.candidates(model)
+    if candidates is None:
+        raise ModelNotFound(f"the model {model!r} does not exist", param="model")
+    if kind == m.EMBEDDINGS:
+        usable = tuple(
+            t for t in candidates.targets if state.config.providers[t.provider].type != "anthropic"
+        )
+        if not usable:
+            raise BadRequest(f"the model {model!r} has no embeddings API", param="model")
+        if len(usable) < len(candidates.targets):
+            weights = tuple(
+                w
+                for t, w in zip(candidates.targets, candidates.weights, strict=True)
+                if t in usable
+            )
+            candidates = msgspec.structs.replace(candidates, targets=usable, weights=weights)
+    targets = await state.chooser.order(candidates)
+    first = targets[0]
     # Only routed names become metric labels: unknown names cannot grow the series.
-    request["model"] = req.model
-    request["provider"] = route.provider
+    request["model"] = model
+    request["provider"] = first.provider
     timeout = request_timeout(request, state)
     now = time.time()
     job = m.Job(
         id=state.ids.next(),
         tenant=tenant,
-        provider=route.provider,
-        model=req.model,
-        upstream_model=route.upstream_model,
-        stream=req.stream,
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        provider=first.provider,
+        model=model,
+        upstream_model=first.model,
+        stream=stream,
+        include_usage=include_usage,
         reply_to=reply_to,
         deadline=now + timeout,
         created=now,
         body=raw,
         traceparent=request.headers.get("traceparent", ""),
+        kind=kind,
+        fallbacks=targets[1:] if candidates.route.fallback else [],
     )
     request["job_id"] = job.id
-    return job
+    return job, candidates.route
 
 
 async def call_redis(state: State, what: str, provider: str, *command: Any) -> Any:

@@ -50,7 +50,7 @@ def prefers_async(request: web.Request) -> bool:
 async def post_job(request: web.Request) -> web.Response:
     """``POST /v1/jobs``: ``{"request": <chat body>, "webhook_url"?, "metadata"?}``."""
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers.get("Authorization"))
+    tenant = state.auth.tenant(request.headers)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
     if not raw.strip():
         raise BadRequest("request body is empty; expected a JSON object")
@@ -142,7 +142,7 @@ async def submit(
 
     ``raw`` is the whole request body, which an Idempotency-Key is bound to.
     """
-    job = new_job(request, state, tenant, chat_body, reply_to="")
+    job, _route = await new_job(request, state, tenant, chat_body, reply_to="")
     idem = _idempotency_key(request)
     if metadata:
         _check_metadata(metadata)
@@ -214,7 +214,7 @@ def _job_response(state: State, job_id: str, rec: Record) -> web.Response:
 
 async def get_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers.get("Authorization"))
+    tenant = state.auth.tenant(request.headers)
     job_id = request.match_info["job_id"]
     return _job_response(state, job_id, await _owned_record(state, tenant, job_id))
 
@@ -222,7 +222,7 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     """Cancel a job that is not final yet; a final job is returned as it is."""
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers.get("Authorization"))
+    tenant = state.auth.tenant(request.headers)
     job_id = request.match_info["job_id"]
     keys = state.keys
     answer = await call_redis(
@@ -262,7 +262,7 @@ def _list_params(request: web.Request) -> tuple[str | None, int, str | None]:
 async def list_jobs(request: web.Request) -> web.Response:
     """The caller's async jobs, newest first; ``after`` is the last id of the previous page."""
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers.get("Authorization"))
+    tenant = state.auth.tenant(request.headers)
     status, limit, after = _list_params(request)
     index = state.keys.tenant_jobs(tenant)
     start = 0

@@ -27,23 +27,24 @@ def free_port() -> int:
 
 def dev_config(mock_url: str, webhook_secret_file: str) -> dict[str, Any]:
     """The default dev config: open (no keys), every ``mock*`` and two familiar
-    names routed to the mock provider, room for hundreds of concurrent calls,
-    webhooks signed with a secret made for this run (to public addresses only)."""
+    names routed to the mock provider, a Claude name to the same mock spoken to
+    in Anthropic's format, room for hundreds of concurrent calls, the response
+    cache on, webhooks signed with a secret made for this run (to public
+    addresses only)."""
+    roomy = {"max_concurrency": 1024, "max_queue_depth": 100_000}
     return {
         "webhooks": {"secret_file": webhook_secret_file},
         "providers": {
-            "mock": {
-                "type": "mock",
-                "base_url": mock_url,
-                "max_concurrency": 1024,
-                "max_queue_depth": 100_000,
-            },
+            "mock": {"type": "mock", "base_url": mock_url, **roomy},
+            "mock-anthropic": {"type": "anthropic", "base_url": mock_url, **roomy},
         },
         "models": {
             "mock*": {"provider": "mock"},
             "gpt-4o-mini": {"provider": "mock", "model": "mock"},
             "gpt-4o": {"provider": "mock", "model": "mock-chunks-32"},
+            "claude-sonnet-4-5": {"provider": "mock-anthropic", "model": "mock"},
         },
+        "cache": {"enabled": True},
         "ingress": {"drain_s": 5},
         "worker": {"grace_period_s": 5, "lease_s": 15},
     }

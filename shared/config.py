@@ -70,15 +70,50 @@ class AuthConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     keys: tuple[ApiKey, ...] = ()
 
 
-ProviderType = Literal["openai", "mock"]
+ProviderType = Literal["openai", "openai-compatible", "azure", "anthropic", "mock"]
+
+#: The provider types whose upstream speaks the OpenAI wire format at ``base_url``.
+OPENAI_WIRE = frozenset(("openai", "openai-compatible", "mock"))
+
+
+class RetryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Retries of one upstream call on 429, 5xx, timeouts and connection errors."""
+
+    #: Retries after the first attempt (0: none); then the job falls back.
+    max_retries: int = 2
+    #: Backoff before retry n is ``base_s * 2**n``, at most ``max_s``, with full jitter
+    #: over its upper half; an upstream's Retry-After / retry-after-ms wins if longer.
+    base_s: float = 0.5
+    max_s: float = 8.0
+    #: A Retry-After longer than this is not waited for: the job falls back at once.
+    max_retry_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0 or self.base_s < 0 or self.max_s < 0:
+            raise ValueError("retry: max_retries, base_s and max_s must not be negative")
+
+
+class CircuitConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A circuit breaker per deployment, in each worker process."""
+
+    #: Consecutive failed calls (after which 429, 5xx, timeouts…) that open the circuit.
+    failures: int = 5
+    #: How long an open circuit refuses calls before one probe call is let through.
+    open_s: float = 30.0
 
 
 class ProviderConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     type: ProviderType
     #: Base URL of the upstream API, e.g. https://api.openai.com/v1 or a vLLM server's /v1.
     base_url: str
-    #: File holding the upstream API key (a mounted secret); never inline.
+    #: File holding the upstream API key (a mounted secret); never inline. Several
+    #: keys (one per line) are used in turn. The file is re-read when it changes.
     api_key_file: str | None = None
+    #: More key files; every key of every file is used in turn.
+    api_key_files: tuple[str, ...] = ()
+    #: Azure: the ``api-version`` query parameter; Anthropic: the ``anthropic-version``
+    #: header (default 2023-06-01).
+    api_version: str | None = None
     #: HTTP proxy for upstream calls (``http://[user:password@]host:port``), reached
     #: with CONNECT; the proxy must allow CONNECT to the upstream's port.
     proxy_url: str | None = None
@@ -89,8 +124,23 @@ class ProviderConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: Upper bound of one upstream call (the request deadline may be shorter).
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
+    #: In-flight upstream calls across every worker process (Redis leases); none if unset.
+    global_max_concurrency: int | None = None
+    #: Requests and tokens per rate window (``limits.window_s``) across every worker.
+    rpm: int | None = None
+    tpm: int | None = None
+    #: Anthropic: ``max_tokens`` sent when the request has none.
+    default_max_tokens: int = 4096
+    retry: RetryConfig = RetryConfig()
+    circuit: CircuitConfig = CircuitConfig()
+
+    def key_files(self) -> tuple[str, ...]:
+        return ((self.api_key_file,) if self.api_key_file else ()) + self.api_key_files
 
     def __post_init__(self) -> None:
+        if self.type == "azure" and not self.api_version:
+            raise ValueError("an azure provider needs api_version")
+        _check_limits(self.global_max_concurrency, self.rpm, self.tpm)
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         if self.max_queue_depth < 1:
@@ -99,10 +149,74 @@ class ProviderConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
             raise ValueError(f"base_url must be http(s): {self.base_url!r}")
 
 
-class ModelRoute(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+def _check_limits(cap: int | None, rpm: int | None, tpm: int | None) -> None:
+    for name, value in (("global_max_concurrency", cap), ("rpm", rpm), ("tpm", tpm)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1")
+
+
+class Deployment(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One place a model is served: a provider and the model name it knows."""
+
     provider: str
+    #: Model name sent upstream (Azure: the deployment name); defaults to the requested name.
+    model: str | None = None
+    #: Share of traffic under the ``weighted`` strategy.
+    weight: float = 1.0
+    #: Limits of this deployment across every worker (on top of the provider's).
+    global_max_concurrency: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError("weight must not be negative")
+        _check_limits(self.global_max_concurrency, self.rpm, self.tpm)
+
+
+Strategy = Literal["weighted", "least-queued", "lowest-latency"]
+
+
+class ModelRoute(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where a model name goes: one provider (``provider``/``model``) or a list of
+    ``deployments`` chosen by ``strategy``, the others being its fallbacks."""
+
+    provider: str | None = None
     #: Model name sent upstream; defaults to the requested name.
     model: str | None = None
+    deployments: tuple[Deployment, ...] = ()
+    strategy: Strategy = "weighted"
+    #: After its retries, a failed call moves on to the next deployment.
+    fallback: bool = True
+    #: Cache answers to sampling requests (temperature > 0) too.
+    cache_sampling: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.provider is None) == (not self.deployments):
+            raise ValueError("a model needs either provider or deployments (not both)")
+
+    def all_deployments(self) -> tuple[Deployment, ...]:
+        if self.provider is not None:
+            return (Deployment(provider=self.provider, model=self.model),)
+        return self.deployments
+
+
+class LimitsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Global limits (``global_max_concurrency``, ``rpm``, ``tpm``) held in Redis."""
+
+    #: A lease of a worker that died frees its slot after this long.
+    lease_s: float = 15.0
+    #: Length of the sliding window over which ``rpm`` and ``tpm`` are counted.
+    window_s: float = 60.0
+
+
+class CacheConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Exact-match response cache in Redis."""
+
+    enabled: bool = False
+    ttl_s: int = 3600
+    #: One cache for every tenant instead of one per tenant.
+    shared: bool = False
 
 
 class WorkerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -197,14 +311,17 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: Model name → route. A name ending in ``*`` matches every model with that prefix.
     models: dict[str, ModelRoute] = {}
     worker: WorkerConfig = WorkerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    cache: CacheConfig = CacheConfig()
     #: First part of each ingress process's reply stream name (pid and a random
     #: suffix follow); the host name when empty.
     pod_name: str = ""
 
     def __post_init__(self) -> None:
         for name, route in self.models.items():
-            if route.provider not in self.providers:
-                raise ValueError(f"model {name!r} routes to unknown provider {route.provider!r}")
+            for d in route.all_deployments():
+                if d.provider not in self.providers:
+                    raise ValueError(f"model {name!r} routes to unknown provider {d.provider!r}")
 
 
 def hash_key(key: str) -> str:
@@ -257,13 +374,27 @@ def load_config(path: str | None, env: Mapping[str, str]) -> Config:
     return parse_config(data, env)
 
 
-class Route(msgspec.Struct, frozen=True):
+class Target(msgspec.Struct, frozen=True, array_like=True):
+    """One deployment as a job carries it: provider and upstream model."""
+
     provider: str
-    upstream_model: str
+    model: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+class Candidates(msgspec.Struct, frozen=True):
+    """The deployments a requested model may go to, with the route's settings."""
+
+    targets: tuple[Target, ...]
+    weights: tuple[float, ...]
+    route: ModelRoute
 
 
 class Router:
-    """Maps a requested model name to a provider and an upstream model name."""
+    """Maps a requested model name to its deployments."""
 
     def __init__(self, config: Config) -> None:
         self._exact: dict[str, ModelRoute] = {}
@@ -276,7 +407,7 @@ class Router:
         self._prefixes.sort(key=lambda p: -len(p[0]))
         self.model_names = tuple(config.models)
 
-    def route(self, model: str) -> Route | None:
+    def candidates(self, model: str) -> Candidates | None:
         found = self._exact.get(model)
         if found is None:
             for prefix, route in self._prefixes:
@@ -285,4 +416,19 @@ class Router:
                     break
             else:
                 return None
-        return Route(found.provider, found.model or model)
+        deployments = found.all_deployments()
+        return Candidates(
+            tuple(Target(d.provider, d.model or model) for d in deployments),
+            tuple(d.weight for d in deployments),
+            found,
+        )
+
+
+def deployment_limits(config: Config) -> dict[Target, Deployment]:
+    """Each deployment with limits of its own, by (provider, upstream model)."""
+    found: dict[Target, Deployment] = {}
+    for name, route in config.models.items():
+        for d in route.all_deployments():
+            if d.global_max_concurrency or d.rpm or d.tpm:
+                found.setdefault(Target(d.provider, d.model or name), d)
+    return found

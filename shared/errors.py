@@ -12,6 +12,7 @@
      ├── IdempotencyMismatch     422    invalid_request_error
      ├── QueueFull               429    rate_limit_error (with Retry-After)
      ├── UpstreamError           the upstream's status, or 502
+     ├── CircuitOpen             503    every deployment of the model has its circuit open
      ├── Unavailable             503    service_unavailable (Redis unreachable, draining)
      └── DeadlineExceeded        504    timeout
 
@@ -21,6 +22,8 @@ Each error knows its HTTP status and renders as ``{"error": {"message", "type",
 
 from __future__ import annotations
 
+import email.utils
+import time
 from typing import Any, ClassVar
 
 import msgspec
@@ -121,6 +124,12 @@ class Unavailable(BrokerError):
     code = "service_unavailable"
 
 
+class CircuitOpen(BrokerError):
+    status = 503
+    type = "service_unavailable"
+    code = "circuit_open"
+
+
 class DeadlineExceeded(BrokerError):
     status = 504
     type = "timeout"
@@ -141,10 +150,16 @@ class UpstreamError(BrokerError):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message, param=param, code=code, headers=headers)
         self._status = status
         self._type = type or self.type
+        #: Worth another try (429, 5xx, timeout, connection error), and how long the
+        #: upstream asked to wait first (Retry-After / retry-after-ms), if it did.
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
     @property
     def http_status(self) -> int:
@@ -157,15 +172,47 @@ class UpstreamError(BrokerError):
 _UPSTREAM_STATUS_PASSED_THROUGH = {400, 404, 409, 413, 422, 429}
 
 
+def retry_after_seconds(retry_after: str | None, retry_after_ms: str | None) -> float | None:
+    """The wait an upstream asked for: ``retry-after-ms``, else ``Retry-After`` in
+    seconds or as an HTTP date; None if neither is usable."""
+    if retry_after_ms:
+        try:
+            ms = float(retry_after_ms)
+            if ms >= 0:
+                return ms / 1000
+        except ValueError:
+            pass
+    if retry_after:
+        try:
+            return max(0.0, float(retry_after))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(retry_after)
+            except (TypeError, ValueError):
+                return None
+            return max(0.0, when.timestamp() - time.time())
+    return None
+
+
 def upstream_status_error(
-    status: int, payload: Any, retry_after: str | None = None
+    status: int,
+    payload: Any,
+    retry_after: str | None = None,
+    retry_after_ms: str | None = None,
 ) -> UpstreamError:
     """Map an upstream HTTP error response to the error the client sees.
 
     The upstream's client errors (400, 404, 422, 429…) keep their status and its
     message; an upstream 401/403 is our credential problem, not the client's, so
-    it becomes 502, as do 5xx answers.
+    it becomes 502, as do 5xx answers. 429 and 5xx are worth retrying.
     """
+    error = _upstream_status_error(status, payload, retry_after)
+    error.retryable = status == 429 or status >= 500
+    error.retry_after_s = retry_after_seconds(retry_after, retry_after_ms)
+    return error
+
+
+def _upstream_status_error(status: int, payload: Any, retry_after: str | None) -> UpstreamError:
     message = f"upstream returned HTTP {status}"
     etype: str | None = None
     param: str | None = None
@@ -200,9 +247,27 @@ def upstream_status_error(
 
 def upstream_timeout(seconds: float) -> UpstreamError:
     return UpstreamError(
-        504, f"upstream did not answer within {seconds:g}s", type="timeout", code="upstream_timeout"
+        504,
+        f"upstream did not answer within {seconds:g}s",
+        type="timeout",
+        code="upstream_timeout",
+        retryable=True,
     )
 
 
 def upstream_unreachable(detail: str) -> UpstreamError:
-    return UpstreamError(502, f"cannot reach upstream: {detail}", code="upstream_connection_error")
+    return UpstreamError(
+        502,
+        f"cannot reach upstream: {detail}",
+        code="upstream_connection_error",
+        retryable=True,
+    )
+
+
+def upstream_interrupted() -> UpstreamError:
+    return UpstreamError(
+        502,
+        "upstream closed the stream before it ended",
+        code="upstream_stream_interrupted",
+        retryable=True,
+    )

@@ -85,6 +85,8 @@ def job_object(job_id: str, rec: Record) -> dict[str, Any]:
         "started_at": _time(rec, b"started_at"),
         "completed_at": _time(rec, b"completed_at"),
         "attempts": int(rec.get(b"attempts", b"0")),
+        #: Deployments tried, when there was more than one try.
+        "history": _raw(rec, b"history") or [],
         "metadata": _raw(rec, b"metadata") or {},
         "result": _raw(rec, b"result"),
         "error": error,

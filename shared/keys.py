@@ -55,3 +55,21 @@ class Keys:
     def cancel_channel(self) -> str:
         """Pub/sub channel on which job cancellations reach the worker running the job."""
         return f"{self.prefix}cancel"
+
+    def lease_set(self, provider: str, deployment: str = "") -> str:
+        """Sorted set of in-flight call leases (member: lease id, score: expiry time)
+        of a provider, or of one of its deployments."""
+        return f"{self.prefix}sem:{{{provider}}}:{deployment}"
+
+    def rate_log(self, provider: str, deployment: str, what: str) -> str:
+        """Sorted set of admitted calls (``req``) or token costs (``tok``) in the
+        rate window, and ``tok:sum``, the running total of the latter."""
+        return f"{self.prefix}rl:{{{provider}}}:{deployment}:{what}"
+
+    def latency(self) -> str:
+        """Hash: deployment name → moving average of its call latency (seconds)."""
+        return f"{self.prefix}lat"
+
+    def cache(self, scope: str, digest: str) -> str:
+        """A cached response, per tenant (or ``*`` when shared)."""
+        return f"{self.prefix}cache:{scope}:{digest}"

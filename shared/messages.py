@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from shared.config import Target
+
 # ---------------------------------------------------------------- client schema
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -41,6 +43,17 @@ class ChatRequest(msgspec.Struct):
 chat_request_decoder = msgspec.json.Decoder(ChatRequest)
 
 
+class EmbeddingsRequest(msgspec.Struct):
+    """The fields of an OpenAI embeddings request that the broker looks at."""
+
+    model: str
+    #: A string, or a list of strings or of token arrays.
+    input: str | list[str | int | list[int]]
+
+
+embeddings_request_decoder = msgspec.json.Decoder(EmbeddingsRequest)
+
+
 class JobSubmission(msgspec.Struct, forbid_unknown_fields=True):
     """The body of ``POST /v1/jobs``."""
 
@@ -52,6 +65,23 @@ class JobSubmission(msgspec.Struct, forbid_unknown_fields=True):
 job_submission_decoder = msgspec.json.Decoder(JobSubmission)
 
 # ---------------------------------------------------------------- queue messages
+
+
+class Attempt(msgspec.Struct, kw_only=True):
+    """One deployment's try at a job (its retries included), carried along on fallback."""
+
+    deployment: str
+    #: HTTP status the client would have seen, and the error code.
+    status: int
+    error: str = ""
+    retries: int = 0
+    started: float = 0.0
+    seconds: float = 0.0
+
+
+#: Job kinds: a chat completion or an embeddings call.
+CHAT = "chat"
+EMBEDDINGS = "embeddings"
 
 
 class Job(msgspec.Struct, kw_only=True):
@@ -73,6 +103,18 @@ class Job(msgspec.Struct, kw_only=True):
     #: The client's request body, as received.
     body: bytes
     traceparent: str = ""
+    kind: str = CHAT
+    #: Deployments to try next, in order, when this one fails after its retries.
+    fallbacks: list[Target] = []
+    #: Earlier deployments' tries.
+    attempts: list[Attempt] = []
+    #: Response cache key to store the result under ("" for none) and for how long.
+    cache_key: str = ""
+    cache_ttl: int = 0
+
+    @property
+    def target(self) -> Target:
+        return Target(self.provider, self.upstream_model)
 
 
 job_encoder = msgspec.msgpack.Encoder()

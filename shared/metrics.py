@@ -50,6 +50,18 @@ class IngressMetrics:
         self.redis_errors = Counter(
             "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
         )
+        self.cache = Counter(
+            "llm_broker_cache_requests",
+            "Response cache lookups by result (hit, miss)",
+            ["model", "result"],
+            registry=registry,
+        )
+        self.client_disconnects = Counter(
+            "llm_broker_client_disconnects",
+            "Clients that went away before their answer; their jobs are cancelled",
+            ["endpoint"],
+            registry=registry,
+        )
         self._children: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe_request(
@@ -110,6 +122,43 @@ class WorkerMetrics:
         )
         self.redis_errors = Counter(
             "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
+        )
+        self.retries = Counter(
+            "llm_broker_upstream_retries",
+            "Upstream calls tried again after a retryable error",
+            ["provider", "reason"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "llm_broker_fallbacks",
+            "Jobs moved on to their next deployment",
+            ["from_provider", "to_provider"],
+            registry=registry,
+        )
+        self.aborted = Counter(
+            "llm_broker_upstream_aborted",
+            "Upstream calls aborted before they finished (job cancelled, client gone, expired)",
+            ["provider"],
+            registry=registry,
+        )
+        self.circuit_state = Gauge(
+            "llm_broker_circuit_state",
+            "Circuit breaker per deployment in this process: 0 closed, 1 open, 2 half-open",
+            ["deployment"],
+            registry=registry,
+        )
+        self.circuit_opened = Counter(
+            "llm_broker_circuit_opened",
+            "Times a deployment's circuit opened",
+            ["deployment"],
+            registry=registry,
+        )
+        self.limit_wait_seconds = Histogram(
+            "llm_broker_limit_wait_seconds",
+            "Time a call waited for the global concurrency cap or rate limits",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
 
 

@@ -30,9 +30,13 @@ class Script:
     def __init__(self, text: str) -> None:
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()
+        _SCRIPTS[self.sha] = self
 
     def command(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+_SCRIPTS: dict[str, Script] = {}
 
 
 def _with_text(command: Sequence[Any]) -> tuple[Any, ...]:
@@ -130,7 +134,8 @@ return 'ok'
 # ARGV[1] group, [2] entry id, [3] job id, [4] final status ('' leaves the record
 # alone), [5] now, [6] result field, [7] payload, [8] http status, [9] TTL,
 # [10] reply kind ('' for no reply), [11] reply data, [12] '1' if the reply data
-# is the payload, [13] Retry-After ('' for none), [14] reply stream max length.
+# is the payload, [13] Retry-After ('' for none), [14] reply stream max length,
+# [15] the attempt history ('' for none: the job ran once, on one deployment).
 # Returns 1 if this call made the job final.
 SETTLE = Script(
     _FINISH
@@ -139,8 +144,13 @@ local made = 0
 if ARGV[4] ~= '' then
   local st = redis.call('HGET', KEYS[1], 'status')
   if st == 'queued' or st == 'in_progress' then
-    finish(KEYS[1], KEYS[4], ARGV[3], ARGV[4], ARGV[5], ARGV[9], ARGV[6], ARGV[7],
-           'http_status', ARGV[8])
+    if ARGV[15] ~= '' then
+      finish(KEYS[1], KEYS[4], ARGV[3], ARGV[4], ARGV[5], ARGV[9], ARGV[6], ARGV[7],
+             'http_status', ARGV[8], 'history', ARGV[15])
+    else
+      finish(KEYS[1], KEYS[4], ARGV[3], ARGV[4], ARGV[5], ARGV[9], ARGV[6], ARGV[7],
+             'http_status', ARGV[8])
+    end
     made = 1
   end
 end
@@ -160,6 +170,24 @@ redis.call('XDEL', KEYS[2], ARGV[2])
 return made
 """
 )
+
+# KEYS[1] job hash, [2] the queue the job leaves, [3] the queue it moves to.
+# ARGV[1] group, [2] entry id, [3] the job, packed, for its next deployment,
+# [4] that deployment's provider, [5] the attempt history so far.
+# Fallback: a job still running moves on to another provider's queue; its entry
+# here is acknowledged either way. Returns 1 if it moved.
+MOVE = Script("""
+local moved = 0
+local st = redis.call('HGET', KEYS[1], 'status')
+if st == 'queued' or st == 'in_progress' then
+  redis.call('XADD', KEYS[3], '*', 'j', ARGV[3])
+  redis.call('HSET', KEYS[1], 'provider', ARGV[4], 'history', ARGV[5])
+  moved = 1
+end
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+return moved
+""")
 
 # KEYS[1] job hash, KEYS[2] webhook event stream. ARGV: now, job id, result TTL.
 # The client stopped waiting at its deadline: a job not yet final becomes
@@ -204,7 +232,6 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 if tonumber(ARGV[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1], 'GT') end
 return 1
 """)
-_SCRIPTS = {s.sha: s for s in (ENQUEUE, SUBMIT, START, SETTLE, EXPIRE_JOB, CANCEL, WEBHOOK_ATTEMPT)}
 
 
 class _HiredisPacking:

@@ -187,12 +187,20 @@ def write_config(
 ) -> Path:
     """Write a config file routing ``mock*`` and ``gpt-4o-mini`` to the mock at ``mock_url``.
 
-    ``sections`` are merged two levels deep into the defaults.
+    ``sections`` are merged two levels deep into the defaults. The mock provider
+    neither retries nor trips its circuit breaker, so that an upstream error
+    reaches the client as it is; the tests of retries and breakers set their own.
     """
     cfg: dict[str, Any] = {
         "redis": {"url": redis_url, "key_prefix": prefix},
         "providers": {
-            "mock": {"type": "mock", "base_url": f"{mock_url}/v1", "max_concurrency": 64}
+            "mock": {
+                "type": "mock",
+                "base_url": f"{mock_url}/v1",
+                "max_concurrency": 64,
+                "retry": {"max_retries": 0},
+                "circuit": {"failures": 1_000_000},
+            }
         },
         "models": {
             "mock*": {"provider": "mock"},

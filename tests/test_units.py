@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+import email.utils
+import os
+import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
+import orjson
 import pytest
+from aiohttp.test_utils import make_mocked_request
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ingress import cache
 from ingress.auth import OPEN_TENANT, Authenticator
 from shared import messages as m
 from shared.config import (
+    CacheConfig,
+    CircuitConfig,
     ConfigError,
-    Route,
+    ModelRoute,
     Router,
+    Target,
     hash_key,
     load_config,
     new_key,
     parse_config,
 )
-from shared.errors import Unauthorized, upstream_status_error
+from shared.errors import Unauthorized, UpstreamError, retry_after_seconds, upstream_status_error
+from shared.keys import Keys
 from workers.accumulate import StreamAccumulator
+from workers.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from workers.credentials import KeyRing
 
 PROVIDERS = {"p1": {"type": "openai", "base_url": "https://api.example.com/v1"}}
 
@@ -85,11 +99,15 @@ def test_authenticator() -> None:
     auth = Authenticator(
         parse_config({"auth": {"keys": [{"tenant": "acme", "sha256": digest}]}}).auth
     )
-    assert auth.tenant(f"Bearer {key}") == "acme"
-    for header in (None, "", "Bearer", f"Basic {key}", "Bearer wrong"):
+    assert auth.tenant({"Authorization": f"Bearer {key}"}) == "acme"
+    assert auth.tenant({"x-api-key": key}) == "acme"
+    for header in ("", "Bearer", f"Basic {key}", "Bearer wrong"):
         with pytest.raises(Unauthorized):
-            auth.tenant(header)
-    assert Authenticator(parse_config({}).auth).tenant(None) == OPEN_TENANT
+            auth.tenant({"Authorization": header})
+    for headers in ({}, {"x-api-key": ""}, {"x-api-key": "wrong"}):
+        with pytest.raises(Unauthorized):
+            auth.tenant(headers)
+    assert Authenticator(parse_config({}).auth).tenant({}) == OPEN_TENANT
 
 
 def test_routing_exact_prefix_and_unknown() -> None:
@@ -104,10 +122,15 @@ def test_routing_exact_prefix_and_unknown() -> None:
         }
     )
     router = Router(cfg)
-    assert router.route("gpt-4o") == Route("p1", "gpt-4o-2024-08-06")
-    assert router.route("mock-slow") == Route("p2", "mock-slow")
-    assert router.route("mock-special-1") == Route("p1", "mock-special-1")
-    assert router.route("gpt-5") is None
+
+    def targets(model: str) -> tuple[Target, ...] | None:
+        found = router.candidates(model)
+        return found.targets if found else None
+
+    assert targets("gpt-4o") == (Target("p1", "gpt-4o-2024-08-06"),)
+    assert targets("mock-slow") == (Target("p2", "mock-slow"),)
+    assert targets("mock-special-1") == (Target("p1", "mock-special-1"),)
+    assert targets("gpt-5") is None
 
 
 def test_job_codec_round_trip() -> None:
@@ -272,3 +295,160 @@ def test_job_ids_are_128_bit_hex_and_unique() -> None:
 def test_the_shipped_configs_load(path: str) -> None:
     config = load_config(str(Path(__file__).parent.parent / path), {})
     assert config.providers and config.webhooks.secret_file
+
+
+# ---------------------------------------------------------------- providers, routing, cache
+
+
+@pytest.mark.parametrize(
+    ("providers", "models", "found"),
+    [
+        ({"az": {"type": "azure", "base_url": "https://x.example"}}, {}, "api_version"),
+        (PROVIDERS, {"m": {"provider": "p1", "deployments": [{"provider": "p1"}]}}, "either"),
+        (PROVIDERS, {"m": {}}, "either"),
+        (PROVIDERS, {"m": {"deployments": [{"provider": "nope"}]}}, "unknown provider"),
+        (PROVIDERS, {"m": {"deployments": [{"provider": "p1", "weight": -1}]}}, "weight"),
+        (PROVIDERS, {"m": {"provider": "p1", "strategy": "fastest"}}, "strategy"),
+        ({"p1": {**PROVIDERS["p1"], "rpm": 0}}, {}, "rpm"),
+        ({"p1": {**PROVIDERS["p1"], "type": "bedrock"}}, {}, "type"),
+    ],
+)
+def test_routing_config_errors_name_the_field(
+    providers: dict[str, Any], models: dict[str, Any], found: str
+) -> None:
+    with pytest.raises(ConfigError, match=found):
+        parse_config({"providers": providers, "models": models})
+
+
+def test_deployments_keep_their_order_and_weights() -> None:
+    cfg = parse_config(
+        {
+            "providers": {**PROVIDERS, "p2": PROVIDERS["p1"]},
+            "models": {
+                "m": {
+                    "strategy": "least-queued",
+                    "deployments": [
+                        {"provider": "p2", "model": "big", "weight": 3},
+                        {"provider": "p1"},
+                    ],
+                }
+            },
+        }
+    )
+    found = Router(cfg).candidates("m")
+    assert found is not None
+    assert found.targets == (Target("p2", "big"), Target("p1", "m"))
+    assert found.weights == (3.0, 1.0)
+    assert found.route.strategy == "least-queued"
+
+
+def test_retry_after_forms() -> None:
+    assert retry_after_seconds("7", None) == 7.0
+    assert retry_after_seconds("7", "1500") == 1.5  # the finer one wins
+    assert retry_after_seconds(None, "250") == 0.25
+    future = email.utils.formatdate(time.time() + 30, usegmt=True)
+    seconds = retry_after_seconds(future, None)
+    assert seconds is not None and 28 <= seconds <= 31
+    assert retry_after_seconds("soon", None) is None
+    assert retry_after_seconds(None, None) is None
+    err = upstream_status_error(429, None, "2", None)
+    assert err.retryable and err.retry_after_s == 2.0
+    assert upstream_status_error(503, None).retryable
+    assert not upstream_status_error(400, None).retryable
+    assert not upstream_status_error(401, None).retryable
+
+
+def test_circuit_breaker_opens_half_opens_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    registry = CollectorRegistry()
+    state = Gauge("s", "s", registry=registry)
+    opened = Counter("o", "o", registry=registry)
+    b = Breaker(CircuitConfig(failures=2, open_s=10), state, opened)
+    b.failure()
+    assert b.allow() and b.state == CLOSED
+    b.failure()
+    assert b.state == OPEN and not b.allow()
+    now[0] += 10
+    assert b.allow() and b.state == HALF_OPEN  # the probe
+    assert not b.allow()  # only one
+    b.failure()
+    assert b.state == OPEN and not b.allow()
+    now[0] += 10
+    assert b.allow()
+    b.success()
+    assert b.state == CLOSED and b.allow() and b.allow()
+    assert registry.get_sample_value("o_total") == 2
+
+
+def test_key_ring_rotates_and_rereads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.write_text("k1\nk2\n")
+    two.write_text("k3\n")
+    ring = KeyRing("p", (str(one), str(two)))
+    assert [ring.next() for _ in range(4)] == ["k1", "k2", "k3", "k1"]
+    one.write_text("k9\n")
+    os.utime(one, ns=(1, 1))  # a new stamp, as a rewritten file has
+    assert ring.next() in ("k2", "k3")  # not re-checked within the second
+    now[0] += 1.5
+    assert {ring.next() for _ in range(2)} == {"k9", "k3"}
+    one.unlink()
+    now[0] += 1.5
+    assert {ring.next() for _ in range(2)} == {"k9", "k3"}  # last keys kept
+    empty = KeyRing("p", (str(tmp_path / "missing"),))
+    with pytest.raises(UpstreamError, match="no API key"):
+        empty.next()
+
+
+def test_cache_plan_rules() -> None:
+    cfg = CacheConfig(enabled=True)
+    keys = Keys("t:")
+    route = ModelRoute(provider="p1")
+
+    def plan_for(body: dict[str, Any], kind: str = m.CHAT, **headers: str) -> Any:
+        request = make_mocked_request("POST", "/", headers=headers)
+        return cache.plan(request, cfg, keys, "acme", kind, body, route)
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    zero = plan_for({**base, "temperature": 0})
+    assert zero is not None and zero.read and zero.key.startswith("t:cache:acme:")
+    assert plan_for({**base, "temperature": 0, "stream": True}).key == zero.key
+    assert plan_for({**base}) is None  # the default temperature samples
+    assert plan_for({**base, "temperature": 0.5}) is None
+    assert plan_for({**base, "temperature": 0}, **{"Cache-Control": "no-store"}) is None
+    assert not plan_for({**base, "temperature": 0}, **{"Cache-Control": "no-cache"}).read
+    assert plan_for({"model": "m", "input": "x"}, m.EMBEDDINGS) is not None
+    sampled = cache.plan(
+        make_mocked_request("POST", "/"),
+        cfg,
+        keys,
+        "acme",
+        m.CHAT,
+        {**base, "temperature": 0.5},
+        ModelRoute(provider="p1", cache_sampling=True),
+    )
+    assert sampled is not None
+    off = cache.plan(
+        make_mocked_request("POST", "/"), CacheConfig(), keys, "acme", m.CHAT, base, route
+    )
+    assert off is None
+
+
+def test_cached_completion_replays_as_chunks() -> None:
+    completion = {
+        "id": "c1",
+        "created": 5,
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    chunks, closing = cache.sse_replay(completion, include_usage=True)
+    frames = [orjson.loads(f[6:]) for f in chunks.split(b"\n\n") if f]
+    assert [f["choices"][0]["delta"].get("content") for f in frames] == ["hi", None]
+    assert frames[-1]["choices"][0]["finish_reason"] == "stop"
+    assert orjson.loads(closing[6:])["usage"] == completion["usage"]
+    assert cache.sse_replay(completion, include_usage=False)[1] == b""

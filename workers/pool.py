@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -21,17 +23,21 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from shared import messages as m
-from shared.config import Config
-from shared.errors import BrokerError, UpstreamError
+from shared.config import Config, Target
+from shared.errors import BrokerError, CircuitOpen, DeadlineExceeded, UpstreamError
 from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
-from shared.redisio import REDIS_DOWN, SETTLE, START, Batcher, connect, ensure_group
+from shared.redisio import MOVE, REDIS_DOWN, SETTLE, START, Batcher, connect, ensure_group
 from workers.accumulate import StreamAccumulator
-from workers.upstream import OpenAIUpstream
+from workers.breaker import Breaker, LatencyAverage
+from workers.limits import Limits, estimate_tokens
+from workers.upstream import Upstream
 
 log = logging.getLogger("llm_broker.worker")
 
 REPLY_MAXLEN = 100_000
+#: A deployment's latency average is written to Redis at most this often.
+LATENCY_PUBLISH_S = 1.0
 DEAD_LETTER_MAXLEN = 100_000
 
 
@@ -41,7 +47,7 @@ class ProviderPool:
         *,
         provider: str,
         config: Config,
-        upstream: OpenAIUpstream,
+        upstream: Upstream,
         redis: aioredis.Redis,
         batcher: Batcher,
         consumer: str,
@@ -67,8 +73,26 @@ class ProviderPool:
         self._in_flight = metrics.in_flight.labels(provider)
         self._outcomes = {
             outcome: metrics.jobs.labels(provider, outcome)
-            for outcome in ("completed", "failed", "expired", "cancelled", "dead_lettered")
+            for outcome in (
+                "completed",
+                "failed",
+                "expired",
+                "cancelled",
+                "dead_lettered",
+                "fell_back",
+            )
         }
+        self.limits = Limits(config, provider, batcher, metrics)
+        self._breakers: dict[str, Breaker] = {}
+        #: Latency averages of the deployments that a lowest-latency route may pick.
+        self._latency = {
+            f"{provider}/{d.model or name}": LatencyAverage()
+            for name, route in config.models.items()
+            if route.strategy == "lowest-latency"
+            for d in route.all_deployments()
+            if d.provider == provider
+        }
+        self._bookkeeping: set[asyncio.Future[Any]] = set()
         self._queue_wait = metrics.queue_wait_seconds.labels(provider)
         self._upstream_seconds = metrics.upstream_seconds.labels(provider)
 
@@ -150,7 +174,7 @@ class ProviderPool:
 
     async def maintain_loop(self) -> None:
         """Reclaim stale entries of dead workers and keep this pool's leases fresh."""
-        interval = max(0.05, self.wcfg.lease_s / 3)
+        interval = min(max(0.05, self.wcfg.lease_s / 3), self.limits.renew_every)
         next_forget = 0.0
         while not self._stopping.is_set():
             try:
@@ -188,11 +212,15 @@ class ProviderPool:
             await ensure_group(self.redis, self.queue, GROUP)
 
     async def _refresh_leases(self) -> None:
-        """Reset the idle time of the entries this consumer still owns.
+        """Reset the idle time of the entries this consumer still owns, and push
+        forward the expiry of the global-limit leases it holds.
 
         Only entries still owned are touched: XCLAIM would otherwise take back
         an entry that another worker reclaimed while this one was stalled.
         """
+        renew = self.limits.renew_commands()
+        if renew:
+            await asyncio.gather(*(self.batcher.call(*c) for c in renew))
         if not self._jobs:
             return
         owned = await self.redis.xpending_range(
@@ -328,6 +356,7 @@ class ProviderPool:
                 # Only the upstream call was cancelled: the job was cancelled (or
                 # made final elsewhere); its record says so already. Close the entry.
                 self._outcomes["cancelled"].inc()
+                self.metrics.aborted.labels(self.provider).inc()
                 log.info("job %s: cancelled; upstream call aborted", job.id)
                 await self._settle(job, entry_id)
             return
@@ -376,10 +405,10 @@ class ProviderPool:
         return True
 
     async def _run(self, job: m.Job, entry_id: str, start: asyncio.Future[Any]) -> None:
-        """Call the upstream; record and send the outcome once ``start`` said "ok"."""
+        """Call the upstream, with retries; record and send the outcome, or move the
+        job on to its next deployment, once ``start`` said "ok"."""
         self._queue_wait.observe(max(0.0, time.time() - job.created))
-        timeout = min(self.pcfg.timeout_s, job.deadline - time.time())
-        if timeout <= 0:
+        if job.deadline <= time.time():
             if await start == b"ok":
                 self._outcomes["expired"].inc()
                 await self._settle(
@@ -392,39 +421,21 @@ class ProviderPool:
                     reply_kind=m.REPLY_ERROR,
                 )
             return
-        body = _upstream_body(job)
+        body = orjson.loads(job.body)
         headers = {"traceparent": job.traceparent} if job.traceparent else None
-        started = time.monotonic()
+        tries = _Tries(time.time())
         try:
-            if job.stream:
-                result = await self._stream(job, body, timeout, headers, start)
-                payload = orjson.dumps(result)
-                reply: bytes | None = b""
-                if job.include_usage and result.get("usage"):
-                    reply = _frame(
-                        {
-                            "id": result["id"],
-                            "object": "chat.completion.chunk",
-                            "created": result["created"],
-                            "model": job.model,
-                            "choices": [],
-                            "usage": result["usage"],
-                        }
-                    )
-            else:
-                result = await self.upstream.complete(body, timeout, headers)
-                result["id"] = _response_id(job)
-                result["model"] = job.model
-                payload = orjson.dumps(result)
-                reply = None  # the reply is the result itself
+            payload, reply = await self._attempts(job, body, headers, start, tries)
         except BrokerError as e:
-            if await start == b"ok":
-                self._outcomes["failed"].inc()
-                log.info("job %s: upstream error %d: %s", job.id, e.http_status, e.message)
-                await self._fail(job, entry_id, e)
+            if await start != b"ok":
+                return
+            attempt = tries.attempt(job, e.http_status, e.error_code or "")
+            if self._may_fall_back(job, e, tries) and await self._fall_back(job, entry_id, attempt):
+                return
+            self._outcomes["failed"].inc()
+            log.info("job %s: upstream error %d: %s", job.id, e.http_status, e.message)
+            await self._fail(job, entry_id, e, history=tries.history(job, attempt))
             return
-        finally:
-            self._upstream_seconds.observe(time.monotonic() - started)
         if await start == b"ok":
             self._outcomes["completed"].inc()
             await self._settle(
@@ -435,21 +446,140 @@ class ProviderPool:
                 payload=payload,
                 reply_kind=m.REPLY_RESULT,
                 reply_data=reply,
+                history=tries.history(job, tries.attempt(job, 200, "")),
             )
+
+    async def _attempts(
+        self,
+        job: m.Job,
+        body: dict[str, Any],
+        headers: dict[str, str] | None,
+        start: asyncio.Future[Any],
+        tries: _Tries,
+    ) -> tuple[bytes, bytes | None]:
+        """Try this deployment, retrying what is worth it; raises the last error."""
+        target = job.target
+        breaker = self._breaker(target)
+        limited = self.limits.rule(target) is not None
+        cost = estimate_tokens(body, len(job.body)) if limited else 0
+        while True:
+            if not breaker.allow():
+                raise CircuitOpen(
+                    f"deployment {target.name} failed repeatedly; its circuit is open"
+                )
+            lease = None
+            if limited:
+                try:
+                    lease = await self.limits.acquire(job.id, target, cost, job.deadline)
+                except BaseException:
+                    breaker.abandon()
+                    raise
+            timeout = min(self.pcfg.timeout_s, job.deadline - time.time())
+            started = time.monotonic()
+            try:
+                if timeout <= 0:
+                    raise DeadlineExceeded("the request deadline passed before the call")
+                payload, reply, tokens = await self._call(job, body, timeout, headers, start, tries)
+            except UpstreamError as e:
+                if lease is not None:
+                    self._background(self.limits.release(lease, None))
+                if e.retryable or e.error_code == "upstream_auth_failed":
+                    breaker.failure()
+                else:
+                    breaker.success()  # the upstream is up; the request was bad
+                delay = self._retry_delay(job, e, tries)
+                if delay is None:
+                    raise
+                tries.retries += 1
+                self.metrics.retries.labels(self.provider, str(e.http_status)).inc()
+                log.info(
+                    "job %s: %s answered %d; retry %d in %.2fs",
+                    job.id,
+                    target.name,
+                    e.http_status,
+                    tries.retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)  # backoff before the retry
+                continue
+            except BaseException:
+                breaker.abandon()
+                if lease is not None:
+                    self._background(self.limits.release(lease, None))
+                raise
+            finally:
+                self._upstream_seconds.observe(time.monotonic() - started)
+            breaker.success()
+            self._observe_latency(target.name, time.monotonic() - started)
+            if lease is not None:
+                self._background(self.limits.release(lease, tokens))
+            return payload, reply
+
+    def _retry_delay(self, job: m.Job, e: UpstreamError, tries: _Tries) -> float | None:
+        """How long to wait before retrying after ``e``; None: no retry."""
+        rcfg = self.pcfg.retry
+        if not e.retryable or tries.sent or tries.retries >= rcfg.max_retries:
+            return None
+        ceiling = min(rcfg.max_s, rcfg.base_s * 2**tries.retries)
+        delay = random.uniform(ceiling / 2, ceiling)
+        if e.retry_after_s is not None:
+            if e.retry_after_s > rcfg.max_retry_after_s:
+                return None
+            delay = max(delay, e.retry_after_s)
+        if time.time() + delay >= job.deadline:
+            return None
+        return delay
+
+    async def _call(
+        self,
+        job: m.Job,
+        body: dict[str, Any],
+        timeout: float,
+        headers: dict[str, str] | None,
+        start: asyncio.Future[Any],
+        tries: _Tries,
+    ) -> tuple[bytes, bytes | None, int | None]:
+        """One upstream call: the job's payload, the reply to send (None: the
+        payload itself) and the tokens it used (if the upstream said)."""
+        model = job.upstream_model
+        if job.kind == m.EMBEDDINGS:
+            result = await self.upstream.embed(body, model, timeout, headers)
+            result["model"] = job.model
+            return orjson.dumps(result), None, _total_tokens(result)
+        if not job.stream:
+            result = await self.upstream.complete(body, model, timeout, headers)
+            result["id"] = _response_id(job)
+            result["model"] = job.model
+            return orjson.dumps(result), None, _total_tokens(result)
+        result = await self._stream(job, body, timeout, headers, start, tries)
+        reply = b""
+        if job.include_usage and result.get("usage"):
+            reply = _frame(
+                {
+                    "id": result["id"],
+                    "object": "chat.completion.chunk",
+                    "created": result["created"],
+                    "model": job.model,
+                    "choices": [],
+                    "usage": result["usage"],
+                }
+            )
+        return orjson.dumps(result), reply, _total_tokens(result)
 
     async def _stream(
         self,
         job: m.Job,
-        body: bytes,
+        body: dict[str, Any],
         timeout: float,
         headers: dict[str, str] | None,
         start: asyncio.Future[Any],
+        tries: _Tries,
     ) -> dict[str, Any]:
         acc = StreamAccumulator()
         sender = _ChunkSender(self, job)
         response_id = _response_id(job)
         try:
-            async for chunk in self.upstream.stream(body, timeout, headers):
+            async for chunk in self.upstream.stream(body, job.upstream_model, timeout, headers):
                 if not start.done():
                     await start  # no chunk reaches the client before the job has started
                 acc.add(chunk)
@@ -458,12 +588,99 @@ class ProviderPool:
                 chunk["id"] = response_id
                 chunk["model"] = job.model
                 sender.add(_frame(chunk))
+                tries.sent = tries.sent or bool(job.reply_to)
         finally:
             await sender.drain()
         return acc.result(response_id, job.model, int(job.created))
 
+    def _may_fall_back(self, job: m.Job, e: BrokerError, tries: _Tries) -> bool:
+        if not job.fallbacks or tries.sent:
+            return False
+        if isinstance(e, CircuitOpen):
+            return True
+        return isinstance(e, UpstreamError) and (
+            e.retryable or e.error_code == "upstream_auth_failed"
+        )
+
+    async def _fall_back(self, job: m.Job, entry_id: str, attempt: m.Attempt) -> bool:
+        """Move the job on to its next deployment; False if it cannot."""
+        nxt, rest = job.fallbacks[0], job.fallbacks[1:]
+        history = [*job.attempts, attempt]
+        moved = msgspec.structs.replace(
+            job, provider=nxt.provider, upstream_model=nxt.model, fallbacks=rest, attempts=history
+        )
+        command = MOVE.command(
+            (self.keys.job(job.id), self.queue, self.keys.queue(nxt.provider)),
+            (
+                GROUP,
+                entry_id,
+                m.job_encoder.encode(moved),
+                nxt.provider,
+                msgspec.json.encode(history),
+            ),
+        )
+        try:
+            await self.batcher.call(*command)
+        except REDIS_DOWN as e:
+            # The entry stays pending; it is reclaimed and tried again later.
+            log.warning("job %s: could not move on to %s: %s", job.id, nxt.name, e)
+            return True
+        except ResponseError as e:
+            log.warning("job %s: could not move on to %s: %s", job.id, nxt.name, e)
+            return False
+        self.metrics.fallbacks.labels(self.provider, nxt.provider).inc()
+        self._outcomes["fell_back"].inc()
+        log.info(
+            "job %s: %s failed (%d %s); moved on to %s",
+            job.id,
+            attempt.deployment,
+            attempt.status,
+            attempt.error,
+            nxt.name,
+        )
+        return True
+
+    def _breaker(self, target: Target) -> Breaker:
+        breaker = self._breakers.get(target.name)
+        if breaker is None:
+            breaker = Breaker(
+                self.pcfg.circuit,
+                self.metrics.circuit_state.labels(target.name),
+                self.metrics.circuit_opened.labels(target.name),
+            )
+            self._breakers[target.name] = breaker
+        return breaker
+
+    def _observe_latency(self, deployment: str, seconds: float) -> None:
+        average = self._latency.get(deployment)
+        if average is None:
+            return  # no route picks this deployment by latency
+        average.observe(seconds)
+        now = time.monotonic()
+        if now - average.published >= LATENCY_PUBLISH_S and average.value is not None:
+            average.published = now
+            self._background(
+                self.batcher.call("HSET", self.keys.latency(), deployment, average.value)
+            )
+
+    def _background(self, aw: Awaitable[Any]) -> None:
+        """Run a bookkeeping call (lease release, latency) without waiting for it."""
+        task = asyncio.ensure_future(aw)
+        self._bookkeeping.add(task)
+        task.add_done_callback(self._bookkeeping_done)
+
+    def _bookkeeping_done(self, task: asyncio.Future[Any]) -> None:
+        self._bookkeeping.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("provider %s: bookkeeping call failed: %s", self.provider, task.exception())
+
     async def _fail(
-        self, job: m.Job, entry_id: str, err: BrokerError, dead_letter: bytes | None = None
+        self,
+        job: m.Job,
+        entry_id: str,
+        err: BrokerError,
+        dead_letter: bytes | None = None,
+        history: bytes = b"",
     ) -> None:
         await self._settle(
             job,
@@ -475,6 +692,7 @@ class ProviderPool:
             reply_kind=m.REPLY_ERROR,
             retry_after=err.headers.get("Retry-After", ""),
             dead_letter=dead_letter,
+            history=history,
         )
 
     def reply_command(self, job: m.Job, data: bytes) -> tuple[Any, ...] | None:
@@ -512,6 +730,7 @@ class ProviderPool:
         reply_data: bytes | None = None,
         retry_after: str = "",
         dead_letter: bytes | None = None,
+        history: bytes = b"",
     ) -> None:
         """Close one entry: the job's final state first, then the reply, then the ack.
 
@@ -539,9 +758,12 @@ class ProviderPool:
                 "1" if reply_data is None else "0",
                 retry_after,
                 REPLY_MAXLEN,
+                history,
             ),
         )
         commands: list[tuple[Any, ...]] = []
+        if job is not None and job.cache_key and status == m.COMPLETED:
+            commands.append(("SET", job.cache_key, payload, "EX", job.cache_ttl))
         if dead_letter is not None:
             commands.append(
                 (
@@ -641,12 +863,42 @@ class _ChunkSender:
             await asyncio.gather(self._prev, return_exceptions=True)
 
 
-def _upstream_body(job: m.Job) -> bytes:
-    body = orjson.loads(job.body)
-    body["model"] = job.upstream_model
-    if job.stream:
-        body["stream_options"] = {"include_usage": True}
-    return orjson.dumps(body)
+class _Tries:
+    """What happened so far on a job's current deployment."""
+
+    __slots__ = ("began", "retries", "sent")
+
+    def __init__(self, began: float) -> None:
+        self.began = began
+        self.retries = 0
+        #: A chunk of the answer reached the client: no retry, no fallback.
+        self.sent = False
+
+    def attempt(self, job: m.Job, status: int, error: str) -> m.Attempt:
+        return m.Attempt(
+            deployment=job.target.name,
+            status=status,
+            error=error,
+            retries=self.retries,
+            started=self.began,
+            seconds=round(time.time() - self.began, 6),
+        )
+
+    def history(self, job: m.Job, last: m.Attempt) -> bytes:
+        """The attempt history for the job record; empty when there is nothing to
+        tell (one deployment, no retry)."""
+        if not job.attempts and not self.retries:
+            return b""
+        return msgspec.json.encode([*job.attempts, last])
+
+
+def _total_tokens(result: dict[str, Any]) -> int | None:
+    usage = result.get("usage")
+    if isinstance(usage, dict):
+        total = usage.get("total_tokens")
+        if isinstance(total, int):
+            return total
+    return None
 
 
 def _response_id(job: m.Job) -> str:

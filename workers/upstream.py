@@ -1,9 +1,18 @@
 """Upstream adapters: the HTTP call to a provider.
 
-``openai`` speaks the OpenAI chat API at any ``base_url`` (OpenAI itself, vLLM,
-Ollama, LM Studio…); ``mock`` is the same wire format against the bundled mock
-server. Errors become :class:`shared.errors.UpstreamError` with the status the
-client should see.
+Every adapter takes the broker's internal request (an OpenAI chat or embeddings
+body, as a dict) and gives back OpenAI-shaped answers: a ``chat.completion``,
+``chat.completion.chunk`` objects, or an embeddings list.
+
+* ``openai``, ``openai-compatible`` (vLLM, Ollama, Groq, Together… by
+  ``base_url``) and ``mock`` speak the OpenAI API at ``base_url``;
+* ``azure`` calls ``{base_url}/openai/deployments/{model}/…?api-version=…`` with an
+  ``api-key`` header (the upstream model is the deployment name);
+* ``anthropic`` translates to the Messages API at ``{base_url}/messages``
+  (``base_url`` like ``https://api.anthropic.com/v1``) with ``x-api-key``.
+
+Errors become :class:`shared.errors.UpstreamError` with the status the client
+should see, marked retryable where another try may succeed.
 """
 
 from __future__ import annotations
@@ -11,18 +20,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
-from shared.config import ProviderConfig
+from shared import anthropic
+from shared.config import OPENAI_WIRE, ProviderConfig
 from shared.errors import (
+    BadRequest,
     UpstreamError,
+    upstream_interrupted,
     upstream_status_error,
     upstream_timeout,
     upstream_unreachable,
 )
+from workers.credentials import KeyRing
 from workers.http import (
     ConnectionPool,
     HTTPClientError,
@@ -34,9 +47,11 @@ from workers.http import (
 
 log = logging.getLogger("llm_broker.worker.upstream")
 
+_BAD_STREAM = "upstream sent a malformed stream event"
 
-class OpenAIUpstream:
-    """Calls an OpenAI-compatible ``/chat/completions`` endpoint."""
+
+class Upstream:
+    """Base adapter: one keep-alive pool per provider, keys from files."""
 
     def __init__(self, name: str, cfg: ProviderConfig) -> None:
         self.name = name
@@ -46,34 +61,44 @@ class OpenAIUpstream:
             self._origin, connect_timeout=cfg.connect_timeout_s, proxy_url=cfg.proxy_url
         )
         self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-        if cfg.api_key_file:
-            key = Path(cfg.api_key_file).read_text().strip()
-            log.info("provider %s: read API key from %s", name, cfg.api_key_file)
-            self._headers["Authorization"] = f"Bearer {key}"
+        self._keys = KeyRing(name, cfg.key_files())
 
     def close(self) -> None:
         self._pool.close()
 
-    async def _post(self, body: bytes, headers: dict[str, str] | None) -> Response:
-        merged = {**self._headers, **headers} if headers else self._headers
-        request = build_request(self._origin, "/chat/completions", body, merged)
+    def _auth(self, key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    async def _post(
+        self, path: str, payload: dict[str, Any], headers: dict[str, str] | None
+    ) -> Response:
+        merged = dict(self._headers)
+        if self._keys:
+            merged.update(self._auth(self._keys.next()))
+        if headers:
+            merged.update(headers)
+        request = build_request(self._origin, path, orjson.dumps(payload), merged)
         resp = await self._pool.request(request)
         if resp.status >= 400:
             raw = await resp.read()
             raise upstream_status_error(
-                resp.status, _json_or_none(raw), resp.headers.get("retry-after")
+                resp.status,
+                _json_or_none(raw),
+                resp.headers.get("retry-after"),
+                resp.headers.get("retry-after-ms"),
             )
         return resp
 
-    async def complete(
-        self, body: bytes, timeout_s: float, headers: dict[str, str] | None = None
+    async def _json(
+        self, path: str, payload: dict[str, Any], timeout_s: float, headers: dict[str, str] | None
     ) -> dict[str, Any]:
-        """A non-streaming call; the decoded ``chat.completion`` object."""
         try:
             async with asyncio.timeout(timeout_s):
-                raw = await (await self._post(body, headers)).read()
+                raw = await (await self._post(path, payload, headers)).read()
         except TimeoutError as e:
             raise upstream_timeout(timeout_s) from e
+        except ResponseInterrupted as e:
+            raise upstream_interrupted() from e
         except HTTPClientError as e:
             raise upstream_unreachable(str(e)) from e
         result = _json_or_none(raw)
@@ -85,43 +110,146 @@ class OpenAIUpstream:
             )
         return result
 
-    async def stream(
-        self, body: bytes, timeout_s: float, headers: dict[str, str] | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """A streaming call; yields each decoded ``chat.completion.chunk``."""
+    async def _events(
+        self, path: str, payload: dict[str, Any], timeout_s: float, headers: dict[str, str] | None
+    ) -> AsyncIterator[Any]:
+        """The decoded ``data:`` payloads of a streamed answer (``[DONE]`` ends it)."""
         try:
             async with asyncio.timeout(timeout_s):
-                resp = await self._post(body, headers)
+                resp = await self._post(path, payload, headers)
                 async for data in _sse_data(resp):
                     if data == b"[DONE]":
                         return
                     try:
-                        chunk = orjson.loads(data)
+                        yield orjson.loads(data)
                     except orjson.JSONDecodeError as e:
-                        raise UpstreamError(
-                            502,
-                            "upstream sent a malformed stream event",
-                            code="upstream_bad_response",
-                        ) from e
-                    if isinstance(chunk, dict):
-                        if "error" in chunk and "choices" not in chunk:
-                            raise upstream_status_error(502, chunk)
-                        yield chunk
-                raise UpstreamError(
-                    502,
-                    "upstream closed the stream before it ended",
-                    code="upstream_stream_interrupted",
-                )
+                        raise UpstreamError(502, _BAD_STREAM, code="upstream_bad_response") from e
+                raise upstream_interrupted()
         except TimeoutError as e:
             raise upstream_timeout(timeout_s) from e
         except ResponseInterrupted as e:
-            raise UpstreamError(
-                502,
-                "upstream closed the stream before it ended",
-                code="upstream_stream_interrupted",
-            ) from e
+            raise upstream_interrupted() from e
         except HTTPClientError as e:
             raise upstream_unreachable(str(e)) from e
+
+    async def complete(
+        self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
+    ) -> dict[str, Any]:
+        """A non-streaming chat call; the ``chat.completion`` object."""
+        raise NotImplementedError
+
+    def stream(
+        self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A streaming chat call; yields ``chat.completion.chunk`` objects."""
+        raise NotImplementedError
+
+    async def embed(
+        self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
+    ) -> dict[str, Any]:
+        """An embeddings call; the OpenAI embeddings list object."""
+        raise BadRequest(
+            f"provider {self.name!r} ({self.cfg.type}) has no embeddings API", param="model"
+        )
+
+
+class OpenAIUpstream(Upstream):
+    """Calls an OpenAI-compatible API at ``base_url``."""
+
+    def _path(self, model: str, what: str) -> str:
+        return f"/{what}"
+
+    async def complete(
+        self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
+    ) -> dict[str, Any]:
+        body["model"] = model
+        return await self._json(self._path(model, "chat/completions"), body, timeout_s, headers)
+
+    async def stream(
+        self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        body["model"] = model
+        body["stream_options"] = {"include_usage": True}
+        path = self._path(model, "chat/completions")
+        async for chunk in self._events(path, body, timeout_s, headers):
+            if isinstance(chunk, dict):
+                if "error" in chunk and "choices" not in chunk:
+                    raise upstream_status_error(502, chunk)
+                yield chunk
+
+    async def embed(
+        self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
+    ) -> dict[str, Any]:
+        body["model"] = model
+        return await self._json(self._path(model, "embeddings"), body, timeout_s, headers)
+
+
+class AzureUpstream(OpenAIUpstream):
+    """Azure OpenAI: deployment URLs, ``api-version``, the ``api-key`` header."""
+
+    def _auth(self, key: str) -> dict[str, str]:
+        return {"api-key": key}
+
+    def _path(self, model: str, what: str) -> str:
+        version = quote(self.cfg.api_version or "", safe="")
+        return f"/openai/deployments/{quote(model, safe='')}/{what}?api-version={version}"
+
+
+class AnthropicUpstream(Upstream):
+    """The Anthropic Messages API, translated to and from the OpenAI chat format."""
+
+    def __init__(self, name: str, cfg: ProviderConfig) -> None:
+        super().__init__(name, cfg)
+        self._headers["anthropic-version"] = cfg.api_version or "2023-06-01"
+
+    def _auth(self, key: str) -> dict[str, str]:
+        return {"x-api-key": key}
+
+    def _request(self, body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
+        try:
+            payload = anthropic.chat_to_messages(body, model, self.cfg.default_max_tokens)
+        except anthropic.TranslationError as e:
+            raise BadRequest(str(e), param=e.param) from e
+        payload["stream"] = stream
+        return payload
+
+    async def complete(
+        self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
+    ) -> dict[str, Any]:
+        message = await self._json(
+            "/messages", self._request(body, model, False), timeout_s, headers
+        )
+        try:
+            return anthropic.message_to_chat(message, model, str(message.get("id", "")), 0)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UpstreamError(
+                502, "upstream answered with a malformed message", code="upstream_bad_response"
+            ) from e
+
+    async def stream(
+        self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        events = anthropic.EventsToChunks("", model, 0)
+        payload = self._request(body, model, True)
+        async for event in self._events("/messages", payload, timeout_s, headers):
+            if not isinstance(event, dict):
+                continue
+            try:
+                chunks = events.feed(event)
+            except anthropic.UpstreamStreamError as e:
+                raise UpstreamError(
+                    529 if e.error_type == "overloaded_error" else 502,
+                    str(e),
+                    type=e.error_type,
+                    code="upstream_error",
+                    retryable=True,
+                ) from e
+            except (KeyError, TypeError, ValueError) as e:
+                raise UpstreamError(502, _BAD_STREAM, code="upstream_bad_response") from e
+            for chunk in chunks:
+                yield chunk
+            if events.done:
+                return
 
 
 async def _sse_data(resp: Response) -> AsyncIterator[bytes]:
@@ -144,7 +272,11 @@ def _json_or_none(raw: bytes) -> Any:
         return None
 
 
-def make_upstream(name: str, cfg: ProviderConfig) -> OpenAIUpstream:
-    if cfg.type in ("openai", "mock"):
+def make_upstream(name: str, cfg: ProviderConfig) -> Upstream:
+    if cfg.type in OPENAI_WIRE:
         return OpenAIUpstream(name, cfg)
+    if cfg.type == "azure":
+        return AzureUpstream(name, cfg)
+    if cfg.type == "anthropic":
+        return AnthropicUpstream(name, cfg)
     raise ValueError(f"provider {name!r}: unknown type {cfg.type!r}")

@@ -1,0 +1,225 @@
+"""Synchronous calls: enqueue a job, wait on its replies, answer (JSON or SSE).
+
+One path serves ``/v1/chat/completions``, ``/v1/embeddings`` and
+``/v1/messages``; a :class:`Renderer` writes the answer in the client's API
+(OpenAI as the worker sent it, or Anthropic). Answers may come from the
+response cache instead. A client that goes away before its answer has its job
+cancelled: the worker holding it aborts the upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import web
+
+from ingress import cache
+from ingress.common import State, call_redis, queue_full
+from ingress.replies import Reply, Waiter
+from shared import messages as m
+from shared.config import ModelRoute
+from shared.errors import DeadlineExceeded
+from shared.redisio import CANCEL, EXPIRE_JOB, REDIS_DOWN, enqueue_command
+
+log = logging.getLogger("llm_broker.ingress")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+DONE = b"data: [DONE]\n\n"
+
+
+class Renderer:
+    """Writes answers in the OpenAI API: what the worker sent, as it is."""
+
+    def result(self, data: bytes) -> bytes:
+        return data
+
+    def error(self, status: int, data: bytes) -> bytes:
+        return data
+
+    def chunks(self, data: bytes) -> bytes:
+        return data
+
+    def end(self, data: bytes) -> bytes:
+        return data + DONE
+
+    def stream_error(self, data: bytes) -> bytes:
+        return b"data: " + data + b"\n\n"
+
+
+async def run(
+    request: web.Request, state: State, job: m.Job, route: ModelRoute, renderer: Renderer
+) -> web.StreamResponse:
+    """Answer a synchronous request: from the cache, or by running ``job``."""
+    plan = None
+    if state.config.cache.enabled:
+        body = orjson.loads(job.body)
+        plan = cache.plan(
+            request, state.config.cache, state.keys, job.tenant, job.kind, body, route
+        )
+    if plan is not None:
+        if plan.read:
+            cached = await call_redis(state, "cache", job.provider, "GET", plan.key)
+            state.metrics.cache.labels(job.model, "hit" if cached else "miss").inc()
+            if cached:
+                return await _cached(request, job, cached, renderer)
+        else:
+            state.metrics.cache.labels(job.model, "miss").inc()
+        job.cache_key, job.cache_ttl = plan.key, state.config.cache.ttl_s
+    timeout = job.deadline - job.created
+    loop_deadline = asyncio.get_running_loop().time() + timeout
+    replies = state.replies.register(job.id)
+    answered = False
+    try:
+        await _enqueue(state, job)
+        if job.stream:
+            response = await _stream_reply(request, state, job, replies, loop_deadline, renderer)
+        else:
+            _kind, data, status, retry_after = await _next_reply(state, job, replies, loop_deadline)
+            response = _reply(job, renderer, data, status, retry_after)
+        answered = True
+        return response
+    except asyncio.CancelledError:
+        if not answered:
+            # The client went away (or ingress is shutting down): nobody waits.
+            endpoint = request.match_info.route.resource
+            state.metrics.client_disconnects.labels(
+                endpoint.canonical if endpoint is not None else ""
+            ).inc()
+            _background(state, _cancel(state, job))
+        raise
+    finally:
+        state.replies.unregister(job.id)
+
+
+async def _cached(
+    request: web.Request, job: m.Job, cached: bytes, renderer: Renderer
+) -> web.StreamResponse:
+    headers = {"X-Request-Id": job.id, "X-Cache": "hit"}
+    if not job.stream:
+        return web.Response(
+            body=renderer.result(cached), content_type="application/json", headers=headers
+        )
+    chunks, closing = cache.sse_replay(orjson.loads(cached), job.include_usage)
+    response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+    await response.prepare(request)
+    await response.write(renderer.chunks(chunks) + renderer.end(closing))
+    await response.write_eof()
+    return response
+
+
+async def _enqueue(state: State, job: m.Job) -> None:
+    pcfg = state.config.providers[job.provider]
+    ttl = int(job.deadline - job.created + state.config.jobs.result_ttl_s)
+    command = enqueue_command(state.keys, job, pcfg.max_queue_depth, ttl)
+    if await call_redis(state, "enqueue", job.provider, *command) is None:
+        raise queue_full(state, job.provider)
+
+
+def _reply(
+    job: m.Job, renderer: Renderer, data: bytes, status: int, retry_after: str
+) -> web.Response:
+    headers = {"X-Request-Id": job.id}
+    if retry_after:
+        headers["Retry-After"] = retry_after
+    if job.cache_key:
+        headers["X-Cache"] = "miss"
+    body = renderer.result(data) if status < 400 else renderer.error(status, data)
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+async def _next_reply(state: State, job: m.Job, replies: Waiter, loop_deadline: float) -> Reply:
+    try:
+        async with asyncio.timeout_at(loop_deadline):
+            return await replies.get()
+    except TimeoutError:
+        await _expire(state, job)
+        raise DeadlineExceeded(
+            f"no answer within the request deadline of {job.deadline - job.created:g}s"
+        ) from None
+
+
+async def _expire(state: State, job: m.Job) -> None:
+    """Mark the job expired so that no worker starts it."""
+    try:
+        async with asyncio.timeout(state.config.redis.command_timeout_s):
+            await state.batcher.call(
+                *EXPIRE_JOB.command(
+                    (state.keys.job(job.id), state.keys.webhook_events()),
+                    (time.time(), job.id, int(state.config.jobs.result_ttl_s)),
+                )
+            )
+    except REDIS_DOWN as e:
+        log.warning("job %s: could not mark expired: %s", job.id, e)
+
+
+async def _cancel(state: State, job: m.Job) -> None:
+    """Cancel a job whose client went away; the worker running it aborts its call."""
+    keys = state.keys
+    try:
+        await state.batcher.call(
+            *CANCEL.command(
+                (keys.job(job.id), keys.webhook_events()),
+                (
+                    time.time(),
+                    job.tenant,
+                    int(state.config.jobs.result_ttl_s),
+                    keys.cancel_channel(),
+                    job.id,
+                ),
+            )
+        )
+        log.info("job %s: client went away; cancelled", job.id)
+    except REDIS_DOWN as e:
+        log.warning("job %s: client went away, but the job could not be cancelled: %s", job.id, e)
+
+
+def _background(state: State, coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
+
+
+async def _stream_reply(
+    request: web.Request,
+    state: State,
+    job: m.Job,
+    replies: Waiter,
+    loop_deadline: float,
+    renderer: Renderer,
+) -> web.StreamResponse:
+    kind, data, status, retry_after = await _next_reply(state, job, replies, loop_deadline)
+    if kind == m.REPLY_ERROR:
+        # Nothing was sent yet: the client gets a plain HTTP error.
+        return _reply(job, renderer, data, status, retry_after)
+    headers = {**SSE_HEADERS, "X-Request-Id": job.id}
+    if job.cache_key:
+        headers["X-Cache"] = "miss"
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    state.metrics.ttft_seconds.labels(job.provider).observe(time.time() - job.created)
+    while True:
+        if kind == m.REPLY_CHUNKS:
+            await response.write(renderer.chunks(data))
+        elif kind == m.REPLY_RESULT:
+            await response.write(renderer.end(data))
+            break
+        else:  # an error after the stream started: an error event, then the end
+            await response.write(renderer.stream_error(data))
+            break
+        try:
+            kind, data, _, _ = await _next_reply(state, job, replies, loop_deadline)
+        except DeadlineExceeded as e:
+            await response.write(renderer.stream_error(msgspec.json.encode(e.body())))
+            break
+    await response.write_eof()
+    return response

@@ -1,0 +1,285 @@
+"""Limits that hold across every worker process: in-flight caps and RPM/TPM.
+
+* A global cap on in-flight calls (per provider, and per deployment) is a sorted
+  set of leases in Redis: member = lease id, score = expiry time. A call takes a
+  lease before it starts and gives it back when it ends; the worker renews the
+  leases it holds, so a lease of a worker that died frees its slot after
+  ``limits.lease_s``.
+* RPM and TPM are exact sliding windows (``limits.window_s`` long): a sorted
+  set of admitted calls, and one of token costs with a running sum. A call's
+  tokens are estimated at admission (prompt bytes / 4 + its ``max_tokens``) and
+  corrected to the real usage when it ends, in either direction.
+
+One script checks every limit of a call and takes them all at once, so a call
+never holds a lease while it waits for its rate window. The ``limits`` library
+was considered: it has no concurrency leases, cannot give tokens back when the
+real usage is below the estimate, and checks each limit in its own round trip
+on its own connection pool. When Redis cannot be reached, nothing is admitted
+(fail closed): a call waits, up to its deadline, for Redis to answer again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from shared.config import Config, Target, deployment_limits
+from shared.errors import DeadlineExceeded
+from shared.keys import Keys
+from shared.metrics import WorkerMetrics
+from shared.redisio import REDIS_DOWN, Batcher, Script
+
+log = logging.getLogger("llm_broker.worker.limits")
+
+# KEYS[1] provider leases, [2] deployment leases, [3] request log, [4] token log,
+# [5] token sum. ARGV[1] now, [2] lease expiry, [3] lease id, [4] window, [5]
+# provider cap, [6] deployment cap, [7] rpm, [8] tpm (0: no such limit), [9] cost.
+# Returns {1} when admitted, else {0, seconds worth waiting (-1: unknown)}.
+ACQUIRE = Script("""
+local now, win = tonumber(ARGV[1]), tonumber(ARGV[4])
+local caps = {tonumber(ARGV[5]), tonumber(ARGV[6])}
+local rpm, tpm, cost = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+for i = 1, 2 do
+  if caps[i] > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+    if redis.call('ZCARD', KEYS[i]) >= caps[i] then return {0, '-1'} end
+  end
+end
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - win)
+  if redis.call('ZCARD', KEYS[3]) >= rpm then
+    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    return {0, tostring(tonumber(oldest[2]) + win - now)}
+  end
+end
+if tpm > 0 then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - win)
+  if #old > 0 then
+    local freed = 0
+    for _, member in ipairs(old) do
+      freed = freed + tonumber(string.match(member, ':(%-?%d+)$'))
+    end
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - win)
+    redis.call('DECRBY', KEYS[5], freed)
+  end
+  local used = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if used > 0 and used + cost > tpm then
+    local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    if oldest[2] then return {0, tostring(tonumber(oldest[2]) + win - now)} end
+    return {0, '-1'}
+  end
+end
+local keep = math.ceil(win) + 1
+for i = 1, 2 do
+  if caps[i] > 0 then
+    redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3])
+    redis.call('EXPIRE', KEYS[i], math.ceil(tonumber(ARGV[2]) - now) + 1)
+  end
+end
+if rpm > 0 then
+  redis.call('ZADD', KEYS[3], now, ARGV[3])
+  redis.call('EXPIRE', KEYS[3], keep)
+end
+if tpm > 0 then
+  redis.call('ZADD', KEYS[4], now, ARGV[3] .. ':' .. ARGV[9])
+  redis.call('INCRBY', KEYS[5], cost)
+  redis.call('EXPIRE', KEYS[4], keep)
+  redis.call('EXPIRE', KEYS[5], keep)
+end
+return {1}
+""")
+
+# KEYS as ACQUIRE. ARGV[1] lease id, [2] estimated cost, [3] real cost (-1: unknown).
+# Gives the leases back and corrects the call's token cost to its real usage.
+RELEASE = Script("""
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local real = tonumber(ARGV[3])
+if real >= 0 and ARGV[3] ~= ARGV[2] then
+  local member = ARGV[1] .. ':' .. ARGV[2]
+  local score = redis.call('ZSCORE', KEYS[4], member)
+  if score then
+    redis.call('ZREM', KEYS[4], member)
+    redis.call('ZADD', KEYS[4], score, ARGV[1] .. ':' .. ARGV[3])
+    redis.call('INCRBY', KEYS[5], real - tonumber(ARGV[2]))
+  end
+end
+return 1
+""")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    keys: tuple[str, str, str, str, str]
+    provider_cap: int
+    deployment_cap: int
+    rpm: int
+    tpm: int
+
+    @property
+    def leases(self) -> bool:
+        return bool(self.provider_cap or self.deployment_cap)
+
+
+@dataclass
+class Lease:
+    id: str
+    rule: _Rule
+    cost: int
+
+
+class Limits:
+    """The global limits of one provider's deployments, as seen by one worker pool."""
+
+    def __init__(
+        self, config: Config, provider: str, batcher: Batcher, metrics: WorkerMetrics
+    ) -> None:
+        self._cfg = config.limits
+        self._provider = provider
+        self._pcfg = config.providers[provider]
+        self._keys = Keys(config.redis.key_prefix)
+        self._deployments = {
+            t: d for t, d in deployment_limits(config).items() if t.provider == provider
+        }
+        self._batcher = batcher
+        self._rules: dict[str, _Rule | None] = {}
+        self._held: dict[str, Lease] = {}
+        self._released = asyncio.Event()
+        self._seq = 0
+        self._wait_seconds = metrics.limit_wait_seconds.labels(provider)
+        self._redis_errors = metrics.redis_errors.labels("limits")
+
+    def rule(self, target: Target) -> _Rule | None:
+        """The limits that apply to ``target`` (None: no global limit at all)."""
+        if target.name in self._rules:
+            return self._rules[target.name]
+        d = self._deployments.get(target)
+        provider_cap = self._pcfg.global_max_concurrency or 0
+        rpm = (d.rpm if d else None) or self._pcfg.rpm or 0
+        tpm = (d.tpm if d else None) or self._pcfg.tpm or 0
+        deployment_cap = (d.global_max_concurrency if d else None) or 0
+        # Rate limits belong to the deployment when it has its own, else to the provider.
+        scope = target.model if d and (d.rpm or d.tpm) else ""
+        found: _Rule | None = None
+        if provider_cap or deployment_cap or rpm or tpm:
+            found = _Rule(
+                (
+                    self._keys.lease_set(self._provider),
+                    self._keys.lease_set(self._provider, target.model),
+                    self._keys.rate_log(self._provider, scope, "req"),
+                    self._keys.rate_log(self._provider, scope, "tok"),
+                    self._keys.rate_log(self._provider, scope, "tok:sum"),
+                ),
+                provider_cap,
+                deployment_cap,
+                rpm,
+                tpm,
+            )
+        self._rules[target.name] = found
+        return found
+
+    async def acquire(
+        self, job_id: str, target: Target, cost: int, deadline: float
+    ) -> Lease | None:
+        """Wait until every limit of ``target`` admits one more call; None if it has none.
+
+        Raises :class:`DeadlineExceeded` when the call cannot be admitted before
+        ``deadline`` (Unix time), which includes Redis staying unreachable.
+        """
+        rule = self.rule(target)
+        if rule is None:
+            return None
+        self._seq += 1
+        lease = Lease(f"{job_id}:{self._seq}", rule, cost)
+        began = time.monotonic()
+        backoff = 0.01
+        warned = False
+        while True:
+            now = time.time()
+            hint = -1.0
+            try:
+                result = await self._batcher.call(
+                    *ACQUIRE.command(
+                        rule.keys,
+                        (
+                            now,
+                            now + self._cfg.lease_s,
+                            lease.id,
+                            self._cfg.window_s,
+                            rule.provider_cap,
+                            rule.deployment_cap,
+                            rule.rpm,
+                            rule.tpm,
+                            cost,
+                        ),
+                    )
+                )
+                if result[0] == 1:
+                    if rule.leases:
+                        self._held[lease.id] = lease
+                    self._wait_seconds.observe(time.monotonic() - began)
+                    return lease
+                hint = float(result[1])
+            except REDIS_DOWN as e:
+                self._redis_errors.inc()
+                if not warned:
+                    log.warning(
+                        "provider %s: limits cannot be checked (%s); no call starts until they can",
+                        self._provider,
+                        e,
+                    )
+                    warned = True
+            wait = min(backoff, 0.25) if hint < 0 else max(hint, 0.005)
+            if time.time() + wait >= deadline:
+                raise DeadlineExceeded(
+                    "the request deadline passed while waiting for the provider's limits"
+                )
+            self._released.clear()
+            try:
+                # A lease given back in this process wakes the waiters at once;
+                # others' releases are seen on the next try.
+                await asyncio.wait_for(self._released.wait(), wait)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, 0.25)
+
+    async def release(self, lease: Lease, real_cost: int | None) -> None:
+        self._held.pop(lease.id, None)
+        self._released.set()
+        try:
+            await self._batcher.call(
+                *RELEASE.command(
+                    lease.rule.keys,
+                    (lease.id, lease.cost, -1 if real_cost is None else real_cost),
+                )
+            )
+        except REDIS_DOWN as e:
+            # The lease expires by itself after limits.lease_s.
+            self._redis_errors.inc()
+            log.warning("provider %s: could not give back a lease: %s", self._provider, e)
+
+    def renew_commands(self) -> list[tuple[Any, ...]]:
+        """Commands that push the expiry of every lease this pool holds forward."""
+        expiry = time.time() + self._cfg.lease_s
+        commands: list[tuple[Any, ...]] = []
+        for lease in self._held.values():
+            for i, cap in enumerate((lease.rule.provider_cap, lease.rule.deployment_cap)):
+                if cap:
+                    commands.append(("ZADD", lease.rule.keys[i], "XX", expiry, lease.id))
+        return commands
+
+    @property
+    def renew_every(self) -> float:
+        return max(0.05, self._cfg.lease_s / 3)
+
+
+def estimate_tokens(body: dict[str, Any], raw_size: int) -> int:
+    """A call's token cost before it runs: prompt bytes / 4 plus the most it may write."""
+    out = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(out, int) or out < 0:
+        out = 256
+    return math.ceil(raw_size / 4) + out
