@@ -23,7 +23,7 @@ at the end. It reports; it does not gate: the exit status is 0 even when a targe
 missed, 1 when something broke (a process died, wrk failed, every request errored),
 2 when a prerequisite is missing.
 
-Usage: ``python bench/run.py [--quick] [--out FILE.md]``
+Usage: ``python bench/run.py [--quick] [--only C] [--out FILE.md]``
 """
 
 from __future__ import annotations
@@ -430,10 +430,11 @@ def run_scenario(stack: Stack, sc: Scenario, warmup_s: int, report: Report) -> N
     report.memory[sc.key] = snapshot_memory(stack)
 
 
-def run_all(stack: Stack, quick: bool, report: Report) -> None:
+def run_all(stack: Stack, quick: bool, report: Report, only: str = "") -> None:
     report.pids = {name: child.pid for name, child in stack.children.items()}
     for sc in scenarios(quick):
-        run_scenario(stack, sc, WARMUP_S, report)
+        if not only or sc.key in only:
+            run_scenario(stack, sc, WARMUP_S, report)
 
 
 # --------------------------------------------------------------------------- output
@@ -664,13 +665,13 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def benchmark(quick: bool, emit: Callable[[str], None]) -> int:
-    """Run every scenario; emit the report; return the exit status."""
+def benchmark(quick: bool, emit: Callable[[str], None], only: str = "") -> int:
+    """Run every scenario (or those in ``only``); emit the report; return the exit status."""
     report = Report()
     with tempfile.TemporaryDirectory(prefix="llm-broker-bench-") as tmp:
         stack = start_stack(Path(tmp))
         try:
-            run_all(stack, quick, report)
+            run_all(stack, quick, report, only)
         except (BenchBroken, OSError, subprocess.SubprocessError) as e:
             report.broken = f"{type(e).__name__}: {e}"
             log(f"bench: BROKEN: {e}")
@@ -684,6 +685,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="run A for 5 s and C for 15 s")
     ap.add_argument("--out", type=Path, help="also write the markdown report to this file")
+    ap.add_argument(
+        "--only", default="", help="run only these scenarios, e.g. C or AB (default: all)"
+    )
     return ap.parse_args(argv)
 
 
@@ -705,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.write_text(text + "\n" + results)
 
     try:
-        return benchmark(args.quick, emit)
+        return benchmark(args.quick, emit, args.only.upper())
     except (RuntimeError, TimeoutError) as e:  # a process did not start (Child.wait_for)
         log(f"bench: could not start the processes: {e}")
         return 1

@@ -105,7 +105,12 @@ async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.auth.tenant(request.headers)
     data = [
-        {"id": name, "object": "model", "created": 0, "owned_by": route.provider}
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": route.all_deployments()[0].provider,
+        }
         for name, route in state.config.models.items()
         if not name.endswith("*")
     ]

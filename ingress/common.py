@@ -177,7 +177,10 @@ async def new_job(
                 if t in usable
             )
             candidates = msgspec.structs.replace(candidates, targets=usable, weights=weights)
-    targets = await state.chooser.order(candidates)
+    if len(candidates.targets) == 1:
+        targets = list(candidates.targets)
+    else:
+        targets = await state.chooser.order(candidates)
     first = targets[0]
     # Only routed names become metric labels: unknown names cannot grow the series.
     request["model"] = model

@@ -163,7 +163,8 @@ class Deployment(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     model: str | None = None
     #: Share of traffic under the ``weighted`` strategy.
     weight: float = 1.0
-    #: Limits of this deployment across every worker (on top of the provider's).
+    #: Limits of this deployment across every worker, on top of the provider's
+    #: (a call needs room in both).
     global_max_concurrency: int | None = None
     rpm: int | None = None
     tpm: int | None = None
@@ -322,6 +323,11 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
             for d in route.all_deployments():
                 if d.provider not in self.providers:
                     raise ValueError(f"model {name!r} routes to unknown provider {d.provider!r}")
+                limited = d.global_max_concurrency or d.rpm or d.tpm
+                if limited and name.endswith("*") and d.model is None:
+                    raise ValueError(
+                        f"model {name!r}: a deployment with its own limits needs a model name"
+                    )
 
 
 def hash_key(key: str) -> str:
@@ -393,8 +399,12 @@ class Candidates(msgspec.Struct, frozen=True):
     route: ModelRoute
 
 
+_UNKNOWN = object()
+_ROUTER_CACHE_MAX = 4096
+
+
 class Router:
-    """Maps a requested model name to its deployments."""
+    """Maps a requested model name to its deployments (remembered per name)."""
 
     def __init__(self, config: Config) -> None:
         self._exact: dict[str, ModelRoute] = {}
@@ -406,8 +416,18 @@ class Router:
                 self._exact[name] = route
         self._prefixes.sort(key=lambda p: -len(p[0]))
         self.model_names = tuple(config.models)
+        self._known: dict[str, Candidates | None] = {}
 
     def candidates(self, model: str) -> Candidates | None:
+        known = self._known.get(model, _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known  # type: ignore[return-value]
+        found = self._lookup(model)
+        if len(self._known) < _ROUTER_CACHE_MAX:
+            self._known[model] = found
+        return found
+
+    def _lookup(self, model: str) -> Candidates | None:
         found = self._exact.get(model)
         if found is None:
             for prefix, route in self._prefixes:

@@ -84,7 +84,7 @@ CHAT = "chat"
 EMBEDDINGS = "embeddings"
 
 
-class Job(msgspec.Struct, kw_only=True):
+class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One queued call, as carried in a provider stream entry (field ``j``)."""
 
     id: str

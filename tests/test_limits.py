@@ -93,6 +93,7 @@ async def limits_config(redis_up: RedisServer, prefix: str) -> Config:
                 "m": {
                     "deployments": [{"provider": "p", "model": "solo", "global_max_concurrency": 1}]
                 },
+                "r": {"deployments": [{"provider": "p", "model": "paced", "rpm": 1}]},
                 "any*": {"provider": "p"},
             },
             "limits": {"window_s": 60, "lease_s": 5},
@@ -142,6 +143,21 @@ async def test_deployment_cap_on_top_of_the_provider(
     waiting = asyncio.ensure_future(limits.acquire("j3", solo, 1, time.time() + 5))
     await limits.release(held, 1)
     assert await waiting is not None
+
+
+async def test_deployment_rate_counts_in_the_provider_window_too(
+    limits_config: Config, batcher: Batcher
+) -> None:
+    """``paced`` allows one call per window; the provider's token window still applies."""
+    limits = _limits(limits_config, batcher)
+    paced = Target("p", "paced")
+    first = await limits.acquire("j1", paced, 70, time.time() + 5)
+    assert first is not None
+    with pytest.raises(DeadlineExceeded):
+        await limits.acquire("j2", paced, 1, time.time() + 0.3)  # its own rpm
+    with pytest.raises(DeadlineExceeded):
+        await limits.acquire("j3", Target("p", "other"), 40, time.time() + 0.3)  # 70 + 40 > 100
+    assert await limits.acquire("j4", Target("p", "other"), 30, time.time() + 1) is not None
 
 
 async def test_limits_fail_closed_without_redis(limits_config: Config) -> None:

@@ -35,42 +35,46 @@ from shared.redisio import REDIS_DOWN, Batcher, Script
 
 log = logging.getLogger("llm_broker.worker.limits")
 
-# KEYS[1] provider leases, [2] deployment leases, [3] request log, [4] token log,
-# [5] token sum. ARGV[1] now, [2] lease expiry, [3] lease id, [4] window, [5]
-# provider cap, [6] deployment cap, [7] rpm, [8] tpm (0: no such limit), [9] cost.
+# KEYS[1] provider leases, [2] deployment leases, then for the provider's rate
+# window and the deployment's: [3|6] request log, [4|7] token log, [5|8] token sum.
+# ARGV[1] now, [2] lease expiry, [3] lease id, [4] window, [5] provider cap,
+# [6] deployment cap, [7] provider rpm, [8] provider tpm, [9] deployment rpm,
+# [10] deployment tpm (0: no such limit), [11] cost.
 # Returns {1} when admitted, else {0, seconds worth waiting (-1: unknown)}.
 ACQUIRE = Script("""
-local now, win = tonumber(ARGV[1]), tonumber(ARGV[4])
+local now, win, cost = tonumber(ARGV[1]), tonumber(ARGV[4]), tonumber(ARGV[11])
 local caps = {tonumber(ARGV[5]), tonumber(ARGV[6])}
-local rpm, tpm, cost = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local rates = {{3, tonumber(ARGV[7]), tonumber(ARGV[8])},
+               {6, tonumber(ARGV[9]), tonumber(ARGV[10])}}
+local function wait_for(log)
+  local oldest = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
+  if oldest[2] then return {0, tostring(tonumber(oldest[2]) + win - now)} end
+  return {0, '-1'}
+end
 for i = 1, 2 do
   if caps[i] > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     if redis.call('ZCARD', KEYS[i]) >= caps[i] then return {0, '-1'} end
   end
 end
-if rpm > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - win)
-  if redis.call('ZCARD', KEYS[3]) >= rpm then
-    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-    return {0, tostring(tonumber(oldest[2]) + win - now)}
+for _, r in ipairs(rates) do
+  local k, rpm, tpm = r[1], r[2], r[3]
+  if rpm > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now - win)
+    if redis.call('ZCARD', KEYS[k]) >= rpm then return wait_for(KEYS[k]) end
   end
-end
-if tpm > 0 then
-  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - win)
-  if #old > 0 then
-    local freed = 0
-    for _, member in ipairs(old) do
-      freed = freed + tonumber(string.match(member, ':(%-?%d+)$'))
+  if tpm > 0 then
+    local old = redis.call('ZRANGEBYSCORE', KEYS[k + 1], '-inf', now - win)
+    if #old > 0 then
+      local freed = 0
+      for _, member in ipairs(old) do
+        freed = freed + tonumber(string.match(member, ':(%-?%d+)$'))
+      end
+      redis.call('ZREMRANGEBYSCORE', KEYS[k + 1], '-inf', now - win)
+      redis.call('DECRBY', KEYS[k + 2], freed)
     end
-    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - win)
-    redis.call('DECRBY', KEYS[5], freed)
-  end
-  local used = tonumber(redis.call('GET', KEYS[5]) or '0')
-  if used > 0 and used + cost > tpm then
-    local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-    if oldest[2] then return {0, tostring(tonumber(oldest[2]) + win - now)} end
-    return {0, '-1'}
+    local used = tonumber(redis.call('GET', KEYS[k + 2]) or '0')
+    if used > 0 and used + cost > tpm then return wait_for(KEYS[k + 1]) end
   end
 end
 local keep = math.ceil(win) + 1
@@ -80,15 +84,18 @@ for i = 1, 2 do
     redis.call('EXPIRE', KEYS[i], math.ceil(tonumber(ARGV[2]) - now) + 1)
   end
 end
-if rpm > 0 then
-  redis.call('ZADD', KEYS[3], now, ARGV[3])
-  redis.call('EXPIRE', KEYS[3], keep)
-end
-if tpm > 0 then
-  redis.call('ZADD', KEYS[4], now, ARGV[3] .. ':' .. ARGV[9])
-  redis.call('INCRBY', KEYS[5], cost)
-  redis.call('EXPIRE', KEYS[4], keep)
-  redis.call('EXPIRE', KEYS[5], keep)
+for _, r in ipairs(rates) do
+  local k, rpm, tpm = r[1], r[2], r[3]
+  if rpm > 0 then
+    redis.call('ZADD', KEYS[k], now, ARGV[3])
+    redis.call('EXPIRE', KEYS[k], keep)
+  end
+  if tpm > 0 then
+    redis.call('ZADD', KEYS[k + 1], now, ARGV[3] .. ':' .. ARGV[11])
+    redis.call('INCRBY', KEYS[k + 2], cost)
+    redis.call('EXPIRE', KEYS[k + 1], keep)
+    redis.call('EXPIRE', KEYS[k + 2], keep)
+  end
 end
 return {1}
 """)
@@ -101,11 +108,13 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 local real = tonumber(ARGV[3])
 if real >= 0 and ARGV[3] ~= ARGV[2] then
   local member = ARGV[1] .. ':' .. ARGV[2]
-  local score = redis.call('ZSCORE', KEYS[4], member)
-  if score then
-    redis.call('ZREM', KEYS[4], member)
-    redis.call('ZADD', KEYS[4], score, ARGV[1] .. ':' .. ARGV[3])
-    redis.call('INCRBY', KEYS[5], real - tonumber(ARGV[2]))
+  for _, k in ipairs({4, 7}) do
+    local score = redis.call('ZSCORE', KEYS[k], member)
+    if score then
+      redis.call('ZREM', KEYS[k], member)
+      redis.call('ZADD', KEYS[k], score, ARGV[1] .. ':' .. ARGV[3])
+      redis.call('INCRBY', KEYS[k + 1], real - tonumber(ARGV[2]))
+    end
   end
 end
 return 1
@@ -114,11 +123,11 @@ return 1
 
 @dataclass(frozen=True)
 class _Rule:
-    keys: tuple[str, str, str, str, str]
+    keys: tuple[str, ...]
     provider_cap: int
     deployment_cap: int
-    rpm: int
-    tpm: int
+    #: rpm and tpm of the provider, then of the deployment (0: none).
+    rates: tuple[int, int, int, int]
 
     @property
     def leases(self) -> bool:
@@ -146,6 +155,13 @@ class Limits:
             t: d for t, d in deployment_limits(config).items() if t.provider == provider
         }
         self._batcher = batcher
+        #: Whether any limit applies to this provider at all.
+        self._any = bool(
+            self._deployments
+            or self._pcfg.global_max_concurrency
+            or self._pcfg.rpm
+            or self._pcfg.tpm
+        )
         self._rules: dict[str, _Rule | None] = {}
         self._held: dict[str, Lease] = {}
         self._released = asyncio.Event()
@@ -155,29 +171,28 @@ class Limits:
 
     def rule(self, target: Target) -> _Rule | None:
         """The limits that apply to ``target`` (None: no global limit at all)."""
+        if not self._any:
+            return None
         if target.name in self._rules:
             return self._rules[target.name]
         d = self._deployments.get(target)
-        provider_cap = self._pcfg.global_max_concurrency or 0
-        rpm = (d.rpm if d else None) or self._pcfg.rpm or 0
-        tpm = (d.tpm if d else None) or self._pcfg.tpm or 0
-        deployment_cap = (d.global_max_concurrency if d else None) or 0
-        # Rate limits belong to the deployment when it has its own, else to the provider.
-        scope = target.model if d and (d.rpm or d.tpm) else ""
+        p = self._pcfg
+        caps = (p.global_max_concurrency or 0, (d.global_max_concurrency if d else None) or 0)
+        rates = (p.rpm or 0, p.tpm or 0, (d.rpm if d else None) or 0, (d.tpm if d else None) or 0)
         found: _Rule | None = None
-        if provider_cap or deployment_cap or rpm or tpm:
+        if any(caps) or any(rates):
+            keys = self._keys
+            provider, model = self._provider, target.model
             found = _Rule(
                 (
-                    self._keys.lease_set(self._provider),
-                    self._keys.lease_set(self._provider, target.model),
-                    self._keys.rate_log(self._provider, scope, "req"),
-                    self._keys.rate_log(self._provider, scope, "tok"),
-                    self._keys.rate_log(self._provider, scope, "tok:sum"),
+                    keys.lease_set(provider),
+                    keys.lease_set(provider, model),
+                    *(keys.rate_log(provider, "", what) for what in ("req", "tok", "tok:sum")),
+                    *(keys.rate_log(provider, model, what) for what in ("req", "tok", "tok:sum")),
                 ),
-                provider_cap,
-                deployment_cap,
-                rpm,
-                tpm,
+                caps[0],
+                caps[1],
+                rates,
             )
         self._rules[target.name] = found
         return found
@@ -212,8 +227,7 @@ class Limits:
                             self._cfg.window_s,
                             rule.provider_cap,
                             rule.deployment_cap,
-                            rule.rpm,
-                            rule.tpm,
+                            *rule.rates,
                             cost,
                         ),
                     )
@@ -266,15 +280,24 @@ class Limits:
         """Commands that push the expiry of every lease this pool holds forward."""
         expiry = time.time() + self._cfg.lease_s
         commands: list[tuple[Any, ...]] = []
+        sets: set[str] = set()
         for lease in self._held.values():
             for i, cap in enumerate((lease.rule.provider_cap, lease.rule.deployment_cap)):
                 if cap:
                     commands.append(("ZADD", lease.rule.keys[i], "XX", expiry, lease.id))
+                    sets.add(lease.rule.keys[i])
+        # The set itself must outlive the leases renewed in it.
+        ttl = math.ceil(self._cfg.lease_s) + 1
+        commands += [("EXPIRE", key, ttl) for key in sets]
         return commands
 
     @property
     def renew_every(self) -> float:
-        return max(0.05, self._cfg.lease_s / 3)
+        """How often held leases must be renewed (never, without a concurrency cap)."""
+        caps = self._pcfg.global_max_concurrency or any(
+            d.global_max_concurrency for d in self._deployments.values()
+        )
+        return max(0.05, self._cfg.lease_s / 3) if caps else math.inf
 
 
 def estimate_tokens(body: dict[str, Any], raw_size: int) -> int:

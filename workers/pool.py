@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from shared import messages as m
-from shared.config import Config, Target
+from shared.config import Config
 from shared.errors import BrokerError, CircuitOpen, DeadlineExceeded, UpstreamError
 from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
@@ -434,7 +434,9 @@ class ProviderPool:
                 return
             self._outcomes["failed"].inc()
             log.info("job %s: upstream error %d: %s", job.id, e.http_status, e.message)
-            await self._fail(job, entry_id, e, history=tries.history(job, attempt))
+            await self._fail(
+                job, entry_id, e, history=tries.history(job, e.http_status, e.error_code or "")
+            )
             return
         if await start == b"ok":
             self._outcomes["completed"].inc()
@@ -446,7 +448,7 @@ class ProviderPool:
                 payload=payload,
                 reply_kind=m.REPLY_RESULT,
                 reply_data=reply,
-                history=tries.history(job, tries.attempt(job, 200, "")),
+                history=tries.history(job, 200, ""),
             )
 
     async def _attempts(
@@ -459,7 +461,8 @@ class ProviderPool:
     ) -> tuple[bytes, bytes | None]:
         """Try this deployment, retrying what is worth it; raises the last error."""
         target = job.target
-        breaker = self._breaker(target)
+        name = target.name
+        breaker = self._breakers.get(name) or self._breaker(name)
         limited = self.limits.rule(target) is not None
         cost = estimate_tokens(body, len(job.body)) if limited else 0
         while True:
@@ -510,7 +513,8 @@ class ProviderPool:
             finally:
                 self._upstream_seconds.observe(time.monotonic() - started)
             breaker.success()
-            self._observe_latency(target.name, time.monotonic() - started)
+            if self._latency:
+                self._observe_latency(name, time.monotonic() - started)
             if lease is not None:
                 self._background(self.limits.release(lease, tokens))
             return payload, reply
@@ -640,15 +644,13 @@ class ProviderPool:
         )
         return True
 
-    def _breaker(self, target: Target) -> Breaker:
-        breaker = self._breakers.get(target.name)
-        if breaker is None:
-            breaker = Breaker(
-                self.pcfg.circuit,
-                self.metrics.circuit_state.labels(target.name),
-                self.metrics.circuit_opened.labels(target.name),
-            )
-            self._breakers[target.name] = breaker
+    def _breaker(self, deployment: str) -> Breaker:
+        breaker = Breaker(
+            self.pcfg.circuit,
+            self.metrics.circuit_state.labels(deployment),
+            self.metrics.circuit_opened.labels(deployment),
+        )
+        self._breakers[deployment] = breaker
         return breaker
 
     def _observe_latency(self, deployment: str, seconds: float) -> None:
@@ -884,12 +886,12 @@ class _Tries:
             seconds=round(time.time() - self.began, 6),
         )
 
-    def history(self, job: m.Job, last: m.Attempt) -> bytes:
-        """The attempt history for the job record; empty when there is nothing to
-        tell (one deployment, no retry)."""
+    def history(self, job: m.Job, status: int, error: str) -> bytes:
+        """The attempt history for the job record, ending with this deployment's
+        outcome; empty when there is nothing to tell (one deployment, no retry)."""
         if not job.attempts and not self.retries:
             return b""
-        return msgspec.json.encode([*job.attempts, last])
+        return msgspec.json.encode([*job.attempts, self.attempt(job, status, error)])
 
 
 def _total_tokens(result: dict[str, Any]) -> int | None:
