@@ -6,7 +6,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -31,6 +31,8 @@ from shared.keys import Keys
 from shared.metrics import IngressMetrics
 from shared.redisio import REDIS_DOWN, Batcher
 from shared.ssrf import Network
+
+T = TypeVar("T")
 
 _PARAM_RE = re.compile(r"at `\$\.?([^`]*)`")
 
@@ -86,24 +88,40 @@ async def read_json_body(request: web.Request, limit: int) -> bytes:
         raise too_large(limit) from e
 
 
-def decode_chat(raw: bytes) -> m.ChatRequest:
+def decode_body(
+    decoder: msgspec.json.Decoder[T],
+    raw: bytes,
+    what: str = "request",
+    required: tuple[str, ...] = (),
+) -> T:
+    """Decode a JSON request body; every way it can be wrong is a 400 naming the field."""
     if not raw.strip():
         raise BadRequest("request body is empty; expected a JSON object")
     try:
-        req = m.chat_request_decoder.decode(raw)
+        return decoder.decode(raw)
     except msgspec.ValidationError as e:
         text = str(e)
         found = _PARAM_RE.search(text)
         param = found.group(1) if found and found.group(1) else None
-        if "missing required field `messages`" in text:
-            param = "messages"
-        elif "missing required field `model`" in text:
-            param = "model"
-        raise BadRequest(f"invalid request: {text}", param=param) from e
+        for name in required:
+            if f"missing required field `{name}`" in text:
+                param = name
+        raise BadRequest(f"invalid {what}: {text}", param=param) from e
     except msgspec.DecodeError as e:
         raise BadRequest(f"malformed JSON body: {e}", code="invalid_json") from e
+
+
+def decode_chat(raw: bytes) -> m.ChatRequest:
+    req = decode_body(m.chat_request_decoder, raw, required=("model", "messages"))
     if not req.messages:
         raise BadRequest("'messages' must contain at least one message", param="messages")
+    return req
+
+
+def decode_embeddings(raw: bytes) -> m.EmbeddingsRequest:
+    req = decode_body(m.embeddings_request_decoder, raw, required=("model", "input"))
+    if req.input == "" or req.input == []:
+        raise BadRequest("'input' must not be empty", param="input")
     return req
 
 
@@ -122,26 +140,6 @@ def request_timeout(request: web.Request, state: State) -> float:
             param="X-Request-Timeout",
         )
     return seconds
-
-
-def decode_embeddings(raw: bytes) -> m.EmbeddingsRequest:
-    if not raw.strip():
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        req = m.embeddings_request_decoder.decode(raw)
-    except msgspec.ValidationError as e:
-        found = _PARAM_RE.search(str(e))
-        param = found.group(1) if found and found.group(1) else None
-        if "missing required field `input`" in str(e):
-            param = "input"
-        elif "missing required field `model`" in str(e):
-            param = "model"
-        raise BadRequest(f"invalid request: {e}", param=param) from e
-    except msgspec.DecodeError as e:
-        raise BadRequest(f"malformed JSON body: {e}", code="invalid_json") from e
-    if req.input == "" or req.input == []:
-        raise BadRequest("'input' must not be empty", param="input")
-    return req
 
 
 async def new_job(

@@ -20,6 +20,7 @@ from ingress.common import (
     STATE,
     State,
     call_redis,
+    decode_body,
     json_response,
     new_job,
     queue_full,
@@ -52,14 +53,7 @@ async def post_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
     tenant = state.auth.tenant(request.headers)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
-    if not raw.strip():
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        sub = m.job_submission_decoder.decode(raw)
-    except msgspec.ValidationError as e:
-        raise BadRequest(f"invalid job: {e}") from e
-    except msgspec.DecodeError as e:
-        raise BadRequest(f"malformed JSON body: {e}", code="invalid_json") from e
+    sub = decode_body(m.job_submission_decoder, raw, "job", required=("request",))
     return await submit(
         request,
         state,

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import web
 
 from ingress import calls
-from ingress.common import STATE, new_job, read_json_body
+from ingress.common import STATE, decode_body, new_job, read_json_body
 from shared import anthropic
 from shared.errors import BadRequest
+
+_OBJECT = msgspec.json.Decoder(dict[str, Any])
 
 
 class AnthropicRenderer(calls.Renderer):
@@ -66,14 +69,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     tenant = state.auth.tenant(request.headers)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
-    if not raw.strip():
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(f"malformed JSON body: {e}", code="invalid_json") from e
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
+    body = decode_body(_OBJECT, raw)
     try:
         chat = anthropic.messages_to_chat(body)
     except anthropic.TranslationError as e:
