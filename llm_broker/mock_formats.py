@@ -1,14 +1,16 @@
 """Wire formats of the mock upstream (:mod:`llm_broker.mock_upstream`).
 
 Pure builders, no I/O: HTTP/1.1 response framing, the error bodies of the three APIs
-the mock speaks (OpenAI, Azure OpenAI, Anthropic Messages), the Anthropic message and
-stream events, tool calls in both formats and the Azure deployment paths. Everything
-returns ready-to-write ``bytes``; stream events come chunk-framed.
+the mock speaks (OpenAI, Azure OpenAI, Anthropic Messages), OpenAI chat completions,
+chunks and embeddings, the Anthropic message and stream events, tool calls in both
+formats and the Azure deployment paths. Everything returns ready-to-write ``bytes``;
+stream events come chunk-framed.
 """
 
 from __future__ import annotations
 
 import http
+import zlib
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote
 
@@ -24,6 +26,12 @@ __all__ = [
     "A_DELTA_FIRST",
     "A_DELTA_REST",
     "CHUNKED_END",
+    "DELTA_FIRST",
+    "DELTA_REST",
+    "DELTA_ROLE",
+    "FINISH_LENGTH",
+    "FINISH_NULL",
+    "FINISH_STOP",
     "JSON_CT",
     "NWORDS",
     "OPENAI",
@@ -35,11 +43,15 @@ __all__ = [
     "anthropic_stream_start",
     "anthropic_text",
     "anthropic_tool",
+    "chunk_meta",
     "content_text",
+    "embeddings_body",
     "error_body",
     "error_response",
     "frame",
     "injected_response",
+    "openai_completion",
+    "openai_stream_tail",
     "openai_tool",
     "openai_tool_completion",
     "openai_tool_stream",
@@ -48,6 +60,7 @@ __all__ = [
     "status_line",
     "stream_head",
     "tool_arguments",
+    "word_count",
 ]
 
 WORDS: tuple[str, ...] = (
@@ -233,6 +246,10 @@ def parse_azure(path: bytes, query: bytes) -> tuple[str, int, str | None] | None
 # --------------------------------------------------------------------------- content
 
 
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
 def content_text(content: object) -> str:
     """OpenAI message content: the string, or its text parts joined with single spaces."""
     if isinstance(content, str):
@@ -271,6 +288,77 @@ def anthropic_text(content: object) -> tuple[str, bool]:
     if results:
         return " ".join(results), True
     return (texts[0] if len(texts) == 1 else " ".join(texts)), False
+
+
+# --------------------------------------------------------------------------- OpenAI
+
+# Stream deltas for each word, first position (no leading space) and later positions.
+DELTA_FIRST: tuple[bytes, ...] = tuple(orjson.dumps({"content": w}) for w in WORDS)
+DELTA_REST: tuple[bytes, ...] = tuple(orjson.dumps({"content": " " + w}) for w in WORDS)
+DELTA_ROLE: Final = b'{"role":"assistant","content":""}'
+FINISH_NULL: Final = b',"finish_reason":null}]}\n\n'
+FINISH_STOP: Final = b'{},"finish_reason":"stop"}]}\n\n'
+FINISH_LENGTH: Final = b'{},"finish_reason":"length"}]}\n\n'
+_DONE_EVENT: Final = b"data: [DONE]\n\n"
+
+
+def openai_completion(
+    rid: str, created: int, model: str, content: str, finish: str, usage: object
+) -> bytes:
+    return orjson.dumps(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": usage,
+        }
+    )
+
+
+def chunk_meta(rid: str, created: int, model: str) -> bytes:
+    """The fields of every ``chat.completion.chunk`` before ``choices``, JSON-encoded."""
+    return b'"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s' % (
+        rid.encode("ascii"),
+        created,
+        orjson.dumps(model),
+    )
+
+
+def openai_stream_tail(finish: bytes, meta: bytes, req: dict[str, Any], usage: object) -> bytes:
+    """The finish chunk, the usage chunk when asked for, ``[DONE]`` and the end."""
+    tail = finish
+    opts = req.get("stream_options")
+    if isinstance(opts, dict) and opts.get("include_usage") is True:
+        tail += frame(b'data: {%s,"choices":[],"usage":%s}\n\n' % (meta, orjson.dumps(usage)))
+    return tail + frame(_DONE_EVENT) + CHUNKED_END
+
+
+def embeddings_body(model: str, inputs: list[str]) -> bytes:
+    """Deterministic 8-dimensional vectors (crc32 of the input); usage counts words."""
+    data = []
+    tokens = 0
+    for i, s in enumerate(inputs):
+        b = s.encode("utf-8", "surrogatepass")
+        vec = [((zlib.crc32(b, j) % 20001) - 10000) / 10000.0 for j in range(8)]
+        data.append({"object": "embedding", "index": i, "embedding": vec})
+        tokens += word_count(s)
+    tokens = max(tokens, 1)
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
 
 
 # --------------------------------------------------------------------------- tool calls
@@ -364,9 +452,6 @@ def openai_tool_completion(
     )
 
 
-_NULL_FINISH: Final = b',"finish_reason":null}]}\n\n'
-
-
 def openai_tool_stream(
     prefix: bytes, call_id: str, name: str, pieces: tuple[str, str]
 ) -> tuple[bytes, list[bytes], bytes]:
@@ -384,12 +469,12 @@ def openai_tool_stream(
         frame(
             prefix
             + orjson.dumps({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-            + _NULL_FINISH
+            + FINISH_NULL
         )
         for piece in pieces
     ]
     finish = frame(prefix + b'{},"finish_reason":"tool_calls"}]}\n\n')
-    return frame(prefix + first + _NULL_FINISH), events, finish
+    return frame(prefix + first + FINISH_NULL), events, finish
 
 
 # --------------------------------------------------------------------------- Anthropic

@@ -2,8 +2,9 @@
 
 Built directly on asyncio protocols (uvloop when available) and ``httptools`` so that
 it can serve tens of thousands of requests per second on a single core; benchmarks
-then measure the gateway rather than the mock. The response builders of the non-OpenAI
-formats live in :mod:`llm_broker.mock_formats`.
+then measure the gateway rather than the mock. The response builders live in
+:mod:`llm_broker.mock_formats`, the per-request behaviour in :mod:`llm_broker.mock_params`,
+the counters and injected failures in :mod:`llm_broker.mock_state`.
 
 Model calls (a trailing ``/`` and the query string are ignored, except Azure's)::
 
@@ -62,26 +63,13 @@ Errors come in the API's own shape: OpenAI ``{"error": {"message", "type", "para
 "error": {"type": "rate_limit_error" | "api_error" | "overloaded_error" | ..,
 "message"}}``. Streaming requests get them as plain JSON too.
 
-Control endpoints (not model calls)::
+Control endpoints (not model calls; the ``/mock/*`` ones in detail:
+:mod:`llm_broker.mock_state`)::
 
     GET  /health, GET /v1/models (or /models)
-    GET  /mock/stats    counters, JSON (below)
+    GET  /mock/stats    counters, JSON
     POST /mock/reset    zero the counters, clear the recorded history and /mock/fail
-    POST /mock/fail     {"status": 500, "times": 3, "retry_after": "2",
-                         "retry_after_ms": 1500, "body": ..}  -> {"status", "failures_left"}
-        the next ``times`` model calls (any API; -1: until cleared; 0: clear now; default
-        1) answer ``status`` at once (no latency, no behaviour) with exactly the given
-        ``Retry-After`` / ``retry-after-ms`` headers and ``body`` (a string is sent as
-        text/plain, other JSON as JSON) or else the API's error object.
-
-``GET /mock/stats``: ``calls``, ``completed``, ``disconnects``, ``in_flight``,
-``peak_in_flight``; ``auth_seen`` (every credential header value of any request but
-``/mock/*``, as always); for model calls ``authorization_seen`` (``Authorization``),
-``api_key_seen`` (Azure ``api-key``), ``x_api_key_seen`` (Anthropic ``x-api-key``) and
-``models_seen`` (the last 100 each), ``api_version_seen`` (the last Azure api-version
-or ``anthropic-version`` header, else null), ``call_times`` (``time.time()`` of the last
-1000 arrivals), ``calls_by_path`` (``{"/v1/messages": n, ..}``, path without query) and
-``failures_left`` (of ``/mock/fail``).
+    POST /mock/fail     {"status": 500, "times": 3, ..}: fail the next model calls
 
 Run standalone: ``python -m llm_broker.mock_upstream --port 9000``.
 """
@@ -92,13 +80,10 @@ import argparse
 import asyncio
 import collections
 import itertools
-import math
 import signal
 import sys
 import time
 import zlib
-from dataclasses import dataclass
-from time import time as _now
 from typing import Any, Final, cast
 
 import httptools
@@ -112,11 +97,14 @@ from llm_broker.mock_formats import (
     AZURE_CHAT,
     AZURE_NOT_FOUND,
     AZURE_PREFIX,
-    CHUNKED_END,
-    JSON_CT,
+    DELTA_FIRST,
+    DELTA_REST,
+    DELTA_ROLE,
+    FINISH_LENGTH,
+    FINISH_NULL,
+    FINISH_STOP,
     NWORDS,
     OPENAI,
-    TEXT_CT,
     WORDS,
     anthropic_json_delta,
     anthropic_message,
@@ -124,10 +112,14 @@ from llm_broker.mock_formats import (
     anthropic_stream_start,
     anthropic_text,
     anthropic_tool,
+    chunk_meta,
     content_text,
+    embeddings_body,
     error_response,
     frame,
     injected_response,
+    openai_completion,
+    openai_stream_tail,
     openai_tool,
     openai_tool_completion,
     openai_tool_stream,
@@ -135,128 +127,20 @@ from llm_broker.mock_formats import (
     response,
     stream_head,
     tool_arguments,
+    word_count,
 )
+from llm_broker.mock_params import MockDefaults, Params, resolve
+from llm_broker.mock_state import Captured, ControlError, MockState
 
 __all__ = ["WORDS", "MockDefaults", "MockState", "main", "run", "start_server"]
 
-_AUTH_HISTORY = 100
-_CALL_HISTORY = 1000
-_MAX_PATHS = 1000  # distinct calls_by_path keys; later new paths count under "<other>"
-_OTHER_PATH = b"<other>"
-_MODEL_CACHE_MAX = 4096
-_MAX_CHUNKS = 100_000
 _TOOL_TOKENS = 2  # completion tokens of a tool call (one per arguments piece)
-
-
-@dataclass(frozen=True)
-class MockDefaults:
-    latency_ms: float = 0.0  # delay before the first byte of the response
-    chunks: int = 8  # number of content words / stream chunks
-    chunk_delay_ms: float = 0.0  # delay between stream chunks
-
-
-class MockState:
-    """Per-server counters and history (exposed as JSON by ``GET /mock/stats``)."""
-
-    __slots__ = (
-        "api_key_seen",
-        "api_version_seen",
-        "auth_seen",
-        "authorization_seen",
-        "call_times",
-        "calls",
-        "completed",
-        "disconnects",
-        "fail_body",
-        "fail_ctype",
-        "fail_headers",
-        "fail_status",
-        "failures_left",
-        "in_flight",
-        "models_seen",
-        "path_counts",
-        "peak_in_flight",
-        "x_api_key_seen",
-    )
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.in_flight = 0
-        self.peak_in_flight = 0
-        self.completed = 0
-        self.disconnects = 0
-        self.auth_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
-        self.authorization_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
-        self.api_key_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
-        self.x_api_key_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
-        self.api_version_seen: str | None = None
-        self.models_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
-        self.call_times: collections.deque[float] = collections.deque(maxlen=_CALL_HISTORY)
-        self.path_counts: dict[bytes, int] = {}  # raw path -> model calls
-        # POST /mock/fail: the remaining failures (-1: unlimited) and the answer.
-        self.failures_left = 0
-        self.fail_status = 500
-        self.fail_headers = b""
-        self.fail_body: bytes | None = None
-        self.fail_ctype = JSON_CT
-
-    @property
-    def calls_by_path(self) -> dict[str, int]:
-        return {k.decode("latin-1"): v for k, v in self.path_counts.items()}
-
-    def snapshot(self) -> dict[str, object]:
-        return {
-            "calls": self.calls,
-            "in_flight": self.in_flight,
-            "peak_in_flight": self.peak_in_flight,
-            "completed": self.completed,
-            "disconnects": self.disconnects,
-            "auth_seen": list(self.auth_seen),
-            "authorization_seen": list(self.authorization_seen),
-            "api_key_seen": list(self.api_key_seen),
-            "x_api_key_seen": list(self.x_api_key_seen),
-            "api_version_seen": self.api_version_seen,
-            "models_seen": list(self.models_seen),
-            "call_times": list(self.call_times),
-            "calls_by_path": self.calls_by_path,
-            "failures_left": self.failures_left,
-        }
-
-    def set_failure(
-        self, status: int, times: int, headers: bytes, body: bytes | None, ctype: bytes
-    ) -> None:
-        """Answer the next ``times`` model calls (-1: all) with ``status``."""
-        self.failures_left = times
-        self.fail_status = status
-        self.fail_headers = headers
-        self.fail_body = body
-        self.fail_ctype = ctype
-
-    def clear_failure(self) -> None:
-        self.set_failure(500, 0, b"", None, JSON_CT)
-
-    def reset(self) -> None:
-        """Zero the counters, clear the history and the injected failures. ``in_flight``
-        is a live gauge and is kept (peak := current)."""
-        self.calls = 0
-        self.completed = 0
-        self.disconnects = 0
-        self.peak_in_flight = self.in_flight
-        self.auth_seen.clear()
-        self.authorization_seen.clear()
-        self.api_key_seen.clear()
-        self.x_api_key_seen.clear()
-        self.api_version_seen = None
-        self.models_seen.clear()
-        self.call_times.clear()
-        self.path_counts.clear()
-        self.clear_failure()
+_DEFAULTS: Final = MockDefaults()
 
 
 # --------------------------------------------------------------------------- constants
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_DONE_EVENT = b"data: [DONE]\n\n"
 
 _ANTHROPIC_VERSION = b"anthropic-version"
 # Request headers recorded in the stats; all but anthropic-version also go to auth_seen.
@@ -276,159 +160,7 @@ _EMBED_PATHS = frozenset((b"/v1/embeddings", b"/embeddings"))
 _MESSAGES_PATHS = frozenset((b"/v1/messages", b"/messages"))
 _TOOL_ROLES = frozenset(("tool", "function"))
 
-# Stream deltas for each word, first position (no leading space) and later positions.
-_DELTA_FIRST: tuple[bytes, ...] = tuple(orjson.dumps({"content": w}) for w in WORDS)
-_DELTA_REST: tuple[bytes, ...] = tuple(orjson.dumps({"content": " " + w}) for w in WORDS)
-_DELTA_ROLE = b'{"role":"assistant","content":""}'
-_FINISH_NULL = b',"finish_reason":null}]}\n\n'
-_FINISH_STOP = b'{},"finish_reason":"stop"}]}\n\n'
-_FINISH_LENGTH = b'{},"finish_reason":"length"}]}\n\n'
 _A_TEXT_BLOCK: Final = {"type": "text", "text": ""}
-
-
-# --------------------------------------------------------------------------- parameters
-
-
-class _Params:
-    """Resolved behaviour of one request."""
-
-    __slots__ = ("chunk_delay_ms", "chunks", "error", "fail_after", "latency_ms", "retry_after")
-
-    def __init__(self, d: MockDefaults) -> None:
-        self.latency_ms: float = d.latency_ms
-        self.chunks: int = d.chunks
-        self.chunk_delay_ms: float = d.chunk_delay_ms
-        self.error: int | None = None
-        self.fail_after: int | None = None
-        self.retry_after: str | None = None
-
-
-# Per-model-name overrides: (latency_ms, chunks, chunk_delay_ms, error, fail_after, retry_after)
-_ModelOverrides = tuple[float | None, int | None, float | None, int | None, int | None, str | None]
-_NO_OVERRIDES: _ModelOverrides = (None, None, None, None, None, None)
-_model_cache: dict[str, _ModelOverrides] = {}
-
-
-def _num(tok: str) -> float | None:
-    try:
-        v = float(tok)
-    except ValueError:
-        return None
-    return v if v == v and v not in (float("inf"), float("-inf")) else None
-
-
-def _parse_model(model: str) -> _ModelOverrides:
-    cached = _model_cache.get(model)
-    if cached is not None:
-        return cached
-    latency: float | None = None
-    chunks: int | None = None
-    delay: float | None = None
-    error: int | None = None
-    fail_after: int | None = None
-    retry_after: str | None = None
-    toks = model.lower().split("-")[1:]
-    i = 0
-    n = len(toks)
-    while i < n:
-        tok = toks[i]
-        if tok == "slow":
-            latency = 2000.0
-            i += 1
-            continue
-        if tok in ("latency", "lat", "chunks", "delay", "error", "failafter", "retryafter"):
-            v = _num(toks[i + 1]) if i + 1 < n else None
-            if v is not None:
-                if tok in ("latency", "lat"):
-                    latency = max(v, 0.0)
-                elif tok == "chunks":
-                    chunks = min(max(int(v), 0), _MAX_CHUNKS)
-                elif tok == "delay":
-                    delay = max(v, 0.0)
-                elif tok == "error":
-                    error = int(v)
-                elif tok == "failafter":
-                    fail_after = max(int(v), 0)
-                else:
-                    retry_after = str(int(v))
-                i += 2
-                continue
-        i += 1
-    result: _ModelOverrides = (latency, chunks, delay, error, fail_after, retry_after)
-    if result == _NO_OVERRIDES:
-        result = _NO_OVERRIDES
-    if len(_model_cache) >= _MODEL_CACHE_MAX:
-        _model_cache.clear()
-    _model_cache[model] = result
-    return result
-
-
-def _as_number(v: object) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    return float(v)
-
-
-def _resolve(defaults: MockDefaults, model: str, body: dict[str, Any]) -> _Params:
-    p = _Params(defaults)
-    ov = _parse_model(model)
-    if ov is not _NO_OVERRIDES:
-        latency, chunks, delay, error, fail_after, retry_after = ov
-        if latency is not None:
-            p.latency_ms = latency
-        if chunks is not None:
-            p.chunks = chunks
-        if delay is not None:
-            p.chunk_delay_ms = delay
-        if error is not None:
-            p.error = error
-        if fail_after is not None:
-            p.fail_after = fail_after
-        if retry_after is not None:
-            p.retry_after = retry_after
-    mock = body.get("mock")
-    if isinstance(mock, dict):
-        v = _as_number(mock.get("latency_ms"))
-        if v is not None:
-            p.latency_ms = max(v, 0.0)
-        v = _as_number(mock.get("chunks"))
-        if v is not None:
-            p.chunks = min(max(int(v), 0), _MAX_CHUNKS)
-        v = _as_number(mock.get("chunk_delay_ms"))
-        if v is not None:
-            p.chunk_delay_ms = max(v, 0.0)
-        v = _as_number(mock.get("error"))
-        if v is not None:
-            p.error = int(v)
-        v = _as_number(mock.get("fail_after"))
-        if v is not None:
-            p.fail_after = max(int(v), 0)
-        ra = mock.get("retry_after")
-        if isinstance(ra, str) and ra:
-            p.retry_after = ra
-        else:
-            v = _as_number(ra)
-            if v is not None:
-                p.retry_after = str(int(v))
-    if p.error is not None and not 400 <= p.error <= 599:
-        p.error = None
-    return p
-
-
-def _word_count(text: str) -> int:
-    return len(text.split())
-
-
-def _header_value(v: object) -> str | None:
-    """A ``/mock/fail`` header value: a non-empty one-line string or a number >= 0."""
-    if isinstance(v, str):
-        if v and "\r" not in v and "\n" not in v and v.isascii():
-            return v
-        return None
-    n = _as_number(v)
-    if n is None or n < 0 or not math.isfinite(n):
-        return None
-    return str(int(n)) if n.is_integer() else repr(n)
 
 
 # --------------------------------------------------------------------------- plans
@@ -461,8 +193,6 @@ class _Plan:
 
 # --------------------------------------------------------------------------- application
 
-_Captured = list[tuple[bytes, str]]  # recorded request headers: (lowercase name, value)
-
 
 class _App:
     __slots__ = ("conns", "defaults", "ids", "state")
@@ -476,7 +206,7 @@ class _App:
     # -- routing ---------------------------------------------------------------------
 
     def dispatch(
-        self, method: bytes, url: bytes, body: bytes, keep_alive: bool, captured: _Captured | None
+        self, method: bytes, url: bytes, body: bytes, keep_alive: bool, captured: Captured | None
     ) -> _Plan:
         q = url.find(b"?")
         path = url if q < 0 else url[:q]
@@ -484,13 +214,13 @@ class _App:
             path = path[:-1]
         if method == b"POST":
             if path in _CHAT_PATHS:
-                self._arrive(path, captured)
+                self.state.record_call(path, captured)
                 return self.chat(body, keep_alive)
             if path in _MESSAGES_PATHS:
-                self._arrive(path, captured)
+                self.state.record_call(path, captured)
                 return self.messages(body, keep_alive)
             if path in _EMBED_PATHS:
-                self._arrive(path, captured)
+                self.state.record_call(path, captured)
                 return self.embeddings(body, keep_alive)
             if path.startswith(b"/openai/"):
                 query = url[q + 1 :] if q >= 0 else b""
@@ -510,28 +240,6 @@ class _App:
                 return _Plan(response(200, body, keep_alive), counted=False)
         msg = f"unknown route: {method.decode('latin-1')} {path.decode('latin-1')}"
         return _Plan(error_response(OPENAI, 404, msg, keep_alive), counted=False)
-
-    def _arrive(self, path: bytes, captured: _Captured | None) -> None:
-        """Record a model call: its time, its path and its credentials."""
-        st = self.state
-        st.call_times.append(_now())
-        counts = st.path_counts
-        if path in counts:
-            counts[path] += 1
-        else:
-            if len(counts) >= _MAX_PATHS:
-                path = _OTHER_PATH
-            counts[path] = counts.get(path, 0) + 1
-        if captured is not None:
-            for name, value in captured:
-                if name == b"authorization":
-                    st.authorization_seen.append(value)
-                elif name == b"x-api-key":
-                    st.x_api_key_seen.append(value)
-                elif name == b"api-key":
-                    st.api_key_seen.append(value)
-                else:
-                    st.api_version_seen = value
 
     @staticmethod
     def _load(body: bytes) -> dict[str, Any] | None:
@@ -563,10 +271,10 @@ class _App:
 
     def _behaviour(
         self, model: str, req: dict[str, Any], keep_alive: bool, api: int
-    ) -> tuple[_Params, float, _Plan | None]:
+    ) -> tuple[Params, float, _Plan | None]:
         """The resolved behaviour, the latency in seconds and, when the behaviour is an
         injected error, the plan that answers it."""
-        p = _resolve(self.defaults, model, req)
+        p = resolve(self.defaults, model, req)
         latency = p.latency_ms / 1000.0
         failure = None
         if p.error is not None:
@@ -577,7 +285,7 @@ class _App:
         return p, latency, failure
 
     @staticmethod
-    def _stream(head: bytes, events: list[bytes], tail: bytes, p: _Params, latency: float) -> _Plan:
+    def _stream(head: bytes, events: list[bytes], tail: bytes, p: Params, latency: float) -> _Plan:
         abort = p.fail_after is not None
         if abort:
             del events[p.fail_after :]
@@ -624,7 +332,7 @@ class _App:
                 msg = "each message must be an object"
                 return _Plan(error_response(api, 400, msg, keep_alive))
             text = content_text(m.get("content"))
-            prompt_tokens += _word_count(text)
+            prompt_tokens += word_count(text)
         if prompt_tokens < 1:
             prompt_tokens = 1
         seed = zlib.crc32(text.encode("utf-8", "surrogatepass"))
@@ -666,54 +374,22 @@ class _App:
         }
         if req.get("stream") is not True:
             content = " ".join([WORDS[(seed + k) % NWORDS] for k in range(n)])
-            body = orjson.dumps(
-                {
-                    "id": rid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": content},
-                            "finish_reason": finish,
-                        }
-                    ],
-                    "usage": usage,
-                }
-            )
+            body = openai_completion(rid, created, model, content, finish, usage)
             return _Plan(response(200, body, keep_alive), latency=latency)
 
         # Streaming: pre-render every event; the connection writes them as it goes.
-        meta = self._chunk_meta(rid, created, model)
+        meta = chunk_meta(rid, created, model)
         prefix = b'data: {%s,"choices":[{"index":0,"delta":' % meta
-        head = stream_head(keep_alive) + frame(prefix + _DELTA_ROLE + _FINISH_NULL)
+        head = stream_head(keep_alive) + frame(prefix + DELTA_ROLE + FINISH_NULL)
         n_words = n if p.fail_after is None else min(n, p.fail_after)
         events = [
-            frame(prefix + (_DELTA_REST if k else _DELTA_FIRST)[(seed + k) % NWORDS] + _FINISH_NULL)
+            frame(prefix + (DELTA_REST if k else DELTA_FIRST)[(seed + k) % NWORDS] + FINISH_NULL)
             for k in range(n_words)
         ]
-        finish_chunk = frame(prefix + (_FINISH_STOP if finish == "stop" else _FINISH_LENGTH))
+        finish_chunk = frame(prefix + (FINISH_STOP if finish == "stop" else FINISH_LENGTH))
         return self._stream(
-            head, events, self._chat_tail(finish_chunk, meta, req, usage), p, latency
+            head, events, openai_stream_tail(finish_chunk, meta, req, usage), p, latency
         )
-
-    @staticmethod
-    def _chunk_meta(rid: str, created: int, model: str) -> bytes:
-        return b'"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s' % (
-            rid.encode("ascii"),
-            created,
-            orjson.dumps(model),
-        )
-
-    @staticmethod
-    def _chat_tail(finish: bytes, meta: bytes, req: dict[str, Any], usage: object) -> bytes:
-        """The finish chunk, the usage chunk when asked for, ``[DONE]`` and the end."""
-        tail = finish
-        opts = req.get("stream_options")
-        if isinstance(opts, dict) and opts.get("include_usage") is True:
-            tail += frame(b'data: {%s,"choices":[],"usage":%s}\n\n' % (meta, orjson.dumps(usage)))
-        return tail + frame(_DONE_EVENT) + CHUNKED_END
 
     def _chat_tool(
         self,
@@ -725,7 +401,7 @@ class _App:
         created: int,
         model: str,
         prompt_tokens: int,
-        p: _Params,
+        p: Params,
         latency: float,
         keep_alive: bool,
     ) -> _Plan:
@@ -741,11 +417,11 @@ class _App:
             args = pieces[0] + pieces[1]
             body = openai_tool_completion(rid, created, model, call_id, name, args, usage)
             return _Plan(response(200, body, keep_alive), latency=latency)
-        meta = self._chunk_meta(rid, created, model)
+        meta = chunk_meta(rid, created, model)
         prefix = b'data: {%s,"choices":[{"index":0,"delta":' % meta
         first, events, finish = openai_tool_stream(prefix, call_id, name, pieces)
         head = stream_head(keep_alive) + first
-        return self._stream(head, events, self._chat_tail(finish, meta, req, usage), p, latency)
+        return self._stream(head, events, openai_stream_tail(finish, meta, req, usage), p, latency)
 
     # -- Anthropic messages ----------------------------------------------------------
 
@@ -771,7 +447,7 @@ class _App:
         if failure is not None:
             return failure
 
-        input_tokens = _word_count(content_text(req.get("system")))
+        input_tokens = word_count(content_text(req.get("system")))
         text = ""
         tool_result = False
         for m in messages:
@@ -779,7 +455,7 @@ class _App:
                 msg = "messages: each message must be an object"
                 return _Plan(error_response(ANTHROPIC, 400, msg, keep_alive))
             text, tool_result = anthropic_text(m.get("content"))
-            input_tokens += _word_count(text)
+            input_tokens += word_count(text)
         if input_tokens < 1:
             input_tokens = 1
         seed = zlib.crc32(text.encode("utf-8", "surrogatepass"))
@@ -831,13 +507,13 @@ class _App:
         query: bytes,
         raw: bytes,
         keep_alive: bool,
-        captured: _Captured | None,
+        captured: Captured | None,
     ) -> _Plan:
         parsed = parse_azure(path, query) if path.startswith(AZURE_PREFIX) else None
         if parsed is None or parsed[2] is None:
             return _Plan(response(404, AZURE_NOT_FOUND, keep_alive), counted=False)
         deployment, kind, version = parsed
-        self._arrive(path, captured)
+        self.state.record_call(path, captured)
         self.state.api_version_seen = version
         if kind == AZURE_CHAT:
             return self.chat(raw, keep_alive, AZURE, deployment)
@@ -865,73 +541,24 @@ class _App:
         _, latency, failure = self._behaviour(model, req, keep_alive, api)
         if failure is not None:
             return failure
-        data = []
-        tokens = 0
-        for i, s in enumerate(inputs):
-            b = s.encode("utf-8", "surrogatepass")
-            vec = [((zlib.crc32(b, j) % 20001) - 10000) / 10000.0 for j in range(8)]
-            data.append({"object": "embedding", "index": i, "embedding": vec})
-            tokens += _word_count(s)
-        tokens = max(tokens, 1)
-        body = orjson.dumps(
-            {
-                "object": "list",
-                "data": data,
-                "model": model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
+        body = embeddings_body(model, inputs)
         return _Plan(response(200, body, keep_alive), latency=latency)
 
     # -- control ---------------------------------------------------------------------
 
     def fail(self, raw: bytes, keep_alive: bool) -> _Plan:
-        """``POST /mock/fail``: arm (or clear, ``times: 0``) failures of the next calls."""
-
-        def bad(message: str) -> _Plan:
-            return _Plan(error_response(OPENAI, 400, message, keep_alive), counted=False)
-
-        req = self._load(raw)
-        if req is None:
-            return bad("invalid JSON body: an object is required")
-        st = self.state
-        times = req.get("times", 1)
-        if not isinstance(times, int) or isinstance(times, bool) or times < -1:
-            return bad("'times' must be an integer >= -1")
-        if times == 0:
-            st.clear_failure()
-            return _Plan(response(200, b'{"failures_left":0}', keep_alive), counted=False)
-        status = req.get("status", 500)
-        if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
-            return bad("'status' must be an HTTP error status (400-599)")
-        headers = b""
-        for field, header in (
-            ("retry_after", b"Retry-After"),
-            ("retry_after_ms", b"retry-after-ms"),
-        ):
-            given = req.get(field)
-            if given is None:
-                continue
-            value = _header_value(given)
-            if value is None:
-                return bad(f"'{field}' must be a number >= 0 or a one-line ASCII string")
-            headers += b"%s: %s\r\n" % (header, value.encode("ascii"))
-        given = req.get("body")
-        body: bytes | None = None
-        ctype = JSON_CT
-        if isinstance(given, str):
-            body, ctype = given.encode("utf-8"), TEXT_CT
-        elif given is not None:
-            body = orjson.dumps(given)
-        st.set_failure(status, times, headers, body, ctype)
-        answer = orjson.dumps({"status": status, "failures_left": times})
+        """``POST /mock/fail``: arm (or clear) failures, see :meth:`MockState.arm`."""
+        try:
+            answer = self.state.arm(self._load(raw))
+        except ControlError as e:
+            return _Plan(error_response(OPENAI, 400, str(e), keep_alive), counted=False)
         return _Plan(response(200, answer, keep_alive), counted=False)
 
 
 # --------------------------------------------------------------------------- connection
 
 # method, url, body, keep_alive, recorded headers
-_Request = tuple[bytes, bytes, bytes, bool, _Captured | None]
+_Request = tuple[bytes, bytes, bytes, bool, Captured | None]
 
 
 class _Conn(asyncio.Protocol):
@@ -960,7 +587,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
-        self.captured: _Captured | None = None
+        self.captured: Captured | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -1170,7 +797,7 @@ def _close_connections(app: _App) -> None:
 
 
 async def start_server(
-    host: str, port: int, defaults: MockDefaults = MockDefaults()
+    host: str, port: int, defaults: MockDefaults = _DEFAULTS
 ) -> tuple[asyncio.base_events.Server, MockState]:
     """Start the mock on ``host:port`` (0 = ephemeral) in the running loop.
 

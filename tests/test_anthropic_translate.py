@@ -1,4 +1,4 @@
-"""Translation between OpenAI chat and the Anthropic Messages API (shared/anthropic.py).
+"""Translation between OpenAI chat and the Anthropic Messages API (shared/anthropic/).
 
 Exact expectations for each direction, round trips, and the streaming converters
 checked against the official SDKs' own stream accumulators.
