@@ -305,19 +305,21 @@ _DONE_EVENT: Final = b"data: [DONE]\n\n"
 def openai_completion(
     rid: str, created: int, model: str, content: str, finish: str, usage: object
 ) -> bytes:
+    return _completion(
+        rid, created, model, {"role": "assistant", "content": content}, finish, usage
+    )
+
+
+def _completion(
+    rid: str, created: int, model: str, message: object, finish: str, usage: object
+) -> bytes:
     return orjson.dumps(
         {
             "id": rid,
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": finish,
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": usage,
         }
     )
@@ -434,22 +436,8 @@ def openai_tool_completion(
     rid: str, created: int, model: str, call_id: str, name: str, args: str, usage: object
 ) -> bytes:
     call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
-    return orjson.dumps(
-        {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": None, "tool_calls": [call]},
-                    "finish_reason": "tool_calls",
-                }
-            ],
-            "usage": usage,
-        }
-    )
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    return _completion(rid, created, model, message, "tool_calls", usage)
 
 
 def openai_tool_stream(
