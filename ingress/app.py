@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ingress import calls
 from ingress import messages as messages_api
+from ingress.access import log_request, request_log
 from ingress.auth import Authenticator
 from ingress.common import STATE, State, json_response, new_job, read_json_body, too_large
 from ingress.jobs import cancel_job, get_job, list_jobs, post_job, prefers_async, submit
@@ -53,12 +54,14 @@ async def errors_middleware(
         return response
     except BrokerError as e:
         status = e.http_status
+        request["error_type"] = e.body().error.type
         response = _error_response(e, request)
         if "job_id" in request:
             response.headers["X-Request-Id"] = request["job_id"]
         return response
     except web.HTTPException as e:
         status = e.status
+        request["error_type"] = "invalid_request_error"
         if e.status == 404:
             return _error_response(NotFound(f"no route for {request.method} {request.path}"))
         if e.status == 405:
@@ -76,9 +79,12 @@ async def errors_middleware(
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
         provider = request.get("provider", "")
-        state.metrics.observe_request(
-            endpoint, request.get("model", ""), provider, status, time.perf_counter() - started
-        )
+        elapsed = time.perf_counter() - started
+        state.metrics.observe_request(endpoint, request.get("model", ""), provider, status, elapsed)
+        if status >= 400:
+            state.metrics.errors.labels(request.get("error_type", "server_error"), provider).inc()
+        if request_log.isEnabledFor(logging.INFO):
+            log_request(state.config.pricing, request, endpoint, status, elapsed)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -157,7 +163,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: Config, pod: str) -> web.Application:
     registry = CollectorRegistry()
     redis = connect(config.redis, max_connections=32)
-    batcher = Batcher(redis, timeout=config.redis.command_timeout_s)
+    counters = IngressMetrics(registry)
+    batcher = Batcher(
+        redis,
+        timeout=config.redis.command_timeout_s,
+        round_trip=counters.redis_seconds.labels("ingress"),
+    )
     state = State(
         config=config,
         router=Router(config),
@@ -167,7 +178,7 @@ def create_app(config: Config, pod: str) -> web.Application:
         batcher=batcher,
         replies=ReplyRouter(config, pod),
         registry=registry,
-        metrics=IngressMetrics(registry),
+        metrics=counters,
         chooser=Chooser(Keys(config.redis.key_prefix), batcher),
         webhook_allow=networks(config.webhooks.allow_cidrs),
     )

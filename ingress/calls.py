@@ -69,10 +69,12 @@ async def run(
     if plan is not None:
         if plan.read:
             cached = await call_redis(state, "cache", job.provider, "GET", plan.key)
-            state.metrics.cache.labels(job.model, "hit" if cached else "miss").inc()
+            request["cache"] = "hit" if cached else "miss"
+            state.metrics.cache.labels(job.model, request["cache"]).inc()
             if cached:
                 return await _cached(request, job, cached, renderer)
         else:
+            request["cache"] = "miss"
             state.metrics.cache.labels(job.model, "miss").inc()
         job.cache_key, job.cache_ttl = plan.key, state.config.cache.ttl_s
     timeout = job.deadline - job.created
@@ -84,9 +86,14 @@ async def run(
         if job.stream:
             response = await _stream_reply(request, state, job, replies, loop_deadline, renderer)
         else:
-            _kind, data, status, retry_after = await _next_reply(state, job, replies, loop_deadline)
+            _kind, data, status, retry_after, usage = await _next_reply(
+                state, job, replies, loop_deadline
+            )
+            request["usage"] = usage
             response = _reply(job, renderer, data, status, retry_after)
         answered = True
+        if response.status >= 400 and isinstance(response, web.Response):
+            request["error_type"] = error_type(response.body)
         return response
     except asyncio.CancelledError:
         if not answered:
@@ -99,6 +106,15 @@ async def run(
         raise
     finally:
         state.replies.unregister(job.id)
+
+
+def error_type(body: object) -> str:
+    """The type of an error body (OpenAI's or Anthropic's shape)."""
+    try:
+        found: Any = orjson.loads(body)  # type: ignore[arg-type]
+        return str(found["error"]["type"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "upstream_error"
 
 
 async def _cached(
@@ -197,7 +213,7 @@ async def _stream_reply(
     loop_deadline: float,
     renderer: Renderer,
 ) -> web.StreamResponse:
-    kind, data, status, retry_after = await _next_reply(state, job, replies, loop_deadline)
+    kind, data, status, retry_after, usage = await _next_reply(state, job, replies, loop_deadline)
     if kind == m.REPLY_ERROR:
         # Nothing was sent yet: the client gets a plain HTTP error.
         return _reply(job, renderer, data, status, retry_after)
@@ -211,13 +227,14 @@ async def _stream_reply(
         if kind == m.REPLY_CHUNKS:
             await response.write(renderer.chunks(data))
         elif kind == m.REPLY_RESULT:
+            request["usage"] = usage
             await response.write(renderer.end(data))
             break
         else:  # an error after the stream started: an error event, then the end
             await response.write(renderer.stream_error(data))
             break
         try:
-            kind, data, _, _ = await _next_reply(state, job, replies, loop_deadline)
+            kind, data, _, _, usage = await _next_reply(state, job, replies, loop_deadline)
         except DeadlineExceeded as e:
             await response.write(renderer.stream_error(msgspec.json.encode(e.body())))
             break

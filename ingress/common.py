@@ -183,6 +183,7 @@ async def new_job(
     # Only routed names become metric labels: unknown names cannot grow the series.
     request["model"] = model
     request["provider"] = first.provider
+    request["tenant"] = tenant
     timeout = request_timeout(request, state)
     now = time.time()
     job = m.Job(

@@ -16,8 +16,9 @@ from shared.redisio import REDIS_DOWN, connect
 
 log = logging.getLogger("llm_broker.ingress.replies")
 
-#: One reply: kind (chunks, result, error), data, HTTP status, Retry-After ("" if none).
-Reply = tuple[bytes, bytes, int, str]
+#: One reply: kind (chunks, result, error), data, HTTP status, Retry-After ("" if
+#: none), tokens used as "<input> <output>" (final replies only; "" if unknown).
+Reply = tuple[bytes, bytes, int, str, bytes]
 
 
 class Waiter:
@@ -117,6 +118,7 @@ class ReplyRouter:
                                     fields.get(b"d", b""),
                                     int(fields.get(b"s", b"200")),
                                     fields.get(b"ra", b"").decode(),
+                                    fields.get(b"u", b""),
                                 )
                             )
         finally:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import logging
 import os
 import sys
 from collections.abc import Coroutine
 from typing import Any
 
 from llm_broker import mock_upstream
+from shared import logs
 from shared.config import Config, ConfigError, load_config, new_key, new_webhook_secret
 
 
@@ -28,14 +28,6 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
     else:
         uvloop.run(coro)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -110,6 +102,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-broker", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("LLM_BROKER_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("LLM_BROKER_LOG_FORMAT", "text"),
+        help="text, or one JSON object per line (default: $LLM_BROKER_LOG_FORMAT or text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -157,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    logs.setup(args.log_level, args.log_format)
     try:
         result: int = args.func(args)
     except ConfigError as e:

@@ -16,7 +16,8 @@ code updates its counters directly::
 ``peak_in_flight``; ``auth_seen`` (every credential header value of any request but
 ``/mock/*``, as always); for model calls ``authorization_seen`` (``Authorization``),
 ``api_key_seen`` (Azure ``api-key``), ``x_api_key_seen`` (Anthropic ``x-api-key``) and
-``models_seen`` (the last 100 each), ``api_version_seen`` (the last Azure api-version
+``models_seen`` and ``traceparent_seen`` (W3C trace context) (the last 100 each),
+``api_version_seen`` (the last Azure api-version
 or ``anthropic-version`` header, else null), ``call_times`` (``time.time()`` of the last
 1000 arrivals), ``calls_by_path`` (``{"/v1/messages": n, ..}``, path without query) and
 ``failures_left`` (of ``/mock/fail``).
@@ -69,6 +70,7 @@ class MockState:
         "models_seen",
         "path_counts",
         "peak_in_flight",
+        "traceparent_seen",
         "x_api_key_seen",
     )
 
@@ -83,6 +85,7 @@ class MockState:
         self.api_key_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
         self.x_api_key_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
         self.api_version_seen: str | None = None
+        self.traceparent_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
         self.models_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
         self.call_times: collections.deque[float] = collections.deque(maxlen=_CALL_HISTORY)
         self.path_counts: dict[bytes, int] = {}  # raw path -> model calls
@@ -109,6 +112,7 @@ class MockState:
             "api_key_seen": list(self.api_key_seen),
             "x_api_key_seen": list(self.x_api_key_seen),
             "api_version_seen": self.api_version_seen,
+            "traceparent_seen": list(self.traceparent_seen),
             "models_seen": list(self.models_seen),
             "call_times": list(self.call_times),
             "calls_by_path": self.calls_by_path,
@@ -140,6 +144,7 @@ class MockState:
         self.api_key_seen.clear()
         self.x_api_key_seen.clear()
         self.api_version_seen = None
+        self.traceparent_seen.clear()
         self.models_seen.clear()
         self.call_times.clear()
         self.path_counts.clear()
@@ -163,6 +168,8 @@ class MockState:
                     self.x_api_key_seen.append(value)
                 elif name == b"api-key":
                     self.api_key_seen.append(value)
+                elif name == b"traceparent":
+                    self.traceparent_seen.append(value)
                 else:
                     self.api_version_seen = value
 

@@ -143,8 +143,11 @@ _DEFAULTS: Final = MockDefaults()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _ANTHROPIC_VERSION = b"anthropic-version"
-# Request headers recorded in the stats; all but anthropic-version also go to auth_seen.
-_CAPTURED_HEADERS = frozenset((b"authorization", b"x-api-key", b"api-key", _ANTHROPIC_VERSION))
+# Request headers recorded in the stats; credentials also go to auth_seen.
+_TRACEPARENT = b"traceparent"
+_CAPTURED_HEADERS = frozenset(
+    (b"authorization", b"x-api-key", b"api-key", _ANTHROPIC_VERSION, _TRACEPARENT)
+)
 
 _MODELS_BODY = orjson.dumps(
     {
@@ -658,7 +661,7 @@ class _Conn(asyncio.Protocol):
             if not self.url.startswith(b"/mock/"):
                 seen = self.app.state.auth_seen
                 for name, value in captured:
-                    if name != _ANTHROPIC_VERSION:
+                    if name != _ANTHROPIC_VERSION and name != _TRACEPARENT:
                         seen.append(value)
         req: _Request = (
             self.parser.get_method(),

@@ -211,6 +211,22 @@ class LimitsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
     window_s: float = 60.0
 
 
+class Price(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What a model's tokens cost, in US dollars per million tokens."""
+
+    input_usd_per_million: float = 0.0
+    output_usd_per_million: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.input_usd_per_million < 0 or self.output_usd_per_million < 0:
+            raise ValueError("prices must not be negative")
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (
+            input_tokens * self.input_usd_per_million + output_tokens * self.output_usd_per_million
+        ) / 1_000_000
+
+
 class CacheConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Exact-match response cache in Redis."""
 
@@ -314,6 +330,8 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     worker: WorkerConfig = WorkerConfig()
     limits: LimitsConfig = LimitsConfig()
     cache: CacheConfig = CacheConfig()
+    #: Model name (as clients request it) → token prices, for llm_broker_cost_usd_total.
+    pricing: dict[str, Price] = {}
     #: First part of each ingress process's reply stream name (pid and a random
     #: suffix follow); the host name when empty.
     pod_name: str = ""

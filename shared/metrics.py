@@ -13,6 +13,9 @@ LATENCY_BUCKETS = (
     1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
     60.0, 90.0, 120.0, 180.0, 300.0, 450.0, 600.0,
 )
+REDIS_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
 # fmt: on
 
 
@@ -54,6 +57,19 @@ class IngressMetrics:
             "llm_broker_cache_requests",
             "Response cache lookups by result (hit, miss)",
             ["model", "result"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "llm_broker_errors",
+            "Error answers to clients, by error type and provider",
+            ["type", "provider"],
+            registry=registry,
+        )
+        self.redis_seconds = Histogram(
+            "llm_broker_redis_command_duration_seconds",
+            "Duration of Redis round trips (a pipeline of batched commands)",
+            ["role"],
+            buckets=REDIS_BUCKETS,
             registry=registry,
         )
         self.client_disconnects = Counter(
@@ -122,6 +138,50 @@ class WorkerMetrics:
         )
         self.redis_errors = Counter(
             "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
+        )
+        self.redis_seconds = Histogram(
+            "llm_broker_redis_command_duration_seconds",
+            "Duration of Redis round trips (a pipeline of batched commands)",
+            ["role"],
+            buckets=REDIS_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "llm_broker_tokens",
+            "Tokens used by upstream calls (type: input, output, total)",
+            ["model", "provider", "type"],
+            registry=registry,
+        )
+        self.cost = Counter(
+            "llm_broker_cost_usd",
+            "Cost of upstream calls in US dollars, from the config's pricing table",
+            ["model", "provider"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "llm_broker_upstream_errors",
+            "Error answers from providers (and failed calls), by the status the client sees",
+            ["provider", "status"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "llm_broker_queue_depth",
+            "Jobs in a provider's stream, queued or in flight; every worker exports it "
+            "for its providers: aggregate with max, not sum",
+            ["provider"],
+            registry=registry,
+        )
+        self.queue_pending = Gauge(
+            "llm_broker_queue_pending",
+            "Jobs delivered to workers and not yet acknowledged (aggregate with max)",
+            ["provider"],
+            registry=registry,
+        )
+        self.queue_lag = Gauge(
+            "llm_broker_queue_lag",
+            "Jobs not yet delivered to any worker (aggregate with max)",
+            ["provider"],
+            registry=registry,
         )
         self.retries = Counter(
             "llm_broker_upstream_retries",

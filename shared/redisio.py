@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 import redis.asyncio as aioredis
@@ -135,7 +136,8 @@ return 'ok'
 # alone), [5] now, [6] result field, [7] payload, [8] http status, [9] TTL,
 # [10] reply kind ('' for no reply), [11] reply data, [12] '1' if the reply data
 # is the payload, [13] Retry-After ('' for none), [14] reply stream max length,
-# [15] the attempt history ('' for none: the job ran once, on one deployment).
+# [15] the attempt history ('' for none: the job ran once, on one deployment),
+# [16] the tokens used, "<input> <output>" ('' if unknown), sent with the reply.
 # Returns 1 if this call made the job final.
 SETTLE = Script(
     _FINISH
@@ -157,13 +159,16 @@ end
 if ARGV[10] ~= '' then
   local data = ARGV[11]
   if ARGV[12] == '1' then data = ARGV[7] end
+  local fields = {'i', ARGV[3], 'k', ARGV[10], 'd', data, 's', ARGV[8]}
   if ARGV[13] ~= '' then
-    redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[14], '*', 'i', ARGV[3],
-               'k', ARGV[10], 'd', data, 's', ARGV[8], 'ra', ARGV[13])
-  else
-    redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[14], '*', 'i', ARGV[3],
-               'k', ARGV[10], 'd', data, 's', ARGV[8])
+    fields[#fields + 1] = 'ra'
+    fields[#fields + 1] = ARGV[13]
   end
+  if ARGV[16] ~= '' then
+    fields[#fields + 1] = 'u'
+    fields[#fields + 1] = ARGV[16]
+  end
+  redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[14], '*', unpack(fields))
 end
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
@@ -288,6 +293,10 @@ def connect(
     return aioredis.Redis(connection_pool=pool)
 
 
+class Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
 class Batcher:
     """Sends commands in pipelines, several callers' commands per round trip.
 
@@ -298,9 +307,18 @@ class Batcher:
     exception) within ``timeout`` of its call, however long it waited.
     """
 
-    def __init__(self, client: aioredis.Redis, *, timeout: float, max_in_flight: int = 1) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        timeout: float,
+        max_in_flight: int = 1,
+        round_trip: Observer | None = None,
+    ) -> None:
         self._client = client
         self._timeout = timeout
+        #: Observes the duration of each pipeline round trip (a histogram child).
+        self._round_trip = round_trip
         self._max_in_flight = max_in_flight
         self._pending: list[tuple[Sequence[Any], asyncio.Future[Any], float]] = []
         self._runners = 0
@@ -332,8 +350,11 @@ class Batcher:
         try:
             if budget <= 0:
                 raise TimeoutError("Redis did not answer in time")
+            started = time.perf_counter()
             async with asyncio.timeout(budget):
                 results = await execute(self._client, [args for args, _, _ in batch])
+            if self._round_trip is not None:
+                self._round_trip.observe(time.perf_counter() - started)
         except (Exception, asyncio.CancelledError) as e:  # every caller must hear of it
             err = e if isinstance(e, Exception) else ConnectionError("batch cancelled")
             for _, fut, _ in batch:

@@ -156,6 +156,7 @@ NEW_STATS_KEYS = {
     "models_seen",
     "call_times",
     "calls_by_path",
+    "traceparent_seen",
     "failures_left",
 }
 

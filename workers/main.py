@@ -10,9 +10,10 @@ import signal
 import socket
 
 from prometheus_client import CollectorRegistry, start_http_server
+from redis.exceptions import ResponseError
 
 from shared.config import Config
-from shared.keys import Keys
+from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
 from shared.redisio import REDIS_DOWN, Batcher, connect
 from workers.pool import ProviderPool
@@ -48,6 +49,46 @@ async def listen_for_cancels(config: Config, pools: list[ProviderPool]) -> None:
         backoff = min(backoff * 2, 2.0)
 
 
+QUEUE_EXPORT_EVERY_S = 5.0
+
+
+async def export_queues(
+    config: Config, providers: list[str], batcher: Batcher, metrics: WorkerMetrics
+) -> None:
+    """Export depth, pending and lag of each provider stream this process serves.
+
+    Every worker does it for its providers, so Prometheus sees the same value
+    from every pod: aggregate with ``max by (provider)``, never ``sum``.
+    """
+    keys = Keys(config.redis.key_prefix)
+    while True:
+        for provider in providers:
+            queue = keys.queue(provider)
+            try:
+                depth, groups = await asyncio.gather(
+                    batcher.call("XLEN", queue), batcher.call("XINFO", "GROUPS", queue)
+                )
+            except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
+                log.debug("queue metrics for %s unavailable: %s", provider, e)
+                continue
+            metrics.queue_depth.labels(provider).set(depth)
+            for group in groups:
+                pairs = (
+                    group.items()
+                    if isinstance(group, dict)
+                    else zip(group[::2], group[1::2], strict=True)
+                )
+                info = {_text(k): _text(v) for k, v in pairs}
+                if info.get("name") == GROUP:
+                    metrics.queue_pending.labels(provider).set(float(info.get("pending") or 0))
+                    metrics.queue_lag.labels(provider).set(float(info.get("lag") or 0))
+        await asyncio.sleep(QUEUE_EXPORT_EVERY_S)  # export period
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -67,7 +108,11 @@ async def serve(
         log.info("worker metrics on :%d", server.server_port)
     total = sum(config.providers[p].max_concurrency for p in providers)
     redis = connect(config.redis, max_connections=max(8, min(total, 64)))
-    batcher = Batcher(redis, timeout=config.redis.command_timeout_s * 2)
+    batcher = Batcher(
+        redis,
+        timeout=config.redis.command_timeout_s * 2,
+        round_trip=metrics.redis_seconds.labels("worker"),
+    )
     consumer = consumer_name()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,6 +133,8 @@ async def serve(
     tasks = [loop.create_task(pool.read_loop()) for pool in pools]
     tasks += [loop.create_task(pool.maintain_loop()) for pool in pools]
     cancels = loop.create_task(listen_for_cancels(config, pools))
+    if metrics_port is not None:
+        tasks.append(loop.create_task(export_queues(config, providers, batcher, metrics)))
     if ready_line:
         print(f"worker ready consumer={consumer} providers={','.join(providers)}", flush=True)
     stopped = loop.create_task(stop.wait())

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from shared import messages as m
-from shared.config import Config
+from shared.config import Config, Price
 from shared.errors import BrokerError, CircuitOpen, DeadlineExceeded, UpstreamError
 from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
@@ -93,6 +93,7 @@ class ProviderPool:
             if d.provider == provider
         }
         self._bookkeeping: set[asyncio.Future[Any]] = set()
+        self._accounts: dict[str, tuple[Any, Any, Any, Any, Price | None]] = {}
         self._queue_wait = metrics.queue_wait_seconds.labels(provider)
         self._upstream_seconds = metrics.upstream_seconds.labels(provider)
 
@@ -425,7 +426,7 @@ class ProviderPool:
         headers = {"traceparent": job.traceparent} if job.traceparent else None
         tries = _Tries(time.time())
         try:
-            payload, reply = await self._attempts(job, body, headers, start, tries)
+            payload, reply, tokens = await self._attempts(job, body, headers, start, tries)
         except BrokerError as e:
             if await start != b"ok":
                 return
@@ -440,6 +441,8 @@ class ProviderPool:
             return
         if await start == b"ok":
             self._outcomes["completed"].inc()
+            if tokens is not None:
+                self._account(job.model, *tokens)
             await self._settle(
                 job,
                 entry_id,
@@ -449,6 +452,7 @@ class ProviderPool:
                 reply_kind=m.REPLY_RESULT,
                 reply_data=reply,
                 history=tries.history(job, 200, ""),
+                usage=b"%d %d" % tokens if tokens is not None else b"",
             )
 
     async def _attempts(
@@ -458,8 +462,9 @@ class ProviderPool:
         headers: dict[str, str] | None,
         start: asyncio.Future[Any],
         tries: _Tries,
-    ) -> tuple[bytes, bytes | None]:
-        """Try this deployment, retrying what is worth it; raises the last error."""
+    ) -> tuple[bytes, bytes | None, tuple[int, int] | None]:
+        """Try this deployment, retrying what is worth it; raises the last error.
+        Returns the payload, the reply and the (input, output) tokens used."""
         target = job.target
         name = target.name
         breaker = self._breakers.get(name) or self._breaker(name)
@@ -482,8 +487,9 @@ class ProviderPool:
             try:
                 if timeout <= 0:
                     raise DeadlineExceeded("the request deadline passed before the call")
-                payload, reply, tokens = await self._call(job, body, timeout, headers, start, tries)
+                payload, reply, usage = await self._call(job, body, timeout, headers, start, tries)
             except UpstreamError as e:
+                self.metrics.upstream_errors.labels(self.provider, str(e.http_status)).inc()
                 if lease is not None:
                     self._background(self.limits.release(lease, None))
                 if e.retryable or e.error_code == "upstream_auth_failed":
@@ -515,9 +521,10 @@ class ProviderPool:
             breaker.success()
             if self._latency:
                 self._observe_latency(name, time.monotonic() - started)
+            tokens = _tokens(usage)
             if lease is not None:
-                self._background(self.limits.release(lease, tokens))
-            return payload, reply
+                self._background(self.limits.release(lease, sum(tokens) if tokens else None))
+            return payload, reply, tokens
 
     def _retry_delay(self, job: m.Job, e: UpstreamError, tries: _Tries) -> float | None:
         """How long to wait before retrying after ``e``; None: no retry."""
@@ -542,19 +549,19 @@ class ProviderPool:
         headers: dict[str, str] | None,
         start: asyncio.Future[Any],
         tries: _Tries,
-    ) -> tuple[bytes, bytes | None, int | None]:
+    ) -> tuple[bytes, bytes | None, dict[str, Any] | None]:
         """One upstream call: the job's payload, the reply to send (None: the
-        payload itself) and the tokens it used (if the upstream said)."""
+        payload itself) and its usage (if the upstream said)."""
         model = job.upstream_model
         if job.kind == m.EMBEDDINGS:
             result = await self.upstream.embed(body, model, timeout, headers)
             result["model"] = job.model
-            return orjson.dumps(result), None, _total_tokens(result)
+            return orjson.dumps(result), None, _usage(result)
         if not job.stream:
             result = await self.upstream.complete(body, model, timeout, headers)
             result["id"] = _response_id(job)
             result["model"] = job.model
-            return orjson.dumps(result), None, _total_tokens(result)
+            return orjson.dumps(result), None, _usage(result)
         result = await self._stream(job, body, timeout, headers, start, tries)
         reply = b""
         if job.include_usage and result.get("usage"):
@@ -568,7 +575,7 @@ class ProviderPool:
                     "usage": result["usage"],
                 }
             )
-        return orjson.dumps(result), reply, _total_tokens(result)
+        return orjson.dumps(result), reply, _usage(result)
 
     async def _stream(
         self,
@@ -643,6 +650,25 @@ class ProviderPool:
             nxt.name,
         )
         return True
+
+    def _account(self, model: str, input_tokens: int, output_tokens: int) -> None:
+        """Count a completed call's tokens and cost (per model, children looked up once)."""
+        found = self._accounts.get(model)
+        if found is None:
+            tokens = self.metrics.tokens
+            found = (
+                tokens.labels(model, self.provider, "input"),
+                tokens.labels(model, self.provider, "output"),
+                tokens.labels(model, self.provider, "total"),
+                self.metrics.cost.labels(model, self.provider),
+                self.cfg.pricing.get(model),
+            )
+            self._accounts[model] = found
+        found[0].inc(input_tokens)
+        found[1].inc(output_tokens)
+        found[2].inc(input_tokens + output_tokens)
+        if found[4] is not None:
+            found[3].inc(found[4].cost(input_tokens, output_tokens))
 
     def _breaker(self, deployment: str) -> Breaker:
         breaker = Breaker(
@@ -733,6 +759,7 @@ class ProviderPool:
         retry_after: str = "",
         dead_letter: bytes | None = None,
         history: bytes = b"",
+        usage: bytes = b"",
     ) -> None:
         """Close one entry: the job's final state first, then the reply, then the ack.
 
@@ -761,6 +788,7 @@ class ProviderPool:
                 retry_after,
                 REPLY_MAXLEN,
                 history,
+                usage,
             ),
         )
         commands: list[tuple[Any, ...]] = []
@@ -894,13 +922,20 @@ class _Tries:
         return msgspec.json.encode([*job.attempts, self.attempt(job, status, error)])
 
 
-def _total_tokens(result: dict[str, Any]) -> int | None:
+def _usage(result: dict[str, Any]) -> dict[str, Any] | None:
     usage = result.get("usage")
-    if isinstance(usage, dict):
-        total = usage.get("total_tokens")
-        if isinstance(total, int):
-            return total
-    return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _tokens(usage: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(input, output) tokens of an OpenAI usage object (embeddings: output 0)."""
+    if usage is None:
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
 
 
 def _response_id(job: m.Job) -> str:
