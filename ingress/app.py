@@ -26,6 +26,7 @@ from shared.keys import Keys
 from shared.metrics import IngressMetrics
 from shared.redisio import REDIS_DOWN, Batcher, connect
 from shared.ssrf import networks
+from shared.tracing import Tracing
 
 log = logging.getLogger("llm_broker.ingress")
 
@@ -158,6 +159,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(reader, *state.tasks, return_exceptions=True)
     await state.batcher.close()
     await state.redis.aclose()
+    state.tracing.shutdown()
 
 
 def create_app(config: Config, pod: str) -> web.Application:
@@ -180,6 +182,7 @@ def create_app(config: Config, pod: str) -> web.Application:
         registry=registry,
         metrics=counters,
         chooser=Chooser(Keys(config.redis.key_prefix), batcher),
+        tracing=Tracing(config.tracing, "ingress"),
         webhook_allow=networks(config.webhooks.allow_cidrs),
     )
     app = web.Application(

@@ -60,6 +60,17 @@ async def run(
     request: web.Request, state: State, job: m.Job, route: ModelRoute, renderer: Renderer
 ) -> web.StreamResponse:
     """Answer a synchronous request: from the cache, or by running ``job``."""
+    if not state.tracing.enabled:
+        return await _run(request, state, job, route, renderer)
+    attributes = {"llm_broker.model": job.model, "llm_broker.request_id": job.id}
+    with state.tracing.span("llm_broker.request", job.traceparent, "server", attributes) as tp:
+        job.traceparent = tp  # the worker's span continues this one
+        return await _run(request, state, job, route, renderer)
+
+
+async def _run(
+    request: web.Request, state: State, job: m.Job, route: ModelRoute, renderer: Renderer
+) -> web.StreamResponse:
     plan = None
     if state.config.cache.enabled:
         body = orjson.loads(job.body)

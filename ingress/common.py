@@ -31,6 +31,7 @@ from shared.keys import Keys
 from shared.metrics import IngressMetrics
 from shared.redisio import REDIS_DOWN, Batcher
 from shared.ssrf import Network
+from shared.tracing import Tracing
 
 T = TypeVar("T")
 
@@ -49,6 +50,7 @@ class State:
     registry: CollectorRegistry
     metrics: IngressMetrics
     chooser: Chooser
+    tracing: Tracing
     #: Networks webhook URLs may point to although they are not public.
     webhook_allow: tuple[Network, ...] = ()
     draining: bool = False

@@ -227,6 +227,21 @@ class Price(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
         ) / 1_000_000
 
 
+class TracingConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """OpenTelemetry span export (needs the ``otel`` extra); off while no endpoint is set."""
+
+    #: OTLP/HTTP traces endpoint, e.g. http://otel-collector:4318/v1/traces.
+    otlp_endpoint: str | None = None
+    #: Spans carry ``service.name`` = this name and the process role.
+    service_name: str = "llm-broker"
+    #: Share of new traces recorded (a client's sampled flag is followed).
+    sample_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sample_ratio <= 1:
+            raise ValueError("sample_ratio must be in [0, 1]")
+
+
 class CacheConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Exact-match response cache in Redis."""
 
@@ -332,6 +347,7 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     cache: CacheConfig = CacheConfig()
     #: Model name (as clients request it) → token prices, for llm_broker_cost_usd_total.
     pricing: dict[str, Price] = {}
+    tracing: TracingConfig = TracingConfig()
     #: First part of each ingress process's reply stream name (pid and a random
     #: suffix follow); the host name when empty.
     pod_name: str = ""

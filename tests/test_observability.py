@@ -9,6 +9,8 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from llm_broker.dev import free_port
 from llm_broker.procs import python_cmd
@@ -227,3 +229,72 @@ async def test_metrics_logs_and_traces_match_the_traffic(
     assert sum(1 for line in lines if line.get("cache") == "hit") == 1
     missing = next(line for line in lines if line["status"] == 404)
     assert missing["error_type"] == "invalid_request_error"
+
+
+async def test_spans_exported_over_otlp_continue_the_clients_trace(
+    procs: Procs, make_config: ConfigFactory, http: aiohttp.ClientSession
+) -> None:
+    """With tracing on, ingress and worker export spans of the client's trace, and the
+    upstream receives the worker span's context."""
+    received: list[Any] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        received.append(ExportTraceServiceRequest.FromString(await request.read()))
+        return web.Response(content_type="application/x-protobuf", body=b"")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        _, mock = procs.mock()
+        config = make_config(mock, tracing={"otlp_endpoint": f"http://127.0.0.1:{port}/v1/traces"})
+        fast_export = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
+        procs.start(
+            "worker",
+            python_cmd("worker", "--all", "--config", str(config)),
+            r"worker ready",
+            env=fast_export,
+        )
+        _, found = procs.start(
+            "ingress",
+            python_cmd("ingress", "--config", str(config), "--port", "0"),
+            r"listening on (http://\S+)",
+            env=fast_export,
+        )
+        trace_id = secrets.token_hex(16)
+        client_span = secrets.token_hex(8)
+        async with http.post(
+            f"{found.group(1)}/v1/chat/completions",
+            json=chat("mock"),
+            headers={"traceparent": f"00-{trace_id}-{client_span}-01"},
+        ) as resp:
+            assert resp.status == 200
+
+        def spans() -> dict[str, Any]:
+            return {
+                span.name: span
+                for req in received
+                for rs in req.resource_spans
+                for ss in rs.scope_spans
+                for span in ss.spans
+            }
+
+        async def both() -> dict[str, Any] | None:
+            found = spans()
+            return found if {"llm_broker.request", "llm_broker.upstream"} <= set(found) else None
+
+        found_spans = await eventually(both, what="spans from ingress and worker")
+        request_span = found_spans["llm_broker.request"]
+        upstream_span = found_spans["llm_broker.upstream"]
+        assert request_span.trace_id.hex() == trace_id
+        assert request_span.parent_span_id.hex() == client_span
+        assert upstream_span.trace_id.hex() == trace_id
+        assert upstream_span.parent_span_id == request_span.span_id
+        seen = (await mock_stats(http, mock))["traceparent_seen"]
+        assert seen == [f"00-{trace_id}-{upstream_span.span_id.hex()}-01"]
+    finally:
+        await runner.cleanup()

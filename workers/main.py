@@ -16,6 +16,7 @@ from shared.config import Config
 from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
 from shared.redisio import REDIS_DOWN, Batcher, connect
+from shared.tracing import Tracing
 from workers.pool import ProviderPool
 from workers.upstream import make_upstream
 
@@ -114,6 +115,7 @@ async def serve(
         round_trip=metrics.redis_seconds.labels("worker"),
     )
     consumer = consumer_name()
+    tracing = Tracing(config.tracing, "worker")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,6 +129,7 @@ async def serve(
             batcher=batcher,
             consumer=consumer,
             metrics=metrics,
+            tracing=tracing,
         )
         for p in providers
     ]
@@ -169,4 +172,5 @@ async def serve(
         pool.upstream.close()
     await batcher.close()
     await redis.aclose()
+    tracing.shutdown()
     log.info("worker stopped")

@@ -28,6 +28,7 @@ from shared.errors import BrokerError, CircuitOpen, DeadlineExceeded, UpstreamEr
 from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
 from shared.redisio import MOVE, REDIS_DOWN, SETTLE, START, Batcher, connect, ensure_group
+from shared.tracing import Tracing
 from workers.accumulate import StreamAccumulator
 from workers.breaker import Breaker, LatencyAverage
 from workers.limits import Limits, estimate_tokens
@@ -52,6 +53,7 @@ class ProviderPool:
         batcher: Batcher,
         consumer: str,
         metrics: WorkerMetrics,
+        tracing: Tracing,
     ) -> None:
         self.provider = provider
         self.cfg = config
@@ -64,6 +66,7 @@ class ProviderPool:
         self.batcher = batcher
         self.consumer = consumer
         self.metrics = metrics
+        self.tracing = tracing
         self.result_ttl = int(config.jobs.result_ttl_s)
         self._jobs: dict[str, asyncio.Task[None]] = {}
         #: Upstream calls in progress, by job id (cancellation aborts them).
@@ -426,7 +429,16 @@ class ProviderPool:
         headers = {"traceparent": job.traceparent} if job.traceparent else None
         tries = _Tries(time.time())
         try:
-            payload, reply, tokens = await self._attempts(job, body, headers, start, tries)
+            if self.tracing.enabled:
+                attributes = {"llm_broker.provider": self.provider, "llm_broker.model": job.model}
+                with self.tracing.span(
+                    "llm_broker.upstream", job.traceparent, "client", attributes
+                ) as traceparent:
+                    payload, reply, tokens = await self._attempts(
+                        job, body, {"traceparent": traceparent}, start, tries
+                    )
+            else:
+                payload, reply, tokens = await self._attempts(job, body, headers, start, tries)
         except BrokerError as e:
             if await start != b"ok":
                 return
