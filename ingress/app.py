@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ingress import calls
 from ingress import messages as messages_api
-from ingress.access import log_request, request_log
+from ingress.access import AccessLog
 from ingress.auth import Authenticator
 from ingress.common import STATE, State, json_response, new_job, read_json_body, too_large
 from ingress.jobs import cancel_job, get_job, list_jobs, post_job, prefers_async, submit
@@ -84,8 +84,8 @@ async def errors_middleware(
         state.metrics.observe_request(endpoint, request.get("model", ""), provider, status, elapsed)
         if status >= 400:
             state.metrics.errors.labels(request.get("error_type", "server_error"), provider).inc()
-        if request_log.isEnabledFor(logging.INFO):
-            log_request(state.config.pricing, request, endpoint, status, elapsed)
+        if state.access.enabled:
+            state.access.log(request, endpoint, status, elapsed)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -160,6 +160,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await state.batcher.close()
     await state.redis.aclose()
     state.tracing.shutdown()
+    state.access.flush()
 
 
 def create_app(config: Config, pod: str) -> web.Application:
@@ -183,6 +184,7 @@ def create_app(config: Config, pod: str) -> web.Application:
         metrics=counters,
         chooser=Chooser(Keys(config.redis.key_prefix), batcher),
         tracing=Tracing(config.tracing, "ingress"),
+        access=AccessLog(config.pricing),
         webhook_allow=networks(config.webhooks.allow_cidrs),
     )
     app = web.Application(

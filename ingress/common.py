@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from ingress.access import AccessLog
 from ingress.auth import Authenticator
 from ingress.ids import JobIds
 from ingress.replies import ReplyRouter
@@ -51,6 +52,7 @@ class State:
     metrics: IngressMetrics
     chooser: Chooser
     tracing: Tracing
+    access: AccessLog
     #: Networks webhook URLs may point to although they are not public.
     webhook_allow: tuple[Network, ...] = ()
     draining: bool = False

@@ -46,6 +46,14 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def current_format() -> str:
+    """The format the root logger writes in ("json" or "text")."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            return "json"
+    return "text"
+
+
 def setup(level: str, fmt: str = "text") -> None:
     """Configure the root logger once, in an entry point."""
     handler = logging.StreamHandler(sys.stderr)
