@@ -19,6 +19,22 @@ REDIS_BUCKETS = (
 # fmt: on
 
 
+def redis_round_trips(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "llm_broker_redis_command_duration_seconds",
+        "Duration of Redis round trips (a pipeline of batched commands)",
+        ["role"],
+        buckets=REDIS_BUCKETS,
+        registry=registry,
+    )
+
+
+def redis_errors(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
+    )
+
+
 class IngressMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
@@ -50,9 +66,7 @@ class IngressMetrics:
             ["provider", "reason"],
             registry=registry,
         )
-        self.redis_errors = Counter(
-            "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
-        )
+        self.redis_errors = redis_errors(registry)
         self.cache = Counter(
             "llm_broker_cache_requests",
             "Response cache lookups by result (hit, miss)",
@@ -65,13 +79,7 @@ class IngressMetrics:
             ["type", "provider"],
             registry=registry,
         )
-        self.redis_seconds = Histogram(
-            "llm_broker_redis_command_duration_seconds",
-            "Duration of Redis round trips (a pipeline of batched commands)",
-            ["role"],
-            buckets=REDIS_BUCKETS,
-            registry=registry,
-        )
+        self.redis_seconds = redis_round_trips(registry)
         self.client_disconnects = Counter(
             "llm_broker_client_disconnects",
             "Clients that went away before their answer; their jobs are cancelled",
@@ -136,16 +144,8 @@ class WorkerMetrics:
             ["provider"],
             registry=registry,
         )
-        self.redis_errors = Counter(
-            "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
-        )
-        self.redis_seconds = Histogram(
-            "llm_broker_redis_command_duration_seconds",
-            "Duration of Redis round trips (a pipeline of batched commands)",
-            ["role"],
-            buckets=REDIS_BUCKETS,
-            registry=registry,
-        )
+        self.redis_errors = redis_errors(registry)
+        self.redis_seconds = redis_round_trips(registry)
         self.tokens = Counter(
             "llm_broker_tokens",
             "Tokens used by upstream calls (type: input, output, total)",
@@ -241,6 +241,4 @@ class WebhookMetrics:
             "Finished jobs handed to webhook delivery",
             registry=registry,
         )
-        self.redis_errors = Counter(
-            "llm_broker_redis_errors", "Redis commands that failed", ["role"], registry=registry
-        )
+        self.redis_errors = redis_errors(registry)
