@@ -29,6 +29,7 @@ Usage: ``python bench/run.py [--quick] [--only C] [--out FILE.md]``
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -47,6 +48,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+
+import aiohttp
 
 from llm_broker.dev import free_port
 from llm_broker.procs import Child, python_cmd
@@ -426,8 +429,46 @@ def run_scenario(stack: Stack, sc: Scenario, warmup_s: int, report: Report) -> N
     log(f"  warm-up {warmup_s}s")
     run_wrk(stack.broker_url + CHAT_PATH, sc, warmup_s, strict=False)
     stack.check_alive()
+    if sc.connections > 64:
+        prime(stack, sc)
     report.rows.append(measure(stack, stack.broker_url, sc, "broker"))
     report.memory[sc.key] = snapshot_memory(stack)
+
+
+def prime(stack: Stack, sc: Scenario) -> None:
+    """One round of ``sc.connections`` requests, each awaited to its end.
+
+    wrk stops with every connection's last request unanswered; the broker
+    cancels those jobs (their clients went away) and workers abort the
+    upstream calls by closing their connections. Without this round, the
+    measured run would start by opening that many upstream connections
+    again: a cost of the warm-up's own ending, not of steady state.
+    """
+    wait_idle(stack.mock_url)
+    body = {
+        "model": sc.model,
+        "messages": [{"role": "user", "content": "Hello there"}],
+        "stream": sc.stream,
+    }
+
+    async def one(session: aiohttp.ClientSession) -> bool:
+        try:
+            async with session.post(stack.broker_url + CHAT_PATH, json=body) as resp:
+                await resp.read()
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    async def round_() -> int:
+        connector = aiohttp.TCPConnector(limit=sc.connections)
+        timeout = aiohttp.ClientTimeout(total=sc.timeout_s * 3)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            done = await asyncio.gather(*(one(session) for _ in range(sc.connections)))
+        return sum(done)
+
+    ok = asyncio.run(round_())
+    log(f"  priming round: {ok}/{sc.connections} answered")
+    wait_idle(stack.mock_url)
 
 
 def run_all(stack: Stack, quick: bool, report: Report, only: str = "") -> None:

@@ -32,18 +32,28 @@ class AccessLog:
         self.enabled = logging.getLogger(LOGGER).isEnabledFor(logging.INFO)
         self._json = logs.current_format() == "json"
         self._lines: list[str] = []
+        #: The formatted timestamp of the current second, and that second.
+        self._second = -1
+        self._stamp = ""
 
     def log(self, request: web.Request, endpoint: str, status: int, seconds: float) -> None:
         fields = self._fields(request, endpoint, status, seconds)
         now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            if self._json:
+                self._stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            else:
+                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        millis = int(now * 1000) % 1000
         if self._json:
-            stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+            stamp = f"{self._stamp}.{millis:03d}+00:00"
             head = {"ts": stamp, "level": "info", "logger": LOGGER, "message": "request"}
             line = orjson.dumps({**head, **fields}).decode()
         else:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
             pairs = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-            line = f"{stamp},{int(now * 1000) % 1000:03d} INFO {LOGGER} request {pairs}"
+            line = f"{self._stamp},{millis:03d} INFO {LOGGER} request {pairs}"
         if not self._lines:
             asyncio.get_running_loop().call_soon(self.flush)
         self._lines.append(line)
