@@ -250,6 +250,10 @@ class CacheConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: One cache for every tenant instead of one per tenant.
     shared: bool = False
 
+    def __post_init__(self) -> None:
+        if self.ttl_s < 1:
+            raise ValueError("cache.ttl_s must be at least 1")
+
 
 class WorkerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: An entry pending this long without a refresh is reclaimed by another worker.

@@ -785,3 +785,21 @@ async def test_rpm_admits_no_more_than_the_limit_per_window(
     for i, t in enumerate(times):
         assert sum(1 for u in times[i:] if u - t < 2.0 - 0.1) <= 3
     assert times[-1] - times[0] >= 4.0 - 0.1
+
+
+async def test_a_client_deadline_is_not_an_upstream_failure(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """Calls cut short by the clients' own deadlines neither open the circuit nor fall back."""
+    slow = chat("fallback-x", mock={"latency_ms": 3000})
+    for _ in range(4):  # more than the circuit's 3 failures
+        code, _, body = await post_chat(http, stack, slow, {**AUTH_A, "X-Request-Timeout": "0.3"})
+        assert code == 504 and body["error"]["code"] == "deadline_exceeded"
+    gauge = await metric(
+        http, stack.worker_metrics, "llm_broker_circuit_state", deployment="a/mock-fb"
+    )
+    assert gauge == 0
+    assert await calls(http, stack.b) == 0  # nothing moved to the fallback deployment
+    code, _, _ = await post_chat(http, stack, chat("fallback-x"), AUTH_A)
+    assert code == 200
+    assert await calls(http, stack.b) == 0  # and the deployment still takes calls

@@ -165,6 +165,7 @@ class Limits:
         self._rules: dict[str, _Rule | None] = {}
         self._held: dict[str, Lease] = {}
         self._released = asyncio.Event()
+        self._returns: set[asyncio.Future[None]] = set()
         self._seq = 0
         self._wait_seconds = metrics.limit_wait_seconds.labels(provider)
         self._redis_errors = metrics.redis_errors.labels("limits")
@@ -217,7 +218,7 @@ class Limits:
             now = time.time()
             hint = -1.0
             try:
-                result = await self._batcher.call(
+                call = self._batcher.call(
                     *ACQUIRE.command(
                         rule.keys,
                         (
@@ -232,6 +233,12 @@ class Limits:
                         ),
                     )
                 )
+                try:
+                    result = await asyncio.shield(call)
+                except asyncio.CancelledError:
+                    # The script may still admit the call: give back what it takes.
+                    call.add_done_callback(lambda done: self._give_back(done, lease))
+                    raise
                 if result[0] == 1:
                     if rule.leases:
                         self._held[lease.id] = lease
@@ -260,6 +267,13 @@ class Limits:
             except TimeoutError:
                 pass
             backoff = min(backoff * 2, 0.25)
+
+    def _give_back(self, done: asyncio.Future[Any], lease: Lease) -> None:
+        if done.cancelled() or done.exception() is not None or done.result()[0] != 1:
+            return
+        task = asyncio.ensure_future(self.release(lease, 0))
+        self._returns.add(task)
+        task.add_done_callback(self._returns.discard)
 
     async def release(self, lease: Lease, real_cost: int | None) -> None:
         self._held.pop(lease.id, None)

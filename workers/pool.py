@@ -228,7 +228,14 @@ class ProviderPool:
         if not self._jobs:
             return
         owned = await self.redis.xpending_range(
-            self.queue, GROUP, "-", "+", len(self._jobs) + 16, consumername=self.consumer
+            # Entries left pending without a running job (Redis was down when
+            # they started or settled) come first: look past them.
+            self.queue,
+            GROUP,
+            "-",
+            "+",
+            len(self._jobs) + 1000,
+            consumername=self.consumer,
         )
         ids = [p["message_id"] for p in owned if p["message_id"].decode() in self._jobs]
         if ids:
@@ -397,7 +404,9 @@ class ProviderPool:
     ) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._run(job, entry_id, start))
         self._runs[job.id] = task
-        task.add_done_callback(lambda _t: self._runs.pop(job.id, None))
+        task.add_done_callback(
+            lambda t: self._runs.pop(job.id) if self._runs.get(job.id) is t else None
+        )
         return task
 
     def cancel(self, job_id: str) -> bool:
@@ -413,7 +422,7 @@ class ProviderPool:
         job on to its next deployment, once ``start`` said "ok"."""
         self._queue_wait.observe(max(0.0, time.time() - job.created))
         if job.deadline <= time.time():
-            if await start == b"ok":
+            if await asyncio.shield(start) == b"ok":
                 self._outcomes["expired"].inc()
                 await self._settle(
                     job,
@@ -440,7 +449,7 @@ class ProviderPool:
             else:
                 payload, reply, tokens = await self._attempts(job, body, headers, start, tries)
         except BrokerError as e:
-            if await start != b"ok":
+            if await asyncio.shield(start) != b"ok":
                 return
             attempt = tries.attempt(job, e.http_status, e.error_code or "")
             if self._may_fall_back(job, e, tries) and await self._fall_back(job, entry_id, attempt):
@@ -451,7 +460,7 @@ class ProviderPool:
                 job, entry_id, e, history=tries.history(job, e.http_status, e.error_code or "")
             )
             return
-        if await start == b"ok":
+        if await asyncio.shield(start) == b"ok":
             self._outcomes["completed"].inc()
             if tokens is not None:
                 self._account(job.model, *tokens)
@@ -501,9 +510,16 @@ class ProviderPool:
                     raise DeadlineExceeded("the request deadline passed before the call")
                 payload, reply, usage = await self._call(job, body, timeout, headers, start, tries)
             except UpstreamError as e:
-                self.metrics.upstream_errors.labels(self.provider, str(e.http_status)).inc()
                 if lease is not None:
                     self._background(self.limits.release(lease, None))
+                if e.error_code == "upstream_timeout" and timeout < self.pcfg.timeout_s:
+                    # The client's deadline ran out, not the upstream's patience:
+                    # no verdict on the deployment, nothing left to retry.
+                    breaker.abandon()
+                    raise DeadlineExceeded(
+                        f"no answer within the request deadline of {job.deadline - job.created:g}s"
+                    ) from e
+                self.metrics.upstream_errors.labels(self.provider, str(e.http_status)).inc()
                 if e.retryable or e.error_code == "upstream_auth_failed":
                     breaker.failure()
                 else:
@@ -573,6 +589,7 @@ class ProviderPool:
             result = await self.upstream.complete(body, model, timeout, headers)
             result["id"] = _response_id(job)
             result["model"] = job.model
+            result["created"] = result.get("created") or int(job.created)
             return orjson.dumps(result), None, _usage(result)
         result = await self._stream(job, body, timeout, headers, start, tries)
         reply = b""
@@ -604,12 +621,15 @@ class ProviderPool:
         try:
             async for chunk in self.upstream.stream(body, job.upstream_model, timeout, headers):
                 if not start.done():
-                    await start  # no chunk reaches the client before the job has started
+                    # No chunk reaches the client before the job has started. The
+                    # start result is shared: a cancel of this call must not cancel it.
+                    await asyncio.shield(start)
                 acc.add(chunk)
                 if not chunk.get("choices") and chunk.get("usage"):
                     continue  # usage is sent at the end, if the client asked for it
                 chunk["id"] = response_id
                 chunk["model"] = job.model
+                chunk["created"] = chunk.get("created") or int(job.created)
                 sender.add(_frame(chunk))
                 tries.sent = tries.sent or bool(job.reply_to)
         finally:
@@ -617,7 +637,7 @@ class ProviderPool:
         return acc.result(response_id, job.model, int(job.created))
 
     def _may_fall_back(self, job: m.Job, e: BrokerError, tries: _Tries) -> bool:
-        if not job.fallbacks or tries.sent:
+        if not job.fallbacks or tries.sent or job.deadline <= time.time():
             return False
         if isinstance(e, CircuitOpen):
             return True
