@@ -106,7 +106,7 @@ async def _run(
         if response.status >= 400 and isinstance(response, web.Response):
             request["error_type"] = error_type(response.body)
         return response
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ConnectionResetError):
         if not answered:
             # The client went away (or ingress is shutting down): nobody waits.
             endpoint = request.match_info.route.resource

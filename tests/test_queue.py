@@ -244,3 +244,32 @@ async def test_consumers_of_dead_workers_are_forgotten(
         return b"dead-worker" not in names
 
     await eventually(dead_one_gone, what="the dead consumer to be removed")
+
+
+async def test_stream_of_a_killed_worker_is_not_replayed_to_its_client(
+    procs: Procs,
+    make_config: ConfigFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A stream that may have reached its client fails when its worker dies; the
+    worker that reclaims it does not send the answer a second time."""
+    _, mock_url = procs.mock()
+    config = make_config(mock_url, worker={"lease_s": 1.0})
+    doomed = procs.worker(config)
+    _, url = procs.ingress(config)
+    body = {
+        "model": "mock-chunks-100-delay-100",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "stream": True,
+    }
+    async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        first = await resp.content.readuntil(b"\n\n")
+        assert first.startswith(b"data: {")
+        doomed.send_signal(signal.SIGKILL)
+        doomed.proc.wait(5)
+        procs.worker(config)
+        rest = (await resp.read()).decode()
+    assert "upstream_stream_interrupted" in rest
+    assert rest.count('"content"') < 100
+    assert (await mock_stats(http, mock_url))["calls"] == 1

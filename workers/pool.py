@@ -24,7 +24,12 @@ from redis.exceptions import ResponseError
 
 from shared import messages as m
 from shared.config import Config, Price
-from shared.errors import BrokerError, CircuitOpen, DeadlineExceeded, UpstreamError
+from shared.errors import (
+    BrokerError,
+    CircuitOpen,
+    DeadlineExceeded,
+    UpstreamError,
+)
 from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
 from shared.redisio import MOVE, REDIS_DOWN, SETTLE, START, Batcher, connect, ensure_group
@@ -37,6 +42,8 @@ from workers.upstream import Upstream
 log = logging.getLogger("llm_broker.worker")
 
 REPLY_MAXLEN = 100_000
+#: Upstream errors after which the call surely used no tokens (4xx answers too).
+_UNSPENT = frozenset(("upstream_connection_error", "upstream_auth_failed"))
 #: A deployment's latency average is written to Redis at most this often.
 LATENCY_PUBLISH_S = 1.0
 DEAD_LETTER_MAXLEN = 100_000
@@ -355,6 +362,19 @@ class ProviderPool:
                 run.cancel()
                 await asyncio.gather(run, return_exceptions=True)
             return
+        if verdict == b"ok" and run is None and deliveries > 1 and job.stream and job.reply_to:
+            # The worker that had this stream stopped; its client may hold part of
+            # the answer already, and a second run would send it all again.
+            err = UpstreamError(
+                502,
+                "the worker running this stream stopped before it ended; a stream "
+                "that may have reached the client is not run again",
+                code="upstream_stream_interrupted",
+            )
+            self._outcomes["failed"].inc()
+            log.info("job %s: stream redelivered; failed rather than replayed", job.id)
+            await self._fail(job, entry_id, err)
+            return
         if verdict == b"ok":
             if run is None:
                 run = self._start_run(job, entry_id, start)
@@ -511,7 +531,10 @@ class ProviderPool:
                 payload, reply, usage = await self._call(job, body, timeout, headers, start, tries)
             except UpstreamError as e:
                 if lease is not None:
-                    self._background(self.limits.release(lease, None))
+                    # Refused or never reached: no tokens spent. Otherwise the
+                    # estimate stands (the upstream may have worked on it).
+                    spent = None if e.http_status >= 500 and e.error_code not in _UNSPENT else 0
+                    self._background(self.limits.release(lease, spent))
                 if e.error_code == "upstream_timeout" and timeout < self.pcfg.timeout_s:
                     # The client's deadline ran out, not the upstream's patience:
                     # no verdict on the deployment, nothing left to retry.
