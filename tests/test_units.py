@@ -369,9 +369,11 @@ def test_circuit_breaker_opens_half_opens_and_closes(monkeypatch: pytest.MonkeyP
     b.failure()
     assert b.allow() and b.state == CLOSED
     b.failure()
-    assert b.state == OPEN and not b.allow()
+    assert b.state == OPEN and b.refusing() and not b.allow()
     now[0] += 10
+    assert not b.refusing()
     assert b.allow() and b.state == HALF_OPEN  # the probe
+    assert b.refusing()
     assert not b.allow()  # only one
     b.failure()
     assert b.state == OPEN and not b.allow()

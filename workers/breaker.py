@@ -33,6 +33,12 @@ class Breaker:
         self.state = state
         self._state_gauge.set(state)
 
+    def refusing(self) -> bool:
+        """Is the circuit open (or its one probe already out) right now?"""
+        if self.state == OPEN:
+            return time.monotonic() < self._until
+        return self.state == HALF_OPEN and self._probing
+
     def allow(self) -> bool:
         """May a call start now? In half-open state only one (the probe) may."""
         if self.state == CLOSED:

@@ -511,18 +511,18 @@ class ProviderPool:
         breaker = self._breakers.get(name) or self._breaker(name)
         limited = self.limits.rule(target) is not None
         cost = estimate_tokens(body, len(job.body)) if limited else 0
+        refused = f"deployment {target.name} failed repeatedly; its circuit is open"
         while True:
-            if not breaker.allow():
-                raise CircuitOpen(
-                    f"deployment {target.name} failed repeatedly; its circuit is open"
-                )
+            if breaker.refusing():
+                raise CircuitOpen(refused)
             lease = None
             if limited:
-                try:
-                    lease = await self.limits.acquire(job.id, target, cost, job.deadline)
-                except BaseException:
-                    breaker.abandon()
-                    raise
+                lease = await self.limits.acquire(job.id, target, cost, job.deadline)
+            # Only now, with the limits passed, may this call be a half-open probe.
+            if not breaker.allow():
+                if lease is not None:
+                    self._background(self.limits.release(lease, 0))
+                raise CircuitOpen(refused)
             timeout = min(self.pcfg.timeout_s, job.deadline - time.time())
             started = time.monotonic()
             try:
