@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -71,3 +74,16 @@ async def job_record(client: aioredis.Redis, prefix: str, job_id: str) -> dict[s
 async def job_status(client: aioredis.Redis, prefix: str, job_id: str) -> str:
     status: bytes | None = await client.hget(Keys(prefix).job(job_id), "status")  # type: ignore[misc]
     return status.decode() if status else ""
+
+
+def schema_errors(builtin_schema: str, path: Path) -> str | None:
+    """Validate a file against one of check-jsonschema's built-in schemas
+    (``vendor.compose-spec``, ``vendor.github-workflows``...); its complaints, or None."""
+    done = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", builtin_schema, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return None if done.returncode == 0 else done.stdout + done.stderr
