@@ -72,7 +72,11 @@ async def _run(
     request: web.Request, state: State, job: m.Job, route: ModelRoute, renderer: Renderer
 ) -> web.StreamResponse:
     plan = None
-    if state.config.cache.enabled:
+    # A chat request at a temperature other than 0 is not cached unless its route
+    # says so: known from the decoded request, without parsing the body again.
+    if state.config.cache.enabled and (
+        job.kind != m.CHAT or route.cache_sampling or request.get("temperature") == 0
+    ):
         body = orjson.loads(job.body)
         plan = cache.plan(
             request, state.config.cache, state.keys, job.tenant, job.kind, body, route

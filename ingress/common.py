@@ -162,6 +162,7 @@ async def new_job(
     else:
         req = decode_chat(raw)
         model, stream = req.model, req.stream
+        request["temperature"] = req.temperature
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
     candidates = state.router.candidates(model)
     if candidates is None:

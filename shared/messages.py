@@ -30,7 +30,7 @@ class ChatMessage(msgspec.Struct):
 class ChatRequest(msgspec.Struct):
     """The fields of an OpenAI chat request that the broker itself looks at.
 
-    Every other field (temperature, tools, response_format…) travels upstream
+    Every other field (tools, response_format…) travels upstream
     untouched in the raw body.
     """
 
@@ -38,6 +38,9 @@ class ChatRequest(msgspec.Struct):
     messages: list[ChatMessage]
     stream: bool = False
     stream_options: StreamOptions | None = None
+    #: Read so that ingress can tell a sampling request (not cached) without
+    #: decoding the whole body again.
+    temperature: float | None = None
 
 
 chat_request_decoder = msgspec.json.Decoder(ChatRequest)

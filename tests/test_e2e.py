@@ -212,6 +212,17 @@ BAD_INPUTS = [
     ),
     ("empty body", "POST", "/v1/chat/completions", b"", "application/json", 400, None, None),
     (
+        "temperature not a number",
+        "POST",
+        "/v1/chat/completions",
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}],'
+        b' "temperature": "hot"}',
+        "application/json",
+        400,
+        None,
+        "temperature",
+    ),
+    (
         "missing messages",
         "POST",
         "/v1/chat/completions",
