@@ -54,6 +54,9 @@ class IngressConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True
     drain_s: float = 30.0
     #: Retry-After sent with 429 when a provider queue is full.
     queue_full_retry_after_s: int = 1
+    #: Serve /metrics on this port (same host, same process) instead of ``port``,
+    #: so that a network policy can open it to the monitoring system only.
+    metrics_port: int | None = None
 
 
 class ApiKey(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
