@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ingress import calls
+from ingress import calls, openapi
 from ingress import messages as messages_api
 from ingress.access import AccessLog
 from ingress.auth import Authenticator
@@ -201,6 +201,7 @@ def create_app(config: Config, pod: str) -> web.Application:
     app.router.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/openapi.json", openapi.handler())
     app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_lifecycle)
     return app
