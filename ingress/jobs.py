@@ -30,7 +30,7 @@ from shared import messages as m
 from shared.errors import BadRequest, IdempotencyMismatch, NotFound
 from shared.jobs import Record, is_final, job_object, record_from_pairs
 from shared.redisio import CANCEL, SUBMIT, job_fields
-from shared.ssrf import BlockedURL, check_url
+from shared.ssrf import BlockedURL, Ports, check_url
 
 MAX_IDEMPOTENCY_KEY = 255
 MAX_METADATA_KEYS = 16
@@ -84,7 +84,8 @@ async def _check_webhook(state: State, tenant: str, url: str) -> None:
             param="webhook_url",
         )
     try:
-        await check_url(url, state.webhook_allow)
+        ports = Ports(state.config.webhooks.allow_ports)
+        await check_url(url, state.webhook_allow, ports=ports)
     except BlockedURL as e:
         raise BadRequest(str(e), param="webhook_url", code="invalid_webhook_url") from e
 

@@ -22,6 +22,8 @@ from typing import Literal
 import msgspec
 import yaml
 
+from shared.ssrf import Ports
+
 
 class ConfigError(Exception):
     """The configuration is invalid; the message says where and why."""
@@ -320,6 +322,8 @@ class WebhooksConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: Webhook URLs may resolve to these networks even when they are private or
     #: loopback (e.g. ``10.0.0.0/8`` for in-cluster receivers). Empty: public addresses only.
     allow_cidrs: tuple[str, ...] = ()
+    #: Ports webhook URLs may use besides 80 and 443: numbers or ranges ("8000-8999").
+    allow_ports: tuple[int | str, ...] = ()
     #: Concurrent deliveries per webhooks process.
     max_concurrency: int = 50
     #: How often the delivery worker looks for due attempts.
@@ -335,6 +339,10 @@ class WebhooksConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as e:
                 raise ValueError(f"allow_cidrs: {e}") from e
+        try:
+            Ports(self.allow_ports)
+        except ValueError as e:
+            raise ValueError(f"allow_ports: {e}") from e
 
     def secret_file_for(self, tenant: str) -> str | None:
         return self.tenant_secret_files.get(tenant, self.secret_file)

@@ -95,6 +95,7 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
             "retry_schedule_s": [0, 0.2, 0.2],
             "poll_delay_s": 0.05,
             "allow_cidrs": ["127.0.0.0/8"],
+            "allow_ports": ["1024-65535"],  # receivers listen on random ports
         }
         config = write_config(tmp, redis_server.url, prefix, mock_url, webhooks=webhooks, **common)
         closed = write_config(

@@ -22,11 +22,11 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from prometheus_client import CollectorRegistry
 from standardwebhooks.webhooks import Webhook
 
-from shared.config import new_webhook_secret, parse_config
+from shared.config import ConfigError, new_webhook_secret, parse_config
 from shared.jobs import event_body, job_object
 from shared.keys import Keys
 from shared.metrics import WebhookMetrics
-from shared.ssrf import BlockedURL, check_url, networks
+from shared.ssrf import BlockedURL, Ports, check_url, networks
 from tests.conftest import Receiver, RedisServer
 from workers.webhooks import (
     Deliverer,
@@ -136,6 +136,81 @@ async def test_more_internal_urls_are_refused(url: str) -> None:
         await check_url(url, (), _evil_resolve)
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[64:ff9b::a9fe:a9fe]",  # NAT64 of 169.254.169.254
+        "[64:ff9b::7f00:1]",  # NAT64 of 127.0.0.1
+        "[64:ff9b:1::a9fe:a9fe]",  # local-use NAT64
+        "[64:ff9b:1:a9fe:a9:fe00::]",  # local-use NAT64, /48 layout
+        "[2002:a9fe:a9fe::1]",  # 6to4 of 169.254.169.254
+        "[2002:a00:1::1]",  # 6to4 of 10.0.0.1
+        "[::127.0.0.1]",  # IPv4-compatible
+        "[::a9fe:a9fe]",
+        "[::ffff:0:7f00:1]",  # IPv4-translated
+        "[::ffff:0:a00:1]",
+        "[::ffff:127.0.0.1]",  # IPv4-mapped
+        "[2001:0:4136:e378:8000:63bf:3fff:fdd2]",  # Teredo
+    ],
+)
+async def test_ipv6_addresses_carrying_an_internal_ipv4_address_are_refused(host: str) -> None:
+    with pytest.raises(BlockedURL, match="not a public address"):
+        await check_url(f"https://{host}/hook", (), _evil_resolve)
+
+
+@pytest.mark.parametrize("host", ["[64:ff9b::808:808]", "[2002:808:808::1]", "[::ffff:0:808:808]"])
+async def test_ipv6_addresses_carrying_a_public_ipv4_address_are_judged_by_it(host: str) -> None:
+    assert await check_url(f"https://{host}/hook", (), _evil_resolve) == [host.strip("[]")]
+
+
+async def test_an_embedded_address_in_an_allowed_network_is_allowed() -> None:
+    allow = networks(["127.0.0.0/8"])
+    assert await check_url("http://[64:ff9b::7f00:1]/", allow, _evil_resolve)
+
+
+async def test_a_refusal_does_not_say_what_a_name_resolved_to() -> None:
+    async def internal(host: str, port: int) -> list[str]:
+        return ["93.184.216.34", "10.11.12.13"]
+
+    with pytest.raises(BlockedURL) as caught:
+        await check_url("https://intranet.example.com/hook", (), internal)
+    message = str(caught.value)
+    assert "intranet.example.com" in message
+    assert "10.11.12.13" not in message and "93.184" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://93.184.216.34:8080/hook",
+        "https://93.184.216.34:22/hook",
+        "http://example.com:6379/",
+        "https://[2606:4700::1]:8443/hook",
+    ],
+)
+async def test_only_ports_80_and_443_are_allowed_by_default(url: str) -> None:
+    with pytest.raises(BlockedURL, match="port"):
+        await check_url(url, (), _evil_resolve)
+
+
+async def test_allow_ports_adds_ports_and_ranges() -> None:
+    async def public(host: str, port: int) -> list[str]:
+        return ["93.184.216.34"]
+
+    ports = Ports([8080, "9000-9100"])
+    for url in ("http://a.example/", "https://a.example/", "http://a.example:8080/"):
+        assert await check_url(url, (), public, ports=ports) == ["93.184.216.34"]
+    assert await check_url("https://a.example:9100/", (), public, ports=ports)
+    with pytest.raises(BlockedURL, match="port 9101"):
+        await check_url("https://a.example:9101/", (), public, ports=ports)
+
+
+@pytest.mark.parametrize("bad", ["http", "0", "70000", "9-8", "1-2-3"])
+def test_allow_ports_rejects_what_is_not_a_port(bad: str) -> None:
+    with pytest.raises(ConfigError, match="allow_ports"):
+        parse_config({"webhooks": {"allow_ports": [bad]}})
+
+
 @pytest.fixture
 async def arq_pool(redis_up: RedisServer) -> AsyncIterator[ArqRedis]:
     pool = await create_pool(
@@ -173,20 +248,21 @@ async def setup(
     secret = new_webhook_secret()
     secret_file = tmp_path / "secret"
     secret_file.write_text(secret)
+    port = receiver.url.split(":")[2].split("/")[0]
     config = parse_config(
         {
             "redis": {"url": redis_up.url, "key_prefix": prefix},
             "webhooks": {
                 "secret_file": str(secret_file),
                 "retry_schedule_s": [0],
-                "allow_cidrs": request.param,
+                "allow_ports": [int(port)],
+                **request.param,
             },
         }
     )
     deliverer = Deliverer(
         config, rclient, arq_pool, WebhookMetrics(CollectorRegistry()), _EvilResolver()
     )
-    port = receiver.url.split(":")[2].split("/")[0]
     fields: dict[str, Any] = {
         "tenant": "default",
         "status": "completed",
@@ -204,7 +280,7 @@ async def setup(
     await deliverer.close()
 
 
-@pytest.mark.parametrize("setup", [[]], indirect=True)
+@pytest.mark.parametrize("setup", [{}], indirect=True)
 async def test_delivery_refuses_a_name_that_now_resolves_to_loopback(
     setup: Setup, receiver: Receiver
 ) -> None:
@@ -215,7 +291,7 @@ async def test_delivery_refuses_a_name_that_now_resolves_to_loopback(
     assert receiver.got == {}
 
 
-@pytest.mark.parametrize("setup", [["127.0.0.0/8"]], indirect=True)
+@pytest.mark.parametrize("setup", [{"allow_cidrs": ["127.0.0.0/8"]}], indirect=True)
 async def test_delivery_reaches_an_allowed_address_signed(setup: Setup, receiver: Receiver) -> None:
     assert await setup.deliverer.deliver(setup.job_id) == "delivered"
     assert await setup.deliverer.deliver(setup.job_id) == "done"  # a second run sends nothing
@@ -224,3 +300,13 @@ async def test_delivery_reaches_an_allowed_address_signed(setup: Setup, receiver
     assert delivery.headers["Host"].startswith(EVIL_NAME)
     event = Webhook(secret).verify(delivery.body, delivery.headers)
     assert event["data"]["id"] == job_id and event["data"]["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "setup", [{"allow_cidrs": ["127.0.0.0/8"], "allow_ports": []}], indirect=True
+)
+async def test_delivery_refuses_a_port_not_allowed(setup: Setup, receiver: Receiver) -> None:
+    assert await setup.deliverer.deliver(setup.job_id) == "failed"
+    job = await setup.job()
+    assert "allow_ports" in job["webhook"]["last_error"]
+    assert receiver.got == {}

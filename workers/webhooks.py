@@ -56,7 +56,15 @@ from shared.jobs import (
 from shared.keys import WEBHOOK_GROUP, Keys
 from shared.metrics import WebhookMetrics
 from shared.redisio import REDIS_DOWN, WEBHOOK_ATTEMPT, connect, ensure_group, execute
-from shared.ssrf import BlockedURL, Network, check_addresses, is_ip, networks, split_url
+from shared.ssrf import (
+    BlockedURL,
+    Network,
+    Ports,
+    check_addresses,
+    is_ip,
+    networks,
+    split_url,
+)
 
 log = logging.getLogger("llm_broker.webhooks")
 
@@ -189,6 +197,7 @@ class Deliverer:
         self.secrets = Secrets(self.cfg)
         self.allow = networks(self.cfg.allow_cidrs)
         self._resolver = GuardedResolver(self.allow, resolver)
+        self.ports = Ports(self.cfg.allow_ports)
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -216,7 +225,7 @@ class Deliverer:
 
     async def _post(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, str]:
         """POST once: the status code and the Retry-After header."""
-        host, _port = split_url(url)
+        host, _port = split_url(url, self.ports)
         if is_ip(host):  # the resolver, which checks names, is not asked for an address
             check_addresses(host, [host], self.allow)
         async with self._client().post(
