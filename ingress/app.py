@@ -202,6 +202,7 @@ def create_app(config: Config, pod: str) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/openapi.json", openapi.handler())
-    app.router.add_get("/metrics", metrics)
+    if config.ingress.metrics_port is None:  # else served on its own port (ingress/main.py)
+        app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_lifecycle)
     return app

@@ -11,7 +11,7 @@ import socket
 
 from aiohttp import web
 
-from ingress.app import create_app
+from ingress.app import create_app, metrics
 from ingress.common import STATE
 from shared.config import Config
 
@@ -44,8 +44,13 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else port
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    metrics_runner = None
+    if config.ingress.metrics_port is not None:
+        metrics_runner = await serve_metrics(app, host, config.ingress.metrics_port)
+        metrics_bound = metrics_runner.addresses[0][1]
+        print(f"ingress metrics on http://{shown}:{metrics_bound}/metrics", flush=True)
+    bound = runner.addresses[0][1] if runner.addresses else port
     print(f"ingress listening on http://{shown}:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -61,4 +66,17 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
         config.ingress.drain_s,
     )
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     log.info("ingress stopped")
+
+
+async def serve_metrics(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve ``app``'s /metrics alone on ``port`` (``ingress.metrics_port``)."""
+    metrics_app = web.Application()
+    metrics_app[STATE] = app[STATE]
+    metrics_app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(metrics_app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    return runner

@@ -9,10 +9,11 @@ import secrets
 import signal
 import socket
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
 from shared.config import Config
+from shared.health import serve_health
 from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
 from shared.redisio import REDIS_DOWN, Batcher, connect
@@ -104,9 +105,10 @@ async def serve(
     """Run pools for ``providers`` until SIGTERM/SIGINT, then drain within the grace period."""
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
+    health = None
     if metrics_port is not None:
-        server, _thread = start_http_server(metrics_port, registry=registry)
-        log.info("worker metrics on :%d", server.server_port)
+        health = await serve_health(registry, "worker", metrics_port)
+        log.info("worker /metrics and /health on :%d", health.addresses[0][1])
     total = sum(config.providers[p].max_concurrency for p in providers)
     redis = connect(config.redis, max_connections=max(8, min(total, 64)))
     batcher = Batcher(
@@ -173,4 +175,6 @@ async def serve(
     await batcher.close()
     await redis.aclose()
     tracing.shutdown()
+    if health is not None:
+        await health.cleanup()
     log.info("worker stopped")

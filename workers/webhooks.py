@@ -42,10 +42,11 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker, func
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
 from shared.config import Config, WebhooksConfig
+from shared.health import serve_health
 from shared.jobs import (
     WEBHOOK_DELIVERED,
     WEBHOOK_DISABLED,
@@ -388,9 +389,10 @@ async def serve(config: Config, *, metrics_port: int | None = None) -> None:
     """Relay events and deliver webhooks until SIGTERM/SIGINT."""
     registry = CollectorRegistry()
     metrics = WebhookMetrics(registry)
+    health = None
     if metrics_port is not None:
-        server, _thread = start_http_server(metrics_port, registry=registry)
-        log.info("webhook metrics on :%d", server.server_port)
+        health = await serve_health(registry, "webhooks", metrics_port)
+        log.info("webhooks /metrics and /health on :%d", health.addresses[0][1])
     keys = Keys(config.redis.key_prefix)
     settings = RedisSettings.from_dsn(config.redis.url)
     settings.conn_timeout = max(1, int(config.redis.connect_timeout_s))
@@ -434,4 +436,6 @@ async def serve(config: Config, *, metrics_port: int | None = None) -> None:
     stopped.cancel()
     await deliverer.close()
     await redis.aclose()
+    if health is not None:
+        await health.cleanup()
     log.info("webhooks stopped")
