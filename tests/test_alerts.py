@@ -216,7 +216,7 @@ def test_per_provider_gauges_are_never_summed() -> None:
     for expr in exprs:
         for gauge in PER_PROVIDER_GAUGES:
             if gauge in expr:
-                assert re.search(rf"\bmax by \(provider\) \({gauge}\b", expr), expr
+                assert re.search(rf"\bmax by \((namespace, )?provider\) \({gauge}\b", expr), expr
                 assert not re.search(rf"\bsum\b[^()]*\(\s*{gauge}\b", expr), expr
 
 

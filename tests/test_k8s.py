@@ -10,6 +10,7 @@ Secrets) have no bundled schema; their fields are checked one by one below.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -30,7 +32,9 @@ from shared.keys import GROUP, Keys
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-DASHBOARDS = ROOT / "deploy" / "grafana"
+DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
+README = K8S / "README.md"
+BASE_CONFIG = K8S / "base" / "config.yaml"
 ENVS = ("dev", "staging", "prod")
 NAMESPACES = {"dev": "llm-broker-dev", "staging": "llm-broker-staging", "prod": "llm-broker"}
 #: Kubernetes version whose bundled schemas the manifests are checked against.
@@ -43,7 +47,11 @@ CUSTOM_KINDS = {
     "PrometheusRule",
     "ScaledObject",
     "TriggerAuthentication",
+    "Probe",
 }
+#: The line of an overlay's kustomization.yaml that README.md tells operators to
+#: uncomment to scale workers with KEDA.
+KEDA_LINE = "  # - ../../components/keda\n"
 
 Doc = dict[str, Any]
 
@@ -73,21 +81,26 @@ def rendered(env: str) -> tuple[Doc, ...]:
     return tuple(kustomize(K8S / "overlays" / env))
 
 
-@functools.cache
-def rendered_with_keda(tmp: str) -> tuple[Doc, ...]:
-    """prod with components/keda added, as an operator would switch it on."""
-    overlay = Path(tmp)
-    rel = os.path.relpath(K8S, overlay)  # kustomize refuses absolute paths
-    (overlay / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - {rel}/overlays/prod\ncomponents:\n  - {rel}/components/keda\n"
-    )
-    return tuple(kustomize(overlay))
+def edited_overlay(tmp: Path, env: str, edit: Callable[[str], str]) -> list[Doc]:
+    """``env`` rendered from a copy of deploy/k8s whose overlay kustomization.yaml
+    was changed by ``edit``, as an operator following README.md would."""
+    copy = tmp / "k8s"
+    shutil.copytree(K8S, copy)
+    kustomization = copy / "overlays" / env / "kustomization.yaml"
+    kustomization.write_text(edit(kustomization.read_text()))
+    return kustomize(copy / "overlays" / env)
+
+
+def with_keda(text: str) -> str:
+    """README.md: "uncomment the line ``# - ../../components/keda``"."""
+    assert text.count(KEDA_LINE) == 1
+    return text.replace(KEDA_LINE, KEDA_LINE.replace("# ", "", 1))
 
 
 @pytest.fixture(scope="module")
 def keda_docs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Doc, ...]:
-    return rendered_with_keda(str(tmp_path_factory.mktemp("keda-overlay")))
+    """prod with KEDA switched on exactly as README.md says."""
+    return tuple(edited_overlay(tmp_path_factory.mktemp("keda"), "prod", with_keda))
 
 
 def of_kind(docs: tuple[Doc, ...] | list[Doc], kind: str) -> list[Doc]:
@@ -298,8 +311,13 @@ def test_ingress_deployment(env: str) -> None:
     dep = named(docs, "Deployment", "llm-broker-ingress")
     c = only_container(dep)
     assert c["command"] == ["llm-broker", "ingress", "--config", CONFIG_PATH]
-    assert [(p["containerPort"], p.get("protocol", "TCP")) for p in c["ports"]] == [(8000, "TCP")]
+    assert [(p["containerPort"], p.get("protocol", "TCP")) for p in c["ports"]] == [
+        (8000, "TCP"),
+        (9100, "TCP"),
+    ]
     assert cfg.ingress.port == 8000
+    # /metrics on its own port, which the NetworkPolicy opens to monitoring only.
+    assert cfg.ingress.metrics_port == port_number(c, "metrics") == 9100
 
     live, ready = c["livenessProbe"], c["readinessProbe"]
     assert live["httpGet"]["path"] == "/health" and port_number(c, live["httpGet"]["port"]) == 8000
@@ -321,15 +339,34 @@ def test_ingress_deployment(env: str) -> None:
 
     # The load balancer stops routing first (shutdown_delay_s), then the drain.
     assert cfg.ingress.shutdown_delay_s >= 3
-    assert (
-        pod_spec(dep)["terminationGracePeriodSeconds"]
-        > cfg.ingress.shutdown_delay_s + cfg.ingress.drain_s
-    )
+    assert_grace_fits_shutdown(pod_spec(dep)["terminationGracePeriodSeconds"], cfg)
 
     keys = {t["topologyKey"] for t in pod_spec(dep)["topologySpreadConstraints"]}
     assert keys == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
     for t in pod_spec(dep)["topologySpreadConstraints"]:
         assert selects(t["labelSelector"], dep["spec"]["template"]["metadata"]["labels"])
+
+
+#: Seconds the ingress grace period allows beyond shutdown_delay_s + drain_s:
+#: the signal's delivery, closing the listener, the kubelet's own latency.
+GRACE_MARGIN_S = (5, 15)
+
+
+def assert_grace_fits_shutdown(grace: int, cfg: Config) -> None:
+    """Kubernetes kills the pod after ``grace`` seconds: the shutdown must end
+    before, and the grace period must not be much longer (a rollout waits for it)."""
+    shutdown = cfg.ingress.shutdown_delay_s + cfg.ingress.drain_s
+    low, high = GRACE_MARGIN_S
+    assert shutdown + low <= grace <= shutdown + high, (grace, shutdown)
+
+
+@scaled_envs
+def test_ingress_grace_period_is_sized_from_the_base_config(env: str) -> None:
+    """The config file the base ships (not the rendered copy) sizes the grace period."""
+    base = load_config(str(BASE_CONFIG), {})
+    dep = named(rendered(env), "Deployment", "llm-broker-ingress")
+    assert_grace_fits_shutdown(pod_spec(dep)["terminationGracePeriodSeconds"], base)
+    assert base == config(env)
 
 
 @envs
@@ -389,9 +426,9 @@ def test_one_worker_deployment_per_provider(env: str) -> None:
         assert cmd[cmd.index("--provider") + 1] == provider and cmd.count("--provider") == 1
         assert cmd[cmd.index("--metrics-port") + 1] == "9100"
         assert [p["containerPort"] for p in c["ports"]] == [9100]
-        probe = c["livenessProbe"]
-        action = probe.get("httpGet") or probe.get("tcpSocket")
-        assert action is not None and port_number(c, action["port"]) == 9100
+        # /health, answered by the event loop (a hung loop fails it).
+        probe = c["livenessProbe"]["httpGet"]
+        assert probe["path"] == "/health" and port_number(c, probe["port"]) == 9100
         assert pod_spec(dep)["terminationGracePeriodSeconds"] > cfg.worker.grace_period_s
         # Only this provider's key files, each under a mounted Secret.
         secret_volumes = {v["name"]: v["secret"] for v in pod_spec(dep)["volumes"] if "secret" in v}
@@ -454,13 +491,39 @@ def test_webhooks_deployment(env: str) -> None:
     c = only_container(dep)
     assert c["command"][:2] == ["llm-broker", "webhooks"]
     assert c["command"][c["command"].index("--metrics-port") + 1] == "9100"
-    assert cfg.webhooks.secret_file is not None
-    secret_dir = str(PurePosixPath(cfg.webhooks.secret_file).parent)
-    secret_volumes = {v["name"] for v in pod_spec(dep)["volumes"] if "secret" in v}
-    assert any(
-        m["mountPath"] == secret_dir and m["name"] in secret_volumes for m in c["volumeMounts"]
-    )
+    probe = c["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/health" and port_number(c, probe["port"]) == 9100
     assert pod_spec(dep)["terminationGracePeriodSeconds"] > cfg.webhooks.timeout_s
+
+
+@envs
+def test_each_tenant_signs_webhooks_with_its_own_secret(env: str) -> None:
+    docs = rendered(env)
+    cfg = config(env)
+    # No shared secret: a tenant could sign events another tenant's receiver accepts.
+    assert cfg.webhooks.secret_file is None
+    tenants = {k.tenant for k in cfg.auth.keys} or {"default"}  # open mode: "default"
+    assert cfg.auth.open == (env == "dev")
+    files = {t: cfg.webhooks.secret_file_for(t) for t in tenants}
+    assert None not in files.values(), files
+    assert len(set(files.values())) == len(files), "tenants share a secret file"
+    (dep,) = deployments_of(docs, "webhooks")
+    c = only_container(dep)
+    volumes = {v["name"]: v["secret"] for v in pod_spec(dep)["volumes"] if "secret" in v}
+    mounted = {
+        m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"] if m["name"] in volumes
+    }
+    made = {
+        es["spec"]["target"]["name"]: {d["secretKey"] for d in es["spec"]["data"]}
+        for es in of_kind(docs, "ExternalSecret")
+        if "data" in es["spec"]
+    }
+    for tenant, file in files.items():
+        path = PurePosixPath(str(file))
+        secret = mounted[str(path.parent)]
+        keys = {i["path"]: i["key"] for i in secret.get("items", [])} or None
+        key = keys[path.name] if keys else path.name
+        assert key in made[secret["secretName"]], f"{tenant}: no secret key {key}"
 
 
 # ---------------------------------------------------- policy and availability
@@ -553,12 +616,38 @@ def _allows(rules: list[Doc], port: int, protocol: str = "TCP", peer: Doc | None
     return False
 
 
+MONITORING_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+}
+#: Never reachable from webhook delivery: private ranges (pod and service
+#: CIDRs), link-local (the cloud metadata service), loopback.
+CLUSTER_INTERNAL = {
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "127.0.0.0/8",
+}
+
+
+def _ip_blocks(rules: list[Doc], port: int) -> list[Doc] | None:
+    """The ipBlocks ``port`` is open to (None: to every address)."""
+    blocks: list[Doc] = []
+    for rule in rules:
+        ports = rule.get("ports")
+        if ports and not any(p.get("port") == port for p in ports):
+            continue
+        peers = rule.get("to", [])
+        if not peers:
+            return None
+        blocks += [p["ipBlock"] for p in peers if "ipBlock" in p]
+    return blocks
+
+
 @envs
 def test_network_policy(env: str) -> None:
     docs = rendered(env)
-    monitoring = {
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
-    }
     deny = [
         n
         for n in of_kind(docs, "NetworkPolicy")
@@ -577,14 +666,55 @@ def test_network_policy(env: str) -> None:
             continue
         assert _allows(egress, 53, "UDP") and _allows(egress, 53, "TCP"), component
         assert _allows(egress, 6379), component
-        assert _allows(egress, 443) == (component in ("worker", "webhooks")), component
+        # The metrics port of every role, ingress included, only from monitoring.
+        assert _allows(ingress, 9100, peer=MONITORING_PEER), component
+        assert not _allows(ingress, 9100), f"{component}: metrics open to everybody"
+        assert _allows(ingress, 8000) == (component == "ingress"), component
+        web = {port: _ip_blocks(egress, port) for port in (80, 443)}
         if component == "ingress":
-            assert _allows(ingress, 8000)  # from anywhere: the load balancer
-            assert not _allows(ingress, 9100)
-        else:
-            assert _allows(ingress, 9100, peer=monitoring), component
-            assert not _allows(ingress, 9100), f"{component}: metrics open to everybody"
-            assert not _allows(ingress, 8000), component
+            assert web == {80: [], 443: []}, "ingress calls nobody"
+        elif component == "worker":
+            assert web[80] == [] and web[443], web  # the providers' HTTPS APIs
+            v4s = [b for b in web[443] if ":" not in b["cidr"]]
+            assert v4s and all("169.254.0.0/16" in b.get("except", []) for b in v4s)
+        elif component == "webhooks":
+            # http:// and https:// receivers on the internet, never in the cluster.
+            for port, blocks in web.items():
+                assert blocks, f"webhooks cannot reach port {port}"
+                (v4,) = [b for b in blocks if ":" not in b["cidr"]]
+                assert v4["cidr"] == "0.0.0.0/0"
+                assert CLUSTER_INTERNAL <= set(v4["except"]), v4
+                for b in blocks:
+                    if ":" in b["cidr"]:
+                        assert {"fc00::/7", "fe80::/10"} <= set(b["except"]), b
+
+
+def _readme_patches() -> str:
+    """The patches README.md ("Network policy") tells operators to add to an overlay."""
+    text = README.read_text()
+    section = text[text.index("## Network policy") :]
+    match = re.search(r"```yaml\n(patches:\n.*?)```", section, re.S)
+    assert match, "README.md: no patches block under 'Network policy'"
+    return match.group(1)
+
+
+def test_network_policy_patches_in_the_readme_apply(tmp_path: Path) -> None:
+    def add_patches(text: str) -> str:
+        assert "\npatches:\n" in text
+        patches = _readme_patches().removeprefix("patches:\n")
+        return text.replace("\npatches:\n", "\npatches:\n" + patches, 1)
+
+    docs = edited_overlay(tmp_path, "prod", add_patches)
+    for dep in of_kind(docs, "Deployment"):
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        egress = _policy_rules(tuple(docs), labels, "egress")
+        assert _allows(egress, 6380) and not _allows(egress, 6379), "Redis port not changed"
+    (webhooks,) = deployments_of(tuple(docs), "webhooks")
+    labels = webhooks["spec"]["template"]["metadata"]["labels"]
+    blocks = _ip_blocks(_policy_rules(tuple(docs), labels, "egress"), 443)
+    assert blocks is not None
+    (v4,) = [b for b in blocks if ":" not in b["cidr"]]
+    assert "10.96.0.0/12" in v4["except"] and "169.254.0.0/16" in v4["except"]
 
 
 # ---------------------------------------------------------------- secrets
@@ -656,12 +786,22 @@ def test_one_image_pinned_by_tag(env: str) -> None:
 # ------------------------------------------------------------------- KEDA
 
 
+def test_readme_tells_how_to_switch_keda_on() -> None:
+    text = README.read_text()
+    assert f"`{KEDA_LINE.strip()}`" in text
+    for env in ("staging", "prod"):
+        assert KEDA_LINE in (K8S / "overlays" / env / "kustomization.yaml").read_text()
+
+
 def test_keda_component_replaces_worker_hpas(keda_docs: tuple[Doc, ...]) -> None:
     cfg = config("prod")
     keys = Keys(cfg.redis.key_prefix)
     deployments = {d["metadata"]["name"] for d in of_kind(keda_docs, "Deployment")}
     hpas = {h["metadata"]["name"] for h in of_kind(keda_docs, "HorizontalPodAutoscaler")}
     assert hpas == {"llm-broker-ingress"}, "KEDA owns the worker HPAs"
+    for d in keda_docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") == NAMESPACES["prod"], d["metadata"]["name"]
     auths = {a["metadata"]["name"]: a for a in of_kind(keda_docs, "TriggerAuthentication")}
     scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in of_kind(keda_docs, "ScaledObject")}
     assert set(scaled) == {f"llm-broker-worker-{p}" for p in cfg.providers}
@@ -670,7 +810,9 @@ def test_keda_component_replaces_worker_hpas(keda_docs: tuple[Doc, ...]) -> None
         assert so["apiVersion"] == "keda.sh/v1alpha1"
         assert so["spec"]["scaleTargetRef"]["name"] in deployments
         assert so["spec"]["maxReplicaCount"] == worker_cap(cfg, provider)
-        assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
+        # prod's floor of two workers per provider, as with the HPAs.
+        hpa = named(rendered("prod"), "HorizontalPodAutoscaler", f"llm-broker-worker-{provider}")
+        assert so["spec"]["minReplicaCount"] == hpa["spec"]["minReplicas"] == 2
         behavior = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
         assert (
             behavior["scaleUp"]["stabilizationWindowSeconds"]
@@ -723,21 +865,117 @@ def test_service_monitors_scrape_every_role(env: str) -> None:
                     labels = dep["spec"]["template"]["metadata"]["labels"]
                     if selects({"matchLabels": svc["spec"]["selector"]}, labels):
                         number = port_number(only_container(dep), port["targetPort"])
-                        assert number == (
-                            8000 if labels["app.kubernetes.io/component"] == "ingress" else 9100
-                        )
+                        assert number == 9100
                         covered.add(dep["metadata"]["name"])
     assert covered == {d["metadata"]["name"] for d in of_kind(docs, "Deployment")}
 
 
+def _generate() -> Any:
+    sys.path.insert(0, str(K8S))
+    try:
+        return importlib.import_module("generate")
+    finally:
+        sys.path.remove(str(K8S))
+
+
 @scaled_envs
-def test_prometheus_rule_has_the_alert_groups(env: str) -> None:
-    if not ALERTS.exists():
-        pytest.skip("deploy/prometheus/alerts.yml does not exist yet (written by another change)")
-    expected = yaml.safe_load(ALERTS.read_text())["groups"]
+def test_prometheus_rule_has_the_alert_groups_of_its_namespace(env: str) -> None:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
     (rule,) = of_kind(rendered(env), "PrometheusRule")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
-    assert rule["spec"]["groups"] == expected
+    assert rule["spec"]["groups"] == _generate().scoped_groups(groups, NAMESPACES[env])
+    names = [r.get("alert") or r.get("record") for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert names == [r.get("alert") or r.get("record") for g in groups for r in g["rules"]]
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            assert r["labels"]["namespace"] == NAMESPACES[env]
+            # Every selector is narrowed: no series of another namespace is read.
+            for m in re.finditer(
+                r"(?<![\w:])(llm_broker[_:][\w:]*|up|probe_\w+)(?![\w:])", r["expr"]
+            ):
+                assert r["expr"][m.end() :].startswith(f'{{namespace="{NAMESPACES[env]}"'), r
+
+
+def test_staging_alerts_never_fire_on_prod_series(tmp_path: Path) -> None:
+    """One Prometheus, both environments: prod's errors and certificate page prod once."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not on PATH (Debian: apt-get install prometheus)")
+    files = []
+    for env in ("staging", "prod"):
+        (rule,) = of_kind(rendered(env), "PrometheusRule")
+        path = tmp_path / f"{env}.yml"
+        # Labels are what routes a page; the annotations are alerts.yml's own tests'.
+        groups = [
+            {**g, "rules": [{k: v for k, v in r.items() if k != "annotations"} for r in g["rules"]]}
+            for g in rule["spec"]["groups"]
+        ]
+        path.write_text(yaml.safe_dump({"groups": groups}))
+        files.append(path.name)
+    prod, staging = NAMESPACES["prod"], NAMESPACES["staging"]
+
+    def requests(ns: str, status: str, per_minute: int) -> Doc:
+        return {
+            "series": f'llm_broker_requests_total{{namespace="{ns}",endpoint="/v1/models",'
+            f'status="{status}",job="llm-broker-ingress-metrics"}}',
+            "values": f"0+{per_minute}x30",
+        }
+
+    soon = "865200x30"  # expires 10 days after the evaluation time
+    tests = {
+        "rule_files": files,
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    requests(prod, "200", 90),
+                    requests(prod, "502", 10),
+                    requests(staging, "200", 100),
+                    {
+                        "series": f'probe_ssl_earliest_cert_expiry{{namespace="{prod}",'
+                        'job="llm-broker-tls",instance="https://llm.example.com/health"}',
+                        "values": soon,
+                    },
+                    {
+                        "series": 'probe_ssl_earliest_cert_expiry{namespace="monitoring",'
+                        'job="blackbox",instance="https://other.example.com"}',
+                        "values": soon,
+                    },
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "20m",
+                        "alertname": "LLMBrokerHighErrorRate",
+                        "exp_alerts": [{"exp_labels": {"severity": "critical", "namespace": prod}}],
+                    },
+                    {
+                        "eval_time": "20m",
+                        "alertname": "LLMBrokerCertificateExpiring",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "namespace": prod,
+                                    "job": "llm-broker-tls",
+                                    "instance": "https://llm.example.com/health",
+                                }
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(tests))
+    proc = subprocess.run(
+        [promtool, "test", "rules", "test.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @scaled_envs
@@ -750,6 +988,22 @@ def test_grafana_dashboards_are_configmaps(env: str) -> None:
     ]
     by_file = {k: json.loads(v) for m in maps for k, v in m["data"].items()}
     assert by_file == {p.name: json.loads(p.read_text()) for p in dashboards}
+
+
+@scaled_envs
+def test_certificate_probe_is_the_gateways_own(env: str) -> None:
+    (probe,) = of_kind(rendered(env), "Probe")
+    assert probe["spec"]["jobName"] == "llm-broker-tls"
+    assert probe["metadata"]["namespace"] == NAMESPACES[env]
+    (rule,) = of_kind(rendered(env), "PrometheusRule")
+    (alert,) = [
+        r
+        for g in rule["spec"]["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "LLMBrokerCertificateExpiring"
+    ]
+    assert 'job="llm-broker-tls"' in alert["expr"]
+    assert f'namespace="{NAMESPACES[env]}"' in alert["expr"]
 
 
 def test_generated_files_are_up_to_date() -> None:
