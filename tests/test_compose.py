@@ -275,20 +275,42 @@ def test_a_worker_pool_per_provider() -> None:
     assert set(served) == providers
 
 
-def test_webhook_secret_reaches_the_broker() -> None:
+def _tenants(config: dict[str, Any]) -> set[str]:
+    keys = (config.get("auth") or {}).get("keys") or []
+    return {k["tenant"] for k in keys} or {"default"}  # open mode: one tenant, "default"
+
+
+def test_the_gateway_is_open_only_by_saying_so() -> None:
+    auth = _broker_config().get("auth") or {}
+    # Ingress refuses to start with no keys unless the config opts in.
+    assert auth.get("keys") or auth.get("open") is True
+
+
+def test_each_tenant_has_its_own_webhook_secret() -> None:
     services = _services()
-    secret_file = PurePosixPath(_broker_config()["webhooks"]["secret_file"])
+    webhooks = _broker_config()["webhooks"]
+    # No shared secret: a tenant could sign events another tenant's receiver accepts.
+    assert "secret_file" not in webhooks
+    files = {
+        t: PurePosixPath(webhooks["tenant_secret_files"][t]) for t in _tenants(_broker_config())
+    }
+    assert len(set(files.values())) == len(files)
     (maker,) = [n for n, s in services.items() if "webhook-secret" in " ".join(_command(s))]
-    volumes = {target: source for _, source, target in _mounts(services[maker])}
-    # The one-shot service writes the secret into a named volume ...
-    source = next(src for tgt, src in volumes.items() if PurePosixPath(tgt) in secret_file.parents)
-    # ... that ingress and webhooks mount read-only at the same path, after it ran.
+    script = " ".join(_command(services[maker]))
+    maker_volumes = {PurePosixPath(tgt): src for _, src, tgt in _mounts(services[maker])}
+    for tenant, file in files.items():
+        # The one-shot service writes the tenant's file into a named volume ...
+        assert f"llm-broker webhook-secret > {file}" in script, tenant
+        source = maker_volumes[file.parent]
+        # ... that webhook delivery mounts read-only at the same path, after it ran.
+        (delivery,) = [s for s in services.values() if _role(s) == "webhooks"]
+        mounts = {(src, PurePosixPath(tgt)) for _, src, tgt in _mounts(delivery)}
+        assert (source, file.parent) in mounts, tenant
+        assert delivery["depends_on"][maker]["condition"] == "service_completed_successfully"
+    # Nobody else reads the signing secrets.
     for name, service in services.items():
-        if _role(service) not in {"ingress", "webhooks"}:
-            continue
-        mounts = {(src, PurePosixPath(tgt)) for _, src, tgt in _mounts(service)}
-        assert (source, secret_file.parent) in mounts, name
-        assert service["depends_on"][maker]["condition"] == "service_completed_successfully"
+        if name != maker and _role(service) != "webhooks":
+            assert source not in {src for _, src, _ in _mounts(service)}, name
 
 
 # ----------------------------------------------------- stack and metrics
@@ -311,6 +333,44 @@ def _published_host_ports(service: dict[str, Any]) -> list[str]:
             parts = str(port).split(":")
             out.append(parts[-2] if len(parts) >= 2 else "")
     return out
+
+
+def test_every_port_is_published_on_loopback_only() -> None:
+    published = 0
+    for name, service in _services().items():
+        for port in service.get("ports", []):
+            if isinstance(port, dict):
+                host_ip = port.get("host_ip")
+            else:
+                parts = str(port).split(":")
+                host_ip = parts[0] if len(parts) == 3 else None
+            assert host_ip == "127.0.0.1", f"{name}: {port} is reachable from other machines"
+            published += 1
+    assert published >= 3  # the gateway, Prometheus, Grafana
+
+
+def test_grafana_has_no_default_admin_password() -> None:
+    services = _services()
+    (name,) = [n for n, s in services.items() if str(s.get("image", "")).startswith("grafana/")]
+    grafana = services[name]
+    env = grafana.get("environment", {})
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env, "a password in the compose file is everyone's"
+    assert str(env.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() == "false"
+    password = PurePosixPath(env["GF_SECURITY_ADMIN_PASSWORD__FILE"])
+    # Grafana reads the password from a volume that a one-shot service fills first.
+    volume = next(src for _, src, tgt in _mounts(grafana) if PurePosixPath(tgt) == password.parent)
+    (maker,) = [
+        n
+        for n, s in services.items()
+        if n != name and volume in {src for kind, src, _ in _mounts(s) if kind == "volume"}
+    ]
+    assert grafana["depends_on"][maker]["condition"] == "service_completed_successfully"
+    maker_dir = next(
+        PurePosixPath(tgt) for _, src, tgt in _mounts(services[maker]) if src == volume
+    )
+    script = " ".join(_command(services[maker]))
+    assert f"> {maker_dir / password.name}" in script
+    assert "GRAFANA_ADMIN_PASSWORD" in script  # or the operator's own
 
 
 def test_ingress_replicas_behind_the_load_balancer() -> None:
@@ -371,7 +431,10 @@ def test_prometheus_scrapes_every_broker_process() -> None:
     services = _services()
     scraped = _scraped()
     config = _broker_config()
-    ingress_port = int(config.get("ingress", {}).get("port", METRICS_PORT_DEFAULT_INGRESS))
+    ingress = config.get("ingress", {})
+    ingress_port = int(
+        ingress.get("metrics_port") or ingress.get("port", METRICS_PORT_DEFAULT_INGRESS)
+    )
     expected = {}
     for name, service in services.items():
         role = _role(service)

@@ -26,6 +26,7 @@ from urllib.parse import quote
 import orjson
 
 from shared import anthropic
+from shared import body as json_body
 from shared.config import OPENAI_WIRE, ProviderConfig
 from shared.errors import (
     BadRequest,
@@ -77,7 +78,11 @@ class Upstream:
             merged.update(self._auth(self._keys.next()))
         if headers:
             merged.update(headers)
-        request = build_request(self._origin, path, orjson.dumps(payload), merged)
+        try:
+            data = json_body.dump(payload)
+        except json_body.InvalidBody as e:
+            raise BadRequest(str(e), code="invalid_json") from e
+        request = build_request(self._origin, path, data, merged)
         resp = await self._pool.request(request)
         if resp.status >= 400:
             raw = await resp.read()
