@@ -251,6 +251,7 @@ def child_env(redis_url: str) -> dict[str, str]:
 def broker_config(redis_url: str, mock_url: str) -> dict[str, object]:
     return {
         "redis": {"url": redis_url, "key_prefix": "bench:"},
+        "auth": {"open": True},
         "providers": {
             "mock": {
                 "type": "mock",

@@ -49,6 +49,8 @@ async def errors_middleware(
     state = request.app[STATE]
     started = time.perf_counter()
     status = 500
+    state.in_flight += 1
+    state.idle.clear()
     try:
         response = await handler(request)
         status = response.status
@@ -76,7 +78,14 @@ async def errors_middleware(
         if e.status == 413:
             return _error_response(too_large(state.config.ingress.max_body_bytes), request)
         raise
+    except Exception:  # a defect: logged once, answered with an error object
+        log.exception("%s %s failed", request.method, request.path)
+        request["error_type"] = "server_error"
+        return _error_response(BrokerError("the server could not handle the request"), request)
     finally:
+        state.in_flight -= 1
+        if not state.in_flight:
+            state.idle.set()
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
         provider = request.get("provider", "")

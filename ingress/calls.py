@@ -150,7 +150,8 @@ async def _cached(
 
 async def _enqueue(state: State, job: m.Job) -> None:
     pcfg = state.config.providers[job.provider]
-    ttl = int(job.deadline - job.created + state.config.jobs.result_ttl_s)
+    job.result_ttl = int(state.config.jobs.sync_result_ttl_s)
+    ttl = int(job.deadline - job.created) + job.result_ttl
     command = enqueue_command(state.keys, job, pcfg.max_queue_depth, ttl)
     if await call_redis(state, "enqueue", job.provider, *command) is None:
         raise queue_full(state, job.provider)
@@ -186,7 +187,7 @@ async def _expire(state: State, job: m.Job) -> None:
             await state.batcher.call(
                 *EXPIRE_JOB.command(
                     (state.keys.job(job.id), state.keys.webhook_events()),
-                    (time.time(), job.id, int(state.config.jobs.result_ttl_s)),
+                    (time.time(), job.id, job.result_ttl),
                 )
             )
     except REDIS_DOWN as e:
@@ -203,7 +204,7 @@ async def _cancel(state: State, job: m.Job) -> None:
                 (
                     time.time(),
                     job.tenant,
-                    int(state.config.jobs.result_ttl_s),
+                    job.result_ttl,
                     keys.cancel_channel(),
                     job.id,
                 ),

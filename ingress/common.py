@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry
 
 from ingress.access import AccessLog
@@ -18,6 +19,7 @@ from ingress.auth import Authenticator
 from ingress.ids import JobIds
 from ingress.replies import ReplyRouter
 from ingress.routing import Chooser
+from shared import body
 from shared import messages as m
 from shared.config import Config, ModelRoute, Router
 from shared.errors import (
@@ -32,11 +34,12 @@ from shared.keys import Keys
 from shared.metrics import IngressMetrics
 from shared.redisio import REDIS_DOWN, Batcher
 from shared.ssrf import Network
-from shared.tracing import Tracing
+from shared.tracing import Tracing, valid_traceparent
 
 T = TypeVar("T")
 
 _PARAM_RE = re.compile(r"at `\$\.?([^`]*)`")
+_SECONDS_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
 
 
 @dataclass
@@ -56,6 +59,9 @@ class State:
     #: Networks webhook URLs may point to although they are not public.
     webhook_allow: tuple[Network, ...] = ()
     draining: bool = False
+    #: Requests being handled, and an event set whenever that drops to 0.
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
     ids: JobIds = field(default_factory=JobIds)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -90,6 +96,19 @@ async def read_json_body(request: web.Request, limit: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as e:
         raise too_large(limit) from e
+    except RequestPayloadError as e:  # e.g. Content-Encoding: gzip on a plain body
+        raise BadRequest(f"the request body cannot be read: {e}", code="invalid_body") from e
+
+
+def load_json(raw: bytes) -> Any:
+    """A request body decoded by the workers' own decoder (a body it would refuse
+    is never queued); a 400 if it is empty or cannot be carried."""
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        return body.load(raw)
+    except body.InvalidBody as e:
+        raise BadRequest(str(e), code="invalid_json") from e
 
 
 def decode_body(
@@ -99,8 +118,7 @@ def decode_body(
     required: tuple[str, ...] = (),
 ) -> T:
     """Decode a JSON request body; every way it can be wrong is a 400 naming the field."""
-    if not raw.strip():
-        raise BadRequest("request body is empty; expected a JSON object")
+    load_json(raw)
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as e:
@@ -111,7 +129,7 @@ def decode_body(
             if f"missing required field `{name}`" in text:
                 param = name
         raise BadRequest(f"invalid {what}: {text}", param=param) from e
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, RecursionError) as e:
         raise BadRequest(f"malformed JSON body: {e}", code="invalid_json") from e
 
 
@@ -134,10 +152,8 @@ def request_timeout(request: web.Request, state: State) -> float:
     raw = request.headers.get("X-Request-Timeout")
     if raw is None:
         return cfg.request_timeout_s
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
+    # Plain decimal numbers only: float() would also take "1_0", "nan" or other digits.
+    seconds = float(raw) if _SECONDS_RE.fullmatch(raw) else -1.0
     if not 0 < seconds <= cfg.max_request_timeout_s:
         raise BadRequest(
             f"X-Request-Timeout must be a number of seconds in (0, {cfg.max_request_timeout_s:g}]",
@@ -185,8 +201,10 @@ async def new_job(
     else:
         targets = await state.chooser.order(candidates)
     first = targets[0]
-    # Only routed names become metric labels: unknown names cannot grow the series.
-    request["model"] = model
+    # Metric labels name the configured route (``mock*``), never the client's own
+    # name, which a wildcard route would turn into a new series per request.
+    request["model"] = candidates.name
+    request["requested_model"] = model
     request["provider"] = first.provider
     request["tenant"] = tenant
     timeout = request_timeout(request, state)
@@ -196,6 +214,7 @@ async def new_job(
         tenant=tenant,
         provider=first.provider,
         model=model,
+        route=candidates.name,
         upstream_model=first.model,
         stream=stream,
         include_usage=include_usage,
@@ -203,7 +222,7 @@ async def new_job(
         deadline=now + timeout,
         created=now,
         body=raw,
-        traceparent=request.headers.get("traceparent", ""),
+        traceparent=valid_traceparent(request.headers.get("traceparent", "")),
         kind=kind,
         fallbacks=targets[1:] if candidates.route.fallback else [],
     )

@@ -88,6 +88,12 @@ async def _check_webhook(state: State, tenant: str, url: str) -> None:
         await check_url(url, state.webhook_allow, ports=ports)
     except BlockedURL as e:
         raise BadRequest(str(e), param="webhook_url", code="invalid_webhook_url") from e
+    except UnicodeError as e:  # an empty or over-long DNS label (IDNA encoding)
+        raise BadRequest(
+            "webhook_url: the host name is not a valid DNS name",
+            param="webhook_url",
+            code="invalid_webhook_url",
+        ) from e
 
 
 def _idempotency_key(request: web.Request) -> str | None:
@@ -144,7 +150,8 @@ async def submit(
     if webhook_url is not None:
         await _check_webhook(state, tenant, webhook_url)
     jobs_cfg = state.config.jobs
-    ttl = int(job.deadline - job.created + jobs_cfg.result_ttl_s)
+    job.result_ttl = int(jobs_cfg.result_ttl_s)
+    ttl = int(job.deadline - job.created) + job.result_ttl
     fields = job_fields(job)
     if metadata:
         fields += ["metadata", msgspec.json.encode(metadata)]

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from ingress.app import create_app, metrics
 from ingress.common import STATE
+from ingress.server import Runner, cut_off_reserve, drain
 from shared.config import Config
 
 log = logging.getLogger("llm_broker.ingress")
@@ -34,11 +35,11 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
             "NO API KEYS CONFIGURED: ingress accepts every request without "
             "authentication. Add auth.keys to the config before exposing it."
         )
-    runner = web.AppRunner(
+    runner = Runner(
         app,
         handle_signals=False,
         access_log=None,
-        shutdown_timeout=config.ingress.drain_s,
+        shutdown_timeout=cut_off_reserve(config.ingress) / 2,
         handler_cancellation=True,
     )
     await runner.setup()
@@ -57,15 +58,7 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    app[STATE].draining = True
-    if config.ingress.shutdown_delay_s > 0:
-        log.info("ingress: /ready fails; still serving for %.1fs", config.ingress.shutdown_delay_s)
-        await asyncio.sleep(config.ingress.shutdown_delay_s)  # let load balancers catch up
-    log.info(
-        "ingress draining: /ready fails, waiting up to %.0fs for in-flight requests",
-        config.ingress.drain_s,
-    )
-    await runner.cleanup()
+    await drain(runner, app)
     if metrics_runner is not None:
         await metrics_runner.cleanup()
     log.info("ingress stopped")

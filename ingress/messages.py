@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 import orjson
 from aiohttp import web
 
 from ingress import calls
-from ingress.common import STATE, decode_body, new_job, read_json_body
-from shared import anthropic
+from ingress.common import STATE, load_json, new_job, read_json_body
+from shared import anthropic, body
 from shared.errors import BadRequest
-
-_OBJECT = msgspec.json.Decoder(dict[str, Any])
 
 
 class AnthropicRenderer(calls.Renderer):
@@ -69,12 +66,16 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     tenant = state.auth.tenant(request.headers)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
-    body = decode_body(_OBJECT, raw)
+    # Decoded with the workers' codec: integers beyond 64 bits arrive as floats,
+    # which the translation refuses where it needs an integer.
+    value = load_json(raw)
+    if not isinstance(value, dict):
+        raise BadRequest("invalid request: expected a JSON object")
     try:
-        chat = anthropic.messages_to_chat(body)
+        chat = body.dump(anthropic.messages_to_chat(value))
     except anthropic.TranslationError as e:
         raise BadRequest(str(e), param=e.param) from e
-    job, route = await new_job(
-        request, state, tenant, orjson.dumps(chat), reply_to=state.replies.stream
-    )
+    except body.InvalidBody as e:
+        raise BadRequest(str(e), code="invalid_json") from e
+    job, route = await new_job(request, state, tenant, chat, reply_to=state.replies.stream)
     return await calls.run(request, state, job, route, AnthropicRenderer(job.id, job.model))

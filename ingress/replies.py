@@ -8,10 +8,13 @@ import logging
 import time
 from collections import deque
 
+import msgspec
 import redis.asyncio as aioredis
 
 from shared.config import Config
+from shared.errors import Unavailable
 from shared.keys import Keys
+from shared.messages import REPLY_ERROR
 from shared.redisio import REDIS_DOWN, connect
 
 log = logging.getLogger("llm_broker.ingress.replies")
@@ -62,6 +65,18 @@ class ReplyRouter:
 
     def unregister(self, job_id: str) -> None:
         self._waiters.pop(job_id.encode(), None)
+
+    def cut_off(self) -> int:
+        """Answer every waiting call with a 503 that names its job: this process is
+        shutting down, and the job goes on. Returns how many calls were waiting."""
+        for job_id, waiter in self._waiters.items():
+            err = Unavailable(
+                f"this ingress process is shutting down; the request goes on as job "
+                f"{job_id.decode()}: GET /v1/jobs/{job_id.decode()} gives its result",
+                code="shutting_down",
+            )
+            waiter.put((REPLY_ERROR, msgspec.json.encode(err.body()), 503, "1", b""))
+        return len(self._waiters)
 
     @property
     def waiting(self) -> int:

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+import msgspec
+
 from llm_broker import mock_upstream
 from shared import logs
 from shared.config import Config, ConfigError, load_config, new_key, new_webhook_secret
@@ -37,7 +39,22 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_ingress(args: argparse.Namespace) -> int:
     from ingress.main import serve
 
-    _run(serve(_config(args), host=args.host, port=args.port))
+    config = _config(args)
+    if args.open and not config.auth.keys:
+        config = msgspec.structs.replace(
+            config, auth=msgspec.structs.replace(config.auth, open=True)
+        )
+    if not config.auth.keys and not config.auth.open:
+        print(
+            "llm-broker ingress: no API keys are configured, and ingress does not serve "
+            "without authentication unless told to.\n"
+            "  Add a key: `llm-broker keygen --tenant NAME` prints a key and the "
+            "auth.keys entry (its SHA-256) to put in the config;\n"
+            "  or serve without authentication: set `auth: {open: true}` in the config.",
+            file=sys.stderr,
+        )
+        return 2
+    _run(serve(config, host=args.host, port=args.port))
     return 0
 
 
@@ -73,7 +90,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from llm_broker.dev import run_dev
 
-    return run_dev(port=args.port, config_path=args.config, env=os.environ)
+    return run_dev(host=args.host, port=args.port, config_path=args.config, env=os.environ)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -120,11 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1 only)"
+    )
     p.set_defaults(func=cmd_dev)
 
     p = with_config(sub.add_parser("ingress", help="run the HTTP ingress"))
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument(
+        "--open",
+        action="store_true",
+        help="serve without authentication when the config has no keys (auth.open)",
+    )
     p.set_defaults(func=cmd_ingress)
 
     p = with_config(sub.add_parser("worker", help="run provider worker pools"))

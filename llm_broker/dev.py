@@ -33,6 +33,7 @@ def dev_config(mock_url: str, webhook_secret_file: str) -> dict[str, Any]:
     addresses only)."""
     roomy = {"max_concurrency": 1024, "max_queue_depth": 100_000}
     return {
+        "auth": {"open": True},
         "webhooks": {"secret_file": webhook_secret_file},
         "providers": {
             "mock": {"type": "mock", "base_url": mock_url, **roomy},
@@ -66,7 +67,9 @@ class _EmbeddedRedis:
         self._server.server_close()
 
 
-def run_dev(*, port: int, config_path: str | None, env: Mapping[str, str]) -> int:
+def run_dev(
+    *, host: str = "127.0.0.1", port: int, config_path: str | None, env: Mapping[str, str]
+) -> int:
     children: list[Child] = []
     embedded: _EmbeddedRedis | None = None
     tmp = Path(tempfile.mkdtemp(prefix="llm-broker-dev-"))
@@ -138,7 +141,9 @@ def run_dev(*, port: int, config_path: str | None, env: Mapping[str, str]) -> in
         children.append(worker)
         ingress = Child(
             "ingress",
-            python_cmd("ingress", "--config", str(cfg_file), "--port", str(port)),
+            python_cmd(
+                "ingress", "--config", str(cfg_file), "--host", host, "--port", str(port), "--open"
+            ),
             child_env,
             echo=True,
         )

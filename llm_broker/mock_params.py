@@ -26,13 +26,22 @@ class MockDefaults:
 class Params:
     """Resolved behaviour of one request."""
 
-    __slots__ = ("chunk_delay_ms", "chunks", "error", "fail_after", "latency_ms", "retry_after")
+    __slots__ = (
+        "chunk_delay_ms",
+        "chunks",
+        "error",
+        "error_message",
+        "fail_after",
+        "latency_ms",
+        "retry_after",
+    )
 
     def __init__(self, d: MockDefaults) -> None:
         self.latency_ms: float = d.latency_ms
         self.chunks: int = d.chunks
         self.chunk_delay_ms: float = d.chunk_delay_ms
         self.error: int | None = None
+        self.error_message: str | None = None
         self.fail_after: int | None = None
         self.retry_after: str | None = None
 
@@ -137,6 +146,9 @@ def resolve(defaults: MockDefaults, model: str, body: dict[str, Any]) -> Params:
         v = as_number(mock.get("fail_after"))
         if v is not None:
             p.fail_after = max(int(v), 0)
+        message = mock.get("error_message")
+        if isinstance(message, str) and message:
+            p.error_message = message
         ra = mock.get("retry_after")
         if isinstance(ra, str) and ra:
             p.retry_after = ra

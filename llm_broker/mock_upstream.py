@@ -27,7 +27,11 @@ defaults, by tokens in the model name (Azure: the deployment name) and by an opt
     mock-failafter-3          stream: close the connection after 3 content chunks
 
     {"mock": {"latency_ms": .., "chunks": .., "chunk_delay_ms": .., "error": ..,
-              "fail_after": .., "retry_after": ..}}
+              "fail_after": .., "retry_after": .., "error_message": ..}}
+
+``error_message`` is the message of the ``error`` answer instead of ``mock upstream
+error N``; ``{credentials}`` in it becomes the credential headers the request carried
+(``Authorization``, ``x-api-key``, ``api-key``), as an upstream that echoes too much would.
 
 Content is deterministic: ``seed = zlib.crc32(text of the last message)`` (text parts of
 a multi-part content are joined with single spaces; Anthropic: the text blocks, or the
@@ -145,6 +149,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _ANTHROPIC_VERSION = b"anthropic-version"
 # Request headers recorded in the stats; credentials also go to auth_seen.
 _TRACEPARENT = b"traceparent"
+_CREDENTIAL_HEADERS = frozenset((b"authorization", b"x-api-key", b"api-key"))
 _CAPTURED_HEADERS = frozenset(
     (b"authorization", b"x-api-key", b"api-key", _ANTHROPIC_VERSION, _TRACEPARENT)
 )
@@ -198,19 +203,22 @@ class _Plan:
 
 
 class _App:
-    __slots__ = ("conns", "defaults", "ids", "state")
+    __slots__ = ("captured", "conns", "defaults", "ids", "state")
 
     def __init__(self, defaults: MockDefaults) -> None:
         self.defaults = defaults
         self.state = MockState()
         self.ids = itertools.count(1)
         self.conns: set[_Conn] = set()
+        #: The recorded headers of the request being dispatched.
+        self.captured: Captured | None = None
 
     # -- routing ---------------------------------------------------------------------
 
     def dispatch(
         self, method: bytes, url: bytes, body: bytes, keep_alive: bool, captured: Captured | None
     ) -> _Plan:
+        self.captured = captured
         q = url.find(b"?")
         path = url if q < 0 else url[:q]
         if len(path) > 1 and path.endswith(b"/"):
@@ -281,7 +289,10 @@ class _App:
         latency = p.latency_ms / 1000.0
         failure = None
         if p.error is not None:
-            msg = f"mock upstream error {p.error}"
+            msg = p.error_message or f"mock upstream error {p.error}"
+            if "{credentials}" in msg:
+                sent = " ".join(v for n, v in self.captured or () if n in _CREDENTIAL_HEADERS)
+                msg = msg.replace("{credentials}", sent)
             failure = _Plan(
                 error_response(api, p.error, msg, keep_alive, p.retry_after), latency=latency
             )

@@ -73,6 +73,9 @@ class ApiKey(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
 class AuthConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     keys: tuple[ApiKey, ...] = ()
+    #: Serve without authentication (every caller is the tenant "default"). Off by
+    #: default: ingress refuses to start with no keys unless this says so.
+    open: bool = False
 
 
 ProviderType = Literal["openai", "openai-compatible", "azure", "anthropic", "mock"]
@@ -134,6 +137,9 @@ class ProviderConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: Requests and tokens per rate window (``limits.window_s``) across every worker.
     rpm: int | None = None
     tpm: int | None = None
+    #: The most tokens one call is estimated at for ``tpm`` (the largest context
+    #: window of the provider's models): a request cannot claim more of the budget.
+    max_call_tokens: int = 262_144
     #: Anthropic: ``max_tokens`` sent when the request has none.
     default_max_tokens: int = 4096
     retry: RetryConfig = RetryConfig()
@@ -146,6 +152,8 @@ class ProviderConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
         if self.type == "azure" and not self.api_version:
             raise ValueError("an azure provider needs api_version")
         _check_limits(self.global_max_concurrency, self.rpm, self.tpm)
+        if not 1 <= self.max_call_tokens <= 2**40:
+            raise ValueError("max_call_tokens must be from 1 to 2**40")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         if self.max_queue_depth < 1:
@@ -274,19 +282,31 @@ class WorkerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
     #: Consumers (dead worker processes) idle this long with nothing pending are
     #: removed from the consumer group.
     forget_consumers_after_s: float = 3600.0
+    #: A dead-lettered job keeps at most this many bytes of its request body
+    #: (0: none); the rest of the entry is a summary (id, tenant, model, error, sizes).
+    dead_letter_body_bytes: int = 16_384
+    #: Dead-letter entries older than this are trimmed; the stream expires when idle.
+    dead_letter_ttl_s: float = 7 * 86_400.0
+    #: At most this many dead-letter entries per provider.
+    dead_letter_maxlen: int = 10_000
 
 
 class JobsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: How long a job record (status and result) is kept after it finished.
     result_ttl_s: float = 86_400.0
+    #: How long a synchronous call's record is kept after it finished: long enough
+    #: to look its result up (by X-Request-Id) after a lost connection.
+    sync_result_ttl_s: float = 300.0
     #: How long an Idempotency-Key maps to its job (never longer than the job is kept).
     idempotency_ttl_s: float = 86_400.0
     #: Seconds a client is told to wait (Retry-After) before polling an unfinished job again.
     poll_after_s: int = 1
 
     def __post_init__(self) -> None:
-        if self.result_ttl_s < 1 or self.idempotency_ttl_s < 1:
-            raise ValueError("result_ttl_s and idempotency_ttl_s must be at least 1 second")
+        if min(self.result_ttl_s, self.sync_result_ttl_s, self.idempotency_ttl_s) < 1:
+            raise ValueError(
+                "result_ttl_s, sync_result_ttl_s and idempotency_ttl_s must be at least 1 second"
+            )
 
 
 #: Delays between webhook delivery attempts: immediately, 5 s, 5 min, 30 min, 2 h,
@@ -446,10 +466,14 @@ class Candidates(msgspec.Struct, frozen=True):
     targets: tuple[Target, ...]
     weights: tuple[float, ...]
     route: ModelRoute
+    #: The route's name in ``models`` (``mock*`` for a wildcard).
+    name: str = ""
 
 
 _UNKNOWN = object()
 _ROUTER_CACHE_MAX = 4096
+#: Longer requested names are looked up each time rather than remembered.
+_ROUTER_CACHE_NAME_MAX = 256
 
 
 class Router:
@@ -472,16 +496,17 @@ class Router:
         if known is not _UNKNOWN:
             return known  # type: ignore[return-value]
         found = self._lookup(model)
-        if len(self._known) < _ROUTER_CACHE_MAX:
+        if len(self._known) < _ROUTER_CACHE_MAX and len(model) <= _ROUTER_CACHE_NAME_MAX:
             self._known[model] = found
         return found
 
     def _lookup(self, model: str) -> Candidates | None:
+        name = model
         found = self._exact.get(model)
         if found is None:
             for prefix, route in self._prefixes:
                 if model.startswith(prefix):
-                    found = route
+                    name, found = prefix + "*", route
                     break
             else:
                 return None
@@ -490,6 +515,7 @@ class Router:
             tuple(Target(d.provider, d.model or model) for d in deployments),
             tuple(d.weight for d in deployments),
             found,
+            name,
         )
 
 

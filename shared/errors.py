@@ -18,12 +18,21 @@
 
 Each error knows its HTTP status and renders as ``{"error": {"message", "type",
 "param", "code"}}``; one middleware in ingress turns them into responses.
+
+Of an upstream's error answer only ``type``, ``code``, ``param`` and the
+message reach the client: the message cut to :data:`UPSTREAM_MESSAGE_MAX`
+characters, control characters blanked and anything that looks like a
+credential (``sk-…``, ``Bearer …``, ``api-key: …``, the key the call was
+made with) replaced by ``[redacted]``. A connection error says what failed,
+never the upstream's host or port.
 """
 
 from __future__ import annotations
 
 import email.utils
+import re
 import time
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import msgspec
@@ -171,6 +180,49 @@ class UpstreamError(BrokerError):
 
 _UPSTREAM_STATUS_PASSED_THROUGH = {400, 404, 409, 413, 422, 429}
 
+#: The longest upstream error message passed on to a client, in characters.
+UPSTREAM_MESSAGE_MAX = 500
+REDACTED = "[redacted]"
+_CREDENTIAL = re.compile(
+    r"\bbearer\s+[^\s\"',;]+"  # an Authorization header's value
+    r"|\b(?:x-)?api[-_ ]?key\b[\"']?\s*[:=]\s*[\"']?[^\s\"',;]+"  # api-key: …, api_key=…
+    r"|\b(?:sk|rk|pk)-[a-z0-9_\-*]{6,}"  # OpenAI and Anthropic keys: sk-…, sk-proj-…, sk-ant-…
+    r"|\bakia[0-9a-z]{16}\b"  # AWS access key ids
+    r"|\baiza[0-9a-z_\-]{30,}"  # Google API keys
+    r"|\bey[a-z0-9_\-]{10,}\.[a-z0-9_\-]{10,}(?:\.[a-z0-9_\-]*)?",  # JWTs
+    re.IGNORECASE,
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# type and code are identifiers; param names a field of the request.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+_PARAM = re.compile(r"[A-Za-z0-9_.:\-\[\]]{1,128}")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with credentials (the given ``secrets`` and anything that looks like
+    one) replaced by ``[redacted]`` and control characters (line breaks) blanked."""
+    for secret in secrets:
+        if len(secret) >= 8:
+            text = text.replace(secret, REDACTED)
+    return _CONTROL.sub(" ", _CREDENTIAL.sub(REDACTED, text))
+
+
+def upstream_message(text: str, secrets: Iterable[str] = ()) -> str:
+    """An upstream's error message as a client may see it: redacted and bounded."""
+    # Cut twice: a huge text is not scanned whole, and redaction may lengthen it.
+    text = redact(text[: UPSTREAM_MESSAGE_MAX * 4], secrets)
+    return text if len(text) <= UPSTREAM_MESSAGE_MAX else text[:UPSTREAM_MESSAGE_MAX] + "…"
+
+
+def identifier(value: object, pattern: re.Pattern[str] = _IDENTIFIER) -> str | None:
+    """A type, code or param of an upstream error, if it has that shape (no free text)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value)
+    if not pattern.fullmatch(text) or _CREDENTIAL.search(text):
+        return None
+    return text
+
 
 def retry_after_seconds(retry_after: str | None, retry_after_ms: str | None) -> float | None:
     """The wait an upstream asked for: ``retry-after-ms``, else ``Retry-After`` in
@@ -199,31 +251,37 @@ def upstream_status_error(
     payload: Any,
     retry_after: str | None = None,
     retry_after_ms: str | None = None,
+    *,
+    secrets: Iterable[str] = (),
 ) -> UpstreamError:
     """Map an upstream HTTP error response to the error the client sees.
 
     The upstream's client errors (400, 404, 422, 429…) keep their status and its
     message; an upstream 401/403 is our credential problem, not the client's, so
-    it becomes 502, as do 5xx answers. 429 and 5xx are worth retrying.
+    it becomes 502, as do 5xx answers. 429 and 5xx are worth retrying. Only the
+    error's type, code, param and message pass, the message redacted (``secrets``:
+    the credentials the call was made with) and bounded.
     """
-    error = _upstream_status_error(status, payload, retry_after)
+    error = _upstream_status_error(status, payload, retry_after, tuple(secrets))
     error.retryable = status == 429 or status >= 500
     error.retry_after_s = retry_after_seconds(retry_after, retry_after_ms)
     return error
 
 
-def _upstream_status_error(status: int, payload: Any, retry_after: str | None) -> UpstreamError:
+def _upstream_status_error(
+    status: int, payload: Any, retry_after: str | None, secrets: tuple[str, ...]
+) -> UpstreamError:
     message = f"upstream returned HTTP {status}"
     etype: str | None = None
     param: str | None = None
     code: str | None = None
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         err = payload["error"]
-        message = str(err.get("message") or message)
-        etype = err.get("type") if isinstance(err.get("type"), str) else None
-        param = err.get("param") if isinstance(err.get("param"), str) else None
-        raw_code = err.get("code")
-        code = str(raw_code) if raw_code is not None else None
+        if isinstance(err.get("message"), str) and err["message"]:
+            message = upstream_message(err["message"], secrets)
+        etype = identifier(err.get("type"))
+        param = identifier(err.get("param"), _PARAM)
+        code = identifier(err.get("code"))
     if status in _UPSTREAM_STATUS_PASSED_THROUGH:
         headers = {"Retry-After": retry_after} if retry_after and status == 429 else None
         return UpstreamError(
@@ -255,10 +313,11 @@ def upstream_timeout(seconds: float) -> UpstreamError:
     )
 
 
-def upstream_unreachable(detail: str) -> UpstreamError:
+def upstream_unreachable(reason: str) -> UpstreamError:
+    """The upstream could not be reached; ``reason`` names no host or port."""
     return UpstreamError(
         502,
-        f"cannot reach upstream: {detail}",
+        f"cannot reach the upstream provider: {reason}",
         code="upstream_connection_error",
         retryable=True,
     )

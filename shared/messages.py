@@ -95,6 +95,9 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
     provider: str
     #: The model name the client asked for (answers carry this name).
     model: str
+    #: The name of the configured route it matched (``mock*`` for a wildcard): metric
+    #: labels and per-deployment state use it, never the client's name.
+    route: str = ""
     upstream_model: str
     stream: bool = False
     include_usage: bool = False
@@ -111,6 +114,9 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
     fallbacks: list[Target] = []
     #: Earlier deployments' tries.
     attempts: list[Attempt] = []
+    #: Seconds to keep the job's record once it is final (0: ``jobs.result_ttl_s``);
+    #: a synchronous call's is short (``jobs.sync_result_ttl_s``).
+    result_ttl: int = 0
     #: Response cache key to store the result under ("" for none) and for how long.
     cache_key: str = ""
     cache_ttl: int = 0

@@ -102,6 +102,10 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 local entry = redis.call('XADD', KEYS[1], '*', 'j', ARGV[2])
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6]) end
 redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7])
+-- Bounded upkeep of the index: the oldest few ids whose records expired go.
+for _, old in ipairs(redis.call('ZRANGE', KEYS[4], 0, 3)) do
+  if redis.call('EXISTS', ARGV[9] .. old) == 0 then redis.call('ZREM', KEYS[4], old) end
+end
 if redis.call('TTL', KEYS[4]) < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[4], ARGV[3]) end
 return {'ok', entry}
 """)

@@ -11,6 +11,7 @@ default: no OpenTelemetry import, no cost on the request path.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,16 @@ from typing import Any
 from shared.config import TracingConfig
 
 log = logging.getLogger("llm_broker.tracing")
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", re.ASCII)
+
+
+def valid_traceparent(value: str) -> str:
+    """``value`` if it is a W3C ``traceparent``, else "" (the spec says to ignore
+    an invalid one; passing it on could break the upstream request's headers)."""
+    if len(value) == 55 and _TRACEPARENT.fullmatch(value) and not value.startswith("ff"):
+        return value
+    return ""
 
 
 class Tracing:

@@ -32,6 +32,23 @@ from tests.helpers import eventually
 _prefixes = itertools.count()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=200,
+        help="valid requests per API operation in the fuzz test (invalid ones: half that)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The fuzz test's time grows with --fuzz-examples (about 0.3 s per example here).
+    budget = 60 + config.getoption("--fuzz-examples")
+    for item in items:
+        if item.get_closest_marker("fuzz") is not None:
+            item.add_marker(pytest.mark.timeout(budget))
+
+
 class RedisServer:
     """A ``redis-server`` process that tests may stop, kill and restart."""
 
@@ -193,6 +210,7 @@ def write_config(
     """
     cfg: dict[str, Any] = {
         "redis": {"url": redis_url, "key_prefix": prefix},
+        "auth": {"open": True},
         "providers": {
             "mock": {
                 "type": "mock",

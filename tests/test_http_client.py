@@ -134,9 +134,12 @@ async def test_chunked_stream_arrives_in_pieces(server: Server) -> None:
 async def test_connection_refused_is_a_connect_error() -> None:
     from llm_broker.dev import free_port
 
-    pool = ConnectionPool(Origin.parse(f"http://127.0.0.1:{free_port()}"), connect_timeout=2)
-    with pytest.raises(ConnectError, match="cannot connect"):
+    port = free_port()
+    pool = ConnectionPool(Origin.parse(f"http://127.0.0.1:{port}"), connect_timeout=2)
+    with pytest.raises(ConnectError, match=f"cannot connect to 127.0.0.1:{port}") as caught:
         await pool.request(_request(pool))
+    # The message (for logs) says where; the reason (for clients) only what.
+    assert caught.value.reason == "connection refused"
 
 
 async def test_server_closing_mid_body_is_interrupted(server: Server) -> None:
@@ -329,8 +332,9 @@ async def test_proxy_refusal_is_a_connect_error(server: Server, proxy: ConnectPr
         connect_timeout=2,
         proxy_url=f"http://127.0.0.1:{proxy.port}",  # no credentials
     )
-    with pytest.raises(ConnectError, match="HTTP 407"):
+    with pytest.raises(ConnectError, match="HTTP 407") as caught:
         await pool.request(_request(pool))
+    assert caught.value.reason == "the proxy refused the tunnel (HTTP 407)"
 
 
 @needs_openssl

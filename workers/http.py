@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -27,15 +28,28 @@ import httptools
 
 
 class HTTPClientError(Exception):
-    """The exchange failed below HTTP: connect, reset, malformed response."""
+    """The exchange failed below HTTP: connect, reset, malformed response.
+
+    The message is for logs and may name the upstream's host and port;
+    ``reason`` says what failed without them, for clients.
+    """
+
+    reason = "the connection failed"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class ConnectError(HTTPClientError):
-    pass
+    reason = "cannot connect"
 
 
 class ResponseInterrupted(HTTPClientError):
     """The connection closed after the response started and before it ended."""
+
+    reason = "the connection closed mid-response"
 
 
 @dataclass(frozen=True)
@@ -92,7 +106,11 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._fail(HTTPClientError(f"malformed HTTP response from upstream: {e}"))
+            self._fail(
+                HTTPClientError(
+                    f"malformed HTTP response from upstream: {e}", "malformed HTTP response"
+                )
+            )
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -101,7 +119,9 @@ class _Connection(asyncio.Protocol):
             if self._started:
                 self._fail(ResponseInterrupted("upstream closed the connection mid-response"))
             else:
-                self._fail(HTTPClientError("upstream closed the connection"))
+                self._fail(
+                    HTTPClientError("upstream closed the connection", "the connection was closed")
+                )
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -322,7 +342,8 @@ class ConnectionPool:
                 if status != 200:
                     transport.close()
                     raise ConnectError(
-                        f"proxy {proxy.host_header} refused CONNECT to {target}: HTTP {status}"
+                        f"proxy {proxy.host_header} refused CONNECT to {target}: HTTP {status}",
+                        f"the proxy refused the tunnel (HTTP {status})",
                     )
                 conn = _Connection()
                 if self._ssl is not None:
@@ -330,7 +351,9 @@ class ConnectionPool:
                         transport, conn, self._ssl, server_hostname=self.origin.host
                     )
                     if tls is None:
-                        raise ConnectError("TLS through the proxy tunnel failed")
+                        raise ConnectError(
+                            "TLS through the proxy tunnel failed", "TLS handshake failed"
+                        )
                     transport = tls
                 else:
                     transport.set_protocol(conn)
@@ -354,9 +377,22 @@ def _connect_errors(where: str) -> Iterator[None]:
     try:
         yield
     except TimeoutError as e:
-        raise ConnectError(f"connect to {where} timed out") from e
+        raise ConnectError(f"connect to {where} timed out", "connect timed out") from e
     except OSError as e:
-        raise ConnectError(f"cannot connect to {where}: {e.strerror or e}") from e
+        raise ConnectError(f"cannot connect to {where}: {e.strerror or e}", _reason(e)) from e
+
+
+def _reason(e: OSError) -> str:
+    """What a failed connect ran into, in words that name no host or port."""
+    if isinstance(e, ssl.SSLError):
+        return "TLS handshake failed"
+    if isinstance(e, socket.gaierror):
+        return "the upstream's name does not resolve"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, ConnectionResetError):
+        return "connection reset"
+    return "cannot connect"
 
 
 def build_request(origin: Origin, path: str, body: bytes, headers: dict[str, str]) -> bytes:

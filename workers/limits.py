@@ -43,6 +43,16 @@ log = logging.getLogger("llm_broker.worker.limits")
 # Returns {1} when admitted, else {0, seconds worth waiting (-1: unknown)}.
 ACQUIRE = Script("""
 local now, win, cost = tonumber(ARGV[1]), tonumber(ARGV[4]), tonumber(ARGV[11])
+-- Every argument is checked before anything is written.
+if not (now and win and cost) or cost < 0 or cost > 1099511627776 or cost % 1 ~= 0 then
+  return redis.error_reply('ERR invalid limit arguments')
+end
+for i = 5, 10 do
+  local v = tonumber(ARGV[i])
+  if not v or v < 0 or v > 1099511627776 then
+    return redis.error_reply('ERR invalid limit arguments')
+  end
+end
 local caps = {tonumber(ARGV[5]), tonumber(ARGV[6])}
 local rates = {{3, tonumber(ARGV[7]), tonumber(ARGV[8])},
                {6, tonumber(ARGV[9]), tonumber(ARGV[10])}}
@@ -174,16 +184,19 @@ class Limits:
         """The limits that apply to ``target`` (None: no global limit at all)."""
         if not self._any:
             return None
-        if target.name in self._rules:
-            return self._rules[target.name]
         d = self._deployments.get(target)
+        # Deployments without limits of their own share one rule (the provider's):
+        # a wildcard route must not add a rule per requested model name.
+        key = target.name if d is not None else ""
+        if key in self._rules:
+            return self._rules[key]
         p = self._pcfg
         caps = (p.global_max_concurrency or 0, (d.global_max_concurrency if d else None) or 0)
         rates = (p.rpm or 0, p.tpm or 0, (d.rpm if d else None) or 0, (d.tpm if d else None) or 0)
         found: _Rule | None = None
         if any(caps) or any(rates):
             keys = self._keys
-            provider, model = self._provider, target.model
+            provider, model = self._provider, target.model if d is not None else "*"
             found = _Rule(
                 (
                     keys.lease_set(provider),
@@ -195,7 +208,7 @@ class Limits:
                 caps[1],
                 rates,
             )
-        self._rules[target.name] = found
+        self._rules[key] = found
         return found
 
     async def acquire(
@@ -314,9 +327,10 @@ class Limits:
         return max(0.05, self._cfg.lease_s / 3) if caps else math.inf
 
 
-def estimate_tokens(body: dict[str, Any], raw_size: int) -> int:
-    """A call's token cost before it runs: prompt bytes / 4 plus the most it may write."""
+def estimate_tokens(body: dict[str, Any], raw_size: int, cap: int) -> int:
+    """A call's token cost before it runs: prompt bytes / 4 plus the most it may
+    write, at most ``cap`` (no call uses more than its model's context)."""
     out = body.get("max_completion_tokens") or body.get("max_tokens")
     if not isinstance(out, int) or out < 0:
         out = 256
-    return math.ceil(raw_size / 4) + out
+    return min(cap, math.ceil(raw_size / 4) + min(out, cap))

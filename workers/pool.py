@@ -22,9 +22,11 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from shared import body as json_body
 from shared import messages as m
 from shared.config import Config, Price
 from shared.errors import (
+    BadRequest,
     BrokerError,
     CircuitOpen,
     DeadlineExceeded,
@@ -33,7 +35,7 @@ from shared.errors import (
 from shared.keys import GROUP, Keys
 from shared.metrics import WorkerMetrics
 from shared.redisio import MOVE, REDIS_DOWN, SETTLE, START, Batcher, connect, ensure_group
-from shared.tracing import Tracing
+from shared.tracing import Tracing, valid_traceparent
 from workers.accumulate import StreamAccumulator
 from workers.breaker import Breaker, LatencyAverage
 from workers.limits import Limits, estimate_tokens
@@ -42,11 +44,8 @@ from workers.upstream import Upstream
 log = logging.getLogger("llm_broker.worker")
 
 REPLY_MAXLEN = 100_000
-#: Upstream errors after which the call surely used no tokens (4xx answers too).
-_UNSPENT = frozenset(("upstream_connection_error", "upstream_auth_failed"))
 #: A deployment's latency average is written to Redis at most this often.
 LATENCY_PUBLISH_S = 1.0
-DEAD_LETTER_MAXLEN = 100_000
 
 
 class ProviderPool:
@@ -103,6 +102,8 @@ class ProviderPool:
             if d.provider == provider
         }
         self._bookkeeping: set[asyncio.Future[Any]] = set()
+        #: When this pool's entries last had their leases refreshed (monotonic).
+        self._refreshed_at = 0.0
         self._accounts: dict[str, tuple[Any, Any, Any, Any, Price | None]] = {}
         self._queue_wait = metrics.queue_wait_seconds.labels(provider)
         self._upstream_seconds = metrics.upstream_seconds.labels(provider)
@@ -190,7 +191,9 @@ class ProviderPool:
         while not self._stopping.is_set():
             try:
                 async with asyncio.timeout(self.cfg.redis.command_timeout_s * 4):
+                    began = time.monotonic()
                     await self._refresh_leases()
+                    self._refreshed_at = began
                     await self._abort_finished()
                     await self._reclaim()
                     if time.monotonic() >= next_forget:
@@ -213,7 +216,9 @@ class ProviderPool:
         while self._jobs:
             try:
                 async with asyncio.timeout(self.cfg.redis.command_timeout_s * 4):
+                    began = time.monotonic()
                     await self._refresh_leases()
+                    self._refreshed_at = began
             except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
                 log.warning("provider %s: lease refresh failed: %s", self.provider, e)
             await asyncio.sleep(interval)  # periodic timer, not synchronisation
@@ -339,12 +344,7 @@ class ProviderPool:
             log.error("provider %s: entry %s is not a job; dead-lettered", self.provider, entry_id)
             await self._settle(None, entry_id, dead_letter=raw)
             return
-        start = self.batcher.call(
-            *START.command(
-                (self.keys.job(job.id), self.keys.webhook_events()),
-                (time.time(), self.wcfg.max_deliveries, deliveries, job.id, self.result_ttl),
-            )
-        )
+        start = asyncio.ensure_future(self._start(job, deliveries))
         # A first delivery of a job whose client waits, within its deadline, starts
         # its upstream call while the start script runs: one Redis round trip less
         # on every request. The call is aborted if the script says the job must not
@@ -357,7 +357,7 @@ class ProviderPool:
             verdict = await start
         except REDIS_DOWN as e:
             # The entry stays pending and is reclaimed once Redis answers again.
-            log.warning("job %s: cannot start (%s); left pending", job.id, e)
+            log.warning("job %s: cannot start (%s); left pending", job.id, _reason(e))
             if run is not None:
                 run.cancel()
                 await asyncio.gather(run, return_exceptions=True)
@@ -419,6 +419,37 @@ class ProviderPool:
             case _:  # already final, or its record expired: nothing to do
                 await self._settle(job, entry_id)
 
+    async def _start(self, job: m.Job, deliveries: int) -> Any:
+        """The START script's verdict on a job; tried again while Redis is unreachable,
+        as long as this worker's lease on the entry holds."""
+        command = START.command(
+            (self.keys.job(job.id), self.keys.webhook_events()),
+            (
+                time.time(),
+                self.wcfg.max_deliveries,
+                deliveries,
+                job.id,
+                job.result_ttl or self.result_ttl,
+            ),
+        )
+        began = time.monotonic()
+        backoff = 0.05
+        while True:
+            try:
+                return await self.batcher.call(*command)
+            except REDIS_DOWN:
+                if not self._lease_holds(began, backoff):
+                    raise
+                await asyncio.sleep(backoff)  # back off while Redis is unreachable
+                backoff = min(backoff * 2, 1.0)
+
+    def _lease_holds(self, since: float, wait: float) -> bool:
+        """Whether an entry this worker has held since ``since`` (monotonic) is still
+        surely its own ``wait`` seconds from now: no other worker reclaims it before
+        ``lease_s`` passed without a refresh."""
+        last = max(since, self._refreshed_at)
+        return time.monotonic() + wait < last + self.wcfg.lease_s
+
     def _start_run(
         self, job: m.Job, entry_id: str, start: asyncio.Future[Any]
     ) -> asyncio.Task[None]:
@@ -454,17 +485,25 @@ class ProviderPool:
                     reply_kind=m.REPLY_ERROR,
                 )
             return
-        body = orjson.loads(job.body)
-        headers = {"traceparent": job.traceparent} if job.traceparent else None
+        traceparent = valid_traceparent(job.traceparent)
+        headers = {"traceparent": traceparent} if traceparent else None
         tries = _Tries(time.time())
         try:
+            try:
+                body = json_body.load(job.body)
+            except json_body.InvalidBody as e:
+                # Ingress checks with the same decoder; a job from elsewhere (or an
+                # older ingress) that fails it fails at once, never a redelivery loop.
+                raise BadRequest(str(e), code="invalid_json") from e
+            if not isinstance(body, dict):
+                raise BadRequest("invalid request: expected a JSON object", code="invalid_json")
             if self.tracing.enabled:
                 attributes = {"llm_broker.provider": self.provider, "llm_broker.model": job.model}
                 with self.tracing.span(
-                    "llm_broker.upstream", job.traceparent, "client", attributes
-                ) as traceparent:
+                    "llm_broker.upstream", traceparent, "client", attributes
+                ) as child:
                     payload, reply, tokens = await self._attempts(
-                        job, body, {"traceparent": traceparent}, start, tries
+                        job, body, {"traceparent": child}, start, tries
                     )
             else:
                 payload, reply, tokens = await self._attempts(job, body, headers, start, tries)
@@ -480,10 +519,30 @@ class ProviderPool:
                 job, entry_id, e, history=tries.history(job, e.http_status, e.error_code or "")
             )
             return
+        except Exception as e:
+            if isinstance(e, REDIS_DOWN):
+                raise  # the entry stays pending; it is reclaimed once Redis answers
+            # A defect that the same job would hit on every delivery: fail it once
+            # instead of redelivering it until it is dead-lettered.
+            if await asyncio.shield(start) != b"ok":
+                return
+            log.exception("job %s: could not be run", job.id)
+            self._outcomes["failed"].inc()
+            await self._fail(
+                job,
+                entry_id,
+                UpstreamError(
+                    500,
+                    "the broker could not run this request",
+                    type="server_error",
+                    code="internal_error",
+                ),
+            )
+            return
         if await asyncio.shield(start) == b"ok":
             self._outcomes["completed"].inc()
             if tokens is not None:
-                self._account(job.model, *tokens)
+                self._account(job, *tokens)
             await self._settle(
                 job,
                 entry_id,
@@ -507,11 +566,11 @@ class ProviderPool:
         """Try this deployment, retrying what is worth it; raises the last error.
         Returns the payload, the reply and the (input, output) tokens used."""
         target = job.target
-        name = target.name
+        name = self._deployment(job)
         breaker = self._breakers.get(name) or self._breaker(name)
         limited = self.limits.rule(target) is not None
-        cost = estimate_tokens(body, len(job.body)) if limited else 0
-        refused = f"deployment {target.name} failed repeatedly; its circuit is open"
+        cost = estimate_tokens(body, len(job.body), self.pcfg.max_call_tokens) if limited else 0
+        refused = f"deployment {name} failed repeatedly; its circuit is open"
         while True:
             if breaker.refusing():
                 raise CircuitOpen(refused)
@@ -531,9 +590,10 @@ class ProviderPool:
                 payload, reply, usage = await self._call(job, body, timeout, headers, start, tries)
             except UpstreamError as e:
                 if lease is not None:
-                    # Refused or never reached: no tokens spent. Otherwise the
-                    # estimate stands (the upstream may have worked on it).
-                    spent = None if e.http_status >= 500 and e.error_code not in _UNSPENT else 0
+                    # An error before any part of the answer came (refused, 5xx,
+                    # timeout, never reached) spent no tokens: the estimate is given
+                    # back. A stream cut after some chunks keeps it.
+                    spent = None if e.error_code == "upstream_stream_interrupted" else 0
                     self._background(self.limits.release(lease, spent))
                 if e.error_code == "upstream_timeout" and timeout < self.pcfg.timeout_s:
                     # The client's deadline ran out, not the upstream's patience:
@@ -555,7 +615,7 @@ class ProviderPool:
                 log.info(
                     "job %s: %s answered %d; retry %d in %.2fs",
                     job.id,
-                    target.name,
+                    name,
                     e.http_status,
                     tries.retries,
                     delay,
@@ -706,8 +766,10 @@ class ProviderPool:
         )
         return True
 
-    def _account(self, model: str, input_tokens: int, output_tokens: int) -> None:
-        """Count a completed call's tokens and cost (per model, children looked up once)."""
+    def _account(self, job: m.Job, input_tokens: int, output_tokens: int) -> None:
+        """Count a completed call's tokens and cost (per route, children looked up once);
+        priced as the client's model name, else as the route."""
+        model = job.route or job.model
         found = self._accounts.get(model)
         if found is None:
             tokens = self.metrics.tokens
@@ -722,8 +784,17 @@ class ProviderPool:
         found[0].inc(input_tokens)
         found[1].inc(output_tokens)
         found[2].inc(input_tokens + output_tokens)
-        if found[4] is not None:
-            found[3].inc(found[4].cost(input_tokens, output_tokens))
+        price = self.cfg.pricing.get(job.model) or found[4]
+        if price is not None:
+            found[3].inc(price.cost(input_tokens, output_tokens))
+
+    def _deployment(self, job: m.Job) -> str:
+        """The name of the job's deployment in labels and per-deployment state: its
+        ``provider/model``, or ``provider/route`` when a wildcard route sends the
+        client's own model name upstream (one breaker and series, not one per name)."""
+        if job.route.endswith("*") and job.upstream_model == job.model:
+            return f"{job.provider}/{job.route}"
+        return job.target.name
 
     def _breaker(self, deployment: str) -> Breaker:
         breaker = Breaker(
@@ -836,7 +907,7 @@ class ProviderPool:
                 field,
                 payload,
                 http_status,
-                self.result_ttl,
+                job.result_ttl or self.result_ttl if job else self.result_ttl,
                 reply_kind if job and job.reply_to else b"",
                 b"" if reply_data is None else reply_data,
                 "1" if reply_data is None else "0",
@@ -850,24 +921,9 @@ class ProviderPool:
         if job is not None and job.cache_key and status == m.COMPLETED:
             commands.append(("SET", job.cache_key, payload, "EX", job.cache_ttl))
         if dead_letter is not None:
-            commands.append(
-                (
-                    "XADD",
-                    self.keys.dead_letter(self.provider),
-                    "MAXLEN",
-                    "~",
-                    DEAD_LETTER_MAXLEN,
-                    "*",
-                    "entry",
-                    entry_id,
-                    "j",
-                    dead_letter,
-                    "consumer",
-                    self.consumer,
-                )
-            )
+            commands.extend(self._dead_letter_commands(job, entry_id, dead_letter, payload))
         commands.append(settle)
-        deadline = time.monotonic() + self.wcfg.lease_s
+        began = time.monotonic()
         backoff = 0.05
         while True:
             futures = [self.batcher.call(*c) for c in commands]
@@ -881,15 +937,39 @@ class ProviderPool:
             except REDIS_DOWN as e:
                 await asyncio.gather(*futures, return_exceptions=True)
                 self.metrics.redis_errors.labels("settle").inc()
-                if time.monotonic() + backoff > deadline:
+                # The outcome is kept and recorded once Redis answers, while this
+                # worker's lease on the entry holds: no other worker runs it again.
+                if not self._lease_holds(began, backoff):
                     log.error(
                         "job %s: could not record the result (%s); left pending",
                         job.id if job else entry_id,
-                        e,
+                        _reason(e),
                     )
                     return
                 await asyncio.sleep(backoff)  # back off while Redis is unreachable
                 backoff = min(backoff * 2, 1.0)
+
+    def _dead_letter_commands(
+        self, job: m.Job | None, entry_id: str, raw: bytes, error: bytes
+    ) -> list[tuple[Any, ...]]:
+        """A bounded summary of a dead-lettered entry, in a stream bounded in length
+        and age: the job's id, tenant, model and error, its sizes, and at most
+        ``worker.dead_letter_body_bytes`` of its request body."""
+        key = self.keys.dead_letter(self.provider)
+        limit = self.wcfg.dead_letter_body_bytes
+        body = job.body if job is not None else raw
+        fields: list[Any] = ["entry", entry_id, "consumer", self.consumer, "at", time.time()]
+        if job is not None:
+            fields += ["job", job.id, "tenant", job.tenant, "model", job.model]
+        fields += ["error", error[:2048], "entry_bytes", len(raw), "body_bytes", len(body)]
+        fields += ["body", body[:limit], "body_truncated", int(len(body) > limit)]
+        ttl = int(self.wcfg.dead_letter_ttl_s)
+        oldest = int((time.time() - ttl) * 1000)
+        return [
+            ("XADD", key, "MAXLEN", "~", self.wcfg.dead_letter_maxlen, "*", *fields),
+            ("XTRIM", key, "MINID", "~", f"{oldest}-0"),
+            ("EXPIRE", key, ttl),
+        ]
 
 
 class _ChunkSender:
@@ -975,6 +1055,12 @@ class _Tries:
         if not job.attempts and not self.retries:
             return b""
         return msgspec.json.encode([*job.attempts, self.attempt(job, status, error)])
+
+
+def _reason(e: BaseException) -> str:
+    """An exception for a log line: its type too, since some have no message."""
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _usage(result: dict[str, Any]) -> dict[str, Any] | None:

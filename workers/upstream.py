@@ -31,7 +31,9 @@ from shared.config import OPENAI_WIRE, ProviderConfig
 from shared.errors import (
     BadRequest,
     UpstreamError,
+    identifier,
     upstream_interrupted,
+    upstream_message,
     upstream_status_error,
     upstream_timeout,
     upstream_unreachable,
@@ -74,8 +76,9 @@ class Upstream:
         self, path: str, payload: dict[str, Any], headers: dict[str, str] | None
     ) -> Response:
         merged = dict(self._headers)
-        if self._keys:
-            merged.update(self._auth(self._keys.next()))
+        key = self._keys.next() if self._keys else ""
+        if key:
+            merged.update(self._auth(key))
         if headers:
             merged.update(headers)
         try:
@@ -91,8 +94,14 @@ class Upstream:
                 _json_or_none(raw),
                 resp.headers.get("retry-after"),
                 resp.headers.get("retry-after-ms"),
+                secrets=(key,) if key else (),
             )
         return resp
+
+    def _unreachable(self, e: HTTPClientError) -> UpstreamError:
+        """The client's error for a failed exchange: what failed, not where (that is logged)."""
+        log.warning("provider %s: %s", self.name, e)
+        return upstream_unreachable(e.reason)
 
     async def _json(
         self, path: str, payload: dict[str, Any], timeout_s: float, headers: dict[str, str] | None
@@ -105,7 +114,7 @@ class Upstream:
         except ResponseInterrupted as e:
             raise upstream_interrupted() from e
         except HTTPClientError as e:
-            raise upstream_unreachable(str(e)) from e
+            raise self._unreachable(e) from e
         result = _json_or_none(raw)
         if not isinstance(result, dict):
             raise UpstreamError(
@@ -135,7 +144,7 @@ class Upstream:
         except ResponseInterrupted as e:
             raise upstream_interrupted() from e
         except HTTPClientError as e:
-            raise upstream_unreachable(str(e)) from e
+            raise self._unreachable(e) from e
 
     async def complete(
         self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
@@ -244,8 +253,8 @@ class AnthropicUpstream(Upstream):
             except anthropic.UpstreamStreamError as e:
                 raise UpstreamError(
                     529 if e.error_type == "overloaded_error" else 502,
-                    str(e),
-                    type=e.error_type,
+                    upstream_message(str(e)),
+                    type=identifier(e.error_type),
                     code="upstream_error",
                     retryable=True,
                 ) from e
