@@ -2,7 +2,10 @@
 
 Never the prompt, the answer or a key. The lines go to stderr in the format
 the process logs in (``--log-format``): a JSON object, or text with
-``key=value`` pairs. They are written in batches, once per event-loop turn,
+``key=value`` pairs, where a value that is not a plain token is written as a
+JSON string (quoted, line breaks and control characters escaped), so that no
+client-supplied value can end a line or forge a field. Client-supplied values
+are cut to :data:`MAX_VALUE_CHARS`. They are written in batches, once per event-loop turn,
 rather than through a logging handler per request: on a busy ingress the
 handler's record, lock and write per line cost a tenth of its CPU.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -23,6 +27,26 @@ from shared import logs
 from shared.config import Price
 
 LOGGER = "llm_broker.requests"
+#: The longest client-supplied value (a model name) written to a request log line.
+MAX_VALUE_CHARS = 200
+# Text values made only of these characters are written as they are; others quoted.
+_BARE = re.compile(r"[A-Za-z0-9_.,:/@+*\-]+")
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def text_value(value: Any) -> str:
+    """A value as a text log line shows it: bare if it is a plain token, else a JSON
+    string, which cannot break the line or pass for another ``key=value`` pair."""
+    if not isinstance(value, str):
+        return str(value)
+    if _BARE.fullmatch(value):
+        return value
+    quoted = orjson.dumps(value).decode()
+    return quoted.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def capped(value: str) -> str:
+    return value if len(value) <= MAX_VALUE_CHARS else value[:MAX_VALUE_CHARS] + "…"
 
 
 class AccessLog:
@@ -52,7 +76,7 @@ class AccessLog:
             head = {"ts": stamp, "level": "info", "logger": LOGGER, "message": "request"}
             line = orjson.dumps({**head, **fields}).decode()
         else:
-            pairs = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            pairs = " ".join(f"{k}={text_value(v)}" for k, v in fields.items() if v is not None)
             line = f"{self._stamp},{millis:03d} INFO {LOGGER} request {pairs}"
         if not self._lines:
             asyncio.get_running_loop().call_soon(self.flush)
@@ -67,19 +91,21 @@ class AccessLog:
     def _fields(
         self, request: web.Request, endpoint: str, status: int, seconds: float
     ) -> dict[str, Any]:
-        model = request.get("model") or None
+        route = request.get("model") or None
+        model = request.get("requested_model") or route
         fields: dict[str, Any] = {
             "request_id": request.get("job_id"),
             "method": request.method,
             "endpoint": endpoint,
             "tenant": request.get("tenant"),
-            "model": model,
+            "model": capped(model) if model else None,
+            "route": route if route != model else None,
             "provider": request.get("provider") or None,
             "status": status,
             "latency_ms": round(seconds * 1000, 3),
         }
         trace = request.headers.get("traceparent", "")
-        if len(trace) >= 35:
+        if len(trace) >= 35 and _TRACE_ID.fullmatch(trace, 3, 35):
             fields["trace_id"] = trace[3:35]
         if "error_type" in request:
             fields["error_type"] = request["error_type"]
@@ -91,7 +117,7 @@ class AccessLog:
             input_tokens, output_tokens = int(found[0]), int(found[1])
             fields["input_tokens"] = input_tokens
             fields["output_tokens"] = output_tokens
-            price = self._pricing.get(model or "")
+            price = self._pricing.get(model or "") or self._pricing.get(route or "")
             if price is not None:
                 fields["cost_usd"] = round(price.cost(input_tokens, output_tokens), 8)
         return fields
