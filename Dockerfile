@@ -62,13 +62,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# uid/gid 10001, as the Kubernetes manifests' runAsUser expect. /secrets is
-# owned by it so that a named volume mounted there (docker-compose.yml's
-# webhook-secret service writes the signing secret into it) is writable.
+# uid/gid 10001, as the Kubernetes manifests' runAsUser expect. /secrets and
+# its folders are owned by it so that the named volumes mounted there (where
+# docker-compose.yml's `secrets` service writes the webhook signing secrets and
+# Grafana's admin password) are writable; Grafana (another uid) reads its file.
 RUN groupadd --system --gid 10001 llmb \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin llmb \
- && install -d -o 10001 -g 10001 -m 0700 /secrets
+ && install -d -o 10001 -g 10001 -m 0700 /secrets /secrets/webhooks \
+ && install -d -o 10001 -g 10001 -m 0755 /secrets/grafana
 
 COPY --from=build /opt/venv /opt/venv
 

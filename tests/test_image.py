@@ -150,8 +150,9 @@ def test_runtime_stage_holds_only_the_venv(stages: list[Stage]) -> None:
     env = " ".join(runtime.all("ENV"))
     assert "PYTHONDONTWRITEBYTECODE=1" in env
     assert "PYTHONUNBUFFERED=1" in env
-    # docker-compose.yml mounts a named volume on /secrets and writes to it as uid 10001.
-    assert re.search(r"install -d -o 10001 -g 10001 .*/secrets\b", runs)
+    # docker-compose.yml mounts named volumes on /secrets/* and writes to them as uid 10001.
+    assert re.search(r"install -d -o 10001 -g 10001 -m 0700 .*/secrets/webhooks\b", runs)
+    assert re.search(r"install -d -o 10001 -g 10001 -m 0755 .*/secrets/grafana\b", runs)
 
 
 def test_no_add_of_remote_urls(stages: list[Stage]) -> None:
