@@ -137,10 +137,48 @@ class Status(msgspec.Struct, omit_defaults=True):
 # ---------------------------------------------------------------- Anthropic Messages API
 
 
+class TextParam(msgspec.Struct, tag_field="type", tag="text"):
+    text: str
+
+
+class Base64Source(msgspec.Struct, tag_field="type", tag="base64"):
+    media_type: str
+    data: str
+
+
+class UrlSource(msgspec.Struct, tag_field="type", tag="url"):
+    url: str
+
+
+class ImageParam(msgspec.Struct, tag_field="type", tag="image"):
+    source: Base64Source | UrlSource
+
+
+class ToolUseParam(msgspec.Struct, tag_field="type", tag="tool_use"):
+    """In assistant turns only."""
+
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultParam(msgspec.Struct, tag_field="type", tag="tool_result"):
+    """In user turns only."""
+
+    tool_use_id: str
+    content: str | list[TextParam | ImageParam] | None = None
+    is_error: bool | None = None
+
+
 class AnthropicMessageParam(msgspec.Struct):
     role: Literal["user", "assistant"]
-    #: A string, or a non-empty list of blocks (text, image, tool_use, tool_result).
-    content: str | Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1)]
+    content: (
+        str
+        | Annotated[
+            list[TextParam | ImageParam | ToolUseParam | ToolResultParam],
+            msgspec.Meta(min_length=1),
+        ]
+    )
 
 
 class AnthropicTool(msgspec.Struct):
@@ -150,19 +188,36 @@ class AnthropicTool(msgspec.Struct):
     type: Literal["custom"] | None = None
 
 
+class ToolChoiceAuto(msgspec.Struct, tag_field="type", tag="auto"):
+    disable_parallel_tool_use: bool | None = None
+
+
+class ToolChoiceAny(msgspec.Struct, tag_field="type", tag="any"):
+    disable_parallel_tool_use: bool | None = None
+
+
+class ToolChoiceNone(msgspec.Struct, tag_field="type", tag="none"):
+    pass
+
+
+class ToolChoiceTool(msgspec.Struct, tag_field="type", tag="tool"):
+    name: str
+    disable_parallel_tool_use: bool | None = None
+
+
 class AnthropicRequest(msgspec.Struct):
     """The fields of an Anthropic Messages request that the broker translates."""
 
     model: Annotated[str, msgspec.Meta(min_length=1)]
     max_tokens: Annotated[int, msgspec.Meta(ge=1)]
     messages: Annotated[list[AnthropicMessageParam], msgspec.Meta(min_length=1)]
-    system: str | list[dict[str, Any]] | None = None
+    system: str | list[TextParam] | None = None
     stop_sequences: list[str] | None = None
     stream: bool | None = None
     temperature: float | None = None
     top_p: float | None = None
     tools: list[AnthropicTool] | None = None
-    tool_choice: dict[str, Any] | None = None
+    tool_choice: ToolChoiceAuto | ToolChoiceAny | ToolChoiceNone | ToolChoiceTool | None = None
     metadata: dict[str, Any] | None = None
 
 
@@ -248,7 +303,18 @@ def _json(schema: str) -> dict[str, Any]:
     return {"application/json": {"schema": _ref(schema)}}
 
 
-_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+#: Under OpenAPI 3.1 the schema of an event stream describes each event.
+_STREAM = {
+    "text/event-stream": {
+        "schema": {
+            "description": "One server-sent event. OpenAI: `data` is a chat.completion.chunk "
+            "(JSON), then `[DONE]`; Anthropic: `event` names the event and `data` is its JSON.",
+            "type": "object",
+            "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+            "required": ["data"],
+        }
+    }
+}
 
 _ERRORS = {
     400: "The request is malformed or invalid.",
