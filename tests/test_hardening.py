@@ -247,7 +247,7 @@ async def test_a_call_cut_by_shutdown_gets_its_job_id_and_the_job_finishes(
     assert orjson.loads(record["result"])["object"] == "chat.completion"
 
 
-async def test_ingress_without_keys_refuses_to_start_unless_open(
+def test_ingress_without_keys_refuses_to_start_unless_open(
     procs: Procs, make_config: ConfigFactory, tmp_path: Any
 ) -> None:
     config = make_config("http://127.0.0.1:9", auth={"open": False})
