@@ -85,12 +85,12 @@ async def _run(
         if plan.read:
             cached = await call_redis(state, "cache", job.provider, "GET", plan.key)
             request["cache"] = "hit" if cached else "miss"
-            state.metrics.cache.labels(job.model, request["cache"]).inc()
+            state.metrics.cache.labels(job.route or job.model, request["cache"]).inc()
             if cached:
                 return await _cached(request, job, cached, renderer)
         else:
             request["cache"] = "miss"
-            state.metrics.cache.labels(job.model, "miss").inc()
+            state.metrics.cache.labels(job.route or job.model, "miss").inc()
         job.cache_key, job.cache_ttl = plan.key, state.config.cache.ttl_s
     timeout = job.deadline - job.created
     loop_deadline = asyncio.get_running_loop().time() + timeout
