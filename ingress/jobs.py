@@ -183,9 +183,11 @@ async def submit(
             return _accepted(state, request, job.id, _record(fields))
         case b"full":
             raise queue_full(state, job.provider)
-        case _:  # b"dup": the key was used before
-            seen_hash, _, seen_id = answer[1].decode().partition(" ")
-            if seen_hash != request_hash:
+        case _:  # b"dup" or b"conflict": the key was used before
+            seen_hash, _, seen_id = (
+                answer[1].decode().partition(" ") if answer[1:] else ("", "", "")
+            )
+            if answer[0] == b"conflict" or seen_hash != request_hash:
                 raise IdempotencyMismatch(
                     "this Idempotency-Key was used with a different request; "
                     "use a new key for a new request",

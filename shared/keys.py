@@ -33,8 +33,10 @@ class Keys:
         return f"{self.prefix}r:{pod}"
 
     def idempotency(self, tenant: str, key: str) -> str:
-        """String holding the job id (and request hash) for a tenant's Idempotency-Key."""
-        return f"{self.prefix}idem:{tenant}:{key}"
+        """String holding the job id (and request hash) for a tenant's Idempotency-Key.
+        The tenant's length comes first: no two (tenant, key) pairs share a name,
+        whatever characters either holds."""
+        return f"{self.prefix}idem:{len(tenant)}:{tenant}:{key}"
 
     def tenant_jobs(self, tenant: str) -> str:
         """Sorted set of a tenant's async jobs, scored by creation time (for listing)."""

@@ -87,12 +87,15 @@ return redis.call('XADD', KEYS[1], '*', 'j', ARGV[2])
 # ARGV[1] max depth, [2] packed job, [3] job TTL, [4] '1' to use the idempotency
 # key, [5] its value ("<request hash> <job id>"), [6] its TTL, [7] job id,
 # [8] index score, [9] job key prefix, [10…] job hash field/value pairs.
-# Returns {'ok', entry id}, {'full'} or {'dup', idempotency value, the job's fields}.
+# Returns {'ok', entry id}, {'full'}, {'dup', idempotency value, the job's fields}
+# or {'conflict'} (the key's job is gone or another tenant's).
 SUBMIT = Script("""
 if ARGV[4] == '1' then
   local seen = redis.call('GET', KEYS[3])
   if seen then
     local id = string.sub(seen, string.find(seen, ' ', 1, true) + 1)
+    -- ARGV[11] is the tenant (the first job hash field): another's job is never returned.
+    if redis.call('HGET', ARGV[9] .. id, 'tenant') ~= ARGV[11] then return {'conflict'} end
     return {'dup', seen, redis.call('HGETALL', ARGV[9] .. id)}
   end
 end

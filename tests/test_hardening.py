@@ -304,3 +304,34 @@ async def test_token_estimate_is_capped_and_given_back_when_the_call_failed(
     await eventually(given_back, what="the failed calls' estimates to be given back")
     async with http.post(f"{url}/v1/chat/completions", json=chat("mock")) as resp:
         assert resp.status == 200
+
+
+def test_idempotency_keys_of_different_tenants_never_share_a_name() -> None:
+    keys = Keys("p:")
+    assert keys.idempotency("a:b", "c") != keys.idempotency("a", "b:c")
+    assert keys.idempotency("a", "b") != keys.idempotency("a:", "b")
+
+
+async def test_an_idempotency_key_never_returns_another_tenants_job(
+    procs: Procs,
+    make_config: ConfigFactory,
+    rclient: aioredis.Redis,
+    prefix: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    _, mock_url = procs.mock()
+    config = make_config(mock_url)
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    body = {"request": chat("mock")}
+    async with http.post(f"{url}/v1/jobs", json=body) as resp:
+        first = (await resp.json())["id"]
+    # A key name that points at a job of another tenant (as a colliding name would).
+    keys = Keys(prefix)
+    await rclient.hset(keys.job(first), "tenant", "someone-else")
+    await rclient.set(keys.idempotency("default", "k1"), f"whatever {first}", ex=60)
+    async with http.post(f"{url}/v1/jobs", json=body, headers={"Idempotency-Key": "k1"}) as resp:
+        assert resp.status == 422
+        answer = await resp.json()
+    assert answer["error"]["code"] == "idempotency_key_reused"
+    assert first not in orjson.dumps(answer).decode()
