@@ -87,3 +87,48 @@ def schema_errors(builtin_schema: str, path: Path) -> str | None:
         check=False,
     )
     return None if done.returncode == 0 else done.stdout + done.stderr
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of process ``pid`` (``VmRSS`` in /proc), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+async def scan_keys(client: aioredis.Redis, match: str) -> list[bytes]:
+    """Every key matching ``match`` (SCAN, so a busy server is not blocked)."""
+    return [key async for key in client.scan_iter(match=match, count=1000)]
+
+
+_LENGTH = {
+    b"string": "STRLEN",
+    b"hash": "HLEN",
+    b"list": "LLEN",
+    b"set": "SCARD",
+    b"zset": "ZCARD",
+    b"stream": "XLEN",
+}
+
+
+async def key_report(client: aioredis.Redis, match: str) -> list[tuple[str, str, int, int]]:
+    """(key, type, TTL in seconds (-1: none), length) of every key matching ``match``.
+    A key that expired between the scan and the look-up is left out."""
+    keys = await scan_keys(client, match)
+    async with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.type(key)
+            pipe.ttl(key)
+        found = await pipe.execute()
+    types = found[0::2]
+    ttls = found[1::2]
+    async with client.pipeline(transaction=False) as pipe:
+        for key, kind in zip(keys, types, strict=True):
+            pipe.execute_command(_LENGTH.get(kind, "EXISTS"), key)
+        lengths = await pipe.execute()
+    return [
+        (key.decode(errors="replace"), kind.decode(), int(ttl), int(length))
+        for key, kind, ttl, length in zip(keys, types, ttls, lengths, strict=True)
+        if kind != b"none" and ttl != -2
+    ]

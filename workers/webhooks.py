@@ -197,8 +197,8 @@ class Deliverer:
         self.metrics = metrics
         self.secrets = Secrets(self.cfg)
         self.allow = networks(self.cfg.allow_cidrs)
-        self._resolver = GuardedResolver(self.allow, resolver)
         self.ports = Ports(self.cfg.allow_ports)
+        self._resolver = GuardedResolver(self.allow, resolver)
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
