@@ -113,16 +113,16 @@ _LENGTH = {
 
 
 async def key_report(client: aioredis.Redis, match: str) -> list[tuple[str, str, int, int]]:
-    """(key, type, TTL in seconds (-1: none), length) of every key matching ``match``.
+    """(key, type, TTL in whole seconds (-1: none), length) of every key matching ``match``.
     A key that expired between the scan and the look-up is left out."""
     keys = await scan_keys(client, match)
     async with client.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.type(key)
-            pipe.ttl(key)
+            pipe.pttl(key)
         found = await pipe.execute()
     types = found[0::2]
-    ttls = found[1::2]
+    ttls = [t if t < 0 else -(-t // 1000) for t in found[1::2]]  # seconds, rounded up
     async with client.pipeline(transaction=False) as pipe:
         for key, kind in zip(keys, types, strict=True):
             pipe.execute_command(_LENGTH.get(kind, "EXISTS"), key)
