@@ -422,7 +422,7 @@ async def serve(config: Config, *, metrics_port: int | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     relay = Relay(config, deliverer, metrics)
-    tasks = [loop.create_task(relay.run(stop)), loop.create_task(worker.async_run())]
+    tasks = [loop.create_task(relay.run(stop)), loop.create_task(_run_arq(worker, stop))]
     print("webhooks ready", flush=True)
     stopped = loop.create_task(stop.wait())
     done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -431,7 +431,10 @@ async def serve(config: Config, *, metrics_port: int | None = None) -> None:
             log.error("webhook loop died", exc_info=t.exception())
     log.info("webhooks stopping")
     stop.set()
-    await worker.close()  # cancels attempts in progress; arq runs them again later
+    try:
+        await worker.close()  # cancels attempts in progress; arq runs them again later
+    except REDIS_DOWN as e:
+        log.warning("webhooks: Redis unreachable while stopping (%s)", e)
     await asyncio.gather(*tasks, return_exceptions=True)
     stopped.cancel()
     await deliverer.close()
@@ -439,3 +442,19 @@ async def serve(config: Config, *, metrics_port: int | None = None) -> None:
     if health is not None:
         await health.cleanup()
     log.info("webhooks stopped")
+
+
+async def _run_arq(worker: Worker, stop: asyncio.Event) -> None:
+    """Run arq's delivery loop; when Redis is unreachable it stops, so start it
+    again (with backoff) once Redis answers, until told to stop."""
+    backoff = 0.1
+    while not stop.is_set():
+        try:
+            await worker.async_run()
+            return
+        except REDIS_DOWN as e:
+            log.warning("webhook delivery: Redis unreachable (%s); again in %.1fs", e, backoff)
+        try:
+            await asyncio.wait_for(stop.wait(), backoff)
+        except TimeoutError:
+            backoff = min(backoff * 2, 2.0)
