@@ -17,7 +17,8 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from ingress.common import STATE
 from shared.config import IngressConfig
@@ -31,6 +32,15 @@ MAX_HEADER_BYTES = 65_536
 
 
 class _JsonErrorHandler(RequestHandler):
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError | RequestPayloadError):
+            # The client's fault (a header too long, a body that does not decode):
+            # one line, never a traceback that any client could make us write.
+            log.info("malformed HTTP request: %s", " ".join(str(exc).split())[:300])
+            return
+        super().log_exception(*args, **kw)
+
     def handle_error(
         self,
         request: Any,
