@@ -328,7 +328,7 @@ async def test_an_idempotency_key_never_returns_another_tenants_job(
         first = (await resp.json())["id"]
     # A key name that points at a job of another tenant (as a colliding name would).
     keys = Keys(prefix)
-    await rclient.hset(keys.job(first), "tenant", "someone-else")
+    await rclient.hset(keys.job(first), "tenant", "someone-else")  # type: ignore[misc]
     await rclient.set(keys.idempotency("default", "k1"), f"whatever {first}", ex=60)
     async with http.post(f"{url}/v1/jobs", json=body, headers={"Idempotency-Key": "k1"}) as resp:
         assert resp.status == 422
