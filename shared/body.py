@@ -1,8 +1,9 @@
 """The one codec of a client's JSON request body, shared by ingress and workers.
 
 Ingress admits a body only if :func:`load` accepts it, and a worker decodes
-the queued body with the same function, so whatever ingress enqueues a worker
-can decode: they agree by construction. :func:`load` also proves that the
+the queued body with :func:`decode`, the same decoder, so whatever ingress
+enqueues a worker can decode: they agree by construction. :func:`load` also
+proves that the
 value can be encoded again with room to spare, since the broker re-encodes
 bodies (with the upstream's model name, or translated to another API, a few
 levels deeper), and orjson's encoder stops at 254 levels of nesting and at
@@ -26,12 +27,19 @@ class InvalidBody(ValueError):
     """The bytes are not a JSON value the broker can carry; the message says why."""
 
 
-def load(raw: bytes | str) -> Any:
-    """Decode a client's JSON body; :class:`InvalidBody` if the broker cannot carry it."""
+def decode(raw: bytes | str) -> Any:
+    """Decode a queued body, as a worker does; :class:`InvalidBody` if it cannot."""
     try:
-        value = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise InvalidBody(f"malformed JSON body: {e}") from e
+
+
+def load(raw: bytes | str) -> Any:
+    """Decode a client's JSON body as ingress admits it: :func:`decode`, and the value
+    must encode again with room to spare; :class:`InvalidBody` if the broker cannot
+    carry it."""
+    value = decode(raw)
     try:
         # The value wrapped HEADROOM levels deep must encode: then the value itself,
         # and anything the broker builds around it, does too.

@@ -490,10 +490,11 @@ class ProviderPool:
         tries = _Tries(time.time())
         try:
             try:
-                body = json_body.load(job.body)
+                body = json_body.decode(job.body)
             except json_body.InvalidBody as e:
                 # Ingress checks with the same decoder; a job from elsewhere (or an
-                # older ingress) that fails it fails at once, never a redelivery loop.
+                # older ingress) that fails it, or that cannot be encoded again for the
+                # upstream (json_body.dump), fails at once, never a redelivery loop.
                 raise BadRequest(str(e), code="invalid_json") from e
             if not isinstance(body, dict):
                 raise BadRequest("invalid request: expected a JSON object", code="invalid_json")
@@ -907,7 +908,7 @@ class ProviderPool:
                 field,
                 payload,
                 http_status,
-                job.result_ttl or self.result_ttl if job else self.result_ttl,
+                (job.result_ttl if job else 0) or self.result_ttl,
                 reply_kind if job and job.reply_to else b"",
                 b"" if reply_data is None else reply_data,
                 "1" if reply_data is None else "0",
