@@ -29,20 +29,7 @@ from shared.config import Price
 LOGGER = "llm_broker.requests"
 #: The longest client-supplied value (a model name) written to a request log line.
 MAX_VALUE_CHARS = 200
-# Text values made only of these characters are written as they are; others quoted.
-_BARE = re.compile(r"[A-Za-z0-9_.,:/@+*\-]+")
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def text_value(value: Any) -> str:
-    """A value as a text log line shows it: bare if it is a plain token, else a JSON
-    string, which cannot break the line or pass for another ``key=value`` pair."""
-    if not isinstance(value, str):
-        return str(value)
-    if _BARE.fullmatch(value):
-        return value
-    quoted = orjson.dumps(value).decode()
-    return quoted.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def capped(value: str) -> str:
@@ -76,7 +63,7 @@ class AccessLog:
             head = {"ts": stamp, "level": "info", "logger": LOGGER, "message": "request"}
             line = orjson.dumps({**head, **fields}).decode()
         else:
-            pairs = " ".join(f"{k}={text_value(v)}" for k, v in fields.items() if v is not None)
+            pairs = logs.text_pairs(fields)
             line = f"{self._stamp},{millis:03d} INFO {LOGGER} request {pairs}"
         if not self._lines:
             asyncio.get_running_loop().call_soon(self.flush)

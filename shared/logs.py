@@ -9,6 +9,7 @@ object, text output appends them as ``key=value``.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +42,26 @@ _BREAKS = str.maketrans(
 )
 
 
+# Text values made only of these characters are written as they are; others quoted.
+_BARE = re.compile(r"[A-Za-z0-9_.,:/@+*\-]+")
+
+
+def text_value(value: Any) -> str:
+    """A value as a text log line shows it: bare if it is a plain token, else a JSON
+    string, which cannot break the line or pass for another ``key=value`` pair."""
+    if not isinstance(value, str):
+        return str(value)
+    if _BARE.fullmatch(value):
+        return value
+    quoted = orjson.dumps(value).decode()
+    return quoted.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def text_pairs(fields: dict[str, Any]) -> str:
+    """``key=value`` pairs of a text log line (values by :func:`text_value`; None left out)."""
+    return " ".join(f"{k}={text_value(v)}" for k, v in fields.items() if v is not None)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -53,7 +74,7 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         fields = getattr(record, "fields", None)
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line += " " + text_pairs(fields)
         return line
 
 

@@ -457,3 +457,19 @@ def test_cached_completion_replays_as_chunks() -> None:
     assert frames[-1]["choices"][0]["finish_reason"] == "stop"
     assert orjson.loads(closing[6:])["usage"] == completion["usage"]
     assert cache.sse_replay(completion, include_usage=False)[1] == b""
+
+
+def test_text_log_fields_and_messages_stay_on_one_line() -> None:
+    import logging
+
+    from shared.logs import TextFormatter
+
+    record = logging.LogRecord(
+        "llm_broker.worker", logging.INFO, "f", 1, "moved on to %s", None, None
+    )
+    record.args = ("mock/x\nforged",)
+    record.fields = {"model": "evil\n2026-01-01 INFO forged status=200", "status": 200}
+    line = TextFormatter().format(record)
+    assert "\n" not in line
+    assert 'model="evil\\n2026-01-01 INFO forged status=200"' in line
+    assert line.endswith("status=200") and "moved on to mock/x\\nforged" in line
