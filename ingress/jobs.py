@@ -183,18 +183,21 @@ async def submit(
             return _accepted(state, request, job.id, _record(fields))
         case b"full":
             raise queue_full(state, job.provider)
-        case _:  # b"dup" or b"conflict": the key was used before
-            seen_hash, _, seen_id = (
-                answer[1].decode().partition(" ") if answer[1:] else ("", "", "")
-            )
-            if answer[0] == b"conflict" or seen_hash != request_hash:
-                raise IdempotencyMismatch(
-                    "this Idempotency-Key was used with a different request; "
-                    "use a new key for a new request",
-                    param="Idempotency-Key",
-                )
+        case b"conflict":  # the key's job is gone, or another tenant's
+            raise _key_reused()
+        case _:  # b"dup": the key was used before
+            seen_hash, _, seen_id = answer[1].decode().partition(" ")
+            if seen_hash != request_hash:
+                raise _key_reused()
             request["job_id"] = seen_id
             return _accepted(state, request, seen_id, record_from_pairs(answer[2]), replayed=True)
+
+
+def _key_reused() -> IdempotencyMismatch:
+    return IdempotencyMismatch(
+        "this Idempotency-Key was used with a different request; use a new key for a new request",
+        param="Idempotency-Key",
+    )
 
 
 def _record(fields: list[Any]) -> Record:

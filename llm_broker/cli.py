@@ -11,8 +11,6 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-import msgspec
-
 from llm_broker import mock_upstream
 from shared import logs
 from shared.config import Config, ConfigError, load_config, new_key, new_webhook_secret
@@ -40,11 +38,7 @@ def cmd_ingress(args: argparse.Namespace) -> int:
     from ingress.main import serve
 
     config = _config(args)
-    if args.open and not config.auth.keys:
-        config = msgspec.structs.replace(
-            config, auth=msgspec.structs.replace(config.auth, open=True)
-        )
-    if not config.auth.keys and not config.auth.open:
+    if not config.auth.keys and not (config.auth.open or args.open):
         print(
             "llm-broker ingress: no API keys are configured, and ingress does not serve "
             "without authentication unless told to.\n"
