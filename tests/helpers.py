@@ -76,6 +76,17 @@ async def job_status(client: aioredis.Redis, prefix: str, job_id: str) -> str:
     return status.decode() if status else ""
 
 
+async def wait_status(
+    client: aioredis.Redis, prefix: str, job_id: str, status: str, timeout: float = 15.0
+) -> None:
+    """Wait (bounded) until job ``job_id`` has ``status``."""
+
+    async def reached() -> bool:
+        return await job_status(client, prefix, job_id) == status
+
+    await eventually(reached, timeout, what=f"job {job_id} to be {status}")
+
+
 def schema_errors(builtin_schema: str, path: Path) -> str | None:
     """Validate a file against one of check-jsonschema's built-in schemas
     (``vendor.compose-spec``, ``vendor.github-workflows``...); its complaints, or None."""

@@ -25,7 +25,7 @@ from shared import body as json_body
 from shared.config import parse_config
 from shared.keys import GROUP, Keys
 from tests.conftest import ConfigFactory, Procs, chat, mock_stats, wait_in_flight
-from tests.helpers import enqueue, eventually, job_record, job_status, make_job
+from tests.helpers import enqueue, eventually, job_record, job_status, make_job, wait_status
 
 
 def _poisoned(job_body: bytes) -> Any:
@@ -61,10 +61,7 @@ async def test_a_job_the_worker_cannot_decode_fails_at_once_without_redelivery(
     await enqueue(rclient, prefix, job)
     procs.worker(config)
 
-    async def failed() -> bool:
-        return await job_status(rclient, prefix, job.id) == "failed"
-
-    await eventually(failed, timeout=10, what="the poison job to fail")
+    await wait_status(rclient, prefix, job.id, "failed", timeout=10)
     record = await job_record(rclient, prefix, job.id)
     error = orjson.loads(record["error"])["error"]
     assert error["code"] == "invalid_json", error
@@ -203,10 +200,7 @@ async def test_a_synchronous_calls_record_is_kept_minutes_not_a_day(
     async with http.post(f"{url}/v1/jobs", json={"request": chat("mock")}) as resp:
         async_id = (await resp.json())["id"]
 
-    async def done() -> bool:
-        return await job_status(rclient, prefix, async_id) == "completed"
-
-    await eventually(done, what="the async job")
+    await wait_status(rclient, prefix, async_id, "completed")
     assert await rclient.ttl(Keys(prefix).job(async_id)) > 80_000
 
 
@@ -239,10 +233,7 @@ async def test_a_call_cut_by_shutdown_gets_its_job_id_and_the_job_finishes(
     assert time.monotonic() - sent < 2.5 + 1.0
     # The job was not cancelled: it finishes, and its record has the answer.
 
-    async def completed() -> bool:
-        return await job_status(rclient, prefix, job_id) == "completed"
-
-    await eventually(completed, timeout=15, what="the cut call's job to complete")
+    await wait_status(rclient, prefix, job_id, "completed")
     record = await job_record(rclient, prefix, job_id)
     assert orjson.loads(record["result"])["object"] == "chat.completion"
 
