@@ -15,6 +15,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from shared import messages as m
+from shared.config import new_webhook_secret
 from shared.keys import Keys
 from shared.redisio import enqueue_command, execute
 
@@ -143,3 +144,17 @@ async def key_report(client: aioredis.Redis, match: str) -> list[tuple[str, str,
         for key, kind, ttl, length in zip(keys, types, ttls, lengths, strict=True)
         if kind != b"none" and ttl != -2
     ]
+
+
+def loopback_webhooks(directory: Path) -> dict[str, Any]:
+    """A ``webhooks`` config section that signs with a new secret (written in
+    ``directory``) and delivers fast to a receiver on any loopback port."""
+    secret = directory / "webhook-secret"
+    secret.write_text(new_webhook_secret())
+    return {
+        "secret_file": str(secret),
+        "allow_cidrs": ["127.0.0.0/8"],
+        "allow_ports": ["1024-65535"],  # receivers listen on random ports
+        "poll_delay_s": 0.05,
+        "retry_schedule_s": [0, 0.2, 0.2],
+    }

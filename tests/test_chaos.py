@@ -26,7 +26,7 @@ import redis
 import redis.asyncio as aioredis
 
 from shared import messages as m
-from shared.config import JobsConfig, WebhooksConfig, new_key, new_webhook_secret
+from shared.config import new_key
 from shared.keys import GROUP, Keys
 from tests.conftest import (
     ConfigFactory,
@@ -37,7 +37,7 @@ from tests.conftest import (
     mock_stats,
     write_config,
 )
-from tests.helpers import eventually, rss_kib, scan_keys
+from tests.helpers import eventually, loopback_webhooks, rss_kib, scan_keys
 
 pytestmark = pytest.mark.chaos
 
@@ -299,17 +299,8 @@ async def test_redis_killed_and_restarted_from_its_aof(
     server = everysec_redis
     _, mock_url = procs.mock()  # the jobs queued before the outage
     _, probe_url = procs.mock()  # the requests after it
-    secret = tmp_path / "webhook-secret"
-    secret.write_text(new_webhook_secret())
     quiet = {"retry": {"max_retries": 0}, "circuit": {"failures": 1_000_000}}
-    hooks: dict[str, Any] = {
-        "secret_file": str(secret),
-        "allow_cidrs": ["127.0.0.0/8"],
-        "poll_delay_s": 0.05,
-        "retry_schedule_s": [0, 0.2, 0.2],
-    }
-    if "allow_ports" in WebhooksConfig.__struct_fields__:
-        hooks["allow_ports"] = ["1024-65535"]  # the receiver listens on a random port
+    hooks = loopback_webhooks(tmp_path)
     config = write_config(
         tmp_path,
         server.url,
@@ -581,8 +572,7 @@ async def test_soak_memory_and_redis_keys_stay_bounded(
     the first 10 s, and Redis holds a bounded number of keys per request."""
     duration, warmup = 60.0, 10.0
     sync_ttl = 5.0
-    has_sync_ttl = "sync_result_ttl_s" in JobsConfig.__struct_fields__
-    jobs = {"sync_result_ttl_s": sync_ttl} if has_sync_ttl else {}
+    jobs = {"sync_result_ttl_s": sync_ttl}
     _, mock_url = procs.mock()
     config = make_config(mock_url, jobs=jobs, **TENANT)
     worker = procs.worker(config)
@@ -642,16 +632,13 @@ async def test_soak_memory_and_redis_keys_stay_bounded(
         f" -> {ing_end / 1024:.1f} MiB ({(ing_end / ing_base - 1) * 100:+.1f}%), worker "
         f"{wrk_base / 1024:.1f} -> {wrk_end / 1024:.1f} MiB ({(wrk_end / wrk_base - 1) * 100:+.1f}"
         f"%); Redis keys {keys} = {keys / completed:.3f} per request "
-        f"(sync_result_ttl_s {'set to ' + str(sync_ttl) if has_sync_ttl else 'not available'})"
+        f"(sync_result_ttl_s {sync_ttl})"
     )
     assert not failures, failures[:5]
     assert completed > 1000
     assert ing_end < ing_base * 1.10
     assert wrk_end < wrk_base * 1.10
-    if has_sync_ttl:
-        # Sync records outlive their call by sync_result_ttl_s only; async ones stay.
-        recent = sum(t >= scanned_at - sync_ttl - 2 for t in finished)
-        bound = recent + 2 * len(async_ids) + 50
-    else:
-        bound = completed + 50  # at most one key per request
+    # Sync records outlive their call by sync_result_ttl_s only; async ones stay.
+    recent = sum(t >= scanned_at - sync_ttl - 2 for t in finished)
+    bound = recent + 2 * len(async_ids) + 50
     assert keys <= bound, f"{keys} keys for {completed} requests (bound {bound})"

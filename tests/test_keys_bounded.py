@@ -17,10 +17,10 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from shared import messages as m
-from shared.config import JobsConfig, WebhooksConfig, new_key, new_webhook_secret
+from shared.config import new_key
 from shared.keys import GROUP, Keys
 from tests.conftest import ConfigFactory, Procs, Receiver, chat, wait_in_flight
-from tests.helpers import enqueue, eventually, job_status, key_report, make_job
+from tests.helpers import enqueue, eventually, job_status, key_report, loopback_webhooks, make_job
 
 KEY, KEY_HASH = new_key()
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -69,19 +69,12 @@ async def test_every_key_has_a_ttl_or_a_hard_bound(
     keys = Keys(prefix)
     queue = keys.queue("mock")
     _, mock_url = procs.mock()
-    secret = tmp_path / "webhook-secret"
-    secret.write_text(new_webhook_secret())
-    hooks: dict[str, Any] = {
-        "secret_file": str(secret),
-        "allow_cidrs": ["127.0.0.0/8"],
-        "poll_delay_s": 0.05,
-        "retry_schedule_s": [0, 0.2, 0.2],
+    hooks = loopback_webhooks(tmp_path)
+    jobs: dict[str, Any] = {
+        "result_ttl_s": RESULT_TTL_S,
+        "idempotency_ttl_s": RESULT_TTL_S,
+        "sync_result_ttl_s": 60,
     }
-    if "allow_ports" in WebhooksConfig.__struct_fields__:
-        hooks["allow_ports"] = ["1024-65535"]  # the receiver listens on a random port
-    jobs: dict[str, Any] = {"result_ttl_s": RESULT_TTL_S, "idempotency_ttl_s": RESULT_TTL_S}
-    if "sync_result_ttl_s" in JobsConfig.__struct_fields__:
-        jobs["sync_result_ttl_s"] = 60
     config = make_config(
         mock_url,
         auth={"keys": [{"tenant": "keys", "sha256": KEY_HASH}]},
