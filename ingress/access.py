@@ -23,8 +23,8 @@ from typing import Any, TextIO
 import orjson
 from aiohttp import web
 
-from shared import logs
-from shared.config import Price
+from llm_broker.shared import logs
+from llm_broker.shared.config import Price
 
 LOGGER = "llm_broker.requests"
 #: The longest client-supplied value (a model name) written to a request log line.

@@ -10,23 +10,30 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ingress import calls, openapi
-from ingress import messages as messages_api
-from ingress.access import AccessLog
-from ingress.auth import Authenticator
-from ingress.common import STATE, State, json_response, new_job, read_json_body, too_large
-from ingress.jobs import cancel_job, get_job, list_jobs, post_job, prefers_async, submit
-from ingress.replies import ReplyRouter
-from ingress.routing import Chooser
-from shared import anthropic
-from shared import messages as m
-from shared.config import Config, Router
-from shared.errors import BrokerError, MethodNotAllowed, NotFound
-from shared.keys import Keys
-from shared.metrics import IngressMetrics
-from shared.redisio import REDIS_DOWN, Batcher, connect
-from shared.ssrf import networks
-from shared.tracing import Tracing
+from llm_broker.ingress import calls, openapi
+from llm_broker.ingress import messages as messages_api
+from llm_broker.ingress.access import AccessLog
+from llm_broker.ingress.auth import Authenticator
+from llm_broker.ingress.common import (
+    STATE,
+    State,
+    json_response,
+    new_job,
+    read_json_body,
+    too_large,
+)
+from llm_broker.ingress.jobs import cancel_job, get_job, list_jobs, post_job, prefers_async, submit
+from llm_broker.ingress.replies import ReplyRouter
+from llm_broker.ingress.routing import Chooser
+from llm_broker.shared import anthropic
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import Config, Router
+from llm_broker.shared.errors import BrokerError, MethodNotAllowed, NotFound
+from llm_broker.shared.keys import Keys
+from llm_broker.shared.metrics import IngressMetrics
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect
+from llm_broker.shared.ssrf import networks
+from llm_broker.shared.tracing import Tracing
 
 log = logging.getLogger("llm_broker.ingress")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from shared.config import AuthConfig
-from shared.errors import Unauthorized
+from llm_broker.shared.config import AuthConfig
+from llm_broker.shared.errors import Unauthorized
 
 #: Tenant recorded on jobs when the server runs without keys.
 OPEN_TENANT = "default"

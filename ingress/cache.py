@@ -19,9 +19,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from shared import messages as m
-from shared.config import CacheConfig, ModelRoute
-from shared.keys import Keys
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import CacheConfig, ModelRoute
+from llm_broker.shared.keys import Keys
 
 
 @dataclass(frozen=True)

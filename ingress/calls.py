@@ -19,13 +19,13 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from ingress import cache
-from ingress.common import State, call_redis, queue_full
-from ingress.replies import Reply, Waiter
-from shared import messages as m
-from shared.config import ModelRoute
-from shared.errors import DeadlineExceeded
-from shared.redisio import CANCEL, EXPIRE_JOB, REDIS_DOWN, enqueue_command
+from llm_broker.ingress import cache
+from llm_broker.ingress.common import State, call_redis, queue_full
+from llm_broker.ingress.replies import Reply, Waiter
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import ModelRoute
+from llm_broker.shared.errors import DeadlineExceeded
+from llm_broker.shared.redisio import CANCEL, EXPIRE_JOB, REDIS_DOWN, enqueue_command
 
 log = logging.getLogger("llm_broker.ingress")
 

@@ -14,15 +14,15 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry
 
-from ingress.access import AccessLog
-from ingress.auth import Authenticator
-from ingress.ids import JobIds
-from ingress.replies import ReplyRouter
-from ingress.routing import Chooser
-from shared import body
-from shared import messages as m
-from shared.config import Config, ModelRoute, Router
-from shared.errors import (
+from llm_broker.ingress.access import AccessLog
+from llm_broker.ingress.auth import Authenticator
+from llm_broker.ingress.ids import JobIds
+from llm_broker.ingress.replies import ReplyRouter
+from llm_broker.ingress.routing import Chooser
+from llm_broker.shared import body
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import Config, ModelRoute, Router
+from llm_broker.shared.errors import (
     BadRequest,
     ModelNotFound,
     PayloadTooLarge,
@@ -30,11 +30,11 @@ from shared.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from shared.keys import Keys
-from shared.metrics import IngressMetrics
-from shared.redisio import REDIS_DOWN, Batcher
-from shared.ssrf import Network
-from shared.tracing import Tracing, valid_traceparent
+from llm_broker.shared.keys import Keys
+from llm_broker.shared.metrics import IngressMetrics
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher
+from llm_broker.shared.ssrf import Network
+from llm_broker.shared.tracing import Tracing, valid_traceparent
 
 T = TypeVar("T")
 

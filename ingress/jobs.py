@@ -16,7 +16,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from ingress.common import (
+from llm_broker.ingress.common import (
     STATE,
     State,
     call_redis,
@@ -26,11 +26,11 @@ from ingress.common import (
     queue_full,
     read_json_body,
 )
-from shared import messages as m
-from shared.errors import BadRequest, IdempotencyMismatch, NotFound
-from shared.jobs import Record, is_final, job_object, record_from_pairs
-from shared.redisio import CANCEL, SUBMIT, job_fields
-from shared.ssrf import BlockedURL, Ports, check_url
+from llm_broker.shared import messages as m
+from llm_broker.shared.errors import BadRequest, IdempotencyMismatch, NotFound
+from llm_broker.shared.jobs import Record, is_final, job_object, record_from_pairs
+from llm_broker.shared.redisio import CANCEL, SUBMIT, job_fields
+from llm_broker.shared.ssrf import BlockedURL, Ports, check_url
 
 MAX_IDEMPOTENCY_KEY = 255
 MAX_METADATA_KEYS = 16

@@ -11,10 +11,10 @@ import socket
 
 from aiohttp import web
 
-from ingress.app import create_app, metrics
-from ingress.common import STATE
-from ingress.server import Runner, cut_off_reserve, drain
-from shared.config import Config
+from llm_broker.ingress.app import create_app, metrics
+from llm_broker.ingress.common import STATE
+from llm_broker.ingress.server import Runner, cut_off_reserve, drain
+from llm_broker.shared.config import Config
 
 log = logging.getLogger("llm_broker.ingress")
 

@@ -13,10 +13,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ingress import calls
-from ingress.common import STATE, load_json, new_job, read_json_body
-from shared import anthropic, body
-from shared.errors import BadRequest
+from llm_broker.ingress import calls
+from llm_broker.ingress.common import STATE, load_json, new_job, read_json_body
+from llm_broker.shared import anthropic, body
+from llm_broker.shared.errors import BadRequest
 
 
 class AnthropicRenderer(calls.Renderer):

@@ -1,8 +1,8 @@
 """The OpenAPI 3.1 description of the ingress, served at ``GET /openapi.json``.
 
 The request schemas are generated (``msgspec.json.schema_components``) from the
-structs the ingress decodes with (:mod:`shared.messages`) and the error object
-from :mod:`shared.errors`. The structs below exist only to document what is
+structs the ingress decodes with (:mod:`llm_broker.shared.messages`) and the error object
+from :mod:`llm_broker.shared.errors`. The structs below exist only to document what is
 built as plain dicts: the answers, and the Anthropic request (``/v1/messages``
 decodes a dict and checks it in :func:`shared.anthropic.messages_to_chat`).
 The document is built once, when the app is created.
@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
-from shared import messages as m
-from shared.errors import ErrorObject
+from llm_broker.shared import messages as m
+from llm_broker.shared.errors import ErrorObject
 
 # ---------------------------------------------------------------- answers (documentation only)
 

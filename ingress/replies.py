@@ -11,11 +11,11 @@ from collections import deque
 import msgspec
 import redis.asyncio as aioredis
 
-from shared.config import Config
-from shared.errors import Unavailable
-from shared.keys import Keys
-from shared.messages import REPLY_ERROR
-from shared.redisio import REDIS_DOWN, connect
+from llm_broker.shared.config import Config
+from llm_broker.shared.errors import Unavailable
+from llm_broker.shared.keys import Keys
+from llm_broker.shared.messages import REPLY_ERROR
+from llm_broker.shared.redisio import REDIS_DOWN, connect
 
 log = logging.getLogger("llm_broker.ingress.replies")
 

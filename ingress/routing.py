@@ -14,9 +14,9 @@ import logging
 import random
 import time
 
-from shared.config import Candidates, Target
-from shared.keys import Keys
-from shared.redisio import REDIS_DOWN, Batcher
+from llm_broker.shared.config import Candidates, Target
+from llm_broker.shared.keys import Keys
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher
 
 log = logging.getLogger("llm_broker.ingress.routing")
 

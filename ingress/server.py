@@ -20,9 +20,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from ingress.common import STATE
-from shared.config import IngressConfig
-from shared.errors import ErrorBody, ErrorObject
+from llm_broker.ingress.common import STATE
+from llm_broker.shared.config import IngressConfig
+from llm_broker.shared.errors import ErrorBody, ErrorObject
 
 log = logging.getLogger("llm_broker.ingress")
 

@@ -11,9 +11,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from llm_broker import mock_upstream
-from shared import logs
-from shared.config import Config, ConfigError, load_config, new_key, new_webhook_secret
+from llm_broker.shared import logs
+from llm_broker.shared.config import Config, ConfigError, load_config, new_key, new_webhook_secret
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
@@ -35,7 +34,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_ingress(args: argparse.Namespace) -> int:
-    from ingress.main import serve
+    from llm_broker.ingress.main import serve
 
     config = _config(args)
     if not config.auth.keys and not (config.auth.open or args.open):
@@ -53,7 +52,7 @@ def cmd_ingress(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.main import serve
+    from llm_broker.workers.main import serve
 
     config = _config(args)
     providers = list(config.providers) if args.all else list(dict.fromkeys(args.provider or []))
@@ -69,16 +68,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
-    from workers.webhooks import serve
+    from llm_broker.workers.webhooks import serve
 
     _run(serve(_config(args), metrics_port=args.metrics_port))
     return 0
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from llm_broker.mock_upstream import run_from_args
+    from llm_broker.mock.server import main as mock_main
 
-    return run_from_args(args)
+    return mock_main(args.rest, prog="llm-broker mock-upstream")
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -156,8 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.set_defaults(func=cmd_webhooks)
 
-    p = sub.add_parser("mock-upstream", help="run the mock OpenAI-compatible upstream")
-    mock_upstream.add_arguments(p)
+    # The mock's own parser reads its options (and --help): the production roles
+    # never import the mock.
+    p = sub.add_parser(
+        "mock-upstream", help="run the mock OpenAI-compatible upstream", add_help=False
+    )
     p.set_defaults(func=cmd_mock)
 
     p = sub.add_parser("keygen", help="print a new API key and the config entry for its hash")
@@ -173,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "mock-upstream":
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logs.setup(args.log_level, args.log_format)
     try:
         result: int = args.func(args)

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from llm_broker.procs import Child, python_cmd
-from shared.config import load_config, new_webhook_secret
+from llm_broker.shared.config import load_config, new_webhook_secret
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ from typing import Literal
 import msgspec
 import yaml
 
-from shared.ssrf import Ports
+from llm_broker.shared.ssrf import Ports
 
 
 class ConfigError(Exception):

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from shared import messages as m
+from llm_broker.shared import messages as m
 
 Record = dict[bytes, bytes]
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from shared.config import Target
+from llm_broker.shared.config import Target
 
 # ---------------------------------------------------------------- client schema
 

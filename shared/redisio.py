@@ -19,9 +19,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import messages as m
-from shared.config import RedisConfig
-from shared.keys import Keys
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import RedisConfig
+from llm_broker.shared.keys import Keys
 
 
 class Script:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from shared.config import TracingConfig
+from llm_broker.shared.config import TracingConfig
 
 log = logging.getLogger("llm_broker.tracing")
 

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as aioredis
 
-from shared import messages as m
-from shared.config import new_webhook_secret
-from shared.keys import Keys
-from shared.redisio import enqueue_command, execute
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import new_webhook_secret
+from llm_broker.shared.keys import Keys
+from llm_broker.shared.redisio import enqueue_command, execute
 
 T = TypeVar("T")
 

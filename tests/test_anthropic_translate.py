@@ -17,7 +17,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import TypeAdapter
 
-from shared.anthropic import (
+from llm_broker.shared.anthropic import (
     DEFAULT_MAX_TOKENS,
     ChunksToEvents,
     EventsToChunks,

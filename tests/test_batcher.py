@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 import redis.asyncio as aioredis
 
-from shared.redisio import Batcher
+from llm_broker.shared.redisio import Batcher
 
 
 class HeldRedis:

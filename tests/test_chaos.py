@@ -25,9 +25,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from shared import messages as m
-from shared.config import new_key
-from shared.keys import GROUP, Keys
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import new_key
+from llm_broker.shared.keys import GROUP, Keys
 from tests.conftest import (
     ConfigFactory,
     Procs,

@@ -17,10 +17,7 @@ import msgspec
 import pytest
 import yaml
 
-try:
-    from llm_broker.shared.config import Config  # type: ignore[import-not-found, unused-ignore]
-except ImportError:  # the namespace move has not landed yet
-    from shared.config import Config  # type: ignore[assignment, no-redef, import-not-found, unused-ignore]
+from llm_broker.shared.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 from openai.types.chat import ChatCompletionMessageParam
 
 from llm_broker.procs import Child
-from shared.config import new_key
-from shared.keys import Keys
+from llm_broker.shared.config import new_key
+from llm_broker.shared.keys import Keys
 from tests.conftest import (
     ConfigFactory,
     Procs,

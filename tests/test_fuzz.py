@@ -31,7 +31,7 @@ from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.core.result import Err
 from schemathesis.specs.openapi import checks as oas
 
-from shared.config import hash_key
+from llm_broker.shared.config import hash_key
 from tests.conftest import ConfigFactory, Procs
 
 pytestmark = pytest.mark.fuzz

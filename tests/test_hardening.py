@@ -21,9 +21,9 @@ import redis.asyncio as aioredis
 import yaml
 
 from llm_broker.procs import python_cmd
-from shared import body as json_body
-from shared.config import parse_config
-from shared.keys import GROUP, Keys
+from llm_broker.shared import body as json_body
+from llm_broker.shared.config import parse_config
+from llm_broker.shared.keys import GROUP, Keys
 from tests.conftest import ConfigFactory, Procs, chat, mock_stats, wait_in_flight
 from tests.helpers import enqueue, eventually, job_record, job_status, make_job, wait_status
 

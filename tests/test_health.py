@@ -18,8 +18,8 @@ from yarl import URL
 
 from llm_broker.dev import free_port
 from llm_broker.procs import python_cmd
-from shared.config import new_key
-from shared.health import health_app
+from llm_broker.shared.config import new_key
+from llm_broker.shared.health import health_app
 from tests.conftest import ConfigFactory, Procs
 
 #: Nothing listens here: these tests never reach an upstream.
@@ -138,7 +138,7 @@ async def test_health_times_out_while_the_event_loop_is_blocked(
 async def test_health_fails_while_the_loop_runs_late(
     health_url: str, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("shared.health.MAX_LAG_S", 0.3)
+    monkeypatch.setattr("llm_broker.shared.health.MAX_LAG_S", 0.3)
     gave_up = threading.Event()
     gave_up.wait(timeout=0.6)  # the loop hangs for 0.6 s, longer than the limit
     async with http.get(health_url) as resp:

@@ -24,8 +24,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from llm_broker.procs import Child
-from shared.config import hash_key, new_webhook_secret
-from shared.keys import Keys
+from llm_broker.shared.config import hash_key, new_webhook_secret
+from llm_broker.shared.keys import Keys
 from tests.conftest import Procs, RedisServer, write_config
 from tests.helpers import eventually
 

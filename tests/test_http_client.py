@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from workers.http import (
+from llm_broker.workers.http import (
     ConnectError,
     ConnectionPool,
     Origin,

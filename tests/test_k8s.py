@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
-from shared.config import Config, load_config
-from shared.keys import GROUP, Keys
+from llm_broker.shared.config import Config, load_config
+from llm_broker.shared.keys import GROUP, Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"

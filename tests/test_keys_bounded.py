@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from shared import messages as m
-from shared.config import new_key
-from shared.keys import GROUP, Keys
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import new_key
+from llm_broker.shared.keys import GROUP, Keys
 from tests.conftest import ConfigFactory, Procs, Receiver, chat, wait_in_flight
 from tests.helpers import enqueue, eventually, job_status, key_report, loopback_webhooks, make_job
 

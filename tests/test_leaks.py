@@ -20,11 +20,11 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from ingress.access import AccessLog
 from llm_broker.dev import free_port
+from llm_broker.ingress.access import AccessLog
 from llm_broker.procs import Child
-from shared.config import new_key
-from shared.errors import UPSTREAM_MESSAGE_MAX, redact, upstream_status_error
+from llm_broker.shared.config import new_key
+from llm_broker.shared.errors import UPSTREAM_MESSAGE_MAX, redact, upstream_status_error
 from tests.conftest import Procs, RedisServer, chat, write_config
 from tests.test_observability import parse_metrics
 

@@ -15,12 +15,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from llm_broker.dev import free_port
-from shared.config import Config, Target, parse_config
-from shared.errors import DeadlineExceeded
-from shared.metrics import WorkerMetrics
-from shared.redisio import Batcher, connect
+from llm_broker.shared.config import Config, Target, parse_config
+from llm_broker.shared.errors import DeadlineExceeded
+from llm_broker.shared.metrics import WorkerMetrics
+from llm_broker.shared.redisio import Batcher, connect
+from llm_broker.workers.limits import Limits
 from tests.conftest import ConfigFactory, Procs, RedisServer, chat, mock_stats, wait_in_flight
-from workers.limits import Limits
 
 
 async def post(

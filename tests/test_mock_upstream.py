@@ -22,7 +22,7 @@ import openai
 import orjson
 import pytest
 
-from llm_broker.mock_upstream import WORDS, MockDefaults, MockState, main, start_server
+from llm_broker.mock.server import WORDS, MockDefaults, MockState, main, start_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -1279,7 +1279,7 @@ async def test_run_subprocess_prints_line_and_exits_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "llm_broker.mock_upstream",
+        "llm_broker.mock.server",
         "--port",
         "0",
         "--chunks",
@@ -1329,7 +1329,7 @@ async def test_run_subprocess_prints_line_and_exits_on_sigterm() -> None:
 
 def test_main_parses_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str, int, MockDefaults]] = []
-    monkeypatch.setattr("llm_broker.mock_upstream.run", lambda h, p, d: seen.append((h, p, d)))
+    monkeypatch.setattr("llm_broker.mock.server.run", lambda h, p, d: seen.append((h, p, d)))
     assert main(["--port", "0", "--latency-ms", "5", "--chunks", "3", "--chunk-delay-ms", "1"]) == 0
     assert seen == [("127.0.0.1", 0, MockDefaults(latency_ms=5.0, chunks=3, chunk_delay_ms=1.0))]
     seen.clear()

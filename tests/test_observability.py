@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from llm_broker.dev import free_port
 from llm_broker.procs import python_cmd
-from shared.config import new_key
+from llm_broker.shared.config import new_key
 from tests.conftest import ConfigFactory, Procs, chat, mock_stats
 from tests.helpers import eventually
 

@@ -9,9 +9,9 @@ import pytest
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 
-from ingress.app import create_app
-from ingress.openapi import document
-from shared.config import parse_config
+from llm_broker.ingress.app import create_app
+from llm_broker.ingress.openapi import document
+from llm_broker.shared.config import parse_config
 from tests.conftest import ConfigFactory, Procs, chat
 
 

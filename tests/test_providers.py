@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 
 from llm_broker.dev import free_port
 from llm_broker.procs import Child
-from shared.config import new_key
+from llm_broker.shared.config import new_key
 from tests.conftest import Procs, RedisServer, chat, mock_stats, write_config
 from tests.helpers import eventually
 

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from shared.keys import GROUP, Keys
+from llm_broker.shared.keys import GROUP, Keys
 from tests.conftest import ConfigFactory, Procs, mock_stats, wait_in_flight
 from tests.helpers import enqueue, eventually, job_record, job_status, make_job
 

@@ -14,10 +14,10 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ingress import cache
-from ingress.auth import OPEN_TENANT, Authenticator
-from shared import messages as m
-from shared.config import (
+from llm_broker.ingress import cache
+from llm_broker.ingress.auth import OPEN_TENANT, Authenticator
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import (
     CacheConfig,
     CircuitConfig,
     ConfigError,
@@ -29,11 +29,16 @@ from shared.config import (
     new_key,
     parse_config,
 )
-from shared.errors import Unauthorized, UpstreamError, retry_after_seconds, upstream_status_error
-from shared.keys import Keys
-from workers.accumulate import StreamAccumulator
-from workers.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
-from workers.credentials import KeyRing
+from llm_broker.shared.errors import (
+    Unauthorized,
+    UpstreamError,
+    retry_after_seconds,
+    upstream_status_error,
+)
+from llm_broker.shared.keys import Keys
+from llm_broker.workers.accumulate import StreamAccumulator
+from llm_broker.workers.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from llm_broker.workers.credentials import KeyRing
 
 PROVIDERS = {"p1": {"type": "openai", "base_url": "https://api.example.com/v1"}}
 
@@ -275,7 +280,7 @@ def test_stream_accumulator_rebuilds_content_tool_calls_and_usage() -> None:
 def test_hiredis_packing_matches_redis_py(command: tuple[str | bytes | int | float, ...]) -> None:
     from redis.asyncio import Connection
 
-    from shared.redisio import _Connection
+    from llm_broker.shared.redisio import _Connection
 
     expected = b"".join(Connection().pack_command(*command))
     assert _Connection().pack_command(*command) == [expected]
@@ -283,7 +288,7 @@ def test_hiredis_packing_matches_redis_py(command: tuple[str | bytes | int | flo
 
 
 def test_job_ids_are_128_bit_hex_and_unique() -> None:
-    from ingress.ids import JobIds
+    from llm_broker.ingress.ids import JobIds
 
     ids = JobIds()
     seen = {ids.next() for _ in range(1000)}  # spans several pages of randomness
@@ -462,7 +467,7 @@ def test_cached_completion_replays_as_chunks() -> None:
 def test_text_log_fields_and_messages_stay_on_one_line() -> None:
     import logging
 
-    from shared.logs import TextFormatter
+    from llm_broker.shared.logs import TextFormatter
 
     record = logging.LogRecord(
         "llm_broker.worker", logging.INFO, "f", 1, "moved on to %s", None, None

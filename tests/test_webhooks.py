@@ -22,13 +22,12 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from prometheus_client import CollectorRegistry
 from standardwebhooks.webhooks import Webhook
 
-from shared.config import ConfigError, new_webhook_secret, parse_config
-from shared.jobs import event_body, job_object
-from shared.keys import Keys
-from shared.metrics import WebhookMetrics
-from shared.ssrf import BlockedURL, Ports, check_url, networks
-from tests.conftest import Receiver, RedisServer
-from workers.webhooks import (
+from llm_broker.shared.config import ConfigError, new_webhook_secret, parse_config
+from llm_broker.shared.jobs import event_body, job_object
+from llm_broker.shared.keys import Keys
+from llm_broker.shared.metrics import WebhookMetrics
+from llm_broker.shared.ssrf import BlockedURL, Ports, check_url, networks
+from llm_broker.workers.webhooks import (
     Deliverer,
     deserialize,
     parse_secret,
@@ -36,6 +35,7 @@ from workers.webhooks import (
     serialize,
     signature,
 )
+from tests.conftest import Receiver, RedisServer
 
 EVIL_NAME = "hooks.example-public.com"
 

@@ -13,7 +13,7 @@ import time
 
 from prometheus_client import Counter, Gauge
 
-from shared.config import CircuitConfig
+from llm_broker.shared.config import CircuitConfig
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 

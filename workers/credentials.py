@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from shared.errors import UpstreamError
+from llm_broker.shared.errors import UpstreamError
 
 log = logging.getLogger("llm_broker.worker.credentials")
 

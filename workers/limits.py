@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from shared.config import Config, Target, deployment_limits
-from shared.errors import DeadlineExceeded
-from shared.keys import Keys
-from shared.metrics import WorkerMetrics
-from shared.redisio import REDIS_DOWN, Batcher, Script
+from llm_broker.shared.config import Config, Target, deployment_limits
+from llm_broker.shared.errors import DeadlineExceeded
+from llm_broker.shared.keys import Keys
+from llm_broker.shared.metrics import WorkerMetrics
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher, Script
 
 log = logging.getLogger("llm_broker.worker.limits")
 

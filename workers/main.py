@@ -12,14 +12,14 @@ import socket
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
-from shared.config import Config
-from shared.health import serve_health
-from shared.keys import GROUP, Keys
-from shared.metrics import WorkerMetrics
-from shared.redisio import REDIS_DOWN, Batcher, connect
-from shared.tracing import Tracing
-from workers.pool import ProviderPool
-from workers.upstream import make_upstream
+from llm_broker.shared.config import Config
+from llm_broker.shared.health import serve_health
+from llm_broker.shared.keys import GROUP, Keys
+from llm_broker.shared.metrics import WorkerMetrics
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect
+from llm_broker.shared.tracing import Tracing
+from llm_broker.workers.pool import ProviderPool
+from llm_broker.workers.upstream import make_upstream
 
 log = logging.getLogger("llm_broker.worker")
 

@@ -22,24 +22,32 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from shared import body as json_body
-from shared import messages as m
-from shared.config import Config, Price
-from shared.errors import (
+from llm_broker.shared import body as json_body
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import Config, Price
+from llm_broker.shared.errors import (
     BadRequest,
     BrokerError,
     CircuitOpen,
     DeadlineExceeded,
     UpstreamError,
 )
-from shared.keys import GROUP, Keys
-from shared.metrics import WorkerMetrics
-from shared.redisio import MOVE, REDIS_DOWN, SETTLE, START, Batcher, connect, ensure_group
-from shared.tracing import Tracing, valid_traceparent
-from workers.accumulate import StreamAccumulator
-from workers.breaker import Breaker, LatencyAverage
-from workers.limits import Limits, estimate_tokens
-from workers.upstream import Upstream
+from llm_broker.shared.keys import GROUP, Keys
+from llm_broker.shared.metrics import WorkerMetrics
+from llm_broker.shared.redisio import (
+    MOVE,
+    REDIS_DOWN,
+    SETTLE,
+    START,
+    Batcher,
+    connect,
+    ensure_group,
+)
+from llm_broker.shared.tracing import Tracing, valid_traceparent
+from llm_broker.workers.accumulate import StreamAccumulator
+from llm_broker.workers.breaker import Breaker, LatencyAverage
+from llm_broker.workers.limits import Limits, estimate_tokens
+from llm_broker.workers.upstream import Upstream
 
 log = logging.getLogger("llm_broker.worker")
 

@@ -25,10 +25,10 @@ from urllib.parse import quote
 
 import orjson
 
-from shared import anthropic
-from shared import body as json_body
-from shared.config import OPENAI_WIRE, ProviderConfig
-from shared.errors import (
+from llm_broker.shared import anthropic
+from llm_broker.shared import body as json_body
+from llm_broker.shared.config import OPENAI_WIRE, ProviderConfig
+from llm_broker.shared.errors import (
     BadRequest,
     UpstreamError,
     identifier,
@@ -38,8 +38,8 @@ from shared.errors import (
     upstream_timeout,
     upstream_unreachable,
 )
-from workers.credentials import KeyRing
-from workers.http import (
+from llm_broker.workers.credentials import KeyRing
+from llm_broker.workers.http import (
     ConnectionPool,
     HTTPClientError,
     Origin,

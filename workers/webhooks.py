@@ -45,19 +45,19 @@ from arq.worker import Worker, func
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
-from shared.config import Config, WebhooksConfig
-from shared.health import serve_health
-from shared.jobs import (
+from llm_broker.shared.config import Config, WebhooksConfig
+from llm_broker.shared.health import serve_health
+from llm_broker.shared.jobs import (
     WEBHOOK_DELIVERED,
     WEBHOOK_DISABLED,
     WEBHOOK_FAILED,
     WEBHOOK_PENDING,
     event_body,
 )
-from shared.keys import WEBHOOK_GROUP, Keys
-from shared.metrics import WebhookMetrics
-from shared.redisio import REDIS_DOWN, WEBHOOK_ATTEMPT, connect, ensure_group, execute
-from shared.ssrf import (
+from llm_broker.shared.keys import WEBHOOK_GROUP, Keys
+from llm_broker.shared.metrics import WebhookMetrics
+from llm_broker.shared.redisio import REDIS_DOWN, WEBHOOK_ATTEMPT, connect, ensure_group, execute
+from llm_broker.shared.ssrf import (
     BlockedURL,
     Network,
     Ports,

@@ -25,20 +25,20 @@ Errors (:mod:`.common`, with the helpers both sides share)::
 
 from __future__ import annotations
 
-from shared.anthropic.common import (
+from llm_broker.shared.anthropic.common import (
     DEFAULT_MAX_TOKENS,
     Event,
     TranslationError,
     UpstreamStreamError,
 )
-from shared.anthropic.inbound import (
+from llm_broker.shared.anthropic.inbound import (
     ChunksToEvents,
     chat_to_message,
     error_object,
     messages_to_chat,
     sse_event,
 )
-from shared.anthropic.outbound import EventsToChunks, chat_to_messages, message_to_chat
+from llm_broker.shared.anthropic.outbound import EventsToChunks, chat_to_messages, message_to_chat
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",

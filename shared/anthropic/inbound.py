@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from shared.anthropic.common import (
+from llm_broker.shared.anthropic.common import (
     Event,
     _anthropic_usage,
     _bad,

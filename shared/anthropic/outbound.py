@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from shared.anthropic.common import (
+from llm_broker.shared.anthropic.common import (
     DEFAULT_MAX_TOKENS,
     UpstreamStreamError,
     _bad,

@@ -1,4 +1,4 @@
-"""Behaviour of one mock upstream call (:mod:`llm_broker.mock_upstream`).
+"""Behaviour of one mock upstream call (:mod:`llm_broker.mock.server`).
 
 Resolved, in increasing priority, from the server defaults (:class:`MockDefaults`),
 the tokens of the model name (``mock-slow``, ``mock-latency-1000``, ``mock-error-429``..;

@@ -1,4 +1,4 @@
-"""Wire formats of the mock upstream (:mod:`llm_broker.mock_upstream`).
+"""Wire formats of the mock upstream (:mod:`llm_broker.mock.server`).
 
 Pure builders, no I/O: HTTP/1.1 response framing, the error bodies of the three APIs
 the mock speaks (OpenAI, Azure OpenAI, Anthropic Messages), OpenAI chat completions,

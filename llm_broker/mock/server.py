@@ -3,8 +3,8 @@
 Built directly on asyncio protocols (uvloop when available) and ``httptools`` so that
 it can serve tens of thousands of requests per second on a single core; benchmarks
 then measure the gateway rather than the mock. The response builders live in
-:mod:`llm_broker.mock_formats`, the per-request behaviour in :mod:`llm_broker.mock_params`,
-the counters and injected failures in :mod:`llm_broker.mock_state`.
+:mod:`llm_broker.mock.formats`, the per-request behaviour in :mod:`llm_broker.mock.params`,
+the counters and injected failures in :mod:`llm_broker.mock.state`.
 
 Model calls (a trailing ``/`` and the query string are ignored, except Azure's)::
 
@@ -68,14 +68,14 @@ Errors come in the API's own shape: OpenAI ``{"error": {"message", "type", "para
 "message"}}``. Streaming requests get them as plain JSON too.
 
 Control endpoints (not model calls; the ``/mock/*`` ones in detail:
-:mod:`llm_broker.mock_state`)::
+:mod:`llm_broker.mock.state`)::
 
     GET  /health, GET /v1/models (or /models)
     GET  /mock/stats    counters, JSON
     POST /mock/reset    zero the counters, clear the recorded history and /mock/fail
     POST /mock/fail     {"status": 500, "times": 3, ..}: fail the next model calls
 
-Run standalone: ``python -m llm_broker.mock_upstream --port 9000``.
+Run standalone: ``python -m llm_broker.mock --port 9000`` (or ``llm-broker mock-upstream``).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ from typing import Any, Final, cast
 import httptools
 import orjson
 
-from llm_broker.mock_formats import (
+from llm_broker.mock.formats import (
     A_DELTA_FIRST,
     A_DELTA_REST,
     ANTHROPIC,
@@ -133,8 +133,8 @@ from llm_broker.mock_formats import (
     tool_arguments,
     word_count,
 )
-from llm_broker.mock_params import MockDefaults, Params, resolve
-from llm_broker.mock_state import Captured, ControlError, MockState
+from llm_broker.mock.params import MockDefaults, Params, resolve
+from llm_broker.mock.state import Captured, ControlError, MockState
 
 __all__ = ["WORDS", "MockDefaults", "MockState", "main", "run", "start_server"]
 
@@ -894,9 +894,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m llm_broker.mock") -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m llm_broker.mock_upstream",
+        prog=prog,
         description="Fast deterministic OpenAI-compatible mock LLM upstream.",
     )
     add_arguments(ap)

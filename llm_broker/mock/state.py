@@ -1,4 +1,4 @@
-"""State of a mock upstream server (:mod:`llm_broker.mock_upstream`).
+"""State of a mock upstream server (:mod:`llm_broker.mock.server`).
 
 :class:`MockState` is what the control endpoints show, clear and arm; the connection
 code updates its counters directly::
@@ -32,8 +32,8 @@ from typing import Any
 
 import orjson
 
-from llm_broker.mock_formats import JSON_CT, TEXT_CT
-from llm_broker.mock_params import as_number
+from llm_broker.mock.formats import JSON_CT, TEXT_CT
+from llm_broker.mock.params import as_number
 
 __all__ = ["Captured", "ControlError", "MockState"]
 

@@ -1,0 +1,3 @@
+from llm_broker.mock.server import main
+
+raise SystemExit(main())
