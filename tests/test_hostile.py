@@ -150,17 +150,32 @@ async def send(stack: Stack, request: bytes, *, chunk: int = 65536) -> Answer:
     started = time.monotonic()
     async with asyncio.timeout(ANSWER_S * 2):
         reader, writer = await asyncio.open_connection(stack.host, stack.port)
+        # Read while writing: the server may answer (413, 431) and close before it
+        # read everything, and the failed write would then hide the answer.
+        answer = asyncio.ensure_future(_read_all(reader))
         try:
             try:
                 for i in range(0, len(request), chunk):
                     writer.write(request[i : i + chunk])
                     await writer.drain()
             except ConnectionError:
-                pass  # the server may answer (413) and close before reading it all
-            raw = await reader.read()
+                pass  # the server answered and closed before reading it all
+            raw = await answer
         finally:
+            answer.cancel()
             writer.close()
     return _parse(raw, time.monotonic() - started)
+
+
+async def _read_all(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sent until it closed (or the connection broke)."""
+    received = []
+    try:
+        while block := await reader.read(65536):
+            received.append(block)
+    except ConnectionError:
+        pass
+    return b"".join(received)
 
 
 # ---------------------------------------------------------------- bodies
