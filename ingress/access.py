@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import orjson
 from aiohttp import web
 
+from llm_broker.ingress.context import CONTEXT, RequestContext
 from llm_broker.shared import logs
 from llm_broker.shared.config import Price
 
@@ -78,33 +79,32 @@ class AccessLog:
     def _fields(
         self, request: web.Request, endpoint: str, status: int, seconds: float
     ) -> dict[str, Any]:
-        route = request.get("model") or None
-        model = request.get("requested_model") or route
+        ctx = request.get(CONTEXT) or RequestContext()
+        route = ctx.route or None
+        model = ctx.requested_model or route
         fields: dict[str, Any] = {
-            "request_id": request.get("job_id"),
+            "request_id": ctx.job_id,
             "method": request.method,
             "endpoint": endpoint,
-            "tenant": request.get("tenant"),
+            "tenant": ctx.tenant,
             "model": capped(model) if model else None,
             "route": route if route != model else None,
-            "provider": request.get("provider") or None,
+            "provider": ctx.provider or None,
             "status": status,
             "latency_ms": round(seconds * 1000, 3),
         }
         trace = request.headers.get("traceparent", "")
         if len(trace) >= 35 and _TRACE_ID.fullmatch(trace, 3, 35):
             fields["trace_id"] = trace[3:35]
-        if "error_type" in request:
-            fields["error_type"] = request["error_type"]
-        if "cache" in request:
-            fields["cache"] = request["cache"]
-        usage: bytes = request.get("usage", b"")
-        if usage:
-            found = usage.split()
-            input_tokens, output_tokens = int(found[0]), int(found[1])
-            fields["input_tokens"] = input_tokens
-            fields["output_tokens"] = output_tokens
+        if ctx.error_type is not None:
+            fields["error_type"] = ctx.error_type
+        if ctx.cache is not None:
+            fields["cache"] = ctx.cache
+        usage = ctx.usage
+        if usage is not None:
+            fields["input_tokens"] = usage.input
+            fields["output_tokens"] = usage.output
             price = self._pricing.get(model or "") or self._pricing.get(route or "")
             if price is not None:
-                fields["cost_usd"] = round(price.cost(input_tokens, output_tokens), 8)
+                fields["cost_usd"] = round(price.cost(usage.input, usage.output), 8)
         return fields

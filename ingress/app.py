@@ -13,18 +13,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from llm_broker.ingress import calls, openapi
 from llm_broker.ingress import messages as messages_api
 from llm_broker.ingress.access import AccessLog
+from llm_broker.ingress.admission import new_job
 from llm_broker.ingress.auth import Authenticator
-from llm_broker.ingress.common import (
-    STATE,
-    State,
-    json_response,
-    new_job,
-    read_json_body,
-    too_large,
-)
+from llm_broker.ingress.bodies import json_response, read_json_body, too_large
+from llm_broker.ingress.context import CONTEXT, RequestContext
 from llm_broker.ingress.jobs import cancel_job, get_job, list_jobs, post_job, prefers_async, submit
 from llm_broker.ingress.replies import ReplyRouter
 from llm_broker.ingress.routing import Chooser
+from llm_broker.ingress.state import STATE, State
 from llm_broker.shared import anthropic
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import Config, Router
@@ -33,6 +29,7 @@ from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import IngressMetrics
 from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect
 from llm_broker.shared.ssrf import networks
+from llm_broker.shared.store import JobStore
 from llm_broker.shared.tracing import Tracing
 
 log = logging.getLogger("llm_broker.ingress")
@@ -40,8 +37,8 @@ log = logging.getLogger("llm_broker.ingress")
 OPENAI = calls.Renderer()
 
 
-def _error_response(err: BrokerError, request: web.Request | None = None) -> web.Response:
-    if request is not None and request.get("api") == "anthropic":
+def _error_response(err: BrokerError, ctx: RequestContext | None = None) -> web.Response:
+    if ctx is not None and ctx.api == "anthropic":
         body: object = anthropic.error_object(err.http_status, err.message)
     else:
         body = err.body()
@@ -56,6 +53,7 @@ async def errors_middleware(
     state = request.app[STATE]
     started = time.perf_counter()
     status = 500
+    ctx = request[CONTEXT] = RequestContext()
     state.in_flight += 1
     state.idle.clear()
     try:
@@ -64,14 +62,14 @@ async def errors_middleware(
         return response
     except BrokerError as e:
         status = e.http_status
-        request["error_type"] = e.body().error.type
-        response = _error_response(e, request)
-        if "job_id" in request:
-            response.headers["X-Request-Id"] = request["job_id"]
+        ctx.error_type = e.body().error.type
+        response = _error_response(e, ctx)
+        if ctx.job_id is not None:
+            response.headers["X-Request-Id"] = ctx.job_id
         return response
     except web.HTTPException as e:
         status = e.status
-        request["error_type"] = "invalid_request_error"
+        ctx.error_type = "invalid_request_error"
         if e.status == 404:
             return _error_response(NotFound(f"no route for {request.method} {request.path}"))
         if e.status == 405:
@@ -83,23 +81,23 @@ async def errors_middleware(
                 )
             )
         if e.status == 413:
-            return _error_response(too_large(state.config.ingress.max_body_bytes), request)
+            return _error_response(too_large(state.config.ingress.max_body_bytes), ctx)
         raise
     except Exception:  # a defect: logged once, answered with an error object
         log.exception("%s %s failed", request.method, request.path)
-        request["error_type"] = "server_error"
-        return _error_response(BrokerError("the server could not handle the request"), request)
+        ctx.error_type = "server_error"
+        return _error_response(BrokerError("the server could not handle the request"), ctx)
     finally:
         state.in_flight -= 1
         if not state.in_flight:
             state.idle.set()
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
-        provider = request.get("provider", "")
+        provider = ctx.provider
         elapsed = time.perf_counter() - started
-        state.metrics.observe_request(endpoint, request.get("model", ""), provider, status, elapsed)
+        state.metrics.observe_request(endpoint, ctx.route, provider, status, elapsed)
         if status >= 400:
-            state.metrics.errors.labels(request.get("error_type", "server_error"), provider).inc()
+            state.metrics.errors.labels(ctx.error_type or "server_error", provider).inc()
         if state.access.enabled:
             state.access.log(request, endpoint, status, elapsed)
 
@@ -195,6 +193,7 @@ def create_app(config: Config, pod: str) -> web.Application:
         keys=Keys(config.redis.key_prefix),
         redis=redis,
         batcher=batcher,
+        store=JobStore(config, batcher, redis),
         replies=ReplyRouter(config, pod),
         registry=registry,
         metrics=counters,

@@ -20,12 +20,15 @@ import orjson
 from aiohttp import web
 
 from llm_broker.ingress import cache
-from llm_broker.ingress.common import State, call_redis, queue_full
-from llm_broker.ingress.replies import Reply, Waiter
+from llm_broker.ingress.admission import queue_full, redis_call
+from llm_broker.ingress.context import CONTEXT
+from llm_broker.ingress.replies import Waiter
+from llm_broker.ingress.state import State
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import ModelRoute
 from llm_broker.shared.errors import DeadlineExceeded
-from llm_broker.shared.redisio import CANCEL, EXPIRE_JOB, REDIS_DOWN, enqueue_command
+from llm_broker.shared.records import Chunks, Failure, Reply, Result
+from llm_broker.shared.redisio import REDIS_DOWN
 
 log = logging.getLogger("llm_broker.ingress")
 
@@ -71,11 +74,12 @@ async def run(
 async def _run(
     request: web.Request, state: State, job: m.Job, route: ModelRoute, renderer: Renderer
 ) -> web.StreamResponse:
+    ctx = request[CONTEXT]
     plan = None
     # A chat request at a temperature other than 0 is not cached unless its route
     # says so: known from the decoded request, without parsing the body again.
     if state.config.cache.enabled and (
-        job.kind != m.CHAT or route.cache_sampling or request.get("temperature") == 0
+        job.kind != m.CHAT or route.cache_sampling or ctx.temperature == 0
     ):
         body = orjson.loads(job.body)
         plan = cache.plan(
@@ -83,13 +87,15 @@ async def _run(
         )
     if plan is not None:
         if plan.read:
-            cached = await call_redis(state, "cache", job.provider, "GET", plan.key)
-            request["cache"] = "hit" if cached else "miss"
-            state.metrics.cache.labels(job.route or job.model, request["cache"]).inc()
+            cached: bytes | None = await redis_call(
+                state, "cache", job.provider, state.batcher.call("GET", plan.key)
+            )
+            ctx.cache = "hit" if cached else "miss"
+            state.metrics.cache.labels(job.route or job.model, ctx.cache).inc()
             if cached:
                 return await _cached(request, job, cached, renderer)
         else:
-            request["cache"] = "miss"
+            ctx.cache = "miss"
             state.metrics.cache.labels(job.route or job.model, "miss").inc()
         job.cache_key, job.cache_ttl = plan.key, state.config.cache.ttl_s
     timeout = job.deadline - job.created
@@ -101,14 +107,13 @@ async def _run(
         if job.stream:
             response = await _stream_reply(request, state, job, replies, loop_deadline, renderer)
         else:
-            _kind, data, status, retry_after, usage = await _next_reply(
-                state, job, replies, loop_deadline
-            )
-            request["usage"] = usage
-            response = _reply(job, renderer, data, status, retry_after)
+            reply = await _next_reply(state, job, replies, loop_deadline)
+            if isinstance(reply, Result):
+                ctx.usage = reply.usage
+            response = _reply(job, renderer, reply)
         answered = True
         if response.status >= 400 and isinstance(response, web.Response):
-            request["error_type"] = error_type(response.body)
+            ctx.error_type = error_type(response.body)
         return response
     except (asyncio.CancelledError, ConnectionResetError):
         if not answered:
@@ -152,20 +157,23 @@ async def _enqueue(state: State, job: m.Job) -> None:
     pcfg = state.config.providers[job.provider]
     job.result_ttl = int(state.config.jobs.sync_result_ttl_s)
     ttl = int(job.deadline - job.created) + job.result_ttl
-    command = enqueue_command(state.keys, job, pcfg.max_queue_depth, ttl)
-    if await call_redis(state, "enqueue", job.provider, *command) is None:
+    admit = state.store.enqueue(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl)
+    if await redis_call(state, "enqueue", job.provider, admit) is None:
         raise queue_full(state, job.provider)
 
 
-def _reply(
-    job: m.Job, renderer: Renderer, data: bytes, status: int, retry_after: str
-) -> web.Response:
+def _reply(job: m.Job, renderer: Renderer, reply: Reply) -> web.Response:
+    """A whole answer: a result, or an error before anything was sent."""
     headers = {"X-Request-Id": job.id}
-    if retry_after:
-        headers["Retry-After"] = retry_after
     if job.cache_key:
         headers["X-Cache"] = "miss"
-    body = renderer.result(data) if status < 400 else renderer.error(status, data)
+    data = reply.data or b""
+    if isinstance(reply, Failure):
+        if reply.retry_after:
+            headers["Retry-After"] = reply.retry_after
+        body, status = renderer.error(reply.status, data), reply.status
+    else:
+        body, status = renderer.result(data), 200
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
@@ -184,32 +192,15 @@ async def _expire(state: State, job: m.Job) -> None:
     """Mark the job expired so that no worker starts it."""
     try:
         async with asyncio.timeout(state.config.redis.command_timeout_s):
-            await state.batcher.call(
-                *EXPIRE_JOB.command(
-                    (state.keys.job(job.id), state.keys.webhook_events()),
-                    (time.time(), job.id, job.result_ttl),
-                )
-            )
+            await state.store.expire(job)
     except REDIS_DOWN as e:
         log.warning("job %s: could not mark expired: %s", job.id, e)
 
 
 async def _cancel(state: State, job: m.Job) -> None:
     """Cancel a job whose client went away; the worker running it aborts its call."""
-    keys = state.keys
     try:
-        await state.batcher.call(
-            *CANCEL.command(
-                (keys.job(job.id), keys.webhook_events()),
-                (
-                    time.time(),
-                    job.tenant,
-                    job.result_ttl,
-                    keys.cancel_channel(),
-                    job.id,
-                ),
-            )
-        )
+        await state.store.cancel(job.id, job.tenant, result_ttl=job.result_ttl)
         log.info("job %s: client went away; cancelled", job.id)
     except REDIS_DOWN as e:
         log.warning("job %s: client went away, but the job could not be cancelled: %s", job.id, e)
@@ -229,10 +220,10 @@ async def _stream_reply(
     loop_deadline: float,
     renderer: Renderer,
 ) -> web.StreamResponse:
-    kind, data, status, retry_after, usage = await _next_reply(state, job, replies, loop_deadline)
-    if kind == m.REPLY_ERROR:
+    reply = await _next_reply(state, job, replies, loop_deadline)
+    if isinstance(reply, Failure):
         # Nothing was sent yet: the client gets a plain HTTP error.
-        return _reply(job, renderer, data, status, retry_after)
+        return _reply(job, renderer, reply)
     headers = {**SSE_HEADERS, "X-Request-Id": job.id}
     if job.cache_key:
         headers["X-Cache"] = "miss"
@@ -240,17 +231,18 @@ async def _stream_reply(
     await response.prepare(request)
     state.metrics.ttft_seconds.labels(job.provider).observe(time.time() - job.created)
     while True:
-        if kind == m.REPLY_CHUNKS:
-            await response.write(renderer.chunks(data))
-        elif kind == m.REPLY_RESULT:
-            request["usage"] = usage
-            await response.write(renderer.end(data))
-            break
-        else:  # an error after the stream started: an error event, then the end
-            await response.write(renderer.stream_error(data))
-            break
+        match reply:
+            case Chunks(data=data):
+                await response.write(renderer.chunks(data))
+            case Result(data=data, usage=usage):
+                request[CONTEXT].usage = usage
+                await response.write(renderer.end(data or b""))
+                break
+            case Failure(data=data):  # an error after the stream started: an error event
+                await response.write(renderer.stream_error(data or b""))
+                break
         try:
-            kind, data, _, _, usage = await _next_reply(state, job, replies, loop_deadline)
+            reply = await _next_reply(state, job, replies, loop_deadline)
         except DeadlineExceeded as e:
             await response.write(renderer.stream_error(msgspec.json.encode(e.body())))
             break

@@ -7,30 +7,28 @@ by webhook. A job belongs to its tenant; every other tenant gets 404.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import time
 from typing import Any
 
-import msgspec
 import orjson
 from aiohttp import web
 
-from llm_broker.ingress.common import (
-    STATE,
-    State,
-    call_redis,
-    decode_body,
-    json_response,
-    new_job,
-    queue_full,
-    read_json_body,
-)
+from llm_broker.ingress.admission import new_job, queue_full, redis_call
+from llm_broker.ingress.bodies import decode_body, json_response, read_json_body
+from llm_broker.ingress.context import CONTEXT
+from llm_broker.ingress.state import STATE, State
 from llm_broker.shared import messages as m
 from llm_broker.shared.errors import BadRequest, IdempotencyMismatch, NotFound
-from llm_broker.shared.jobs import Record, is_final, job_object, record_from_pairs
-from llm_broker.shared.redisio import CANCEL, SUBMIT, job_fields
+from llm_broker.shared.jobs import job_object
+from llm_broker.shared.records import JobRecord
 from llm_broker.shared.ssrf import BlockedURL, Ports, check_url
+from llm_broker.shared.store import (
+    Admitted,
+    AsyncFields,
+    Full,
+    Idempotency,
+    Replayed,
+)
 
 MAX_IDEMPOTENCY_KEY = 255
 MAX_METADATA_KEYS = 16
@@ -115,7 +113,7 @@ def _request_hash(request: web.Request, raw: bytes) -> str:
 
 
 def _accepted(
-    state: State, request: web.Request, job_id: str, rec: Record, replayed: bool = False
+    state: State, request: web.Request, job_id: str, rec: JobRecord, replayed: bool = False
 ) -> web.Response:
     headers = {
         "Location": f"/v1/jobs/{job_id}",
@@ -151,46 +149,32 @@ async def submit(
         await _check_webhook(state, tenant, webhook_url)
     jobs_cfg = state.config.jobs
     job.result_ttl = int(jobs_cfg.result_ttl_s)
-    ttl = int(job.deadline - job.created) + job.result_ttl
-    fields = job_fields(job)
-    if metadata:
-        fields += ["metadata", msgspec.json.encode(metadata)]
-    if webhook_url is not None:
-        fields += ["webhook_url", webhook_url, "webhook_status", "pending", "webhook_attempts", 0]
-    keys = state.keys
-    idem_key = keys.idempotency(tenant, idem) if idem is not None else keys.job(job.id)
-    request_hash = _request_hash(request, raw) if idem is not None else ""
+    idempotency = None
     if idem is not None:
-        fields += ["idem_key", idem_key]
-    command = SUBMIT.command(
-        (keys.queue(job.provider), keys.job(job.id), idem_key, keys.tenant_jobs(tenant)),
-        (
-            state.config.providers[job.provider].max_queue_depth,
-            m.job_encoder.encode(job),
-            ttl,
-            "1" if idem is not None else "0",
-            f"{request_hash} {job.id}",
-            min(ttl, int(jobs_cfg.idempotency_ttl_s)),
-            job.id,
-            job.created,
-            keys.job(""),
-            *fields,
-        ),
+        idempotency = Idempotency(
+            key=idem,
+            request_hash=_request_hash(request, raw),
+            ttl_s=int(jobs_cfg.idempotency_ttl_s),
+        )
+    admit = state.store.submit(
+        job,
+        max_depth=state.config.providers[job.provider].max_queue_depth,
+        ttl_s=int(job.deadline - job.created) + job.result_ttl,
+        extra=AsyncFields(metadata=metadata or None, webhook_url=webhook_url),
+        idempotency=idempotency,
     )
-    answer = await call_redis(state, "enqueue", job.provider, *command)
-    match answer[0]:
-        case b"ok":
-            return _accepted(state, request, job.id, _record(fields))
-        case b"full":
+    match await redis_call(state, "enqueue", job.provider, admit):
+        case Admitted(record=rec):
+            return _accepted(state, request, job.id, rec)
+        case Full():
             raise queue_full(state, job.provider)
-        case b"conflict":  # the key's job is gone, or another tenant's
-            raise _key_reused()
-        case _:  # b"dup": the key was used before
-            seen_hash, _, seen_id = answer[1].decode().partition(" ")
-            if seen_hash != request_hash:
+        case Replayed(job_id=seen_id, request_hash=seen_hash, record=rec):
+            if idempotency is None or seen_hash != idempotency.request_hash:
                 raise _key_reused()
-            request["job_id"] = seen_id
-            return _accepted(state, request, seen_id, record_from_pairs(answer[2]), replayed=True)
+            request[CONTEXT].job_id = seen_id
+            return _accepted(state, request, seen_id, rec, replayed=True)
+        case _:  # the key's job is gone, or another tenant's
+            raise _key_reused()
 
 
 def _key_reused() -> IdempotencyMismatch:
@@ -200,22 +184,16 @@ def _key_reused() -> IdempotencyMismatch:
     )
 
 
-def _record(fields: list[Any]) -> Record:
-    """The record that a flat field/value list written to Redis makes."""
-    as_bytes = [v if isinstance(v, bytes) else str(v).encode() for v in fields]
-    return record_from_pairs(as_bytes)
-
-
-async def _owned_record(state: State, tenant: str, job_id: str) -> Record:
+async def _owned_record(state: State, tenant: str, job_id: str) -> JobRecord:
     """The record of the caller's job ``job_id``; 404 for a missing or foreign job."""
-    rec: Record = await call_redis(state, "jobs", "", "HGETALL", state.keys.job(job_id))
-    if not rec or rec.get(b"tenant", b"").decode() != tenant:
+    rec = await redis_call(state, "jobs", "", state.store.record(job_id))
+    if rec is None or rec.tenant != tenant:
         raise NotFound(f"no job with id {job_id!r}", code="job_not_found")
     return rec
 
 
-def _job_response(state: State, job_id: str, rec: Record) -> web.Response:
-    headers = {} if is_final(rec) else {"Retry-After": str(state.config.jobs.poll_after_s)}
+def _job_response(state: State, job_id: str, rec: JobRecord) -> web.Response:
+    headers = {} if rec.final else {"Retry-After": str(state.config.jobs.poll_after_s)}
     return json_response(job_object(job_id, rec), headers=headers)
 
 
@@ -231,25 +209,11 @@ async def cancel_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
     tenant = state.auth.tenant(request.headers)
     job_id = request.match_info["job_id"]
-    keys = state.keys
-    answer = await call_redis(
-        state,
-        "jobs",
-        "",
-        *CANCEL.command(
-            (keys.job(job_id), keys.webhook_events()),
-            (
-                time.time(),
-                tenant,
-                int(state.config.jobs.result_ttl_s),
-                keys.cancel_channel(),
-                job_id,
-            ),
-        ),
-    )
-    if answer[0] == b"gone":
+    cancel = state.store.cancel(job_id, tenant, result_ttl=int(state.config.jobs.result_ttl_s))
+    found = await redis_call(state, "jobs", "", cancel)
+    if found is None:
         raise NotFound(f"no job with id {job_id!r}", code="job_not_found")
-    return _job_response(state, job_id, record_from_pairs(answer[1]))
+    return _job_response(state, job_id, found.record)
 
 
 def _list_params(request: web.Request) -> tuple[str | None, int, str | None]:
@@ -271,10 +235,10 @@ async def list_jobs(request: web.Request) -> web.Response:
     state = request.app[STATE]
     tenant = state.auth.tenant(request.headers)
     status, limit, after = _list_params(request)
-    index = state.keys.tenant_jobs(tenant)
+    store = state.store
     start = 0
     if after is not None:
-        rank = await call_redis(state, "jobs", "", "ZREVRANK", index, after)
+        rank = await redis_call(state, "jobs", "", store.tenant_rank(tenant, after))
         if rank is None:
             raise BadRequest(f"after: no job with id {after!r}", param="after")
         start = rank + 1
@@ -284,23 +248,21 @@ async def list_jobs(request: web.Request) -> web.Response:
     page = limit + 1 if status is None else MAX_LIST_LIMIT
     exhausted = False
     for _ in range(_MAX_LIST_PAGES):
-        ids: list[bytes] = await call_redis(
-            state, "jobs", "", "ZREVRANGE", index, start, start + page - 1
-        )
+        ids = await redis_call(state, "jobs", "", store.tenant_page(tenant, start, page))
         exhausted = len(ids) < page
-        records = await _records(state, [i.decode() for i in ids])
+        records = await redis_call(state, "jobs", "", store.records(ids))
         gone = []
-        for raw_id, rec in zip(ids, records, strict=True):
-            if not rec:  # expired: dropped from the index below
-                gone.append(raw_id)
+        for job_id, rec in zip(ids, records, strict=True):
+            if rec is None:  # expired: dropped from the index below
+                gone.append(job_id)
                 continue
             start += 1
-            if status is None or rec.get(b"status", b"").decode() == status:
-                data.append(job_object(raw_id.decode(), rec))
+            if status is None or rec.status == status:
+                data.append(job_object(job_id, rec))
                 if len(data) > limit:
                     break
         if gone:
-            await call_redis(state, "jobs", "", "ZREM", index, *gone)
+            await redis_call(state, "jobs", "", store.forget(tenant, gone))
         if exhausted or len(data) > limit:
             break
     has_more = len(data) > limit or not exhausted
@@ -314,15 +276,3 @@ async def list_jobs(request: web.Request) -> web.Response:
             "has_more": has_more,
         }
     )
-
-
-async def _records(state: State, job_ids: list[str]) -> list[Record]:
-    """The records of ``job_ids`` (empty for an expired one), in one batch."""
-    results = await asyncio.gather(
-        *(call_redis(state, "jobs", "", "HGETALL", state.keys.job(i)) for i in job_ids),
-        return_exceptions=True,
-    )
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]

@@ -12,8 +12,8 @@ import socket
 from aiohttp import web
 
 from llm_broker.ingress.app import create_app, metrics
-from llm_broker.ingress.common import STATE
 from llm_broker.ingress.server import Runner, cut_off_reserve, drain
+from llm_broker.ingress.state import STATE
 from llm_broker.shared.config import Config
 
 log = logging.getLogger("llm_broker.ingress")

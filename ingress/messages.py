@@ -14,7 +14,10 @@ import orjson
 from aiohttp import web
 
 from llm_broker.ingress import calls
-from llm_broker.ingress.common import STATE, load_json, new_job, read_json_body
+from llm_broker.ingress.admission import new_job
+from llm_broker.ingress.bodies import load_json, read_json_body
+from llm_broker.ingress.context import CONTEXT
+from llm_broker.ingress.state import STATE
 from llm_broker.shared import anthropic, body
 from llm_broker.shared.errors import BadRequest
 
@@ -62,7 +65,7 @@ def _message(data: bytes) -> str:
 
 
 async def create_message(request: web.Request) -> web.StreamResponse:
-    request["api"] = "anthropic"  # errors in Anthropic's shape
+    request[CONTEXT].api = "anthropic"  # errors in Anthropic's shape
     state = request.app[STATE]
     tenant = state.auth.tenant(request.headers)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)

@@ -286,7 +286,7 @@ def _schemas() -> dict[str, Any]:
         schemas[name]["additionalProperties"] = True
     for name in _ALL_FIELDS_WRITTEN:
         schemas[name]["required"] = list(schemas[name]["properties"])
-    # What ingress checks beyond the types (ingress/common.py decode_chat, decode_embeddings).
+    # What ingress checks beyond the types (ingress/bodies.py decode_chat, decode_embeddings).
     schemas["ChatRequest"]["properties"]["messages"]["minItems"] = 1
     for option in schemas["EmbeddingsRequest"]["properties"]["input"]["anyOf"]:
         option["minLength" if option["type"] == "string" else "minItems"] = 1

@@ -14,14 +14,11 @@ import redis.asyncio as aioredis
 from llm_broker.shared.config import Config
 from llm_broker.shared.errors import Unavailable
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.messages import REPLY_ERROR
+from llm_broker.shared.records import Failure, Reply
 from llm_broker.shared.redisio import REDIS_DOWN, connect
+from llm_broker.shared.store import JobStore
 
 log = logging.getLogger("llm_broker.ingress.replies")
-
-#: One reply: kind (chunks, result, error), data, HTTP status, Retry-After ("" if
-#: none), tokens used as "<input> <output>" (final replies only; "" if unknown).
-Reply = tuple[bytes, bytes, int, str, bytes]
 
 
 class Waiter:
@@ -75,7 +72,7 @@ class ReplyRouter:
                 f"{job_id.decode()}: GET /v1/jobs/{job_id.decode()} gives its result",
                 code="shutting_down",
             )
-            waiter.put((REPLY_ERROR, msgspec.json.encode(err.body()), 503, "1", b""))
+            waiter.put(Failure(503, msgspec.json.encode(err.body()), "1"))
         return len(self._waiters)
 
     @property
@@ -109,8 +106,8 @@ class ReplyRouter:
                         # Entries up to the last one read are done with.
                         await client.xtrim(self.stream, minid=self._last_id, approximate=True)
                         next_trim = now + 1.0
-                    batches = await client.xread(
-                        {self.stream: self._last_id}, count=1000, block=block_ms
+                    found = await JobStore.read_replies(
+                        client, self.stream, self._last_id, block_ms=block_ms
                     )
                     self.healthy = True
                     backoff = 0.05
@@ -122,19 +119,10 @@ class ReplyRouter:
                     await asyncio.sleep(backoff)  # back off while Redis is unreachable
                     backoff = min(backoff * 2, 1.0)
                     continue
-                for _stream, entries in batches or ():
-                    for entry_id, fields in entries:
-                        self._last_id = entry_id
-                        queue = self._waiters.get(fields.get(b"i", b""))
-                        if queue is not None:
-                            queue.put(
-                                (
-                                    fields[b"k"],
-                                    fields.get(b"d", b""),
-                                    int(fields.get(b"s", b"200")),
-                                    fields.get(b"ra", b"").decode(),
-                                    fields.get(b"u", b""),
-                                )
-                            )
+                for entry_id, job_id, reply in found:
+                    self._last_id = entry_id
+                    waiter = self._waiters.get(job_id)
+                    if waiter is not None:
+                        waiter.put(reply)
         finally:
             await client.aclose()

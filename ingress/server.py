@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from llm_broker.ingress.common import STATE
+from llm_broker.ingress.state import STATE
 from llm_broker.shared.config import IngressConfig
 from llm_broker.shared.errors import ErrorBody, ErrorObject
 

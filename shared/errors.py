@@ -177,6 +177,29 @@ class UpstreamError(BrokerError):
     def body(self) -> ErrorObject:
         return ErrorObject(ErrorBody(self.message, self._type, self.param, self.error_code))
 
+    @property
+    def deployment_fault(self) -> bool:
+        """The deployment, not the request, is at fault: counts against its circuit
+        and is worth another deployment (a 429, 5xx, timeout or connection error is
+        retryable; rejected credentials are this deployment's own)."""
+        return self.retryable
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer in time (the call's own timeout, or a 504)."""
+
+
+class UpstreamCredentialsRejected(UpstreamError):
+    """The upstream refused the broker's credentials (401/403): the client sees 502."""
+
+    @property
+    def deployment_fault(self) -> bool:
+        return True
+
+
+class UpstreamStreamInterrupted(UpstreamError):
+    """A stream ended early: some of the answer (and its tokens) was produced."""
+
 
 _UPSTREAM_STATUS_PASSED_THROUGH = {400, 404, 409, 413, 422, 429}
 
@@ -293,18 +316,18 @@ def _upstream_status_error(
             headers=headers,
         )
     if status in (401, 403):
-        return UpstreamError(
+        return UpstreamCredentialsRejected(
             502,
             f"upstream rejected the broker's credentials (HTTP {status})",
             code="upstream_auth_failed",
         )
     if status == 504:
-        return UpstreamError(504, message, type="timeout", code="upstream_timeout")
+        return UpstreamTimeout(504, message, type="timeout", code="upstream_timeout")
     return UpstreamError(502, message, type=etype or "upstream_error", code="upstream_error")
 
 
 def upstream_timeout(seconds: float) -> UpstreamError:
-    return UpstreamError(
+    return UpstreamTimeout(
         504,
         f"upstream did not answer within {seconds:g}s",
         type="timeout",
@@ -324,7 +347,7 @@ def upstream_unreachable(reason: str) -> UpstreamError:
 
 
 def upstream_interrupted() -> UpstreamError:
-    return UpstreamError(
+    return UpstreamStreamInterrupted(
         502,
         "upstream closed the stream before it ended",
         code="upstream_stream_interrupted",

@@ -129,14 +129,8 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
 job_encoder = msgspec.msgpack.Encoder()
 job_decoder = msgspec.msgpack.Decoder(Job)
 
-# Reply stream entries are flat: {i: job id, k: kind, d: data, s: http status,
-# ra: Retry-After (errors only)}.
-REPLY_CHUNKS = b"c"  # d = SSE frames, ready to write to the client
-REPLY_RESULT = b"r"  # d = final body (JSON for plain calls, closing SSE frames for streams)
-REPLY_ERROR = b"e"  # d = OpenAI error object JSON, s = HTTP status
-
 # Job statuses; a job only moves forward (queued -> in_progress -> completed |
-# failed | cancelled | expired), which the scripts in shared/redisio.py enforce.
+# failed | cancelled | expired), which the scripts in shared/scripts.py enforce.
 QUEUED = "queued"
 IN_PROGRESS = "in_progress"
 COMPLETED = "completed"

@@ -15,9 +15,10 @@ import orjson
 import redis.asyncio as aioredis
 
 from llm_broker.shared import messages as m
-from llm_broker.shared.config import new_webhook_secret
+from llm_broker.shared.config import new_webhook_secret, parse_config
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.redisio import enqueue_command, execute
+from llm_broker.shared.redisio import Batcher
+from llm_broker.shared.store import JobStore
 
 T = TypeVar("T")
 
@@ -62,9 +63,11 @@ def make_job(
 
 
 async def enqueue(client: aioredis.Redis, prefix: str, job: m.Job, max_depth: int = 10_000) -> str:
-    [entry] = await execute(client, [enqueue_command(Keys(prefix), job, max_depth, 3600)])
+    config = parse_config({"redis": {"key_prefix": prefix}})
+    store = JobStore(config, Batcher(client, timeout=5.0), client)
+    entry = await store.enqueue(job, max_depth=max_depth, ttl_s=3600)
     assert entry is not None
-    return entry.decode() if isinstance(entry, bytes) else str(entry)
+    return entry
 
 
 async def job_record(client: aioredis.Redis, prefix: str, job_id: str) -> dict[str, Any]:

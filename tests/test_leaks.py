@@ -22,6 +22,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from llm_broker.dev import free_port
 from llm_broker.ingress.access import AccessLog
+from llm_broker.ingress.context import CONTEXT, RequestContext
 from llm_broker.procs import Child
 from llm_broker.shared.config import new_key
 from llm_broker.shared.errors import UPSTREAM_MESSAGE_MAX, redact, upstream_status_error
@@ -162,7 +163,6 @@ async def test_a_model_name_cannot_forge_or_flood_a_request_log_line(
 
 
 # Ingress keeps its per-request values under str keys, as this test does.
-@pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 async def test_text_log_values_that_are_not_plain_tokens_are_quoted() -> None:
     out = io.StringIO()
     access = AccessLog({}, out)
@@ -170,9 +170,9 @@ async def test_text_log_values_that_are_not_plain_tokens_are_quoted() -> None:
     request = make_mocked_request(
         "POST", "/v1/chat/completions", headers={"traceparent": forged_trace}
     )
-    request["model"] = "mock*"
-    request["requested_model"] = "mock-a\u2028b c=d\r\n\x00"
-    request["tenant"] = "acme"
+    request[CONTEXT] = RequestContext(
+        route="mock*", requested_model="mock-a\u2028b c=d\r\n\x00", tenant="acme"
+    )
     access.log(request, "/v1/chat/completions", 200, 0.01)
     access.flush()
     [line] = out.getvalue().splitlines()  # str.splitlines also splits at U+2028

@@ -26,6 +26,7 @@ from llm_broker.shared.config import ConfigError, new_webhook_secret, parse_conf
 from llm_broker.shared.jobs import event_body, job_object
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import WebhookMetrics
+from llm_broker.shared.records import JobRecord
 from llm_broker.shared.ssrf import BlockedURL, Ports, check_url, networks
 from llm_broker.workers.webhooks import (
     Deliverer,
@@ -105,10 +106,11 @@ def test_an_event_carries_the_job_with_its_result() -> None:
         b"result": b'{"object":"chat.completion"}',
         b"webhook_url": b"https://example.com/h",
     }
-    event = msgspec.json.decode(event_body("abc", rec))
+    record = JobRecord.from_hash(rec)
+    event = msgspec.json.decode(event_body("abc", record))
     assert event["type"] == "job.completed"
     assert event["timestamp"] == "2023-11-14T22:13:21.250000Z"
-    assert event["data"] == msgspec.json.decode(msgspec.json.encode(job_object("abc", rec)))
+    assert event["data"] == msgspec.json.decode(msgspec.json.encode(job_object("abc", record)))
     assert event["data"]["result"] == {"object": "chat.completion"}
     assert event["data"]["webhook"]["status"] == "pending"
 
@@ -232,7 +234,7 @@ class Setup:
 
     async def job(self) -> dict[str, Any]:
         rec = await self.rclient.hgetall(Keys(self.prefix).job(self.job_id))  # type: ignore[misc]
-        return job_object(self.job_id, rec)
+        return job_object(self.job_id, JobRecord.from_hash(rec))
 
 
 @pytest.fixture

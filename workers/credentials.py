@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from llm_broker.shared.errors import UpstreamError
+from llm_broker.shared.errors import UpstreamCredentialsRejected
 
 log = logging.getLogger("llm_broker.worker.credentials")
 
@@ -39,12 +39,12 @@ class KeyRing:
         return bool(self._paths)
 
     def next(self) -> str:
-        """The key for the next call; raises :class:`UpstreamError` when there is none."""
+        """The key for the next call; raises :class:`UpstreamCredentialsRejected` without one."""
         now = time.monotonic()
         if now - self._checked >= CHECK_EVERY_S:
             self._check()
         if not self._keys:
-            raise UpstreamError(
+            raise UpstreamCredentialsRejected(
                 502,
                 f"provider {self.provider!r} has no API key "
                 "(its key files are empty or unreadable)",

@@ -135,8 +135,8 @@ async def serve(
         )
         for p in providers
     ]
-    tasks = [loop.create_task(pool.read_loop()) for pool in pools]
-    tasks += [loop.create_task(pool.maintain_loop()) for pool in pools]
+    tasks = [loop.create_task(pool.consumer.read_loop()) for pool in pools]
+    tasks += [loop.create_task(pool.consumer.maintain_loop()) for pool in pools]
     cancels = loop.create_task(listen_for_cancels(config, pools))
     if metrics_port is not None:
         tasks.append(loop.create_task(export_queues(config, providers, batcher, metrics)))
@@ -152,19 +152,19 @@ async def serve(
         config.worker.grace_period_s,
     )
     for pool in pools:
-        pool.stop_reading()
+        pool.consumer.stop_reading()
     # A read in progress returns within block_ms; what it brings is run too.
     await asyncio.wait(
         tasks[: len(pools)],
         timeout=config.worker.block_ms / 1000 + config.redis.command_timeout_s,
     )
     results = await asyncio.gather(
-        *(pool.wait_idle(config.worker.grace_period_s) for pool in pools)
+        *(pool.consumer.wait_idle(config.worker.grace_period_s) for pool in pools)
     )
     if not all(results):
         log.warning("grace period over: abandoning unfinished jobs to other workers")
     for pool in pools:
-        await pool.abandon()
+        await pool.consumer.abandon()
     stopped.cancel()
     cancels.cancel()
     for t in tasks:

@@ -47,16 +47,16 @@ from redis.exceptions import ResponseError
 
 from llm_broker.shared.config import Config, WebhooksConfig
 from llm_broker.shared.health import serve_health
-from llm_broker.shared.jobs import (
+from llm_broker.shared.jobs import event_body
+from llm_broker.shared.keys import WEBHOOK_GROUP, Keys
+from llm_broker.shared.metrics import WebhookMetrics
+from llm_broker.shared.records import (
     WEBHOOK_DELIVERED,
     WEBHOOK_DISABLED,
     WEBHOOK_FAILED,
     WEBHOOK_PENDING,
-    event_body,
 )
-from llm_broker.shared.keys import WEBHOOK_GROUP, Keys
-from llm_broker.shared.metrics import WebhookMetrics
-from llm_broker.shared.redisio import REDIS_DOWN, WEBHOOK_ATTEMPT, connect, ensure_group, execute
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, ensure_group
 from llm_broker.shared.ssrf import (
     BlockedURL,
     Network,
@@ -66,6 +66,7 @@ from llm_broker.shared.ssrf import (
     networks,
     split_url,
 )
+from llm_broker.shared.store import JobStore
 
 log = logging.getLogger("llm_broker.webhooks")
 
@@ -193,6 +194,7 @@ class Deliverer:
         self.cfg = config.webhooks
         self.keys = Keys(config.redis.key_prefix)
         self.redis = redis
+        self.store = JobStore(config, Batcher(redis, timeout=config.redis.command_timeout_s), redis)
         self.arq = arq
         self.metrics = metrics
         self.secrets = Secrets(self.cfg)
@@ -236,19 +238,18 @@ class Deliverer:
 
     async def deliver(self, job_id: str) -> str:
         """One attempt; returns the outcome (delivered, retrying, failed, disabled, or why not)."""
-        key = self.keys.job(job_id)
-        rec: dict[bytes, bytes] = await self.redis.hgetall(key)  # type: ignore[misc]
-        if not rec or b"webhook_url" not in rec:
+        rec = await self.store.record(job_id)
+        if rec is None or rec.webhook_url is None:
             return "gone"
-        if rec.get(b"webhook_status", b"").decode() not in ("", WEBHOOK_PENDING):
+        if rec.webhook_status not in ("", WEBHOOK_PENDING):
             return "done"
-        url = rec[b"webhook_url"].decode()
-        attempt = int(rec.get(b"webhook_attempts", b"0")) + 1
+        url = rec.webhook_url
+        attempt = rec.webhook_attempts + 1
         schedule = self.cfg.retry_schedule_s
         code, error, retry_after = 0, "", ""
         started = time.monotonic()
         try:
-            secrets = self.secrets.for_tenant(rec.get(b"tenant", b"").decode())
+            secrets = self.secrets.for_tenant(rec.tenant)
             timestamp = int(time.time())
             body = event_body(job_id, rec)
             msg_id = f"msg_{job_id}"
@@ -281,26 +282,16 @@ class Deliverer:
             await self.enqueue(job_id, attempt + 1, delay)
         else:
             status, outcome = WEBHOOK_FAILED, "failed"
-        await execute(
-            self.redis,
-            [
-                WEBHOOK_ATTEMPT.command(
-                    (key,),
-                    (
-                        int(keep),
-                        "webhook_attempts",
-                        attempt,
-                        "webhook_status",
-                        status,
-                        "webhook_code",
-                        code or "",
-                        "webhook_at",
-                        time.time(),
-                        "webhook_error",
-                        error,
-                    ),
-                )
-            ],
+        await self.store.webhook_attempt(
+            job_id,
+            int(keep),
+            {
+                "webhook_attempts": attempt,
+                "webhook_status": status,
+                "webhook_code": code or "",
+                "webhook_at": time.time(),
+                "webhook_error": error,
+            },
         )
         self.metrics.deliveries.labels(outcome).inc()
         log.info(

@@ -1,0 +1,131 @@
+"""Admission: a validated request becomes a job for the deployment it routes to,
+and Redis errors on the way become answers."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import msgspec
+from aiohttp import web
+
+from llm_broker.ingress.bodies import decode_chat, decode_embeddings
+from llm_broker.ingress.context import CONTEXT
+from llm_broker.ingress.state import State
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import ModelRoute
+from llm_broker.shared.errors import BadRequest, ModelNotFound, QueueFull, Unavailable
+from llm_broker.shared.redisio import REDIS_DOWN
+from llm_broker.shared.tracing import valid_traceparent
+
+T = TypeVar("T")
+
+_SECONDS_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
+
+
+def request_timeout(request: web.Request, state: State) -> float:
+    cfg = state.config.ingress
+    raw = request.headers.get("X-Request-Timeout")
+    if raw is None:
+        return cfg.request_timeout_s
+    # Plain decimal numbers only: float() would also take "1_0", "nan" or other digits.
+    seconds = float(raw) if _SECONDS_RE.fullmatch(raw) else -1.0
+    if not 0 < seconds <= cfg.max_request_timeout_s:
+        raise BadRequest(
+            f"X-Request-Timeout must be a number of seconds in (0, {cfg.max_request_timeout_s:g}]",
+            param="X-Request-Timeout",
+        )
+    return seconds
+
+
+async def new_job(
+    request: web.Request,
+    state: State,
+    tenant: str,
+    raw: bytes,
+    *,
+    reply_to: str,
+    kind: str = m.CHAT,
+) -> tuple[m.Job, ModelRoute]:
+    """Validate a request body and make it a job for the deployment it routes to;
+    the other deployments of its model become its fallbacks."""
+    ctx = request[CONTEXT]
+    if kind == m.EMBEDDINGS:
+        model, stream, include_usage = decode_embeddings(raw).model, False, False
+    else:
+        req = decode_chat(raw)
+        model, stream = req.model, req.stream
+        ctx.temperature = req.temperature
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    candidates = state.router.candidates(model)
+    if candidates is None:
+        raise ModelNotFound(f"the model {model!r} does not exist", param="model")
+    if kind == m.EMBEDDINGS:
+        usable = tuple(
+            t for t in candidates.targets if state.config.providers[t.provider].type != "anthropic"
+        )
+        if not usable:
+            raise BadRequest(f"the model {model!r} has no embeddings API", param="model")
+        if len(usable) < len(candidates.targets):
+            weights = tuple(
+                w
+                for t, w in zip(candidates.targets, candidates.weights, strict=True)
+                if t in usable
+            )
+            candidates = msgspec.structs.replace(candidates, targets=usable, weights=weights)
+    if len(candidates.targets) == 1:
+        targets = list(candidates.targets)
+    else:
+        targets = await state.chooser.order(candidates)
+    first = targets[0]
+    # Metric labels name the configured route (``mock*``), never the client's own
+    # name, which a wildcard route would turn into a new series per request.
+    ctx.route = candidates.name
+    ctx.requested_model = model
+    ctx.provider = first.provider
+    ctx.tenant = tenant
+    timeout = request_timeout(request, state)
+    now = time.time()
+    job = m.Job(
+        id=state.ids.next(),
+        tenant=tenant,
+        provider=first.provider,
+        model=model,
+        route=candidates.name,
+        upstream_model=first.model,
+        stream=stream,
+        include_usage=include_usage,
+        reply_to=reply_to,
+        deadline=now + timeout,
+        created=now,
+        body=raw,
+        traceparent=valid_traceparent(request.headers.get("traceparent", "")),
+        kind=kind,
+        fallbacks=targets[1:] if candidates.route.fallback else [],
+    )
+    ctx.job_id = job.id
+    return job, candidates.route
+
+
+async def redis_call(state: State, what: str, provider: str, call: Awaitable[T]) -> T:
+    """A job store call; "Redis unreachable" becomes a 503 (the store's calls are
+    bounded by redis.command_timeout_s)."""
+    try:
+        return await call
+    except REDIS_DOWN as e:
+        state.metrics.redis_errors.labels(what).inc()
+        if provider:
+            state.metrics.rejected.labels(provider, "redis_unavailable").inc()
+        raise Unavailable(
+            "the queue is unavailable; retry shortly", headers={"Retry-After": "1"}
+        ) from e
+
+
+def queue_full(state: State, provider: str) -> QueueFull:
+    state.metrics.rejected.labels(provider, "queue_full").inc()
+    return QueueFull(
+        f"the queue for provider {provider!r} is full; retry later",
+        headers={"Retry-After": str(state.config.ingress.queue_full_retry_after_s)},
+    )

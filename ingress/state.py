@@ -1,0 +1,51 @@
+"""The ingress process's state, shared by every handler (``app[STATE]``)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from llm_broker.ingress.access import AccessLog
+from llm_broker.ingress.auth import Authenticator
+from llm_broker.ingress.ids import JobIds
+from llm_broker.ingress.replies import ReplyRouter
+from llm_broker.ingress.routing import Chooser
+from llm_broker.shared.config import Config, Router
+from llm_broker.shared.keys import Keys
+from llm_broker.shared.metrics import IngressMetrics
+from llm_broker.shared.redisio import Batcher
+from llm_broker.shared.ssrf import Network
+from llm_broker.shared.store import JobStore
+from llm_broker.shared.tracing import Tracing
+
+
+@dataclass
+class State:
+    config: Config
+    router: Router
+    auth: Authenticator
+    keys: Keys
+    redis: aioredis.Redis
+    batcher: Batcher
+    store: JobStore
+    replies: ReplyRouter
+    registry: CollectorRegistry
+    metrics: IngressMetrics
+    chooser: Chooser
+    tracing: Tracing
+    access: AccessLog
+    #: Networks webhook URLs may point to although they are not public.
+    webhook_allow: tuple[Network, ...] = ()
+    draining: bool = False
+    #: Requests being handled, and an event set whenever that drops to 0.
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    ids: JobIds = field(default_factory=JobIds)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+STATE = web.AppKey("state", State)

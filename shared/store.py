@@ -1,0 +1,491 @@
+"""The job store: every Redis operation on jobs, queues, replies and records.
+
+Ingress, workers and the webhook deliverer go through :class:`JobStore` and its
+typed methods; none of them packs a script's arguments or reads a record's
+bytes. The scripts are in :mod:`llm_broker.shared.scripts`, the typed values in
+:mod:`llm_broker.shared.records`. A method makes one attempt: "Redis
+unreachable" (:data:`~llm_broker.shared.redisio.REDIS_DOWN`) reaches the caller,
+who knows whether to retry (a worker holding a lease) or to answer 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from llm_broker.shared import messages as m
+from llm_broker.shared import scripts
+from llm_broker.shared.config import Config
+from llm_broker.shared.keys import GROUP, Keys
+from llm_broker.shared.records import (
+    Chunks,
+    JobRecord,
+    Reply,
+    admission_fields,
+    decode_reply,
+    reply_fields,
+)
+from llm_broker.shared.redisio import Batcher, ensure_group
+
+#: The most entries a reply stream keeps (approximately).
+REPLY_MAXLEN = 100_000
+
+# ---------------------------------------------------------------- values
+
+
+class Delivery(msgspec.Struct, kw_only=True):
+    """One queue entry as a worker received it."""
+
+    provider: str
+    entry_id: str
+    #: The job, or None when the entry holds no job this version can decode.
+    job: m.Job | None
+    #: The entry's packed job, as read (dead-lettered when it cannot run).
+    raw: bytes
+    #: How many times the entry was delivered, this time included.
+    deliveries: int
+
+
+class Verdict(enum.Enum):
+    """The start script's verdict on a delivery."""
+
+    RUN = "ok"
+    #: The record expired: nothing to do.
+    GONE = "gone"
+    #: The deadline passed: the job is expired (the script made it so, or it was).
+    EXPIRED = "expired"
+    #: Delivered more often than allowed: to the dead-letter stream.
+    POISON = "poison"
+    #: Already final otherwise (completed, failed or cancelled).
+    FINAL = "final"
+
+
+class Outcome(msgspec.Struct, kw_only=True):
+    """How a delivery ends, for :meth:`JobStore.settle`."""
+
+    #: The final status to record; "" leaves the record as it is.
+    status: str = ""
+    #: The result (completed) or the error object (otherwise), JSON.
+    payload: bytes = b""
+    http_status: int = 200
+    #: The reply for a waiting client (sent only if one waits).
+    reply: Reply | None = None
+    #: The deployments tried, when there was more than one try.
+    history: list[m.Attempt] = []
+    #: Dead-letter the entry (a bounded summary of it).
+    dead_letter: bool = False
+
+
+class AsyncFields(msgspec.Struct, kw_only=True):
+    """What an async job's record holds beyond a synchronous call's."""
+
+    metadata: dict[str, str] | None = None
+    webhook_url: str | None = None
+
+
+class Idempotency(msgspec.Struct, kw_only=True):
+    """An Idempotency-Key, the hash of the request it is bound to, and its TTL."""
+
+    key: str
+    request_hash: str
+    ttl_s: int
+
+
+class Admitted(msgspec.Struct, tag="admitted"):
+    record: JobRecord
+
+
+class Full(msgspec.Struct, tag="full"):
+    pass
+
+
+class Replayed(msgspec.Struct, tag="replayed"):
+    """The Idempotency-Key was used before, by the same tenant."""
+
+    job_id: str
+    request_hash: str
+    record: JobRecord
+
+
+class KeyConflict(msgspec.Struct, tag="conflict"):
+    """The key's job is gone, or another tenant's."""
+
+
+Submitted = Admitted | Full | Replayed | KeyConflict
+
+
+class Cancelled(msgspec.Struct):
+    #: True if this call cancelled the job (else it was final already).
+    cancelled: bool
+    record: JobRecord
+
+
+# ---------------------------------------------------------------- the store
+
+
+class JobStore:
+    def __init__(self, config: Config, batcher: Batcher, redis: aioredis.Redis) -> None:
+        self.keys = Keys(config.redis.key_prefix)
+        self._batcher = batcher
+        self._redis = redis
+        self._wcfg = config.worker
+        self._result_ttl = int(config.jobs.result_ttl_s)
+
+    # ------------------------------------------------------------ admission
+
+    async def enqueue(self, job: m.Job, *, max_depth: int, ttl_s: int) -> str | None:
+        """Admit a synchronous call: its record and its queue entry. Returns the entry
+        id, or None when the queue already holds ``max_depth`` jobs."""
+        keys = self.keys
+        command = scripts.ENQUEUE.command(
+            (keys.queue(job.provider), keys.job(job.id)),
+            (max_depth, m.job_encoder.encode(job), ttl_s, *admission_fields(job)),
+        )
+        entry: bytes | None = await self._batcher.call(*command)
+        return entry.decode() if entry is not None else None
+
+    async def submit(
+        self,
+        job: m.Job,
+        *,
+        max_depth: int,
+        ttl_s: int,
+        extra: AsyncFields,
+        idempotency: Idempotency | None,
+    ) -> Submitted:
+        """Admit an async job: the key check, its record, its queue entry and the
+        tenant's index, in one step."""
+        keys = self.keys
+        fields = admission_fields(job)[2:]  # the tenant is an argument of its own
+        if extra.metadata:
+            fields += ["metadata", msgspec.json.encode(extra.metadata)]
+        if extra.webhook_url is not None:
+            fields += ["webhook_url", extra.webhook_url, "webhook_status", "pending"]
+            fields += ["webhook_attempts", 0]
+        idem_key = keys.job(job.id)
+        request_hash = ""
+        if idempotency is not None:
+            idem_key = keys.idempotency(job.tenant, idempotency.key)
+            request_hash = idempotency.request_hash
+            fields += ["idem_key", idem_key]
+        command = scripts.SUBMIT.command(
+            (keys.queue(job.provider), keys.job(job.id), idem_key, keys.tenant_jobs(job.tenant)),
+            (
+                max_depth,
+                m.job_encoder.encode(job),
+                ttl_s,
+                "1" if idempotency is not None else "0",
+                f"{request_hash} {job.id}",
+                min(ttl_s, idempotency.ttl_s) if idempotency is not None else 0,
+                job.id,
+                job.created,
+                keys.job(""),
+                job.tenant,
+                *fields,
+            ),
+        )
+        answer = await self._batcher.call(*command)
+        match answer[0]:
+            case b"ok":
+                return Admitted(_record_of(["tenant", job.tenant, *fields]))
+            case b"full":
+                return Full()
+            case b"dup":
+                seen_hash, _, seen_id = answer[1].decode().partition(" ")
+                return Replayed(seen_id, seen_hash, JobRecord.from_pairs(answer[2]))
+            case _:
+                return KeyConflict()
+
+    # ------------------------------------------------------------ records
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        raw: dict[bytes, bytes] = await self._batcher.call("HGETALL", self.keys.job(job_id))
+        return JobRecord.from_hash(raw) if raw else None
+
+    async def records(self, job_ids: list[str]) -> list[JobRecord | None]:
+        """The records of ``job_ids`` (None for an expired one), in one round trip."""
+        return list(await asyncio.gather(*(self.record(i) for i in job_ids)))
+
+    async def statuses(self, job_ids: list[str]) -> list[str | None]:
+        found = await asyncio.gather(
+            *(self._batcher.call("HGET", self.keys.job(i), "status") for i in job_ids)
+        )
+        return [s.decode() if s is not None else None for s in found]
+
+    async def tenant_page(self, tenant: str, start: int, count: int) -> list[str]:
+        """Ids of a tenant's async jobs, newest first, from rank ``start``."""
+        index = self.keys.tenant_jobs(tenant)
+        ids = await self._batcher.call("ZREVRANGE", index, start, start + count - 1)
+        return [i.decode() for i in ids]
+
+    async def tenant_rank(self, tenant: str, job_id: str) -> int | None:
+        """The rank of ``job_id`` among the tenant's jobs, newest first (None: not there)."""
+        rank: int | None = await self._batcher.call(
+            "ZREVRANK", self.keys.tenant_jobs(tenant), job_id
+        )
+        return rank
+
+    async def forget(self, tenant: str, job_ids: list[str]) -> None:
+        """Drop expired jobs from the tenant's index."""
+        if job_ids:
+            await self._batcher.call("ZREM", self.keys.tenant_jobs(tenant), *job_ids)
+
+    # ------------------------------------------------------------ transitions
+
+    async def start(self, delivery: Delivery, *, result_ttl: int) -> Verdict:
+        """Mark a delivered job started, unless it must not run (see :class:`Verdict`)."""
+        job = delivery.job
+        assert job is not None
+        command = scripts.START.command(
+            (self.keys.job(job.id), self.keys.webhook_events()),
+            (time.time(), self._wcfg.max_deliveries, delivery.deliveries, job.id, result_ttl),
+        )
+        answer = await self._batcher.call(*command)
+        try:
+            return Verdict(answer.decode())
+        except ValueError:
+            return Verdict.FINAL
+
+    async def settle(self, delivery: Delivery, outcome: Outcome, *, consumer: str) -> bool:
+        """Close a delivery: the job's final state (unless it has one), the reply to
+        a waiting client, the cached answer, a dead-letter summary, then the ack; one
+        round trip. True if this call made the job final."""
+        job = delivery.job
+        keys = self.keys
+        queue = keys.queue(delivery.provider)
+        reply_to = job.reply_to if job is not None and job.reply_to else ""
+        field = "result" if outcome.status == m.COMPLETED else "error"
+        ttl = (job.result_ttl if job is not None else 0) or self._result_ttl
+        history = msgspec.json.encode(outcome.history) if outcome.history else b""
+        settle = scripts.SETTLE.command(
+            (keys.job(job.id) if job else queue, queue, reply_to or queue, keys.webhook_events()),
+            (
+                GROUP,
+                delivery.entry_id,
+                job.id if job else "",
+                outcome.status,
+                time.time(),
+                field,
+                outcome.payload,
+                outcome.http_status,
+                ttl,
+                REPLY_MAXLEN,
+                history,
+                *(
+                    reply_fields(job.id, outcome.reply)
+                    if job and reply_to and outcome.reply
+                    else ()
+                ),
+            ),
+        )
+        commands: list[tuple[Any, ...]] = []
+        if job is not None and job.cache_key and outcome.status == m.COMPLETED:
+            commands.append(("SET", job.cache_key, outcome.payload, "EX", job.cache_ttl))
+        if outcome.dead_letter:
+            commands += self._dead_letter_commands(delivery, consumer, outcome.payload)
+        commands.append(settle)
+        futures = [self._batcher.call(*c) for c in commands]
+        try:
+            results = await asyncio.gather(*futures)
+        except BaseException:
+            await asyncio.gather(*futures, return_exceptions=True)
+            raise
+        return bool(results[-1])
+
+    def _dead_letter_commands(
+        self, delivery: Delivery, consumer: str, error: bytes
+    ) -> list[tuple[Any, ...]]:
+        """A bounded summary of a dead-lettered entry, in a stream bounded in length
+        and age: the job's id, tenant, model and error, its sizes, and at most
+        ``worker.dead_letter_body_bytes`` of its request body."""
+        wcfg = self._wcfg
+        job = delivery.job
+        key = self.keys.dead_letter(delivery.provider)
+        limit = wcfg.dead_letter_body_bytes
+        raw = delivery.raw
+        body = job.body if job is not None else raw
+        fields: list[Any] = ["entry", delivery.entry_id, "consumer", consumer, "at", time.time()]
+        if job is not None:
+            fields += ["job", job.id, "tenant", job.tenant, "model", job.model]
+        fields += ["error", error[:2048], "entry_bytes", len(raw), "body_bytes", len(body)]
+        fields += ["body", body[:limit], "body_truncated", int(len(body) > limit)]
+        ttl = int(wcfg.dead_letter_ttl_s)
+        oldest = int((time.time() - ttl) * 1000)
+        return [
+            ("XADD", key, "MAXLEN", "~", wcfg.dead_letter_maxlen, "*", *fields),
+            ("XTRIM", key, "MINID", "~", f"{oldest}-0"),
+            ("EXPIRE", key, ttl),
+        ]
+
+    async def move(self, delivery: Delivery, moved: m.Job) -> bool:
+        """Fallback: put the job, as ``moved`` (its next deployment, its history), on
+        that deployment's queue, and close this delivery. False if the job was final."""
+        keys = self.keys
+        command = scripts.MOVE.command(
+            (keys.job(moved.id), keys.queue(delivery.provider), keys.queue(moved.provider)),
+            (
+                GROUP,
+                delivery.entry_id,
+                m.job_encoder.encode(moved),
+                moved.provider,
+                msgspec.json.encode(moved.attempts),
+            ),
+        )
+        return bool(await self._batcher.call(*command))
+
+    async def expire(self, job: m.Job) -> bool:
+        """The client stopped waiting: a job not final yet becomes expired."""
+        command = scripts.EXPIRE_JOB.command(
+            (self.keys.job(job.id), self.keys.webhook_events()),
+            (time.time(), job.id, job.result_ttl or self._result_ttl),
+        )
+        return bool(await self._batcher.call(*command))
+
+    async def cancel(self, job_id: str, tenant: str, *, result_ttl: int) -> Cancelled | None:
+        """Cancel a tenant's job unless it is final; None if there is no such job
+        (or it is another tenant's). The worker running it hears of it at once."""
+        keys = self.keys
+        command = scripts.CANCEL.command(
+            (keys.job(job_id), keys.webhook_events()),
+            (time.time(), tenant, result_ttl, keys.cancel_channel(), job_id),
+        )
+        answer = await self._batcher.call(*command)
+        if answer[0] == b"gone":
+            return None
+        return Cancelled(answer[0] == b"cancelled", JobRecord.from_pairs(answer[1]))
+
+    async def webhook_attempt(self, job_id: str, keep_s: int, state: dict[str, Any]) -> bool:
+        """Record a webhook delivery attempt's ``webhook_*`` fields, unless the job is
+        gone; the record is kept at least ``keep_s`` more seconds."""
+        pairs = [v for item in state.items() for v in item]
+        command = scripts.WEBHOOK_ATTEMPT.command((self.keys.job(job_id),), (keep_s, *pairs))
+        return bool(await self._batcher.call(*command))
+
+    # ------------------------------------------------------------ replies
+
+    async def send(self, job: m.Job, reply: Chunks) -> None:
+        """Append stream chunks to the reply stream of the ingress process waiting."""
+        if job.reply_to:
+            await self._batcher.call(
+                "XADD",
+                job.reply_to,
+                "NOMKSTREAM",
+                "MAXLEN",
+                "~",
+                REPLY_MAXLEN,
+                "*",
+                *reply_fields(job.id, reply),
+            )
+
+    @staticmethod
+    async def read_replies(
+        client: aioredis.Redis, stream: str, after: bytes, *, block_ms: int
+    ) -> list[tuple[bytes, bytes, Reply]]:
+        """The replies after entry ``after`` (blocking up to ``block_ms``), as
+        ``(entry id, job id, reply)``; ``client`` is the reader's own connection."""
+        batches = await client.xread({stream: after}, count=1000, block=block_ms)
+        found: list[tuple[bytes, bytes, Reply]] = []
+        for _stream, entries in batches or ():
+            for entry_id, fields in entries:
+                found.append((entry_id, fields.get(b"i", b""), decode_reply(fields)))
+        return found
+
+    # ------------------------------------------------------------ queues
+
+    async def ensure_group(self, provider: str) -> None:
+        """Create the provider's consumer group (and its stream) unless it exists."""
+        await ensure_group(self._redis, self.keys.queue(provider), GROUP)
+
+    async def read(
+        self, client: aioredis.Redis, provider: str, consumer: str, *, count: int, block_ms: int
+    ) -> list[Delivery]:
+        """New entries for ``consumer`` (first deliveries), blocking up to ``block_ms``;
+        ``client`` is the reader's own connection."""
+        batches = await client.xreadgroup(
+            GROUP, consumer, {self.keys.queue(provider): ">"}, count=count, block=block_ms
+        )
+        return [
+            _delivery(provider, entry_id, fields, 1)
+            for _stream, entries in batches or ()
+            for entry_id, fields in entries
+        ]
+
+    async def reclaim(
+        self, provider: str, consumer: str, *, idle_ms: int, count: int
+    ) -> list[Delivery]:
+        """Entries idle longer than ``idle_ms`` (their worker died), now ``consumer``'s."""
+        queue = self.keys.queue(provider)
+        _next, claimed, _deleted = await self._redis.xautoclaim(
+            queue, GROUP, consumer, idle_ms, "0-0", count=count
+        )
+        if not claimed:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry_id, _ in claimed:
+                pipe.xpending_range(queue, GROUP, entry_id, entry_id, 1)
+            pending = await pipe.execute()
+        too_many = self._wcfg.max_deliveries + 1
+        return [
+            _delivery(
+                provider, entry_id, fields or {}, info[0]["times_delivered"] if info else too_many
+            )
+            for (entry_id, fields), info in zip(claimed, pending, strict=True)
+        ]
+
+    async def refresh(self, provider: str, consumer: str, entry_ids: set[str]) -> None:
+        """Reset the idle time of those of ``entry_ids`` that ``consumer`` still owns.
+
+        Only entries still owned are touched: XCLAIM would otherwise take back an
+        entry that another worker reclaimed while this one was stalled.
+        """
+        queue = self.keys.queue(provider)
+        owned = await self._redis.xpending_range(
+            # Entries left pending without a running job (Redis was down when they
+            # started or settled) come first: look past them.
+            queue,
+            GROUP,
+            "-",
+            "+",
+            len(entry_ids) + 1000,
+            consumername=consumer,
+        )
+        ids = [p["message_id"] for p in owned if p["message_id"].decode() in entry_ids]
+        if ids:
+            await self._redis.xclaim(queue, GROUP, consumer, 0, ids, justid=True)
+
+    async def forget_consumers(self, provider: str, consumer: str, idle_ms: float) -> list[str]:
+        """Remove the group's other consumers that hold nothing and sat idle longer
+        than ``idle_ms`` (dead workers'); returns their names."""
+        queue = self.keys.queue(provider)
+        removed = []
+        for found in await self._redis.xinfo_consumers(queue, GROUP):
+            name = found["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name != consumer and found["pending"] == 0 and found["idle"] > idle_ms:
+                await self._redis.xgroup_delconsumer(queue, GROUP, name)
+                removed.append(name)
+        return removed
+
+
+def _delivery(
+    provider: str, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int
+) -> Delivery:
+    raw = fields.get(b"j", b"")
+    try:
+        job: m.Job | None = m.job_decoder.decode(raw)
+    except msgspec.DecodeError:
+        job = None
+    return Delivery(
+        provider=provider, entry_id=entry_id.decode(), job=job, raw=raw, deliveries=deliveries
+    )
+
+
+def _record_of(fields: list[Any]) -> JobRecord:
+    """The record that a flat field/value list written to Redis makes."""
+    values = [v if isinstance(v, bytes) else str(v).encode() for v in fields]
+    return JobRecord.from_pairs(values)

@@ -1,0 +1,238 @@
+"""A provider queue's consumer inside one worker process.
+
+It reads the provider's stream with the consumer group, pulling only as many
+entries as there are free slots, and hands each delivery to a handler task.
+Entries left pending by a dead worker are reclaimed once idle past the lease;
+the consumer keeps its own entries' idle time fresh so a long call is never
+stolen, and removes the group's consumers of dead workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from redis.exceptions import ResponseError
+
+from llm_broker.shared.config import Config
+from llm_broker.shared.metrics import WorkerMetrics
+from llm_broker.shared.redisio import REDIS_DOWN, connect
+from llm_broker.shared.store import Delivery, JobStore
+
+log = logging.getLogger("llm_broker.worker")
+
+
+class StreamConsumer:
+    def __init__(
+        self,
+        *,
+        provider: str,
+        config: Config,
+        store: JobStore,
+        consumer: str,
+        metrics: WorkerMetrics,
+        handle: Callable[[Delivery], Awaitable[None]],
+        upkeep: Callable[[], Awaitable[None]],
+        upkeep_every: float,
+    ) -> None:
+        self.provider = provider
+        self.name = consumer
+        self._cfg = config
+        self._wcfg = config.worker
+        self._capacity = config.providers[provider].max_concurrency
+        self._store = store
+        self._metrics = metrics
+        self._handle = handle
+        #: Called on every maintenance round before the leases are refreshed.
+        self._upkeep = upkeep
+        self._interval = min(max(0.05, self._wcfg.lease_s / 3), upkeep_every)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._in_flight = metrics.in_flight.labels(provider)
+        #: When this consumer's entries last had their leases refreshed (monotonic).
+        self._refreshed_at = 0.0
+
+    # ------------------------------------------------------------ slots
+
+    @property
+    def free_slots(self) -> int:
+        return self._capacity - len(self._tasks)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._tasks)
+
+    def lease_holds(self, since: float, wait: float) -> bool:
+        """Whether an entry this consumer has held since ``since`` (monotonic) is still
+        surely its own ``wait`` seconds from now: no other worker reclaims it before
+        ``lease_s`` passed without a refresh."""
+        last = max(since, self._refreshed_at)
+        return time.monotonic() + wait < last + self._wcfg.lease_s
+
+    def stop_reading(self) -> None:
+        self._stopping.set()
+        self._slot_freed.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait for the deliveries in hand; True if all finished within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self._tasks:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.wait(list(self._tasks.values()), timeout=remaining)
+        return True
+
+    async def abandon(self) -> None:
+        """Cancel what is still running; its entries stay pending for another worker."""
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def _spawn(self, delivery: Delivery) -> None:
+        entry_id = delivery.entry_id
+        if entry_id in self._tasks:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(delivery))
+        self._tasks[entry_id] = task
+        self._in_flight.inc()
+        task.add_done_callback(lambda _t: self._done(entry_id))
+
+    def _done(self, entry_id: str) -> None:
+        self._tasks.pop(entry_id, None)
+        self._in_flight.dec()
+        self._slot_freed.set()
+
+    async def _run(self, delivery: Delivery) -> None:
+        try:
+            await self._handle(delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the task boundary: log once, the entry stays pending
+            log.exception(
+                "provider %s: entry %s failed unexpectedly", self.provider, delivery.entry_id
+            )
+
+    # ------------------------------------------------------------ loops
+
+    async def read_loop(self) -> None:
+        """Pull entries while there are free slots, until told to stop."""
+        reader = connect(
+            self._cfg.redis,
+            max_connections=1,
+            socket_timeout=self._wcfg.block_ms / 1000 + self._cfg.redis.command_timeout_s,
+        )
+        backoff = 0.1
+        need_group = True
+        try:
+            while not self._stopping.is_set():
+                free = self.free_slots
+                if free <= 0:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
+                try:
+                    if need_group:
+                        await self._ensure_group()
+                        need_group = False
+                    deliveries = await self._store.read(
+                        reader, self.provider, self.name, count=free, block_ms=self._wcfg.block_ms
+                    )
+                    backoff = 0.1
+                except ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    need_group = True  # Redis lost the group (restarted empty)
+                    continue
+                except REDIS_DOWN as e:
+                    self._metrics.redis_errors.labels("read").inc()
+                    log.warning(
+                        "provider %s: cannot read the queue (%s); retrying in %.1fs",
+                        self.provider,
+                        e,
+                        backoff,
+                    )
+                    await asyncio.sleep(backoff)  # back off while Redis is unreachable
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                for delivery in deliveries:
+                    self._spawn(delivery)
+        finally:
+            await reader.aclose()
+
+    async def maintain_loop(self) -> None:
+        """Reclaim stale entries of dead workers and keep this consumer's leases fresh."""
+        next_forget = 0.0
+        while not self._stopping.is_set():
+            try:
+                async with asyncio.timeout(self._cfg.redis.command_timeout_s * 4):
+                    await self._refresh()
+                    await self._reclaim()
+                    if time.monotonic() >= next_forget:
+                        await self._forget_dead_consumers()
+                        next_forget = time.monotonic() + min(
+                            600.0, self._wcfg.forget_consumers_after_s / 2
+                        )
+            except REDIS_DOWN as e:
+                self._metrics.redis_errors.labels("maintain").inc()
+                log.warning("provider %s: lease maintenance failed: %s", self.provider, e)
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                await self._ensure_group()
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self._interval)
+            except TimeoutError:
+                pass
+        # Keep leases fresh while the deliveries in hand finish during shutdown.
+        while self._tasks:
+            try:
+                async with asyncio.timeout(self._cfg.redis.command_timeout_s * 4):
+                    await self._refresh()
+            except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
+                log.warning("provider %s: lease refresh failed: %s", self.provider, e)
+            await asyncio.sleep(self._interval)  # periodic timer, not synchronisation
+
+    async def _ensure_group(self) -> None:
+        async with asyncio.timeout(self._cfg.redis.command_timeout_s * 4):
+            await self._store.ensure_group(self.provider)
+
+    async def _refresh(self) -> None:
+        """The owner's upkeep (limit leases, aborted calls), then this consumer's
+        entries' idle time reset."""
+        began = time.monotonic()
+        await self._upkeep()
+        if self._tasks:
+            await self._store.refresh(self.provider, self.name, set(self._tasks))
+        self._refreshed_at = began
+
+    async def _reclaim(self) -> None:
+        free = self.free_slots
+        if free <= 0:
+            return
+        lease_ms = int(self._wcfg.lease_s * 1000)
+        for delivery in await self._store.reclaim(
+            self.provider, self.name, idle_ms=lease_ms, count=free
+        ):
+            self._metrics.reclaimed.labels(self.provider).inc()
+            log.info(
+                "provider %s: reclaimed %s (delivery %d)",
+                self.provider,
+                delivery.entry_id,
+                delivery.deliveries,
+            )
+            self._spawn(delivery)
+
+    async def _forget_dead_consumers(self) -> None:
+        """Remove consumers of dead workers once they hold nothing and sat idle long enough.
+
+        Every worker process joins the group under a new name, so without this
+        the group's consumer list grows with every restart. Removing a live but
+        idle consumer that holds nothing is harmless: its next read re-creates it.
+        """
+        idle_ms = self._wcfg.forget_consumers_after_s * 1000
+        for name in await self._store.forget_consumers(self.provider, self.name, idle_ms):
+            log.info("provider %s: removed idle consumer %s", self.provider, name)

@@ -1,0 +1,532 @@
+"""One delivery of a job, from its start to its settlement.
+
+A :class:`JobRun` holds the delivery, the job's start (the start script's
+verdict, awaited by whatever must not happen before it), its body, its tries on
+the current deployment and its stream's chunk sender. It calls the upstream
+under the pool's call policy and limits, and ends the delivery one way:
+completed, failed, expired, moved on to the next deployment (fallback), or
+closed because the job was made final elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import orjson
+from redis.exceptions import ResponseError
+
+from llm_broker.shared import body as json_body
+from llm_broker.shared import messages as m
+from llm_broker.shared.config import ProviderConfig
+from llm_broker.shared.errors import (
+    BadRequest,
+    BrokerError,
+    CircuitOpen,
+    DeadlineExceeded,
+    UpstreamError,
+)
+from llm_broker.shared.metrics import WorkerMetrics
+from llm_broker.shared.records import Chunks, Failure, Result, Usage
+from llm_broker.shared.redisio import REDIS_DOWN
+from llm_broker.shared.store import Delivery, JobStore, Outcome, Verdict
+from llm_broker.shared.tracing import Tracing, valid_traceparent
+from llm_broker.workers import shaping
+from llm_broker.workers.accumulate import StreamAccumulator
+from llm_broker.workers.limits import Limits, estimate_tokens
+from llm_broker.workers.policy import CallPolicy, Tries, deployment_name
+from llm_broker.workers.upstream import Upstream
+
+log = logging.getLogger("llm_broker.worker")
+
+#: The error of a stream whose worker stopped: it is not run again.
+_STREAM_INTERRUPTED = (
+    "the worker running this stream stopped before it ended; a stream "
+    "that may have reached the client is not run again"
+)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """What a run uses of its provider's pool."""
+
+    provider: str
+    pcfg: ProviderConfig
+    max_deliveries: int
+    coalesce_s: float
+    store: JobStore
+    upstream: Upstream
+    policy: CallPolicy
+    limits: Limits
+    accounting: shaping.Accounting
+    metrics: WorkerMetrics
+    tracing: Tracing
+    consumer: str
+    #: Whether the entry held since a time (monotonic) is still surely this worker's
+    #: a number of seconds from now.
+    lease_holds: Callable[[float, float], bool]
+    #: Counts a delivery's outcome (completed, failed, …).
+    count: Callable[[str], None]
+    #: Observes a deployment's call latency (seconds).
+    observe_latency: Callable[[str, float], None]
+    #: Runs a bookkeeping call (a lease release) without waiting for it.
+    background: Callable[[Any], None]
+    #: The upstream calls in progress, by job id (a cancellation aborts them).
+    calls: dict[str, asyncio.Task[None]]
+
+
+class JobRun:
+    def __init__(self, pool: Pool, delivery: Delivery, job: m.Job, result_ttl: int) -> None:
+        self.pool = pool
+        self.delivery = delivery
+        self.job = job
+        self.result_ttl = job.result_ttl or result_ttl
+        self.tries = Tries(time.time())
+        self.start: asyncio.Future[Verdict] = asyncio.ensure_future(self._start())
+        #: The upstream call, once started (cancelled to abort it).
+        self.call: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ start
+
+    async def _start(self) -> Verdict:
+        """The start script's verdict; tried again while Redis is unreachable, as
+        long as this worker's lease on the entry holds."""
+        began = time.monotonic()
+        backoff = 0.05
+        while True:
+            try:
+                return await self.pool.store.start(self.delivery, result_ttl=self.result_ttl)
+            except REDIS_DOWN:
+                if not self.pool.lease_holds(began, backoff):
+                    raise
+                await asyncio.sleep(backoff)  # back off while Redis is unreachable
+                backoff = min(backoff * 2, 1.0)
+
+    async def started(self) -> bool:
+        """Whether the start script said "run" (shielded: a cancel of the call must
+        not cancel the shared start)."""
+        return await asyncio.shield(self.start) is Verdict.RUN
+
+    # ------------------------------------------------------------ the delivery
+
+    async def handle(self) -> None:
+        """Start the job, run it if the start says so, and close the delivery."""
+        job, pool = self.job, self.pool
+        # A first delivery of a job whose client waits, within its deadline, starts
+        # its upstream call while the start script runs: one Redis round trip less
+        # on every request. The call is aborted if the script says the job must not
+        # run (cancelled, expired). A job nobody waits on (async) starts only after
+        # the script said so: a job cancelled while queued never reaches the upstream.
+        early = self.delivery.deliveries == 1 and bool(job.reply_to)
+        if early and job.deadline > time.time():
+            self._begin_call()
+        try:
+            verdict = await self.start
+        except REDIS_DOWN as e:
+            # The entry stays pending and is reclaimed once Redis answers again.
+            log.warning("job %s: cannot start (%s); left pending", job.id, reason(e))
+            await self._abort_call()
+            return
+        if verdict is not Verdict.RUN:
+            await self._abort_call()
+            await self._not_run(verdict)
+            return
+        if self.call is None and self.delivery.deliveries > 1 and job.stream and job.reply_to:
+            # The worker that had this stream stopped; its client may hold part of
+            # the answer already, and a second run would send it all again.
+            pool.count("failed")
+            log.info("job %s: stream redelivered; failed rather than replayed", job.id)
+            await self.fail(stream_interrupted())
+            return
+        call = self.call or self._begin_call()
+        try:
+            await call
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            # Only the upstream call was cancelled: the job was cancelled (or made
+            # final elsewhere); its record says so already. Close the entry.
+            pool.count("cancelled")
+            pool.metrics.aborted.labels(pool.provider).inc()
+            log.info("job %s: cancelled; upstream call aborted", job.id)
+            await self.settle(Outcome())
+
+    async def _not_run(self, verdict: Verdict) -> None:
+        pool, job = self.pool, self.job
+        match verdict:
+            case Verdict.POISON:
+                err = UpstreamError(
+                    500,
+                    f"job was delivered {self.delivery.deliveries} times without finishing "
+                    f"(limit {pool.max_deliveries}); moved to the dead-letter queue",
+                    type="server_error",
+                    code="max_deliveries_exceeded",
+                )
+                pool.metrics.dead_lettered.labels(pool.provider).inc()
+                pool.count("dead_lettered")
+                log.error("job %s: %s", job.id, err.message)
+                await self.fail(err, dead_letter=True)
+            case Verdict.EXPIRED:  # the start script made it expired
+                pool.count("expired")
+                reply = Failure(504, m.DEADLINE_ERROR)
+                await self.settle(Outcome(http_status=504, reply=reply))
+            case _:  # already final, or its record expired: nothing to do
+                await self.settle(Outcome())
+
+    def _begin_call(self) -> asyncio.Task[None]:
+        job_id, calls = self.job.id, self.pool.calls
+        task = asyncio.get_running_loop().create_task(self.run())
+        self.call = calls[job_id] = task
+        task.add_done_callback(lambda t: calls.pop(job_id) if calls.get(job_id) is t else None)
+        return task
+
+    async def _abort_call(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+            await asyncio.gather(self.call, return_exceptions=True)
+
+    # ------------------------------------------------------------ settlement
+
+    async def settle(self, outcome: Outcome) -> None:
+        """Close the delivery: retried while Redis is unreachable, for as long as the
+        lease holds (after that another worker may own the entry, and the job state
+        check makes the duplicate harmless)."""
+        await settle(self.pool, self.delivery, outcome)
+
+    async def fail(
+        self,
+        err: BrokerError,
+        *,
+        dead_letter: bool = False,
+        history: list[m.Attempt] | None = None,
+    ) -> None:
+        payload = msgspec.json.encode(err.body())
+        await self.settle(
+            Outcome(
+                status=m.FAILED,
+                payload=payload,
+                http_status=err.http_status,
+                reply=Failure(err.http_status, retry_after=err.headers.get("Retry-After", "")),
+                history=history or [],
+                dead_letter=dead_letter,
+            )
+        )
+
+    # ------------------------------------------------------------ the call
+
+    async def run(self) -> None:
+        """Call the upstream, with retries; record and send the outcome, or move the
+        job on to its next deployment, once the start said "run"."""
+        pool, job = self.pool, self.job
+        pool.metrics.queue_wait_seconds.labels(pool.provider).observe(
+            max(0.0, time.time() - job.created)
+        )
+        if job.deadline <= time.time():
+            if await self.started():
+                pool.count("expired")
+                await self.settle(
+                    Outcome(
+                        status=m.EXPIRED,
+                        payload=m.DEADLINE_ERROR,
+                        http_status=504,
+                        reply=Failure(504),
+                    )
+                )
+            return
+        try:
+            payload, closing, usage = await self._traced()
+        except BrokerError as e:
+            await self._failed(e)
+            return
+        except Exception as e:
+            if isinstance(e, REDIS_DOWN):
+                raise  # the entry stays pending; it is reclaimed once Redis answers
+            # A defect that the same job would hit on every delivery: fail it once
+            # instead of redelivering it until it is dead-lettered.
+            if not await self.started():
+                return
+            log.exception("job %s: could not be run", job.id)
+            pool.count("failed")
+            await self.fail(
+                UpstreamError(
+                    500,
+                    "the broker could not run this request",
+                    type="server_error",
+                    code="internal_error",
+                )
+            )
+            return
+        if await self.started():
+            pool.count("completed")
+            if usage is not None:
+                pool.accounting.count(job, usage)
+            await self.settle(
+                Outcome(
+                    status=m.COMPLETED,
+                    payload=payload,
+                    reply=Result(closing, usage),
+                    history=self.tries.history(job, 200, ""),
+                )
+            )
+
+    async def _traced(self) -> tuple[bytes, bytes | None, Usage | None]:
+        """The job's body decoded, then its attempts, in a span when tracing is on."""
+        job, pool = self.job, self.pool
+        traceparent = valid_traceparent(job.traceparent)
+        try:
+            body = json_body.decode(job.body)
+        except json_body.InvalidBody as e:
+            # Ingress checks with the same decoder; a job from elsewhere (or an older
+            # ingress) that fails it, or that cannot be encoded again for the upstream
+            # (json_body.dump), fails at once, never a redelivery loop.
+            raise BadRequest(str(e), code="invalid_json") from e
+        if not isinstance(body, dict):
+            raise BadRequest("invalid request: expected a JSON object", code="invalid_json")
+        if not pool.tracing.enabled:
+            headers = {"traceparent": traceparent} if traceparent else None
+            return await self._attempts(body, headers)
+        attributes = {"llm_broker.provider": pool.provider, "llm_broker.model": job.model}
+        with pool.tracing.span("llm_broker.upstream", traceparent, "client", attributes) as child:
+            return await self._attempts(body, {"traceparent": child})
+
+    async def _failed(self, e: BrokerError) -> None:
+        """The deployment failed the job: fall back to the next one, or fail it."""
+        job, pool = self.job, self.pool
+        if not await self.started():
+            return
+        code = e.error_code or ""
+        attempt = self.tries.attempt(job, e.http_status, code)
+        if CallPolicy.may_fall_back(job, e, self.tries) and await self._fall_back(attempt):
+            return
+        pool.count("failed")
+        log.info("job %s: upstream error %d: %s", job.id, e.http_status, e.message)
+        await self.fail(e, history=self.tries.history(job, e.http_status, code))
+
+    async def _fall_back(self, attempt: m.Attempt) -> bool:
+        """Move the job on to its next deployment; False if it cannot."""
+        job, pool = self.job, self.pool
+        nxt, rest = job.fallbacks[0], job.fallbacks[1:]
+        moved = msgspec.structs.replace(
+            job,
+            provider=nxt.provider,
+            upstream_model=nxt.model,
+            fallbacks=rest,
+            attempts=[*job.attempts, attempt],
+        )
+        try:
+            await pool.store.move(self.delivery, moved)
+        except REDIS_DOWN as e:
+            # The entry stays pending; it is reclaimed and tried again later.
+            log.warning("job %s: could not move on to %s: %s", job.id, nxt.name, e)
+            return True
+        except ResponseError as e:
+            log.warning("job %s: could not move on to %s: %s", job.id, nxt.name, e)
+            return False
+        pool.metrics.fallbacks.labels(pool.provider, nxt.provider).inc()
+        pool.count("fell_back")
+        log.info(
+            "job %s: %s failed (%d %s); moved on to %s",
+            job.id,
+            attempt.deployment,
+            attempt.status,
+            attempt.error,
+            nxt.name,
+        )
+        return True
+
+    async def _attempts(
+        self, body: dict[str, Any], headers: dict[str, str] | None
+    ) -> tuple[bytes, bytes | None, Usage | None]:
+        """Try this deployment, retrying what is worth it; raises the last error.
+        Returns the payload, the closing reply (None: the payload) and the usage."""
+        job, pool, tries = self.job, self.pool, self.tries
+        target = job.target
+        name = deployment_name(job)
+        breaker = pool.policy.breaker(name)
+        limited = pool.limits.rule(target) is not None
+        cost = estimate_tokens(body, len(job.body), pool.pcfg.max_call_tokens) if limited else 0
+        refused = f"deployment {name} failed repeatedly; its circuit is open"
+        while True:
+            if breaker.refusing():
+                raise CircuitOpen(refused)
+            lease = None
+            if limited:
+                lease = await pool.limits.acquire(job.id, target, cost, job.deadline)
+            # Only now, with the limits passed, may this call be a half-open probe.
+            if not breaker.allow():
+                if lease is not None:
+                    pool.background(pool.limits.release(lease, 0))
+                raise CircuitOpen(refused)
+            timeout = pool.policy.call_timeout(job)
+            started = time.monotonic()
+            try:
+                if timeout <= 0:
+                    raise DeadlineExceeded("the request deadline passed before the call")
+                payload, closing, usage = await self._call(body, timeout, headers)
+            except UpstreamError as e:
+                if lease is not None:
+                    pool.background(pool.limits.release(lease, CallPolicy.spent(e)))
+                err = pool.policy.verdict(job, e, timeout, breaker)
+                if err is not e:
+                    raise err from e
+                pool.metrics.upstream_errors.labels(pool.provider, str(e.http_status)).inc()
+                delay = pool.policy.retry_delay(job, e, tries)
+                if delay is None:
+                    raise
+                tries.retries += 1
+                pool.metrics.retries.labels(pool.provider, str(e.http_status)).inc()
+                log.info(
+                    "job %s: %s answered %d; retry %d in %.2fs",
+                    job.id,
+                    name,
+                    e.http_status,
+                    tries.retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)  # backoff before the retry
+                continue
+            except BaseException:
+                breaker.abandon()
+                if lease is not None:
+                    pool.background(pool.limits.release(lease, None))
+                raise
+            finally:
+                pool.metrics.upstream_seconds.labels(pool.provider).observe(
+                    time.monotonic() - started
+                )
+            breaker.success()
+            pool.observe_latency(name, time.monotonic() - started)
+            if lease is not None:
+                pool.background(pool.limits.release(lease, usage.total if usage else None))
+            return payload, closing, usage
+
+    async def _call(
+        self, body: dict[str, Any], timeout: float, headers: dict[str, str] | None
+    ) -> tuple[bytes, bytes | None, Usage | None]:
+        """One upstream call: the job's payload, the closing reply (None: the payload
+        itself) and its usage (if the upstream said)."""
+        job, upstream = self.job, self.pool.upstream
+        model = job.upstream_model
+        if job.kind == m.EMBEDDINGS:
+            result = shaping.embeddings(job, await upstream.embed(body, model, timeout, headers))
+            return orjson.dumps(result), None, shaping.usage_of(result)
+        if not job.stream:
+            result = shaping.completion(job, await upstream.complete(body, model, timeout, headers))
+            return orjson.dumps(result), None, shaping.usage_of(result)
+        result = await self._stream(body, timeout, headers)
+        return orjson.dumps(result), shaping.stream_end(job, result), shaping.usage_of(result)
+
+    async def _stream(
+        self, body: dict[str, Any], timeout: float, headers: dict[str, str] | None
+    ) -> dict[str, Any]:
+        job = self.job
+        acc = StreamAccumulator()
+        sender = ChunkSender(self.pool.store, job, self.pool.coalesce_s)
+        try:
+            async for found in self.pool.upstream.stream(
+                body, job.upstream_model, timeout, headers
+            ):
+                if not self.start.done():
+                    # No chunk reaches the client before the job has started.
+                    await asyncio.shield(self.start)
+                acc.add(found)
+                framed = shaping.chunk(job, found)
+                if framed is not None:
+                    sender.add(framed)
+                    self.tries.sent = self.tries.sent or bool(job.reply_to)
+        finally:
+            await sender.drain()
+        return acc.result(shaping.response_id(job), job.model, int(job.created))
+
+
+async def settle(pool: Pool, delivery: Delivery, outcome: Outcome) -> None:
+    """Close a delivery (see :meth:`JobRun.settle`); also for deliveries with no job."""
+    began = time.monotonic()
+    backoff = 0.05
+    what = delivery.job.id if delivery.job is not None else delivery.entry_id
+    while True:
+        try:
+            await pool.store.settle(delivery, outcome, consumer=pool.consumer)
+            return
+        except ResponseError as e:
+            log.warning("job %s: %s while settling", what, e)
+            return
+        except REDIS_DOWN as e:
+            pool.metrics.redis_errors.labels("settle").inc()
+            # The outcome is kept and recorded once Redis answers, while this
+            # worker's lease on the entry holds: no other worker runs it again.
+            if not pool.lease_holds(began, backoff):
+                log.error("job %s: could not record the result (%s); left pending", what, reason(e))
+                return
+            await asyncio.sleep(backoff)  # back off while Redis is unreachable
+            backoff = min(backoff * 2, 1.0)
+
+
+def stream_interrupted() -> UpstreamError:
+    return UpstreamError(502, _STREAM_INTERRUPTED, code="upstream_stream_interrupted")
+
+
+def reason(e: BaseException) -> str:
+    """An exception for a log line: its type too, since some have no message."""
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class ChunkSender:
+    """Sends a stream's chunks to the waiting ingress process, coalesced.
+
+    The first chunk goes at once; later ones are gathered for at most
+    ``interval`` seconds so that throughput is not bound by one Redis write per
+    token. Writes are chained, so the client sees chunks in order.
+    """
+
+    def __init__(self, store: JobStore, job: m.Job, interval: float) -> None:
+        self._store = store
+        self._job = job
+        self._buf: list[bytes] = []
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._prev: asyncio.Future[Any] | None = None
+        self._interval = interval
+        self._loop = asyncio.get_running_loop()
+
+    def add(self, frame: bytes) -> None:
+        if not self._job.reply_to:
+            return
+        self._buf.append(frame)
+        if self._timer is None:
+            delay = self._last + self._interval - self._loop.time()
+            if delay <= 0:
+                self.flush()
+            else:
+                self._timer = self._loop.call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._buf:
+            return
+        data = b"".join(self._buf)
+        self._buf.clear()
+        self._last = self._loop.time()
+        self._prev = asyncio.ensure_future(self._send(self._prev, data))
+
+    async def _send(self, prev: asyncio.Future[Any] | None, data: bytes) -> None:
+        if prev is not None:
+            await asyncio.gather(prev, return_exceptions=True)
+        try:
+            await self._store.send(self._job, Chunks(data))
+        except REDIS_DOWN as e:
+            log.warning("job %s: lost stream chunks: %s", self._job.id, e)
+
+    async def drain(self) -> None:
+        self.flush()
+        if self._prev is not None:
+            await asyncio.gather(self._prev, return_exceptions=True)
