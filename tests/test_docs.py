@@ -230,3 +230,15 @@ def test_relative_links_reach_a_file_and_heading(page: Path) -> None:
             elif fragment and dest.suffix == ".md" and fragment not in anchors(dest):
                 broken.append(f"{target}: no such heading")
     assert broken == []
+
+
+def test_the_module_table_lists_every_module() -> None:
+    table = (DOCS / "development.md").read_text()
+    listed = set(re.findall(r"^\| `([\w/]+\.py)` \|", table, re.MULTILINE))
+    modules = {
+        path.relative_to(ROOT).as_posix()
+        for folder in ("ingress", "workers", "shared", "llm_broker")
+        for path in (ROOT / folder).rglob("*.py")
+    }
+    assert sorted(modules - listed) == []
+    assert sorted(listed - modules) == []
