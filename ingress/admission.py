@@ -15,7 +15,7 @@ from llm_broker.ingress.bodies import decode_chat, decode_embeddings
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.state import State
 from llm_broker.shared import messages as m
-from llm_broker.shared.config import ModelRoute
+from llm_broker.shared.config import Candidates, ModelRoute
 from llm_broker.shared.errors import BadRequest, ModelNotFound, QueueFull, Unavailable
 from llm_broker.shared.redisio import REDIS_DOWN
 from llm_broker.shared.tracing import valid_traceparent
@@ -59,22 +59,7 @@ async def new_job(
         model, stream = req.model, req.stream
         ctx.temperature = req.temperature
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    candidates = state.router.candidates(model)
-    if candidates is None:
-        raise ModelNotFound(f"the model {model!r} does not exist", param="model")
-    if kind == m.EMBEDDINGS:
-        usable = tuple(
-            t for t in candidates.targets if state.config.providers[t.provider].type != "anthropic"
-        )
-        if not usable:
-            raise BadRequest(f"the model {model!r} has no embeddings API", param="model")
-        if len(usable) < len(candidates.targets):
-            weights = tuple(
-                w
-                for t, w in zip(candidates.targets, candidates.weights, strict=True)
-                if t in usable
-            )
-            candidates = msgspec.structs.replace(candidates, targets=usable, weights=weights)
+    candidates = _candidates(state, model, kind)
     if len(candidates.targets) == 1:
         targets = list(candidates.targets)
     else:
@@ -107,6 +92,26 @@ async def new_job(
     )
     ctx.job_id = job.id
     return job, candidates.route
+
+
+def _candidates(state: State, model: str, kind: str) -> Candidates:
+    """The deployments that may serve ``model``; for embeddings, those with an
+    embeddings API."""
+    candidates = state.router.candidates(model)
+    if candidates is None:
+        raise ModelNotFound(f"the model {model!r} does not exist", param="model")
+    if kind != m.EMBEDDINGS:
+        return candidates
+    providers = state.config.providers
+    usable = tuple(t for t in candidates.targets if providers[t.provider].type != "anthropic")
+    if not usable:
+        raise BadRequest(f"the model {model!r} has no embeddings API", param="model")
+    if len(usable) == len(candidates.targets):
+        return candidates
+    weights = tuple(
+        w for t, w in zip(candidates.targets, candidates.weights, strict=True) if t in usable
+    )
+    return msgspec.structs.replace(candidates, targets=usable, weights=weights)
 
 
 async def redis_call(state: State, what: str, provider: str, call: Awaitable[T]) -> T:

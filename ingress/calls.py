@@ -27,8 +27,8 @@ from llm_broker.ingress.state import State
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import ModelRoute
 from llm_broker.shared.errors import DeadlineExceeded
-from llm_broker.shared.records import Chunks, Failure, Reply, Result
 from llm_broker.shared.redisio import REDIS_DOWN
+from llm_broker.shared.store.records import Chunks, Failure, Reply, Result
 
 log = logging.getLogger("llm_broker.ingress")
 

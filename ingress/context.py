@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from llm_broker.shared.records import Usage
+from llm_broker.shared.store.records import Usage
 
 
 @dataclass(slots=True)

@@ -20,7 +20,6 @@ from llm_broker.ingress.state import STATE, State
 from llm_broker.shared import messages as m
 from llm_broker.shared.errors import BadRequest, IdempotencyMismatch, NotFound
 from llm_broker.shared.jobs import job_object
-from llm_broker.shared.records import JobRecord
 from llm_broker.shared.ssrf import BlockedURL, Ports, check_url
 from llm_broker.shared.store import (
     Admitted,
@@ -29,6 +28,7 @@ from llm_broker.shared.store import (
     Idempotency,
     Replayed,
 )
+from llm_broker.shared.store.records import JobRecord
 
 MAX_IDEMPOTENCY_KEY = 255
 MAX_METADATA_KEYS = 16

@@ -14,9 +14,9 @@ import redis.asyncio as aioredis
 from llm_broker.shared.config import Config
 from llm_broker.shared.errors import Unavailable
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.records import Failure, Reply
 from llm_broker.shared.redisio import REDIS_DOWN, connect
 from llm_broker.shared.store import JobStore
+from llm_broker.shared.store.records import Failure, Reply
 
 log = logging.getLogger("llm_broker.ingress.replies")
 

@@ -32,6 +32,21 @@ MAX_HEADER_BYTES = 65_536
 
 
 class _JsonErrorHandler(RequestHandler):
+    #: After answering a malformed request, the connection reads and drops what the
+    #: client still sends, for at most this long, before it closes: a socket closed
+    #: with unread data resets the connection, and the client would lose the answer.
+    LINGER_S = 2.0
+
+    _linger = False
+
+    async def start(self) -> None:
+        await super().start()
+        transport = self.transport
+        if self._linger and transport is not None and not transport.is_closing():
+            if transport.can_write_eof():
+                transport.write_eof()  # the answer, then end of stream
+            self._loop.call_later(self.LINGER_S, transport.close)
+
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")
         if isinstance(exc, HttpProcessingError | RequestPayloadError):
@@ -64,6 +79,12 @@ class _JsonErrorHandler(RequestHandler):
             content_type="application/json",
         )
         response.force_close()
+        if status < 500:
+            # Keep the connection open after the answer (start() closes it later),
+            # dropping what arrives meanwhile: aiohttp ignores data once
+            # _force_close is set, and does not close the transport itself.
+            self._force_close = True
+            self._linger = True
         return response
 
 

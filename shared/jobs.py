@@ -1,6 +1,6 @@
 """The job object of the jobs API and of webhook events, built from a job record.
 
-A job record (:class:`~llm_broker.shared.records.JobRecord`) is the hash ``job:{id}``.
+A job record (:class:`~llm_broker.shared.store.records.JobRecord`) is the hash ``job:{id}``.
 Ingress answers ``GET /v1/jobs/{id}`` with :func:`job_object`; the webhook
 delivery sends it as an event's ``data``.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from llm_broker.shared import messages as m
-from llm_broker.shared.records import WEBHOOK_PENDING, JobRecord
+from llm_broker.shared.store.records import WEBHOOK_PENDING, JobRecord
 
 _CANCELLED_ERROR = (
     b'{"error":{"message":"the job was cancelled","type":"cancelled",'

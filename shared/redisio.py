@@ -1,6 +1,6 @@
 """The Redis connection, command batching and scripts sent by their SHA-1.
 
-The job-state scripts are in :mod:`llm_broker.shared.scripts`; the job store
+The job-state scripts are in :mod:`llm_broker.shared.store.scripts`; the job store
 (:mod:`llm_broker.shared.store`) is the only user.
 """
 

@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import Target, parse_config
-from llm_broker.shared.records import Chunks, Failure, JobRecord, Result, Usage
 from llm_broker.shared.redisio import Batcher
 from llm_broker.shared.store import (
     Admitted,
@@ -27,6 +26,7 @@ from llm_broker.shared.store import (
     Replayed,
     Verdict,
 )
+from llm_broker.shared.store.records import Chunks, Failure, JobRecord, Result, Usage
 from tests.helpers import make_job
 
 CONSUMER = "worker-a"
@@ -52,9 +52,9 @@ def waiting_job(reply_to: str, **changes: object) -> m.Job:
 
 async def delivered(store: JobStore, rclient: aioredis.Redis, job: m.Job) -> Delivery:
     """``job`` admitted and read by CONSUMER."""
-    await store.ensure_group(job.provider)
+    await store.queues.ensure_group(job.provider)
     assert await store.enqueue(job, max_depth=100, ttl_s=600) is not None
-    (delivery,) = await store.read(rclient, job.provider, CONSUMER, count=10, block_ms=100)
+    (delivery,) = await store.queues.read(rclient, job.provider, CONSUMER, count=10, block_ms=100)
     assert delivery.job == job and delivery.deliveries == 1
     return delivery
 
@@ -247,9 +247,9 @@ async def test_a_failure_replies_with_its_status_and_is_dead_lettered_when_asked
 async def test_an_entry_that_is_no_job_is_read_and_dead_lettered(
     store: JobStore, rclient: aioredis.Redis
 ) -> None:
-    await store.ensure_group("mock")
+    await store.queues.ensure_group("mock")
     await rclient.xadd(store.keys.queue("mock"), {"j": b"\xc1 not msgpack"})
-    (delivery,) = await store.read(rclient, "mock", CONSUMER, count=10, block_ms=100)
+    (delivery,) = await store.queues.read(rclient, "mock", CONSUMER, count=10, block_ms=100)
     assert delivery.job is None and delivery.raw == b"\xc1 not msgpack"
     await store.settle(delivery, Outcome(dead_letter=True), consumer=CONSUMER)
     [(_, fields)] = await rclient.xrange(store.keys.dead_letter("mock"))
@@ -272,8 +272,8 @@ async def test_move_sends_a_running_job_to_its_next_deployment(
     )
     assert await store.move(delivery, moved) is True
     assert await pending(rclient, store, "mock") == (0, 0)
-    await store.ensure_group("other")
-    (there,) = await store.read(rclient, "other", CONSUMER, count=10, block_ms=100)
+    await store.queues.ensure_group("other")
+    (there,) = await store.queues.read(rclient, "other", CONSUMER, count=10, block_ms=100)
     assert there.job == moved
     rec = await record(store, job.id)
     assert rec.provider == "other" and rec.history is not None
@@ -324,22 +324,22 @@ async def test_reclaim_takes_over_an_idle_entry_and_refresh_keeps_it(
     store: JobStore, rclient: aioredis.Redis
 ) -> None:
     kept, lost = make_job(), make_job()
-    await store.ensure_group("mock")
+    await store.queues.ensure_group("mock")
     for job in (kept, lost):
         await store.enqueue(job, max_depth=10, ttl_s=600)
-    first = await store.read(rclient, "mock", CONSUMER, count=10, block_ms=100)
+    first = await store.queues.read(rclient, "mock", CONSUMER, count=10, block_ms=100)
     assert [d.job for d in first] == [kept, lost]
     idle_since = time.monotonic()
     while time.monotonic() - idle_since < 0.06:  # noqa: ASYNC110 - idle time must pass
         await asyncio.sleep(0.02)
-    await store.refresh("mock", CONSUMER, {first[0].entry_id})
-    taken = await store.reclaim("mock", "worker-b", idle_ms=50, count=10)
+    await store.queues.refresh("mock", CONSUMER, {first[0].entry_id})
+    taken = await store.queues.reclaim("mock", "worker-b", idle_ms=50, count=10)
     assert [(d.job, d.deliveries) for d in taken] == [(lost, 2)]
     # The consumer that lost its only entry holds nothing, and goes when idle.
     await store.settle(taken[0], Outcome(), consumer="worker-b")
-    assert await store.forget_consumers("mock", "worker-b", idle_ms=0) == []
+    assert await store.queues.forget_consumers("mock", "worker-b", idle_ms=0) == []
     await rclient.xgroup_createconsumer(store.keys.queue("mock"), "workers", "idle-one")
-    assert await store.forget_consumers("mock", "worker-b", idle_ms=-1) == ["idle-one"]
+    assert await store.queues.forget_consumers("mock", "worker-b", idle_ms=-1) == ["idle-one"]
 
 
 async def test_webhook_attempts_are_recorded_only_while_the_job_exists(store: JobStore) -> None:

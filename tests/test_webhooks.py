@@ -26,8 +26,8 @@ from llm_broker.shared.config import ConfigError, new_webhook_secret, parse_conf
 from llm_broker.shared.jobs import event_body, job_object
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import WebhookMetrics
-from llm_broker.shared.records import JobRecord
 from llm_broker.shared.ssrf import BlockedURL, Ports, check_url, networks
+from llm_broker.shared.store.records import JobRecord
 from llm_broker.workers.webhooks import (
     Deliverer,
     deserialize,

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from llm_broker.shared.config import Config
 from llm_broker.shared.metrics import WorkerMetrics
 from llm_broker.shared.redisio import REDIS_DOWN, connect
-from llm_broker.shared.store import Delivery, JobStore
+from llm_broker.shared.store import Delivery, Queues
 
 log = logging.getLogger("llm_broker.worker")
 
@@ -30,7 +30,7 @@ class StreamConsumer:
         *,
         provider: str,
         config: Config,
-        store: JobStore,
+        queues: Queues,
         consumer: str,
         metrics: WorkerMetrics,
         handle: Callable[[Delivery], Awaitable[None]],
@@ -42,7 +42,7 @@ class StreamConsumer:
         self._cfg = config
         self._wcfg = config.worker
         self._capacity = config.providers[provider].max_concurrency
-        self._store = store
+        self._queues = queues
         self._metrics = metrics
         self._handle = handle
         #: Called on every maintenance round before the leases are refreshed.
@@ -138,7 +138,7 @@ class StreamConsumer:
                     if need_group:
                         await self._ensure_group()
                         need_group = False
-                    deliveries = await self._store.read(
+                    deliveries = await self._queues.read(
                         reader, self.provider, self.name, count=free, block_ms=self._wcfg.block_ms
                     )
                     backoff = 0.1
@@ -198,7 +198,7 @@ class StreamConsumer:
 
     async def _ensure_group(self) -> None:
         async with asyncio.timeout(self._cfg.redis.command_timeout_s * 4):
-            await self._store.ensure_group(self.provider)
+            await self._queues.ensure_group(self.provider)
 
     async def _refresh(self) -> None:
         """The owner's upkeep (limit leases, aborted calls), then this consumer's
@@ -206,7 +206,7 @@ class StreamConsumer:
         began = time.monotonic()
         await self._upkeep()
         if self._tasks:
-            await self._store.refresh(self.provider, self.name, set(self._tasks))
+            await self._queues.refresh(self.provider, self.name, set(self._tasks))
         self._refreshed_at = began
 
     async def _reclaim(self) -> None:
@@ -214,7 +214,7 @@ class StreamConsumer:
         if free <= 0:
             return
         lease_ms = int(self._wcfg.lease_s * 1000)
-        for delivery in await self._store.reclaim(
+        for delivery in await self._queues.reclaim(
             self.provider, self.name, idle_ms=lease_ms, count=free
         ):
             self._metrics.reclaimed.labels(self.provider).inc()
@@ -234,5 +234,5 @@ class StreamConsumer:
         idle consumer that holds nothing is harmless: its next read re-creates it.
         """
         idle_ms = self._wcfg.forget_consumers_after_s * 1000
-        for name in await self._store.forget_consumers(self.provider, self.name, idle_ms):
+        for name in await self._queues.forget_consumers(self.provider, self.name, idle_ms):
             log.info("provider %s: removed idle consumer %s", self.provider, name)

@@ -24,10 +24,11 @@ from llm_broker.shared.store import Delivery, JobStore, Outcome
 from llm_broker.shared.tracing import Tracing
 from llm_broker.workers import shaping
 from llm_broker.workers.breaker import LatencyAverage
+from llm_broker.workers.call import Pool
 from llm_broker.workers.consumer import StreamConsumer
 from llm_broker.workers.limits import Limits
 from llm_broker.workers.policy import CallPolicy
-from llm_broker.workers.run import JobRun, Pool, settle
+from llm_broker.workers.run import JobRun, settle
 from llm_broker.workers.upstream import Upstream
 
 log = logging.getLogger("llm_broker.worker")
@@ -71,7 +72,7 @@ class ProviderPool:
         self.consumer = StreamConsumer(
             provider=provider,
             config=config,
-            store=store,
+            queues=store.queues,
             consumer=consumer,
             metrics=metrics,
             handle=self.handle,

@@ -1,9 +1,9 @@
 """One delivery of a job, from its start to its settlement.
 
 A :class:`JobRun` holds the delivery, the job's start (the start script's
-verdict, awaited by whatever must not happen before it), its body, its tries on
-the current deployment and its stream's chunk sender. It calls the upstream
-under the pool's call policy and limits, and ends the delivery one way:
+verdict, awaited by whatever must not happen before it), its body and its tries
+on the current deployment. It calls the deployment
+(:class:`~llm_broker.workers.call.DeploymentCall`) and ends the delivery one way:
 completed, failed, expired, moved on to the next deployment (fallback), or
 closed because the job was made final elsewhere.
 """
@@ -13,34 +13,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import msgspec
-import orjson
 from redis.exceptions import ResponseError
 
 from llm_broker.shared import body as json_body
 from llm_broker.shared import messages as m
-from llm_broker.shared.config import ProviderConfig
 from llm_broker.shared.errors import (
     BadRequest,
     BrokerError,
-    CircuitOpen,
-    DeadlineExceeded,
     UpstreamError,
 )
-from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.shared.records import Chunks, Failure, Result, Usage
 from llm_broker.shared.redisio import REDIS_DOWN
-from llm_broker.shared.store import Delivery, JobStore, Outcome, Verdict
-from llm_broker.shared.tracing import Tracing, valid_traceparent
-from llm_broker.workers import shaping
-from llm_broker.workers.accumulate import StreamAccumulator
-from llm_broker.workers.limits import Limits, estimate_tokens
-from llm_broker.workers.policy import CallPolicy, Tries, deployment_name
-from llm_broker.workers.upstream import Upstream
+from llm_broker.shared.store import Delivery, Outcome, Verdict
+from llm_broker.shared.store.records import Failure, Result, Usage
+from llm_broker.shared.tracing import valid_traceparent
+from llm_broker.workers.call import DeploymentCall, Pool
+from llm_broker.workers.policy import CallPolicy, Tries
 
 log = logging.getLogger("llm_broker.worker")
 
@@ -49,35 +38,6 @@ _STREAM_INTERRUPTED = (
     "the worker running this stream stopped before it ended; a stream "
     "that may have reached the client is not run again"
 )
-
-
-@dataclass(frozen=True)
-class Pool:
-    """What a run uses of its provider's pool."""
-
-    provider: str
-    pcfg: ProviderConfig
-    max_deliveries: int
-    coalesce_s: float
-    store: JobStore
-    upstream: Upstream
-    policy: CallPolicy
-    limits: Limits
-    accounting: shaping.Accounting
-    metrics: WorkerMetrics
-    tracing: Tracing
-    consumer: str
-    #: Whether the entry held since a time (monotonic) is still surely this worker's
-    #: a number of seconds from now.
-    lease_holds: Callable[[float, float], bool]
-    #: Counts a delivery's outcome (completed, failed, …).
-    count: Callable[[str], None]
-    #: Observes a deployment's call latency (seconds).
-    observe_latency: Callable[[str, float], None]
-    #: Runs a bookkeeping call (a lease release) without waiting for it.
-    background: Callable[[Any], None]
-    #: The upstream calls in progress, by job id (a cancellation aborts them).
-    calls: dict[str, asyncio.Task[None]]
 
 
 class JobRun:
@@ -290,10 +250,11 @@ class JobRun:
             raise BadRequest("invalid request: expected a JSON object", code="invalid_json")
         if not pool.tracing.enabled:
             headers = {"traceparent": traceparent} if traceparent else None
-            return await self._attempts(body, headers)
+            return await DeploymentCall(pool, job, self.tries, self.start).run(body, headers)
         attributes = {"llm_broker.provider": pool.provider, "llm_broker.model": job.model}
         with pool.tracing.span("llm_broker.upstream", traceparent, "client", attributes) as child:
-            return await self._attempts(body, {"traceparent": child})
+            call = DeploymentCall(pool, job, self.tries, self.start)
+            return await call.run(body, {"traceparent": child})
 
     async def _failed(self, e: BrokerError) -> None:
         """The deployment failed the job: fall back to the next one, or fail it."""
@@ -340,110 +301,6 @@ class JobRun:
         )
         return True
 
-    async def _attempts(
-        self, body: dict[str, Any], headers: dict[str, str] | None
-    ) -> tuple[bytes, bytes | None, Usage | None]:
-        """Try this deployment, retrying what is worth it; raises the last error.
-        Returns the payload, the closing reply (None: the payload) and the usage."""
-        job, pool, tries = self.job, self.pool, self.tries
-        target = job.target
-        name = deployment_name(job)
-        breaker = pool.policy.breaker(name)
-        limited = pool.limits.rule(target) is not None
-        cost = estimate_tokens(body, len(job.body), pool.pcfg.max_call_tokens) if limited else 0
-        refused = f"deployment {name} failed repeatedly; its circuit is open"
-        while True:
-            if breaker.refusing():
-                raise CircuitOpen(refused)
-            lease = None
-            if limited:
-                lease = await pool.limits.acquire(job.id, target, cost, job.deadline)
-            # Only now, with the limits passed, may this call be a half-open probe.
-            if not breaker.allow():
-                if lease is not None:
-                    pool.background(pool.limits.release(lease, 0))
-                raise CircuitOpen(refused)
-            timeout = pool.policy.call_timeout(job)
-            started = time.monotonic()
-            try:
-                if timeout <= 0:
-                    raise DeadlineExceeded("the request deadline passed before the call")
-                payload, closing, usage = await self._call(body, timeout, headers)
-            except UpstreamError as e:
-                if lease is not None:
-                    pool.background(pool.limits.release(lease, CallPolicy.spent(e)))
-                err = pool.policy.verdict(job, e, timeout, breaker)
-                if err is not e:
-                    raise err from e
-                pool.metrics.upstream_errors.labels(pool.provider, str(e.http_status)).inc()
-                delay = pool.policy.retry_delay(job, e, tries)
-                if delay is None:
-                    raise
-                tries.retries += 1
-                pool.metrics.retries.labels(pool.provider, str(e.http_status)).inc()
-                log.info(
-                    "job %s: %s answered %d; retry %d in %.2fs",
-                    job.id,
-                    name,
-                    e.http_status,
-                    tries.retries,
-                    delay,
-                )
-                await asyncio.sleep(delay)  # backoff before the retry
-                continue
-            except BaseException:
-                breaker.abandon()
-                if lease is not None:
-                    pool.background(pool.limits.release(lease, None))
-                raise
-            finally:
-                pool.metrics.upstream_seconds.labels(pool.provider).observe(
-                    time.monotonic() - started
-                )
-            breaker.success()
-            pool.observe_latency(name, time.monotonic() - started)
-            if lease is not None:
-                pool.background(pool.limits.release(lease, usage.total if usage else None))
-            return payload, closing, usage
-
-    async def _call(
-        self, body: dict[str, Any], timeout: float, headers: dict[str, str] | None
-    ) -> tuple[bytes, bytes | None, Usage | None]:
-        """One upstream call: the job's payload, the closing reply (None: the payload
-        itself) and its usage (if the upstream said)."""
-        job, upstream = self.job, self.pool.upstream
-        model = job.upstream_model
-        if job.kind == m.EMBEDDINGS:
-            result = shaping.embeddings(job, await upstream.embed(body, model, timeout, headers))
-            return orjson.dumps(result), None, shaping.usage_of(result)
-        if not job.stream:
-            result = shaping.completion(job, await upstream.complete(body, model, timeout, headers))
-            return orjson.dumps(result), None, shaping.usage_of(result)
-        result = await self._stream(body, timeout, headers)
-        return orjson.dumps(result), shaping.stream_end(job, result), shaping.usage_of(result)
-
-    async def _stream(
-        self, body: dict[str, Any], timeout: float, headers: dict[str, str] | None
-    ) -> dict[str, Any]:
-        job = self.job
-        acc = StreamAccumulator()
-        sender = ChunkSender(self.pool.store, job, self.pool.coalesce_s)
-        try:
-            async for found in self.pool.upstream.stream(
-                body, job.upstream_model, timeout, headers
-            ):
-                if not self.start.done():
-                    # No chunk reaches the client before the job has started.
-                    await asyncio.shield(self.start)
-                acc.add(found)
-                framed = shaping.chunk(job, found)
-                if framed is not None:
-                    sender.add(framed)
-                    self.tries.sent = self.tries.sent or bool(job.reply_to)
-        finally:
-            await sender.drain()
-        return acc.result(shaping.response_id(job), job.model, int(job.created))
-
 
 async def settle(pool: Pool, delivery: Delivery, outcome: Outcome) -> None:
     """Close a delivery (see :meth:`JobRun.settle`); also for deliveries with no job."""
@@ -476,57 +333,3 @@ def reason(e: BaseException) -> str:
     """An exception for a log line: its type too, since some have no message."""
     text = str(e)
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-class ChunkSender:
-    """Sends a stream's chunks to the waiting ingress process, coalesced.
-
-    The first chunk goes at once; later ones are gathered for at most
-    ``interval`` seconds so that throughput is not bound by one Redis write per
-    token. Writes are chained, so the client sees chunks in order.
-    """
-
-    def __init__(self, store: JobStore, job: m.Job, interval: float) -> None:
-        self._store = store
-        self._job = job
-        self._buf: list[bytes] = []
-        self._last = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._prev: asyncio.Future[Any] | None = None
-        self._interval = interval
-        self._loop = asyncio.get_running_loop()
-
-    def add(self, frame: bytes) -> None:
-        if not self._job.reply_to:
-            return
-        self._buf.append(frame)
-        if self._timer is None:
-            delay = self._last + self._interval - self._loop.time()
-            if delay <= 0:
-                self.flush()
-            else:
-                self._timer = self._loop.call_later(delay, self.flush)
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._buf:
-            return
-        data = b"".join(self._buf)
-        self._buf.clear()
-        self._last = self._loop.time()
-        self._prev = asyncio.ensure_future(self._send(self._prev, data))
-
-    async def _send(self, prev: asyncio.Future[Any] | None, data: bytes) -> None:
-        if prev is not None:
-            await asyncio.gather(prev, return_exceptions=True)
-        try:
-            await self._store.send(self._job, Chunks(data))
-        except REDIS_DOWN as e:
-            log.warning("job %s: lost stream chunks: %s", self._job.id, e)
-
-    async def drain(self) -> None:
-        self.flush()
-        if self._prev is not None:
-            await asyncio.gather(self._prev, return_exceptions=True)

@@ -11,7 +11,7 @@ import orjson
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import Config, Price
 from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.shared.records import Usage
+from llm_broker.shared.store.records import Usage
 
 
 def response_id(job: m.Job) -> str:

@@ -50,12 +50,6 @@ from llm_broker.shared.health import serve_health
 from llm_broker.shared.jobs import event_body
 from llm_broker.shared.keys import WEBHOOK_GROUP, Keys
 from llm_broker.shared.metrics import WebhookMetrics
-from llm_broker.shared.records import (
-    WEBHOOK_DELIVERED,
-    WEBHOOK_DISABLED,
-    WEBHOOK_FAILED,
-    WEBHOOK_PENDING,
-)
 from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, ensure_group
 from llm_broker.shared.ssrf import (
     BlockedURL,
@@ -67,6 +61,12 @@ from llm_broker.shared.ssrf import (
     split_url,
 )
 from llm_broker.shared.store import JobStore
+from llm_broker.shared.store.records import (
+    WEBHOOK_DELIVERED,
+    WEBHOOK_DISABLED,
+    WEBHOOK_FAILED,
+    WEBHOOK_PENDING,
+)
 
 log = logging.getLogger("llm_broker.webhooks")
 

@@ -1,4 +1,4 @@
-"""The job-state scripts (Lua), used only by :mod:`llm_broker.shared.store`.
+"""The job-state scripts (Lua), used only by the job store.
 
 Job state only moves forward (queued → in_progress → a final state); every
 transition is one script on the job hash, so a late duplicate delivery can never

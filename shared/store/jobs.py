@@ -1,17 +1,9 @@
-"""The job store: every Redis operation on jobs, queues, replies and records.
-
-Ingress, workers and the webhook deliverer go through :class:`JobStore` and its
-typed methods; none of them packs a script's arguments or reads a record's
-bytes. The scripts are in :mod:`llm_broker.shared.scripts`, the typed values in
-:mod:`llm_broker.shared.records`. A method makes one attempt: "Redis
-unreachable" (:data:`~llm_broker.shared.redisio.REDIS_DOWN`) reaches the caller,
-who knows whether to retry (a worker holding a lease) or to answer 503.
-"""
+"""Jobs, their records and their replies: admission, the state transitions (each
+one script), reading records and the tenant's index, sending and reading replies."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from typing import Any
 
@@ -19,10 +11,12 @@ import msgspec
 import redis.asyncio as aioredis
 
 from llm_broker.shared import messages as m
-from llm_broker.shared import scripts
 from llm_broker.shared.config import Config
 from llm_broker.shared.keys import GROUP, Keys
-from llm_broker.shared.records import (
+from llm_broker.shared.redisio import Batcher
+from llm_broker.shared.store import scripts
+from llm_broker.shared.store.queues import Queues
+from llm_broker.shared.store.records import (
     Chunks,
     JobRecord,
     Reply,
@@ -30,102 +24,22 @@ from llm_broker.shared.records import (
     decode_reply,
     reply_fields,
 )
-from llm_broker.shared.redisio import Batcher, ensure_group
+from llm_broker.shared.store.values import (
+    Admitted,
+    AsyncFields,
+    Cancelled,
+    Delivery,
+    Full,
+    Idempotency,
+    KeyConflict,
+    Outcome,
+    Replayed,
+    Submitted,
+    Verdict,
+)
 
 #: The most entries a reply stream keeps (approximately).
 REPLY_MAXLEN = 100_000
-
-# ---------------------------------------------------------------- values
-
-
-class Delivery(msgspec.Struct, kw_only=True):
-    """One queue entry as a worker received it."""
-
-    provider: str
-    entry_id: str
-    #: The job, or None when the entry holds no job this version can decode.
-    job: m.Job | None
-    #: The entry's packed job, as read (dead-lettered when it cannot run).
-    raw: bytes
-    #: How many times the entry was delivered, this time included.
-    deliveries: int
-
-
-class Verdict(enum.Enum):
-    """The start script's verdict on a delivery."""
-
-    RUN = "ok"
-    #: The record expired: nothing to do.
-    GONE = "gone"
-    #: The deadline passed: the job is expired (the script made it so, or it was).
-    EXPIRED = "expired"
-    #: Delivered more often than allowed: to the dead-letter stream.
-    POISON = "poison"
-    #: Already final otherwise (completed, failed or cancelled).
-    FINAL = "final"
-
-
-class Outcome(msgspec.Struct, kw_only=True):
-    """How a delivery ends, for :meth:`JobStore.settle`."""
-
-    #: The final status to record; "" leaves the record as it is.
-    status: str = ""
-    #: The result (completed) or the error object (otherwise), JSON.
-    payload: bytes = b""
-    http_status: int = 200
-    #: The reply for a waiting client (sent only if one waits).
-    reply: Reply | None = None
-    #: The deployments tried, when there was more than one try.
-    history: list[m.Attempt] = []
-    #: Dead-letter the entry (a bounded summary of it).
-    dead_letter: bool = False
-
-
-class AsyncFields(msgspec.Struct, kw_only=True):
-    """What an async job's record holds beyond a synchronous call's."""
-
-    metadata: dict[str, str] | None = None
-    webhook_url: str | None = None
-
-
-class Idempotency(msgspec.Struct, kw_only=True):
-    """An Idempotency-Key, the hash of the request it is bound to, and its TTL."""
-
-    key: str
-    request_hash: str
-    ttl_s: int
-
-
-class Admitted(msgspec.Struct, tag="admitted"):
-    record: JobRecord
-
-
-class Full(msgspec.Struct, tag="full"):
-    pass
-
-
-class Replayed(msgspec.Struct, tag="replayed"):
-    """The Idempotency-Key was used before, by the same tenant."""
-
-    job_id: str
-    request_hash: str
-    record: JobRecord
-
-
-class KeyConflict(msgspec.Struct, tag="conflict"):
-    """The key's job is gone, or another tenant's."""
-
-
-Submitted = Admitted | Full | Replayed | KeyConflict
-
-
-class Cancelled(msgspec.Struct):
-    #: True if this call cancelled the job (else it was final already).
-    cancelled: bool
-    record: JobRecord
-
-
-# ---------------------------------------------------------------- the store
 
 
 class JobStore:
@@ -135,6 +49,8 @@ class JobStore:
         self._redis = redis
         self._wcfg = config.worker
         self._result_ttl = int(config.jobs.result_ttl_s)
+        #: The provider queues' streams and consumer groups.
+        self.queues = Queues(self.keys, redis, config.worker.max_deliveries)
 
     # ------------------------------------------------------------ admission
 
@@ -394,95 +310,6 @@ class JobStore:
             for entry_id, fields in entries:
                 found.append((entry_id, fields.get(b"i", b""), decode_reply(fields)))
         return found
-
-    # ------------------------------------------------------------ queues
-
-    async def ensure_group(self, provider: str) -> None:
-        """Create the provider's consumer group (and its stream) unless it exists."""
-        await ensure_group(self._redis, self.keys.queue(provider), GROUP)
-
-    async def read(
-        self, client: aioredis.Redis, provider: str, consumer: str, *, count: int, block_ms: int
-    ) -> list[Delivery]:
-        """New entries for ``consumer`` (first deliveries), blocking up to ``block_ms``;
-        ``client`` is the reader's own connection."""
-        batches = await client.xreadgroup(
-            GROUP, consumer, {self.keys.queue(provider): ">"}, count=count, block=block_ms
-        )
-        return [
-            _delivery(provider, entry_id, fields, 1)
-            for _stream, entries in batches or ()
-            for entry_id, fields in entries
-        ]
-
-    async def reclaim(
-        self, provider: str, consumer: str, *, idle_ms: int, count: int
-    ) -> list[Delivery]:
-        """Entries idle longer than ``idle_ms`` (their worker died), now ``consumer``'s."""
-        queue = self.keys.queue(provider)
-        _next, claimed, _deleted = await self._redis.xautoclaim(
-            queue, GROUP, consumer, idle_ms, "0-0", count=count
-        )
-        if not claimed:
-            return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for entry_id, _ in claimed:
-                pipe.xpending_range(queue, GROUP, entry_id, entry_id, 1)
-            pending = await pipe.execute()
-        too_many = self._wcfg.max_deliveries + 1
-        return [
-            _delivery(
-                provider, entry_id, fields or {}, info[0]["times_delivered"] if info else too_many
-            )
-            for (entry_id, fields), info in zip(claimed, pending, strict=True)
-        ]
-
-    async def refresh(self, provider: str, consumer: str, entry_ids: set[str]) -> None:
-        """Reset the idle time of those of ``entry_ids`` that ``consumer`` still owns.
-
-        Only entries still owned are touched: XCLAIM would otherwise take back an
-        entry that another worker reclaimed while this one was stalled.
-        """
-        queue = self.keys.queue(provider)
-        owned = await self._redis.xpending_range(
-            # Entries left pending without a running job (Redis was down when they
-            # started or settled) come first: look past them.
-            queue,
-            GROUP,
-            "-",
-            "+",
-            len(entry_ids) + 1000,
-            consumername=consumer,
-        )
-        ids = [p["message_id"] for p in owned if p["message_id"].decode() in entry_ids]
-        if ids:
-            await self._redis.xclaim(queue, GROUP, consumer, 0, ids, justid=True)
-
-    async def forget_consumers(self, provider: str, consumer: str, idle_ms: float) -> list[str]:
-        """Remove the group's other consumers that hold nothing and sat idle longer
-        than ``idle_ms`` (dead workers'); returns their names."""
-        queue = self.keys.queue(provider)
-        removed = []
-        for found in await self._redis.xinfo_consumers(queue, GROUP):
-            name = found["name"]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            if name != consumer and found["pending"] == 0 and found["idle"] > idle_ms:
-                await self._redis.xgroup_delconsumer(queue, GROUP, name)
-                removed.append(name)
-        return removed
-
-
-def _delivery(
-    provider: str, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int
-) -> Delivery:
-    raw = fields.get(b"j", b"")
-    try:
-        job: m.Job | None = m.job_decoder.decode(raw)
-    except msgspec.DecodeError:
-        job = None
-    return Delivery(
-        provider=provider, entry_id=entry_id.decode(), job=job, raw=raw, deliveries=deliveries
-    )
 
 
 def _record_of(fields: list[Any]) -> JobRecord:

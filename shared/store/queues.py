@@ -1,0 +1,106 @@
+"""A provider queue's stream and its consumer group: what workers read, reclaim
+and hold (the entries' leases), and the group's consumers."""
+
+from __future__ import annotations
+
+import msgspec
+import redis.asyncio as aioredis
+
+from llm_broker.shared import messages as m
+from llm_broker.shared.keys import GROUP, Keys
+from llm_broker.shared.redisio import ensure_group
+from llm_broker.shared.store.values import Delivery
+
+
+class Queues:
+    def __init__(self, keys: Keys, redis: aioredis.Redis, max_deliveries: int) -> None:
+        self.keys = keys
+        self._redis = redis
+        self._max_deliveries = max_deliveries
+
+    async def ensure_group(self, provider: str) -> None:
+        """Create the provider's consumer group (and its stream) unless it exists."""
+        await ensure_group(self._redis, self.keys.queue(provider), GROUP)
+
+    async def read(
+        self, client: aioredis.Redis, provider: str, consumer: str, *, count: int, block_ms: int
+    ) -> list[Delivery]:
+        """New entries for ``consumer`` (first deliveries), blocking up to ``block_ms``;
+        ``client`` is the reader's own connection."""
+        batches = await client.xreadgroup(
+            GROUP, consumer, {self.keys.queue(provider): ">"}, count=count, block=block_ms
+        )
+        return [
+            _delivery(provider, entry_id, fields, 1)
+            for _stream, entries in batches or ()
+            for entry_id, fields in entries
+        ]
+
+    async def reclaim(
+        self, provider: str, consumer: str, *, idle_ms: int, count: int
+    ) -> list[Delivery]:
+        """Entries idle longer than ``idle_ms`` (their worker died), now ``consumer``'s."""
+        queue = self.keys.queue(provider)
+        _next, claimed, _deleted = await self._redis.xautoclaim(
+            queue, GROUP, consumer, idle_ms, "0-0", count=count
+        )
+        if not claimed:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry_id, _ in claimed:
+                pipe.xpending_range(queue, GROUP, entry_id, entry_id, 1)
+            pending = await pipe.execute()
+        too_many = self._max_deliveries + 1
+        return [
+            _delivery(
+                provider, entry_id, fields or {}, info[0]["times_delivered"] if info else too_many
+            )
+            for (entry_id, fields), info in zip(claimed, pending, strict=True)
+        ]
+
+    async def refresh(self, provider: str, consumer: str, entry_ids: set[str]) -> None:
+        """Reset the idle time of those of ``entry_ids`` that ``consumer`` still owns.
+
+        Only entries still owned are touched: XCLAIM would otherwise take back an
+        entry that another worker reclaimed while this one was stalled.
+        """
+        queue = self.keys.queue(provider)
+        owned = await self._redis.xpending_range(
+            # Entries left pending without a running job (Redis was down when they
+            # started or settled) come first: look past them.
+            queue,
+            GROUP,
+            "-",
+            "+",
+            len(entry_ids) + 1000,
+            consumername=consumer,
+        )
+        ids = [p["message_id"] for p in owned if p["message_id"].decode() in entry_ids]
+        if ids:
+            await self._redis.xclaim(queue, GROUP, consumer, 0, ids, justid=True)
+
+    async def forget_consumers(self, provider: str, consumer: str, idle_ms: float) -> list[str]:
+        """Remove the group's other consumers that hold nothing and sat idle longer
+        than ``idle_ms`` (dead workers'); returns their names."""
+        queue = self.keys.queue(provider)
+        removed = []
+        for found in await self._redis.xinfo_consumers(queue, GROUP):
+            name = found["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name != consumer and found["pending"] == 0 and found["idle"] > idle_ms:
+                await self._redis.xgroup_delconsumer(queue, GROUP, name)
+                removed.append(name)
+        return removed
+
+
+def _delivery(
+    provider: str, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int
+) -> Delivery:
+    raw = fields.get(b"j", b"")
+    try:
+        job: m.Job | None = m.job_decoder.decode(raw)
+    except msgspec.DecodeError:
+        job = None
+    return Delivery(
+        provider=provider, entry_id=entry_id.decode(), job=job, raw=raw, deliveries=deliveries
+    )

@@ -1,0 +1,97 @@
+"""The job store's arguments and results."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from llm_broker.shared import messages as m
+from llm_broker.shared.store.records import JobRecord, Reply
+
+
+class Delivery(msgspec.Struct, kw_only=True):
+    """One queue entry as a worker received it."""
+
+    provider: str
+    entry_id: str
+    #: The job, or None when the entry holds no job this version can decode.
+    job: m.Job | None
+    #: The entry's packed job, as read (dead-lettered when it cannot run).
+    raw: bytes
+    #: How many times the entry was delivered, this time included.
+    deliveries: int
+
+
+class Verdict(enum.Enum):
+    """The start script's verdict on a delivery."""
+
+    RUN = "ok"
+    #: The record expired: nothing to do.
+    GONE = "gone"
+    #: The deadline passed: the job is expired (the script made it so, or it was).
+    EXPIRED = "expired"
+    #: Delivered more often than allowed: to the dead-letter stream.
+    POISON = "poison"
+    #: Already final otherwise (completed, failed or cancelled).
+    FINAL = "final"
+
+
+class Outcome(msgspec.Struct, kw_only=True):
+    """How a delivery ends, for :meth:`JobStore.settle`."""
+
+    #: The final status to record; "" leaves the record as it is.
+    status: str = ""
+    #: The result (completed) or the error object (otherwise), JSON.
+    payload: bytes = b""
+    http_status: int = 200
+    #: The reply for a waiting client (sent only if one waits).
+    reply: Reply | None = None
+    #: The deployments tried, when there was more than one try.
+    history: list[m.Attempt] = []
+    #: Dead-letter the entry (a bounded summary of it).
+    dead_letter: bool = False
+
+
+class AsyncFields(msgspec.Struct, kw_only=True):
+    """What an async job's record holds beyond a synchronous call's."""
+
+    metadata: dict[str, str] | None = None
+    webhook_url: str | None = None
+
+
+class Idempotency(msgspec.Struct, kw_only=True):
+    """An Idempotency-Key, the hash of the request it is bound to, and its TTL."""
+
+    key: str
+    request_hash: str
+    ttl_s: int
+
+
+class Admitted(msgspec.Struct, tag="admitted"):
+    record: JobRecord
+
+
+class Full(msgspec.Struct, tag="full"):
+    pass
+
+
+class Replayed(msgspec.Struct, tag="replayed"):
+    """The Idempotency-Key was used before, by the same tenant."""
+
+    job_id: str
+    request_hash: str
+    record: JobRecord
+
+
+class KeyConflict(msgspec.Struct, tag="conflict"):
+    """The key's job is gone, or another tenant's."""
+
+
+Submitted = Admitted | Full | Replayed | KeyConflict
+
+
+class Cancelled(msgspec.Struct):
+    #: True if this call cancelled the job (else it was final already).
+    cancelled: bool
+    record: JobRecord
