@@ -17,7 +17,7 @@ from llm_broker.shared import messages as m
 from llm_broker.shared.config import ProviderConfig
 from llm_broker.shared.errors import CircuitOpen, DeadlineExceeded, UpstreamError
 from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.shared.redisio import REDIS_DOWN
+from llm_broker.shared.redisio import REDIS_DOWN, Observer
 from llm_broker.shared.store import JobStore, Verdict
 from llm_broker.shared.store.records import Chunks, Usage
 from llm_broker.shared.tracing import Tracing
@@ -59,6 +59,9 @@ class Pool:
     observe_latency: Callable[[str, float], None]
     #: Runs a bookkeeping call (a lease release) without waiting for it.
     background: Callable[[Any], None]
+    #: The provider's children of the queue wait and upstream call histograms.
+    queue_wait: Observer
+    upstream_seconds: Observer
     #: The upstream calls in progress, by job id (a cancellation aborts them).
     calls: dict[str, asyncio.Task[None]]
 
@@ -107,9 +110,7 @@ class DeploymentCall:
                     pool.background(pool.limits.release(lease, None))
                 raise
             finally:
-                pool.metrics.upstream_seconds.labels(pool.provider).observe(
-                    time.monotonic() - started
-                )
+                pool.upstream_seconds.observe(time.monotonic() - started)
             self.breaker.success()
             pool.observe_latency(self.name, time.monotonic() - started)
             if lease is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -97,22 +97,24 @@ class ProviderPool:
             observe_latency=self._observe_latency,
             background=self._background,
             calls={},
+            queue_wait=metrics.queue_wait_seconds.labels(provider),
+            upstream_seconds=metrics.upstream_seconds.labels(provider),
         )
 
     # ------------------------------------------------------------ lifecycle
 
     # ------------------------------------------------------------ deliveries
 
-    async def handle(self, delivery: Delivery) -> None:
+    def handle(self, delivery: Delivery) -> Coroutine[Any, Any, None]:
+        """The run of a delivery (an entry that holds no job is dead-lettered)."""
         if delivery.job is None:
             log.error(
                 "provider %s: entry %s is not a job; dead-lettered",
                 self.provider,
                 delivery.entry_id,
             )
-            await settle(self._pool, delivery, Outcome(dead_letter=True))
-            return
-        await JobRun(self._pool, delivery, delivery.job, self._result_ttl).handle()
+            return settle(self._pool, delivery, Outcome(dead_letter=True))
+        return JobRun(self._pool, delivery, delivery.job, self._result_ttl).handle()
 
     def cancel(self, job_id: str) -> bool:
         """Abort the upstream call of ``job_id`` if this pool runs it."""

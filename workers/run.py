@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import msgspec
 from redis.exceptions import ResponseError
@@ -67,10 +69,10 @@ class JobRun:
                 await asyncio.sleep(backoff)  # back off while Redis is unreachable
                 backoff = min(backoff * 2, 1.0)
 
-    async def started(self) -> bool:
-        """Whether the start script said "run" (shielded: a cancel of the call must
-        not cancel the shared start)."""
-        return await asyncio.shield(self.start) is Verdict.RUN
+    def verdict(self) -> asyncio.Future[Verdict]:
+        """The start script's verdict, shielded: a cancel of the call must not cancel
+        the shared start."""
+        return asyncio.shield(self.start)
 
     # ------------------------------------------------------------ the delivery
 
@@ -153,11 +155,9 @@ class JobRun:
 
     # ------------------------------------------------------------ settlement
 
-    async def settle(self, outcome: Outcome) -> None:
-        """Close the delivery: retried while Redis is unreachable, for as long as the
-        lease holds (after that another worker may own the entry, and the job state
-        check makes the duplicate harmless)."""
-        await settle(self.pool, self.delivery, outcome)
+    def settle(self, outcome: Outcome) -> Coroutine[Any, Any, None]:
+        """Close the delivery (:func:`settle`)."""
+        return settle(self.pool, self.delivery, outcome)
 
     async def fail(
         self,
@@ -184,11 +184,9 @@ class JobRun:
         """Call the upstream, with retries; record and send the outcome, or move the
         job on to its next deployment, once the start said "run"."""
         pool, job = self.pool, self.job
-        pool.metrics.queue_wait_seconds.labels(pool.provider).observe(
-            max(0.0, time.time() - job.created)
-        )
+        pool.queue_wait.observe(max(0.0, time.time() - job.created))
         if job.deadline <= time.time():
-            if await self.started():
+            if await self.verdict() is Verdict.RUN:
                 pool.count("expired")
                 await self.settle(
                     Outcome(
@@ -209,7 +207,7 @@ class JobRun:
                 raise  # the entry stays pending; it is reclaimed once Redis answers
             # A defect that the same job would hit on every delivery: fail it once
             # instead of redelivering it until it is dead-lettered.
-            if not await self.started():
+            if await self.verdict() is not Verdict.RUN:
                 return
             log.exception("job %s: could not be run", job.id)
             pool.count("failed")
@@ -222,7 +220,7 @@ class JobRun:
                 )
             )
             return
-        if await self.started():
+        if await self.verdict() is Verdict.RUN:
             pool.count("completed")
             if usage is not None:
                 pool.accounting.count(job, usage)
@@ -259,7 +257,7 @@ class JobRun:
     async def _failed(self, e: BrokerError) -> None:
         """The deployment failed the job: fall back to the next one, or fail it."""
         job, pool = self.job, self.pool
-        if not await self.started():
+        if await self.verdict() is not Verdict.RUN:
             return
         code = e.error_code or ""
         attempt = self.tries.attempt(job, e.http_status, code)
@@ -303,6 +301,9 @@ class JobRun:
 
 
 async def settle(pool: Pool, delivery: Delivery, outcome: Outcome) -> None:
+    """Close a delivery: retried while Redis is unreachable, for as long as the lease
+    holds (after that another worker may own the entry, and the job state check
+    makes the duplicate harmless)."""
     """Close a delivery (see :meth:`JobRun.settle`); also for deliveries with no job."""
     began = time.monotonic()
     backoff = 0.05

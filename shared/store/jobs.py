@@ -41,6 +41,9 @@ from llm_broker.shared.store.values import (
 #: The most entries a reply stream keeps (approximately).
 REPLY_MAXLEN = 100_000
 
+#: The start script's answers; any other is a final status.
+_VERDICTS = {v.value.encode(): v for v in Verdict if v is not Verdict.FINAL}
+
 
 class JobStore:
     def __init__(self, config: Config, batcher: Batcher, redis: aioredis.Redis) -> None:
@@ -161,11 +164,7 @@ class JobStore:
             (self.keys.job(job.id), self.keys.webhook_events()),
             (time.time(), self._wcfg.max_deliveries, delivery.deliveries, job.id, result_ttl),
         )
-        answer = await self._batcher.call(*command)
-        try:
-            return Verdict(answer.decode())
-        except ValueError:
-            return Verdict.FINAL
+        return _VERDICTS.get(await self._batcher.call(*command), Verdict.FINAL)
 
     async def settle(self, delivery: Delivery, outcome: Outcome, *, consumer: str) -> bool:
         """Close a delivery: the job's final state (unless it has one), the reply to

@@ -32,7 +32,7 @@ class Usage(msgspec.Struct, frozen=True):
     @classmethod
     def parse(cls, raw: bytes) -> Usage | None:
         parts = raw.split()
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        if len(parts) != 2 or not (parts[0].isdigit() and parts[1].isdigit()):
             return None
         return cls(int(parts[0]), int(parts[1]))
 
