@@ -9,6 +9,14 @@ with CONNECT (TLS to the upstream runs inside the tunnel).
 
 Cancelling the task that waits on a request closes its connection, which is
 how an upstream call is aborted.
+
+Measured against pyreqwest 0.15.1 (Rust reqwest; 2026-11-29, one uvloop process
+against the mock upstream, medians of 3 alternating runs; docs/libraries.md has
+the method): 64 concurrent calls, 62,779 req/s at 16 µs of CPU per call here
+against 38,273 req/s at 28 µs; 16 streams of 20 chunks, 16,743 streams/s at
+59 µs against 5,885 at 213 µs (with pyreqwest's stream buffer at 1 byte, which
+a stream needs: its 64 KiB default holds chunks back). Cancelling the task that
+awaits a pyreqwest call does not stop the call. So this client stays.
 """
 
 from __future__ import annotations
