@@ -167,6 +167,7 @@ class DeploymentCall:
         self, body: dict[str, Any], timeout: float, headers: dict[str, str] | None
     ) -> dict[str, Any]:
         job = self.job
+        rid = shaping.response_id(job)
         acc = StreamAccumulator()
         sender = ChunkSender(self.pool.store, job, self.pool.coalesce_s)
         try:
@@ -177,13 +178,13 @@ class DeploymentCall:
                     # No chunk reaches the client before the job has started.
                     await asyncio.shield(self.start)
                 acc.add(found)
-                framed = shaping.chunk(job, found)
+                framed = shaping.chunk(job, found, rid)
                 if framed is not None:
                     sender.add(framed)
                     self.tries.sent = self.tries.sent or bool(job.reply_to)
         finally:
             await sender.drain()
-        return acc.result(shaping.response_id(job), job.model, int(job.created))
+        return acc.result(rid, job.model, int(job.created))
 
 
 class ChunkSender:

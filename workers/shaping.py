@@ -48,12 +48,12 @@ def embeddings(job: m.Job, result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def chunk(job: m.Job, found: dict[str, Any]) -> bytes | None:
-    """A stream chunk's frame for the client; None for a usage-only chunk (the usage
-    is sent at the end, if the client asked for it)."""
+def chunk(job: m.Job, found: dict[str, Any], rid: str) -> bytes | None:
+    """A stream chunk's frame for the client (``rid``: the job's response id); None
+    for a usage-only chunk (the usage is sent at the end, if the client asked)."""
     if not found.get("choices") and found.get("usage"):
         return None
-    found["id"] = response_id(job)
+    found["id"] = rid
     found["model"] = job.model
     found["created"] = found.get("created") or int(job.created)
     return frame(found)
