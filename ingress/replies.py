@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from llm_broker.shared.config import Config
 from llm_broker.shared.errors import Unavailable
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.redisio import REDIS_DOWN, connect
+from llm_broker.shared.redisio import REDIS_DOWN, connect, raise_if_cancelling
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.store.records import Failure, Reply
 
@@ -97,6 +97,7 @@ class ReplyRouter:
         backoff = 0.05
         try:
             while True:
+                raise_if_cancelling()
                 try:
                     now = time.monotonic()
                     if now >= next_refresh:
@@ -112,6 +113,7 @@ class ReplyRouter:
                     self.healthy = True
                     backoff = 0.05
                 except REDIS_DOWN as e:
+                    raise_if_cancelling()
                     if self.healthy:
                         log.warning("reply reader: Redis unreachable: %s", e)
                     self.healthy = False

@@ -51,6 +51,21 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
 )
 
 
+def raise_if_cancelling() -> None:
+    """Raise a cancellation that was requested but did not arrive.
+
+    A cancellation that lands inside a Redis call can be lost on the way (on
+    Python 3.11 ``asyncio.timeout`` turns one that meets an expiring timeout into
+    a timeout, and redis-py turns that into its own error): the task stays
+    "cancelling" and a loop that backs off on Redis errors would run on, so a
+    shutdown waiting for it would never end. Loops that run until cancelled call
+    this on every round and in their Redis-error handler.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class _HiredisPacking:
     """Packs commands with hiredis (C) instead of redis-py's pure-Python packer.
 
@@ -102,7 +117,8 @@ def connect(
         health_check_interval=0,
         **extra,
     )
-    return aioredis.Redis(connection_pool=pool)
+    # The client owns its pool: closing the client closes its connections.
+    return aioredis.Redis.from_pool(pool)
 
 
 class Observer(Protocol):

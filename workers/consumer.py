@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 
 from llm_broker.shared.config import Config
 from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.shared.redisio import REDIS_DOWN, connect
+from llm_broker.shared.redisio import REDIS_DOWN, connect, raise_if_cancelling
 from llm_broker.shared.store import Delivery, Queues
 
 log = logging.getLogger("llm_broker.worker")
@@ -148,6 +148,7 @@ class StreamConsumer:
                     need_group = True  # Redis lost the group (restarted empty)
                     continue
                 except REDIS_DOWN as e:
+                    raise_if_cancelling()
                     self._metrics.redis_errors.labels("read").inc()
                     log.warning(
                         "provider %s: cannot read the queue (%s); retrying in %.1fs",
@@ -177,6 +178,7 @@ class StreamConsumer:
                             600.0, self._wcfg.forget_consumers_after_s / 2
                         )
             except REDIS_DOWN as e:
+                raise_if_cancelling()
                 self._metrics.redis_errors.labels("maintain").inc()
                 log.warning("provider %s: lease maintenance failed: %s", self.provider, e)
             except ResponseError as e:

@@ -16,7 +16,7 @@ from llm_broker.shared.config import Config
 from llm_broker.shared.health import serve_health
 from llm_broker.shared.keys import GROUP, Keys
 from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, raise_if_cancelling
 from llm_broker.shared.tracing import Tracing
 from llm_broker.workers.pool import ProviderPool
 from llm_broker.workers.upstream import make_upstream
@@ -35,7 +35,9 @@ async def listen_for_cancels(config: Config, pools: list[ProviderPool]) -> None:
             await pubsub.subscribe(channel)
             backoff = 0.1
             while True:
-                message = await pubsub.get_message(timeout=None)
+                raise_if_cancelling()
+                # Bounded, so that a cancellation swallowed on the way is seen.
+                message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     continue
                 job_id = message["data"].decode()
@@ -43,6 +45,7 @@ async def listen_for_cancels(config: Config, pools: list[ProviderPool]) -> None:
                     if pool.cancel(job_id):
                         log.info("job %s: cancelled; aborting its upstream call", job_id)
         except REDIS_DOWN as e:
+            raise_if_cancelling()
             log.warning("cancel channel: %s; resubscribing in %.1fs", e, backoff)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -64,6 +67,7 @@ async def export_queues(
     """
     keys = Keys(config.redis.key_prefix)
     while True:
+        raise_if_cancelling()
         for provider in providers:
             queue = keys.queue(provider)
             try:
@@ -71,6 +75,7 @@ async def export_queues(
                     batcher.call("XLEN", queue), batcher.call("XINFO", "GROUPS", queue)
                 )
             except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
+                raise_if_cancelling()
                 log.debug("queue metrics for %s unavailable: %s", provider, e)
                 continue
             metrics.queue_depth.labels(provider).set(depth)

@@ -50,7 +50,13 @@ from llm_broker.shared.health import serve_health
 from llm_broker.shared.jobs import event_body
 from llm_broker.shared.keys import WEBHOOK_GROUP, Keys
 from llm_broker.shared.metrics import WebhookMetrics
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, ensure_group
+from llm_broker.shared.redisio import (
+    REDIS_DOWN,
+    Batcher,
+    connect,
+    ensure_group,
+    raise_if_cancelling,
+)
 from llm_broker.shared.ssrf import (
     BlockedURL,
     Network,
@@ -352,6 +358,7 @@ class Relay:
                         raise
                     need_group = True  # Redis lost the group (restarted empty)
                 except REDIS_DOWN as e:
+                    raise_if_cancelling()
                     self.metrics.redis_errors.labels("webhook_relay").inc()
                     log.warning("webhook relay: %s; retrying in %.1fs", e, backoff)
                     await asyncio.sleep(backoff)  # back off while Redis is unreachable
@@ -444,6 +451,7 @@ async def _run_arq(worker: Worker, stop: asyncio.Event) -> None:
             await worker.async_run()
             return
         except REDIS_DOWN as e:
+            raise_if_cancelling()
             log.warning("webhook delivery: Redis unreachable (%s); again in %.1fs", e, backoff)
         try:
             await asyncio.wait_for(stop.wait(), backoff)
