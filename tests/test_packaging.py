@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,9 +15,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(300)
 def test_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
+    # Built from a copy: the build leaves its own build/ folder behind.
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("ingress", "workers", "shared", "llm_broker"):
+        shutil.copytree(REPO_ROOT / folder, source / folder, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), "."],
-        cwd=REPO_ROOT,
+        cwd=source,
         check=True,
         capture_output=True,
         timeout=280,
