@@ -216,8 +216,10 @@ def create_app(config: Config, pod: str) -> web.Application:
     app.router.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    app.router.add_get("/openapi.json", openapi.handler())
-    if config.ingress.metrics_port is None:  # else served on its own port (ingress/main.py)
+    # /metrics is served on its own port when ingress.metrics_port is set (ingress/main.py).
+    metrics_here = config.ingress.metrics_port is None
+    app.router.add_get("/openapi.json", openapi.handler(metrics=metrics_here))
+    if metrics_here:
         app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_lifecycle)
     return app

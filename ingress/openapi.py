@@ -502,8 +502,12 @@ def _paths() -> dict[str, Any]:
     }
 
 
-def document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every public route."""
+def document(*, metrics: bool = True) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every public route (``/metrics`` only when the
+    API port serves it, i.e. without ``ingress.metrics_port``)."""
+    paths = _paths()
+    if not metrics:
+        del paths["/metrics"]
     return {
         "openapi": "3.1.0",
         "info": {
@@ -512,7 +516,7 @@ def document() -> dict[str, Any]:
             "description": "A queue-based LLM gateway speaking the OpenAI and Anthropic APIs.",
         },
         "security": [{"bearerAuth": []}, {"apiKeyAuth": []}],
-        "paths": _paths(),
+        "paths": paths,
         "components": {
             "schemas": _schemas(),
             "parameters": _PARAMETERS,
@@ -524,9 +528,9 @@ def document() -> dict[str, Any]:
     }
 
 
-def handler() -> Callable[[web.Request], Awaitable[web.Response]]:
+def handler(*, metrics: bool = True) -> Callable[[web.Request], Awaitable[web.Response]]:
     """A handler serving the document, encoded once now."""
-    body = msgspec.json.encode(document())
+    body = msgspec.json.encode(document(metrics=metrics))
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")

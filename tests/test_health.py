@@ -51,6 +51,8 @@ async def test_ingress_serves_metrics_only_on_its_metrics_port(
     async with http.get(f"{base}/metrics") as resp:
         assert resp.status == 404
         assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    async with http.get(f"{base}/openapi.json") as resp:
+        assert "/metrics" not in (await resp.json())["paths"]
     async with http.get(f"{base}/health") as resp:
         assert resp.status == 200
     # The main port's requests are counted on the metrics port.

@@ -25,11 +25,15 @@ def test_the_document_is_valid_openapi_3_1() -> None:
     validate(doc)
 
 
-async def test_every_route_of_the_app_is_documented_and_nothing_else() -> None:
+@pytest.mark.parametrize("metrics_port", [None, 9100])
+async def test_every_route_of_the_app_is_documented_and_nothing_else(
+    metrics_port: int | None,
+) -> None:
     config = parse_config(
         {
             "providers": {"mock": {"type": "mock", "base_url": "http://127.0.0.1:1/v1"}},
             "models": {"mock": {"provider": "mock"}},
+            "ingress": {"metrics_port": metrics_port},
         },
         {},
     )
@@ -39,8 +43,12 @@ async def test_every_route_of_the_app_is_documented_and_nothing_else() -> None:
         for route in app.router.routes()
         if route.resource is not None and route.method != "HEAD"
     }
-    documented = {(method, p) for p, item in document()["paths"].items() for method in item}
+    doc = document(metrics=metrics_port is None)
+    documented = {(method, p) for p, item in doc["paths"].items() for method in item}
     assert served == documented
+    assert (
+        ("get", "/metrics") in served if metrics_port is None else ("get", "/metrics") not in served
+    )
 
 
 @pytest.mark.parametrize(
