@@ -48,11 +48,29 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _listening(port: int) -> set[str]:
+    """The local addresses (hex, as in /proc/net/tcp*) listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
 async def _run_dev(env: dict[str, str], http: aiohttp.ClientSession, concurrent: int = 0) -> str:
     port = free_port()
     dev = Child("dev", python_cmd("dev", "--port", str(port)), env)
     try:
         dev.wait_for(r"Ctrl-C stops everything", 60)
+        # Without --host, the gateway (open: no keys) listens on loopback only.
+        assert _listening(port) == {"0100007F"}
         url = f"http://127.0.0.1:{port}"
         async with http.post(f"{url}/v1/chat/completions", json=chat()) as resp:
             assert resp.status == 200
