@@ -16,6 +16,9 @@ Scenarios (B and D run 10 s, C 30 s; each broker run follows a 2 s warm-up):
 * C - 1000 connections, model ``mock-latency-1000`` (1 s upstream): concurrency;
   all 1000 calls must be in flight at the upstream at once, in bounded memory.
 * D - 16 connections, model ``mock-chunks-20`` with ``"stream": true``: SSE streams/s.
+* E - a noisy neighbour (bench/noisy.py): one tenant's synchronous calls, alone and
+  while another tenant keeps a backlog of async jobs on the same provider; runs on a
+  stack of its own (two API keys, 8 calls in flight).
 
 The run starts its own ``redis-server`` (free port, temp dir, no persistence), one mock
 upstream, ONE worker process and ONE ingress process, all on 127.0.0.1, and stops them
@@ -48,8 +51,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import aiohttp
+import noisy
 
 from llm_broker.dev import free_port
 from llm_broker.procs import Child, python_cmd
@@ -223,6 +228,7 @@ class Stack:
     children: dict[str, Child] = field(default_factory=dict)
     mock_url: str = ""
     broker_url: str = ""
+    redis_url: str = ""
 
     def check_alive(self) -> None:
         for name, child in self.children.items():
@@ -248,8 +254,13 @@ def child_env(redis_url: str) -> dict[str, str]:
     return env
 
 
-def broker_config(redis_url: str, mock_url: str) -> dict[str, object]:
-    return {
+def broker_config(
+    redis_url: str, mock_url: str, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The config of the benchmark's broker; ``overrides`` (scenario E) sets API keys
+    (``auth``), ingress settings and the provider's ``max_concurrency``."""
+    more = dict(overrides or {})
+    config: dict[str, Any] = {
         "redis": {"url": redis_url, "key_prefix": "bench:"},
         "auth": {"open": True},
         "providers": {
@@ -261,9 +272,13 @@ def broker_config(redis_url: str, mock_url: str) -> dict[str, object]:
             }
         },
         "models": {"mock*": {"provider": "mock"}},
-        "ingress": {"host": HOST, "drain_s": 2},
+        "ingress": {"host": HOST, "drain_s": 2, **more.pop("ingress", {})},
         "worker": {"coalesce_ms": 5, "grace_period_s": 2},
     }
+    if "max_concurrency" in more:
+        config["providers"]["mock"]["max_concurrency"] = more.pop("max_concurrency")
+    config.update(more)
+    return config
 
 
 def start_redis(stack: Stack, tmp: Path) -> str:
@@ -275,18 +290,19 @@ def start_redis(stack: Stack, tmp: Path) -> str:
     return f"redis://{HOST}:{port}/0"
 
 
-def start_stack(tmp: Path) -> Stack:
+def start_stack(tmp: Path, overrides: Mapping[str, Any] | None = None) -> Stack:
     """Redis, the mock, one worker and one ingress; returns once all are ready."""
     stack = Stack()
     try:
-        redis_url = start_redis(stack, tmp)
+        redis_url = stack.redis_url = start_redis(stack, tmp)
         env = child_env(redis_url)
         mock = Child("mock", python_cmd("mock-upstream", "--host", HOST, "--port", "0"), env)
         stack.children["mock"] = mock
         port = mock.wait_for(r"listening on http://[\d.]+:(\d+)", 30).group(1)
         stack.mock_url = f"http://{HOST}:{port}"
         cfg = tmp / "bench-config.yaml"  # JSON is valid YAML
-        cfg.write_text(json.dumps(broker_config(redis_url, stack.mock_url), indent=2))
+        config = broker_config(redis_url, stack.mock_url, overrides)
+        cfg.write_text(json.dumps(config, indent=2))
         worker_argv = python_cmd("worker", "--all", "--config", str(cfg))
         stack.children["worker"] = Child("worker", worker_argv, env)
         ingress_argv = python_cmd("ingress", "--config", str(cfg), "--host", HOST, "--port", "0")
@@ -403,6 +419,7 @@ class Report:
     memory: dict[str, Memory] = field(default_factory=dict)  # scenario key -> snapshot
     pids: dict[str, int] = field(default_factory=dict)
     broken: str | None = None
+    noisy: noisy.NoisyResult | None = None
 
     def row(self, key: str, target: str) -> Row | None:
         return next((r for r in self.rows if r.scenario.key == key and r.target == target), None)
@@ -470,6 +487,24 @@ def prime(stack: Stack, sc: Scenario) -> None:
     ok = asyncio.run(round_())
     log(f"  priming round: {ok}/{sc.connections} answered")
     wait_idle(stack.mock_url)
+
+
+def run_noisy(tmp: Path, report: Report) -> None:
+    """Scenario E, on a stack of its own."""
+    log(f"scenario E: noisy neighbour, capacity {noisy.CAPACITY}, mock {noisy.MODEL}")
+    tmp.mkdir()
+    tenant_keys = noisy.keys()
+    stack = start_stack(tmp, noisy.config_overrides(tenant_keys))
+    try:
+        queue = "bench:q:{mock}"
+        report.noisy = noisy.run(stack.broker_url, stack.redis_url, queue, tenant_keys)
+        stack.check_alive()
+        log("  " + " / ".join(noisy.table(report.noisy)[-2:]))
+    except (BenchBroken, OSError, subprocess.SubprocessError, aiohttp.ClientError) as e:
+        report.broken = f"{type(e).__name__}: {e}"
+        log(f"bench: BROKEN: {e}")
+    finally:
+        stack.stop()
 
 
 def run_all(stack: Stack, quick: bool, report: Report, only: str = "") -> None:
@@ -614,6 +649,8 @@ def render_results(report: Report) -> str:
     parts = ["## Results", "", *results_table(report), "", "## Peak RSS (MB)", ""]
     parts += [*memory_table(report), "", "## CPU during each run (% of one core)", ""]
     parts += [*cpu_table(report), "", "## Targets", "", *targets_section(report)]
+    if report.noisy is not None:
+        parts += ["", "## E: noisy neighbour", "", *noisy.table(report.noisy)]
     if report.broken:
         parts += ["", f"**BROKEN**: {report.broken}"]
     return "\n".join(parts) + "\n"
@@ -711,14 +748,17 @@ def benchmark(quick: bool, emit: Callable[[str], None], only: str = "") -> int:
     """Run every scenario (or those in ``only``); emit the report; return the exit status."""
     report = Report()
     with tempfile.TemporaryDirectory(prefix="llm-broker-bench-") as tmp:
-        stack = start_stack(Path(tmp))
-        try:
-            run_all(stack, quick, report, only)
-        except (BenchBroken, OSError, subprocess.SubprocessError) as e:
-            report.broken = f"{type(e).__name__}: {e}"
-            log(f"bench: BROKEN: {e}")
-        finally:
-            stack.stop()
+        if not only or set(only) & set("ABCD"):
+            stack = start_stack(Path(tmp))
+            try:
+                run_all(stack, quick, report, only)
+            except (BenchBroken, OSError, subprocess.SubprocessError) as e:
+                report.broken = f"{type(e).__name__}: {e}"
+                log(f"bench: BROKEN: {e}")
+            finally:
+                stack.stop()
+        if not report.broken and (not only or "E" in only):
+            run_noisy(Path(tmp) / "e", report)
     emit(render_results(report))
     return 1 if report.broken else 0
 
