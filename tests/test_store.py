@@ -350,3 +350,32 @@ async def test_webhook_attempts_are_recorded_only_while_the_job_exists(store: Jo
     rec = await record(store, job.id)
     assert (rec.webhook_attempts, rec.webhook_code) == (1, 500)
     assert await store.webhook_attempt("gone", 0, state) is False
+
+
+async def test_an_entry_too_deep_to_decode_costs_only_itself(
+    store: JobStore, rclient: aioredis.Redis
+) -> None:
+    """A job packed with an unknown field nested 200,000 levels deep: the reader
+    gets a delivery with no job (dead-lettered), not an exception."""
+    fields = msgspec.structs.asdict(make_job())
+    packed = b"\xde" + (len(fields) + 1).to_bytes(2, "big")  # a map: the job's fields + 1
+    for key, value in fields.items():
+        packed += msgspec.msgpack.encode(key) + msgspec.msgpack.encode(value)
+    packed += msgspec.msgpack.encode("unknown") + b"\x91" * 200_000 + b"\xc0"
+    await store.queues.ensure_group("mock")
+    await rclient.xadd(store.keys.queue("mock"), {"j": packed})
+    (delivery,) = await store.queues.read(rclient, "mock", CONSUMER, count=10, block_ms=100)
+    assert delivery.job is None and delivery.raw == packed
+
+
+async def test_a_reply_entry_that_cannot_be_read_fails_its_call_only(
+    store: JobStore, rclient: aioredis.Redis
+) -> None:
+    replies = f"{store.keys.prefix}r:pod"
+    await rclient.xadd(replies, {"i": "a", "k": "e", "s": "not-a-status", "d": "x"})
+    await rclient.xadd(replies, {"i": "b", "k": "c", "d": "data: 1\n\n"})
+    found = await JobStore.read_replies(rclient, replies, b"0-0", block_ms=10)
+    (_, first, bad), (_, second, good) = found
+    assert (first, second) == (b"a", b"b")
+    assert isinstance(bad, Failure) and bad.status == 502
+    assert good == Chunks(b"data: 1\n\n")

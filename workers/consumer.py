@@ -34,6 +34,7 @@ class StreamConsumer:
         consumer: str,
         metrics: WorkerMetrics,
         handle: Callable[[Delivery], Awaitable[None]],
+        renew: Callable[[], Awaitable[None]],
         upkeep: Callable[[], Awaitable[None]],
         upkeep_every: float,
     ) -> None:
@@ -45,7 +46,9 @@ class StreamConsumer:
         self._queues = queues
         self._metrics = metrics
         self._handle = handle
-        #: Called on every maintenance round before the leases are refreshed.
+        #: Called on every maintenance round: ``renew`` (the owner's own leases)
+        #: before this consumer's entries are refreshed, ``upkeep`` after.
+        self._renew = renew
         self._upkeep = upkeep
         self._interval = min(max(0.05, self._wcfg.lease_s / 3), upkeep_every)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -171,6 +174,7 @@ class StreamConsumer:
             try:
                 async with asyncio.timeout(self._cfg.redis.command_timeout_s * 4):
                     await self._refresh()
+                    await self._upkeep()
                     await self._reclaim()
                     if time.monotonic() >= next_forget:
                         await self._forget_dead_consumers()
@@ -203,10 +207,9 @@ class StreamConsumer:
             await self._queues.ensure_group(self.provider)
 
     async def _refresh(self) -> None:
-        """The owner's upkeep (limit leases, aborted calls), then this consumer's
-        entries' idle time reset."""
+        """The owner's leases renewed, then this consumer's entries' idle time reset."""
         began = time.monotonic()
-        await self._upkeep()
+        await self._renew()
         if self._tasks:
             await self._queues.refresh(self.provider, self.name, set(self._tasks))
         self._refreshed_at = began

@@ -76,7 +76,8 @@ class ProviderPool:
             consumer=consumer,
             metrics=metrics,
             handle=self.handle,
-            upkeep=self._upkeep,
+            renew=self._renew,
+            upkeep=self._abort_finished,
             upkeep_every=self.limits.renew_every,
         )
         self._pool = Pool(
@@ -101,8 +102,6 @@ class ProviderPool:
             upstream_seconds=metrics.upstream_seconds.labels(provider),
         )
 
-    # ------------------------------------------------------------ lifecycle
-
     # ------------------------------------------------------------ deliveries
 
     def handle(self, delivery: Delivery) -> Coroutine[Any, Any, None]:
@@ -124,13 +123,16 @@ class ProviderPool:
         call.cancel()
         return True
 
-    async def _upkeep(self) -> None:
-        """Keep the limit leases of running calls, and abort the calls of jobs made
-        final elsewhere (cancelled, expired): cancellations also arrive at once on a
-        pub/sub channel; this catches those sent while this worker was not listening."""
+    async def _renew(self) -> None:
+        """Keep the limit leases of running calls."""
         renew = self.limits.renew_commands()
         if renew:
             await asyncio.gather(*(self._batcher.call(*c) for c in renew))
+
+    async def _abort_finished(self) -> None:
+        """Abort the calls of jobs made final elsewhere (cancelled, expired):
+        cancellations also arrive at once on a pub/sub channel; this catches those
+        sent while this worker was not listening."""
         running = list(self._pool.calls)
         if not running:
             return

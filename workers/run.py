@@ -303,8 +303,7 @@ class JobRun:
 async def settle(pool: Pool, delivery: Delivery, outcome: Outcome) -> None:
     """Close a delivery: retried while Redis is unreachable, for as long as the lease
     holds (after that another worker may own the entry, and the job state check
-    makes the duplicate harmless)."""
-    """Close a delivery (see :meth:`JobRun.settle`); also for deliveries with no job."""
+    makes the duplicate harmless). Also for deliveries that hold no job."""
     began = time.monotonic()
     backoff = 0.05
     what = delivery.job.id if delivery.job is not None else delivery.entry_id

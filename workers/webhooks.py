@@ -200,7 +200,10 @@ class Deliverer:
         self.cfg = config.webhooks
         self.keys = Keys(config.redis.key_prefix)
         self.redis = redis
-        self.store = JobStore(config, Batcher(redis, timeout=config.redis.command_timeout_s), redis)
+        # Webhook bookkeeping is not on a client's path: its Redis calls may wait
+        # longer than a request's (a busy Redis must not lose an attempt's record).
+        self._batcher = Batcher(redis, timeout=max(30.0, config.redis.command_timeout_s))
+        self.store = JobStore(config, self._batcher, redis)
         self.arq = arq
         self.metrics = metrics
         self.secrets = Secrets(self.cfg)
@@ -223,6 +226,7 @@ class Deliverer:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        await self._batcher.close()
 
     async def enqueue(self, job_id: str, attempt: int, delay: float = 0.0) -> None:
         await self.arq.enqueue_job(
@@ -288,17 +292,17 @@ class Deliverer:
             await self.enqueue(job_id, attempt + 1, delay)
         else:
             status, outcome = WEBHOOK_FAILED, "failed"
-        await self.store.webhook_attempt(
-            job_id,
-            int(keep),
-            {
-                "webhook_attempts": attempt,
-                "webhook_status": status,
-                "webhook_code": code or "",
-                "webhook_at": time.time(),
-                "webhook_error": error,
-            },
-        )
+        state = {
+            "webhook_attempts": attempt,
+            "webhook_status": status,
+            "webhook_code": code or "",
+            "webhook_at": time.time(),
+            "webhook_error": error,
+        }
+        try:
+            await self.store.webhook_attempt(job_id, int(keep), state)
+        except ResponseError as e:  # e.g. the record's key holds another type
+            log.warning("job %s: webhook attempt %d not recorded: %s", job_id, attempt, e)
         self.metrics.deliveries.labels(outcome).inc()
         log.info(
             "job %s: webhook attempt %d: %s (%s)", job_id, attempt, outcome, code or error or "-"

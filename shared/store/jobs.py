@@ -4,6 +4,7 @@ one script), reading records and the tenant's index, sending and reading replies
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from llm_broker.shared.store import scripts
 from llm_broker.shared.store.queues import Queues
 from llm_broker.shared.store.records import (
     Chunks,
+    Failure,
     JobRecord,
     Reply,
     admission_fields,
@@ -40,6 +42,15 @@ from llm_broker.shared.store.values import (
 
 #: The most entries a reply stream keeps (approximately).
 REPLY_MAXLEN = 100_000
+
+log = logging.getLogger("llm_broker.store")
+
+#: What an entry that is not a reply (another writer's) reads as: a 502 for its job.
+_NO_REPLY = Failure(
+    502,
+    b'{"error":{"message":"the worker sent a reply this process cannot read",'
+    b'"type":"upstream_error","param":null,"code":"bad_reply"}}',
+)
 
 #: The start script's answers; any other is a final status.
 _VERDICTS = {v.value.encode(): v for v in Verdict if v is not Verdict.FINAL}
@@ -307,7 +318,12 @@ class JobStore:
         found: list[tuple[bytes, bytes, Reply]] = []
         for _stream, entries in batches or ():
             for entry_id, fields in entries:
-                found.append((entry_id, fields.get(b"i", b""), decode_reply(fields)))
+                try:
+                    reply = decode_reply(fields)
+                except (ValueError, UnicodeDecodeError):
+                    log.warning("reply stream %s: entry %s is no reply; skipped", stream, entry_id)
+                    reply = _NO_REPLY
+                found.append((entry_id, fields.get(b"i", b""), reply))
         return found
 
 

@@ -99,7 +99,9 @@ def _delivery(
     raw = fields.get(b"j", b"")
     try:
         job: m.Job | None = m.job_decoder.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError, ValueError, TypeError):
+        # Whatever an entry holds, it costs that entry only (dead-lettered as no
+        # job), never the loop that read it.
         job = None
     return Delivery(
         provider=provider, entry_id=entry_id.decode(), job=job, raw=raw, deliveries=deliveries
