@@ -77,9 +77,11 @@ async def _flood(
     redis: aioredis.Redis,
     queue: str,
     stop: asyncio.Event,
+    filled: asyncio.Event,
     depth: list[int],
 ) -> int:
-    """Keep about BACKLOG jobs waiting until ``stop``; returns how many were submitted."""
+    """Keep about BACKLOG jobs waiting until ``stop`` (``filled`` is set once half of
+    them wait); returns how many were submitted."""
     body = {"request": {"model": MODEL, "messages": [{"role": "user", "content": "flood"}]}}
     headers = {"Authorization": f"Bearer {key}"}
     submitted = 0
@@ -91,6 +93,8 @@ async def _flood(
     while not stop.is_set():
         waiting = int(await redis.xlen(queue)) - CAPACITY
         depth.append(max(waiting, 0))
+        if waiting >= BACKLOG // 2:
+            filled.set()
         missing = BACKLOG - waiting
         if missing > 0:
             await asyncio.gather(*(one() for _ in range(missing)))
@@ -113,7 +117,7 @@ async def _run(
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             alone = await _quiet_calls(session, url, tenant_keys["quiet"][0], failures)
-            stop = asyncio.Event()
+            stop, filled = asyncio.Event(), asyncio.Event()
             depth: list[int] = []
             flood = asyncio.ensure_future(
                 _flood(
@@ -123,11 +127,15 @@ async def _run(
                     redis,
                     queue,
                     stop,
+                    filled,
                     depth,
                 )
             )
-            while not depth or depth[-1] < BACKLOG // 2:  # noqa: ASYNC110 - the flood builds up
-                await asyncio.sleep(0.05)
+            filling = asyncio.ensure_future(filled.wait())
+            await asyncio.wait([flood, filling], return_when=asyncio.FIRST_COMPLETED)
+            filling.cancel()
+            if flood.done():
+                flood.result()  # the flood ended early: its error, if any, is the bench's
             flooded = await _quiet_calls(session, url, tenant_keys["quiet"][0], failures)
             stop.set()
             submitted = await flood

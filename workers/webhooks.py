@@ -199,7 +199,6 @@ class Deliverer:
     ) -> None:
         self.cfg = config.webhooks
         self.keys = Keys(config.redis.key_prefix)
-        self.redis = redis
         # Webhook bookkeeping is not on a client's path: its Redis calls may wait
         # longer than a request's (a busy Redis must not lose an attempt's record).
         self._batcher = Batcher(redis, timeout=max(30.0, config.redis.command_timeout_s))

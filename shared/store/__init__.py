@@ -13,7 +13,7 @@ who knows whether to retry (a worker holding a lease) or to answer 503.
 - :mod:`.values`: the store's arguments and results.
 """
 
-from llm_broker.shared.store.jobs import REPLY_MAXLEN, JobStore
+from llm_broker.shared.store.jobs import JobStore
 from llm_broker.shared.store.queues import Queues
 from llm_broker.shared.store.values import (
     Admitted,
@@ -30,7 +30,6 @@ from llm_broker.shared.store.values import (
 )
 
 __all__ = [
-    "REPLY_MAXLEN",
     "Admitted",
     "AsyncFields",
     "Cancelled",

@@ -97,10 +97,6 @@ def decode_reply(fields: Mapping[bytes, bytes]) -> Reply:
     return Failure(int(fields.get(b"s", b"500")), data, fields.get(b"ra", b"").decode())
 
 
-def reply_status(reply: Reply) -> int:
-    return reply.status if isinstance(reply, Failure) else 200
-
-
 # ---------------------------------------------------------------- the record
 
 #: Webhook delivery states.
