@@ -53,6 +53,8 @@ GAUGES = {
     "llm_broker_queue_depth",
     "llm_broker_queue_pending",
     "llm_broker_queue_lag",
+    "llm_broker_queue_waiting",
+    "llm_broker_queue_oldest_age_seconds",
 }
 HISTOGRAMS = {
     "llm_broker_request_duration_seconds",

@@ -819,21 +819,29 @@ def test_keda_component_replaces_worker_hpas(keda_docs: tuple[Doc, ...]) -> None
             < behavior["scaleDown"]["stabilizationWindowSeconds"]
         )
         triggers = so["spec"]["triggers"]
-        assert {t["type"] for t in triggers} == {"redis-streams"}
+        assert {t["type"] for t in triggers} == {"prometheus", "redis-streams"}
         kinds = set()
         for t in triggers:
             md = t["metadata"]
+            assert all(isinstance(v, str) for v in md.values()), "KEDA metadata values are strings"
+            if t["type"] == "prometheus":
+                # The backlog waits in the scheduler's lists, not in the stream:
+                # the depth gauge (lists plus stream) of this namespace only.
+                assert md["serverAddress"].startswith(("http://", "https://"))
+                assert re.sub(r"\s", "", md["query"]) == (
+                    f'max(llm_broker_queue_depth{{namespace="{NAMESPACES["prod"]}",'
+                    f'provider="{provider}"}})'
+                )
+                assert int(md["threshold"]) == cfg.providers[provider].max_concurrency
+                kinds.add("depth")
+                continue
             assert md["stream"] == keys.queue(provider) == f"llmb:q:{{{provider}}}"
             assert md["consumerGroup"] == GROUP
-            assert all(isinstance(v, str) for v in md.values()), "KEDA metadata values are strings"
-            if "lagCount" in md:
-                assert int(md["lagCount"]) > 0 and "activationLagCount" in md
-                kinds.add("lag")
             if "pendingEntriesCount" in md:
                 assert 0 < int(md["pendingEntriesCount"]) <= cfg.providers[provider].max_concurrency
                 kinds.add("pending")
             assert "address" in md or "host" in md or t["authenticationRef"]["name"] in auths
-        assert kinds == {"lag", "pending"}
+        assert kinds == {"depth", "pending"}
     for auth in auths.values():
         for ref in auth["spec"]["secretTargetRef"]:
             assert ref["name"] == "llm-broker-redis" and ref["parameter"] in (
