@@ -3,6 +3,7 @@ and Redis errors on the way become answers."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Awaitable
@@ -15,9 +16,19 @@ from llm_broker.ingress.bodies import decode_chat, decode_embeddings
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.state import State
 from llm_broker.shared import messages as m
-from llm_broker.shared.config import Candidates, ModelRoute
-from llm_broker.shared.errors import BadRequest, ModelNotFound, QueueFull, Unavailable
+from llm_broker.shared.body import estimate_tokens
+from llm_broker.shared.config import PRIORITIES, Candidates, ModelRoute, Priority
+from llm_broker.shared.errors import (
+    BadRequest,
+    BrokerError,
+    ModelNotFound,
+    QueueFull,
+    Unavailable,
+)
+from llm_broker.shared.errors import TenantQueueFull as TenantQueueFullError
+from llm_broker.shared.errors import TenantRateLimited as TenantRateLimitedError
 from llm_broker.shared.redisio import REDIS_DOWN
+from llm_broker.shared.store import Refused, TenantQueueFull, TenantRateLimited
 from llm_broker.shared.tracing import valid_traceparent
 
 T = TypeVar("T")
@@ -48,10 +59,13 @@ async def new_job(
     *,
     reply_to: str,
     kind: str = m.CHAT,
+    priority: str | None = None,
 ) -> tuple[m.Job, ModelRoute]:
     """Validate a request body and make it a job for the deployment it routes to;
-    the other deployments of its model become its fallbacks."""
+    the other deployments of its model become its fallbacks. ``priority``: the
+    class the body asks for (the ``X-Priority`` header otherwise)."""
     ctx = request[CONTEXT]
+    out: object = 0
     if kind == m.EMBEDDINGS:
         model, stream, include_usage = decode_embeddings(raw).model, False, False
     else:
@@ -59,6 +73,14 @@ async def new_job(
         model, stream = req.model, req.stream
         ctx.temperature = req.temperature
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        out = req.max_completion_tokens or req.max_tokens
+    tcfg = state.config.tenant(tenant)
+    default = m.INTERACTIVE if reply_to else m.ASYNC
+    if priority is not None:
+        job_priority = _priority(tcfg.max_priority, priority, "priority")
+    else:
+        asked = request.headers.get("X-Priority", default)
+        job_priority = _priority(tcfg.max_priority, asked, "X-Priority")
     candidates = _candidates(state, model, kind)
     if len(candidates.targets) == 1:
         targets = list(candidates.targets)
@@ -89,9 +111,23 @@ async def new_job(
         traceparent=valid_traceparent(request.headers.get("traceparent", "")),
         kind=kind,
         fallbacks=targets[1:] if candidates.route.fallback else [],
+        priority=job_priority,
     )
     ctx.job_id = job.id
+    quota = tcfg.providers.get(first.provider)
+    if tcfg.quotas.tpm or (quota is not None and quota.tpm):
+        cap = state.config.providers[first.provider].max_call_tokens
+        ctx.tokens = estimate_tokens({"max_tokens": out}, len(raw), cap)
     return job, candidates.route
+
+
+def _priority(ceiling: Priority, asked: str, param: str) -> str:
+    """The class asked for, lowered to the tenant's ceiling."""
+    if asked not in PRIORITIES:
+        raise BadRequest(
+            f"{param} must be one of {', '.join(PRIORITIES)}; got {asked[:64]!r}", param=param
+        )
+    return PRIORITIES[max(PRIORITIES.index(asked), PRIORITIES.index(ceiling))]
 
 
 def _candidates(state: State, model: str, kind: str) -> Candidates:
@@ -128,9 +164,29 @@ async def redis_call(state: State, what: str, provider: str, call: Awaitable[T])
         ) from e
 
 
-def queue_full(state: State, provider: str) -> QueueFull:
-    state.metrics.rejected.labels(provider, "queue_full").inc()
-    return QueueFull(
-        f"the queue for provider {provider!r} is full; retry later",
-        headers={"Retry-After": str(state.config.ingress.queue_full_retry_after_s)},
-    )
+def refused(state: State, job: m.Job, why: Refused) -> BrokerError:
+    """The answer to a job that admission refused; only its tenant gets the
+    tenant quotas' errors."""
+    retry_after = {"Retry-After": str(state.config.ingress.queue_full_retry_after_s)}
+    provider = job.provider
+    where = f"on provider {provider!r}" if getattr(why, "scope", "") == "provider" else "overall"
+    match why:
+        case TenantQueueFull():
+            state.metrics.rejected.labels(provider, "tenant_queue_full").inc()
+            return TenantQueueFullError(
+                f"tenant {job.tenant!r} has as many jobs queued {where} as its quota "
+                "allows; retry later",
+                headers=retry_after,
+            )
+        case TenantRateLimited(retry_after=seconds):
+            state.metrics.rejected.labels(provider, "tenant_rate_limited").inc()
+            return TenantRateLimitedError(
+                f"tenant {job.tenant!r} reached its requests or tokens per minute {where}; "
+                "retry later",
+                headers={"Retry-After": str(max(1, math.ceil(seconds)))},
+            )
+        case _:
+            state.metrics.rejected.labels(provider, "queue_full").inc()
+            return QueueFull(
+                f"the queue for provider {provider!r} is full; retry later", headers=retry_after
+            )

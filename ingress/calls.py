@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from llm_broker.ingress import cache
-from llm_broker.ingress.admission import queue_full, redis_call
+from llm_broker.ingress.admission import redis_call, refused
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.replies import Waiter
 from llm_broker.ingress.state import State
@@ -103,7 +103,7 @@ async def _run(
     replies = state.replies.register(job.id)
     answered = False
     try:
-        await _enqueue(state, job)
+        await _enqueue(request, state, job)
         if job.stream:
             response = await _stream_reply(request, state, job, replies, loop_deadline, renderer)
         else:
@@ -153,13 +153,16 @@ async def _cached(
     return response
 
 
-async def _enqueue(state: State, job: m.Job) -> None:
+async def _enqueue(request: web.Request, state: State, job: m.Job) -> None:
     pcfg = state.config.providers[job.provider]
     job.result_ttl = int(state.config.jobs.sync_result_ttl_s)
     ttl = int(job.deadline - job.created) + job.result_ttl
-    admit = state.store.enqueue(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl)
-    if await redis_call(state, "enqueue", job.provider, admit) is None:
-        raise queue_full(state, job.provider)
+    admit = state.store.enqueue(
+        job, max_depth=pcfg.max_queue_depth, ttl_s=ttl, tokens=request[CONTEXT].tokens
+    )
+    why = await redis_call(state, "enqueue", job.provider, admit)
+    if why is not None:
+        raise refused(state, job, why)
 
 
 def _reply(job: m.Job, renderer: Renderer, reply: Reply) -> web.Response:

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from llm_broker.ingress.admission import new_job, queue_full, redis_call
+from llm_broker.ingress.admission import new_job, redis_call, refused
 from llm_broker.ingress.bodies import decode_body, json_response, read_json_body
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.state import STATE, State
@@ -27,6 +27,8 @@ from llm_broker.shared.store import (
     Full,
     Idempotency,
     Replayed,
+    TenantQueueFull,
+    TenantRateLimited,
 )
 from llm_broker.shared.store.records import JobRecord
 
@@ -60,6 +62,7 @@ async def post_job(request: web.Request) -> web.Response:
         raw,
         webhook_url=sub.webhook_url,
         metadata=sub.metadata,
+        priority=sub.priority,
     )
 
 
@@ -136,12 +139,13 @@ async def submit(
     *,
     webhook_url: str | None,
     metadata: dict[str, str] | None,
+    priority: str | None = None,
 ) -> web.Response:
     """Queue ``chat_body`` as an async job and answer 202 with the job object.
 
     ``raw`` is the whole request body, which an Idempotency-Key is bound to.
     """
-    job, _route = await new_job(request, state, tenant, chat_body, reply_to="")
+    job, _route = await new_job(request, state, tenant, chat_body, reply_to="", priority=priority)
     idem = _idempotency_key(request)
     if metadata:
         _check_metadata(metadata)
@@ -162,12 +166,13 @@ async def submit(
         ttl_s=int(job.deadline - job.created) + job.result_ttl,
         extra=AsyncFields(metadata=metadata or None, webhook_url=webhook_url),
         idempotency=idempotency,
+        tokens=request[CONTEXT].tokens,
     )
     match await redis_call(state, "enqueue", job.provider, admit):
         case Admitted(record=rec):
             return _accepted(state, request, job.id, rec)
-        case Full():
-            raise queue_full(state, job.provider)
+        case Full() | TenantQueueFull() | TenantRateLimited() as why:
+            raise refused(state, job, why)
         case Replayed(job_id=seen_id, request_hash=seen_hash, record=rec):
             if idempotency is None or seen_hash != idempotency.request_hash:
                 raise _key_reused()

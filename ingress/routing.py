@@ -1,7 +1,7 @@
 """Picking a deployment for a job: weighted, least-queued or lowest-latency.
 
 The chosen deployment comes first; the others follow in the same order as the
-job's fallbacks. Queue depths (``XLEN`` of each provider stream) are read at
+job's fallbacks. Queue depths (jobs waiting for each provider and on its stream) are read at
 most every 100 ms per process, latency averages (written by workers) at most
 once a second. When Redis cannot tell, the configured order stands: routing
 is a preference, not a limit.
@@ -14,7 +14,7 @@ import logging
 import random
 import time
 
-from llm_broker.shared.config import Candidates, Target
+from llm_broker.shared.config import PRIORITIES, Candidates, Target
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.redisio import REDIS_DOWN, Batcher
 
@@ -57,11 +57,20 @@ class Chooser:
         if stale:
             try:
                 # The batcher bounds the calls by redis.command_timeout_s.
+                keys = self._keys
                 found = await asyncio.gather(
-                    *(self._batcher.call("XLEN", self._keys.queue(p)) for p in stale)
+                    *(
+                        self._batcher.call(*command)
+                        for p in stale
+                        for command in (
+                            ("XLEN", keys.queue(p)),
+                            *(("ZCARD", keys.waiting_index(p, c)) for c in PRIORITIES),
+                        )
+                    )
                 )
-                for p, depth in zip(stale, found, strict=True):
-                    self._depths[p] = (now, int(depth))
+                per = 1 + len(PRIORITIES)
+                for i, p in enumerate(stale):
+                    self._depths[p] = (now, sum(int(n) for n in found[i * per : (i + 1) * per]))
             except REDIS_DOWN as e:
                 log.debug("queue depths unavailable: %s", e)
         return {p: self._depths[p][1] for p in providers if p in self._depths}

@@ -12,6 +12,7 @@ integers outside 64 bits.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -70,3 +71,14 @@ def _encode_problem(e: orjson.JSONEncodeError) -> str:
     if "Integer" in text:
         return "the JSON body holds an integer outside the 64-bit range"
     return f"the JSON body cannot be carried: {text}"
+
+
+def estimate_tokens(body: Any, raw_size: int, cap: int) -> int:
+    """A call's token cost before it runs: prompt bytes / 4 plus the most it may
+    write, at most ``cap`` (no call uses more than its model's context)."""
+    out = None
+    if isinstance(body, dict):
+        out = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(out, int) or out < 0:
+        out = 256
+    return min(cap, math.ceil(raw_size / 4) + min(out, cap))

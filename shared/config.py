@@ -224,6 +224,66 @@ class LimitsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
     window_s: float = 60.0
 
 
+#: Priority classes, highest first: synchronous calls default to ``interactive``,
+#: async jobs to ``async``; ``batch`` is for bulk work.
+Priority = Literal["interactive", "async", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "async", "batch")
+
+
+class Quota(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A tenant's quotas, overall or on one provider (0: none)."""
+
+    #: Jobs admitted and not yet dispatched to a worker.
+    max_queued: int = 0
+    #: Jobs dispatched to workers and not yet settled, across every worker process.
+    max_in_flight: int = 0
+    #: Requests and estimated tokens admitted per minute (a sliding window).
+    rpm: int = 0
+    tpm: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_queued", "max_in_flight", "rpm", "tpm"):
+            if not 0 <= getattr(self, name) <= 2**40:
+                raise ValueError(f"quota {name} must be from 0 (none) to 2**40")
+
+
+class TenantConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How the scheduler treats one tenant (``tenants`` in the config)."""
+
+    #: Share of a provider's capacity against other backlogged tenants of the same
+    #: class, counted in requests: weight 3 gets three dispatches for every one of
+    #: a tenant with weight 1.
+    weight: float = 1.0
+    #: The highest class the tenant's requests may have; a request asking for a
+    #: higher one is lowered to it.
+    max_priority: Priority = "interactive"
+    #: Quotas over every provider together.
+    quotas: Quota = Quota()
+    #: Quotas on one provider (provider name → quota).
+    providers: dict[str, Quota] = {}
+
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.weight <= 1000:
+            raise ValueError("tenant weight must be from 0.1 to 1000")
+
+
+class SchedulingConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The order in which waiting jobs go to a provider's workers."""
+
+    #: Minimum share of a provider's dispatches that a lower class keeps while it
+    #: has work and a higher class has too (``interactive`` always goes first
+    #: otherwise). 0.1: at least one dispatch in ten.
+    min_share: dict[Priority, float] = msgspec.field(
+        default_factory=lambda: {"async": 0.1, "batch": 0.05}
+    )
+
+    def __post_init__(self) -> None:
+        if "interactive" in self.min_share:
+            raise ValueError("scheduling.min_share: interactive is the highest class already")
+        if any(not 0 <= v <= 0.5 for v in self.min_share.values()):
+            raise ValueError("scheduling.min_share values must be from 0 to 0.5")
+
+
 class Price(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """What a model's tokens cost, in US dollars per million tokens."""
 
@@ -383,6 +443,10 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: Model name (as clients request it) → token prices, for llm_broker_cost_usd_total.
     pricing: dict[str, Price] = {}
     tracing: TracingConfig = TracingConfig()
+    #: Tenant name → scheduling weight, priority ceiling and quotas; ``"*"`` applies
+    #: to every tenant not listed.
+    tenants: dict[str, TenantConfig] = {}
+    scheduling: SchedulingConfig = SchedulingConfig()
     #: First part of each ingress process's reply stream name (pid and a random
     #: suffix follow); the host name when empty.
     pod_name: str = ""
@@ -397,6 +461,18 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
                     raise ValueError(
                         f"model {name!r}: a deployment with its own limits needs a model name"
                     )
+        for tenant, tcfg in self.tenants.items():
+            for provider in tcfg.providers:
+                if provider not in self.providers:
+                    raise ValueError(f"tenant {tenant!r}: quota for unknown provider {provider!r}")
+
+    def tenant(self, name: str) -> TenantConfig:
+        """The scheduling settings of tenant ``name`` (``"*"``'s when not listed)."""
+        found = self.tenants.get(name) or self.tenants.get("*")
+        return found if found is not None else _DEFAULT_TENANT
+
+
+_DEFAULT_TENANT = TenantConfig()
 
 
 def hash_key(key: str) -> str:

@@ -127,6 +127,18 @@ class QueueFull(BrokerError):
     code = "queue_full"
 
 
+class TenantQueueFull(BrokerError):
+    status = 429
+    type = "rate_limit_error"
+    code = "tenant_queue_full"
+
+
+class TenantRateLimited(BrokerError):
+    status = 429
+    type = "rate_limit_error"
+    code = "tenant_rate_limited"
+
+
 class Unavailable(BrokerError):
     status = 503
     type = "service_unavailable"

@@ -51,6 +51,7 @@ def job_object(job_id: str, rec: JobRecord) -> dict[str, Any]:
         "object": "job",
         "status": rec.status,
         "model": rec.model or None,
+        "priority": rec.priority or None,
         "created_at": _time(rec.created_at),
         "started_at": _time(rec.started_at),
         "completed_at": _time(rec.completed_at),

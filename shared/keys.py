@@ -20,6 +20,49 @@ class Keys:
         """Stream of jobs for one provider; its length is the queue depth."""
         return f"{self.prefix}q:{{{provider}}}"
 
+    # The scheduler's keys (shared/store/scripts.py builds the same names in Lua).
+
+    def waiting(self, provider: str, priority: str, tenant: str) -> str:
+        """List of a tenant's jobs of one class waiting for the provider's workers
+        (each ``"<job id> <packed job>"``), oldest first."""
+        return f"{self.prefix}w:{{{provider}}}:{priority}:{tenant}"
+
+    def waiting_index(self, provider: str, priority: str) -> str:
+        """Sorted set of the jobs of one class waiting for the provider (score:
+        creation time): the class's depth and its oldest job."""
+        return f"{self.prefix}wait:{{{provider}}}:{priority}"
+
+    def ring(self, provider: str, priority: str) -> str:
+        """List of the tenants with jobs of one class waiting: the round-robin order."""
+        return f"{self.prefix}ring:{{{provider}}}:{priority}"
+
+    def capacity(self, provider: str) -> str:
+        """The slots of the provider's live workers (what the queue may hold)."""
+        return f"{self.prefix}cap:{{{provider}}}"
+
+    def workers(self, provider: str) -> str:
+        """Hash of the provider's live workers: consumer name → "slots expiry"."""
+        return f"{self.prefix}workers:{{{provider}}}"
+
+    def scheduler(self, provider: str) -> str:
+        """Hash of the provider's scheduler state: each lower class's minimum share
+        and credit (four fields)."""
+        return f"{self.prefix}sched:{{{provider}}}"
+
+    def tenant_settings(self, provider: str) -> str:
+        """Hash: "<class>:<tenant>" → "weight in-flight-quota overall-in-flight-quota"
+        of each tenant with jobs waiting, as its latest admission set them."""
+        return f"{self.prefix}tc:{{{provider}}}"
+
+    def tenant_queued(self, provider: str) -> str:
+        """Hash: tenant → its jobs waiting for the provider."""
+        return f"{self.prefix}tq:{{{provider}}}"
+
+    def tenant_in_flight(self, provider: str, tenant: str) -> str:
+        """Sorted set of a tenant's jobs dispatched to the provider's workers and not
+        yet settled (score: deadline); kept only under an in-flight quota."""
+        return f"{self.prefix}fl:{{{provider}}}:{tenant}"
+
     def dead_letter(self, provider: str) -> str:
         """Stream of jobs that failed after too many deliveries."""
         return f"{self.prefix}dlq:{{{provider}}}"

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from llm_broker.shared.config import Target
+from llm_broker.shared.config import Priority, Target
 
 # ---------------------------------------------------------------- client schema
 
@@ -41,6 +41,10 @@ class ChatRequest(msgspec.Struct):
     #: Read so that ingress can tell a sampling request (not cached) without
     #: decoding the whole body again.
     temperature: float | None = None
+    #: Read for the token estimate of a tenant's tpm quota (any type: a wrong one
+    #: is the upstream's to refuse, as before).
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
 
 
 chat_request_decoder = msgspec.json.Decoder(ChatRequest)
@@ -63,6 +67,8 @@ class JobSubmission(msgspec.Struct, forbid_unknown_fields=True):
     request: msgspec.Raw
     webhook_url: str | None = None
     metadata: dict[str, str] | None = None
+    #: The job's priority class (as the ``X-Priority`` header).
+    priority: str | None = None
 
 
 job_submission_decoder = msgspec.json.Decoder(JobSubmission)
@@ -120,6 +126,9 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Response cache key to store the result under ("" for none) and for how long.
     cache_key: str = ""
     cache_ttl: int = 0
+    #: Priority class (``interactive``, ``async``, ``batch``): the waiting list it
+    #: joins on each provider, fallbacks included.
+    priority: str = "interactive"
 
     @property
     def target(self) -> Target:
@@ -128,6 +137,11 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 job_encoder = msgspec.msgpack.Encoder()
 job_decoder = msgspec.msgpack.Decoder(Job)
+
+# Priority classes (shared.config.PRIORITIES), highest first.
+INTERACTIVE: Priority = "interactive"
+ASYNC: Priority = "async"
+BATCH: Priority = "batch"
 
 # Job statuses; a job only moves forward (queued -> in_progress -> completed |
 # failed | cancelled | expired), which the scripts in shared/scripts.py enforce.

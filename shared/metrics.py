@@ -166,9 +166,22 @@ class WorkerMetrics:
         )
         self.queue_depth = Gauge(
             "llm_broker_queue_depth",
-            "Jobs in a provider's stream, queued or in flight; every worker exports it "
-            "for its providers: aggregate with max, not sum",
+            "Jobs of a provider waiting or in flight (its waiting lists and its stream); "
+            "every worker exports it for its providers: aggregate with max, not sum",
             ["provider"],
+            registry=registry,
+        )
+        self.queue_waiting = Gauge(
+            "llm_broker_queue_waiting",
+            "Jobs of one priority class waiting for a provider's workers (aggregate with max)",
+            ["provider", "priority"],
+            registry=registry,
+        )
+        self.queue_oldest_age = Gauge(
+            "llm_broker_queue_oldest_age_seconds",
+            "Age of the oldest job of one priority class waiting for a provider's workers "
+            "(0: none waits; aggregate with max)",
+            ["provider", "priority"],
             registry=registry,
         )
         self.queue_pending = Gauge(

@@ -62,12 +62,32 @@ def make_job(
     )
 
 
-async def enqueue(client: aioredis.Redis, prefix: str, job: m.Job, max_depth: int = 10_000) -> str:
+async def enqueue(client: aioredis.Redis, prefix: str, job: m.Job, max_depth: int = 10_000) -> None:
+    """Admit ``job``: it waits for the provider's workers (or goes to one now)."""
     config = parse_config({"redis": {"key_prefix": prefix}})
     store = JobStore(config, Batcher(client, timeout=5.0), client)
-    entry = await store.enqueue(job, max_depth=max_depth, ttl_s=3600)
-    assert entry is not None
-    return entry
+    assert await store.enqueue(job, max_depth=max_depth, ttl_s=3600) is None
+
+
+async def dispatched(client: aioredis.Redis, prefix: str, job: m.Job) -> str:
+    """Admit ``job`` and put it on its provider's stream at once, as a dispatch to
+    a free worker slot does; returns its entry id."""
+    config = parse_config(
+        {
+            "redis": {"key_prefix": prefix},
+            "providers": {job.provider: {"type": "mock", "base_url": "http://127.0.0.1:9"}},
+        }
+    )
+    store = JobStore(config, Batcher(client, timeout=5.0), client)
+    queue = Keys(prefix).queue(job.provider)
+    before = await client.xlen(queue)
+    await store.register(job.provider, "test-slots", before + 1, 60)
+    try:
+        assert await store.enqueue(job, max_depth=10_000, ttl_s=3600) is None
+    finally:
+        await store.register(job.provider, "test-slots", 0, 60)
+    ((entry, _fields),) = await client.xrevrange(queue, count=1)
+    return str(entry.decode())
 
 
 async def job_record(client: aioredis.Redis, prefix: str, job_id: str) -> dict[str, Any]:

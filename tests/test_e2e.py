@@ -517,10 +517,11 @@ async def test_full_queue_answers_429_with_retry_after(
         for _ in range(2)
     ]
     try:
-        queue = Keys(prefix).queue("mock")
+        # No worker has offered a slot: both wait for one.
+        queue = Keys(prefix).waiting_index("mock", "interactive")
 
         async def two_queued() -> bool:
-            return bool(await rclient.xlen(queue) == 2)
+            return bool(await rclient.zcard(queue) == 2)
 
         await eventually(two_queued, what="two jobs in the queue")
         started = time.monotonic()
@@ -533,7 +534,7 @@ async def test_full_queue_answers_429_with_retry_after(
         assert time.monotonic() - started < 1
         assert error["code"] == "queue_full"
         assert error["type"] == "rate_limit_error"
-        assert await rclient.xlen(queue) == 2
+        assert await rclient.zcard(queue) == 2
     finally:
         for fut in waiting:
             resp = await fut

@@ -25,7 +25,15 @@ from llm_broker.shared import body as json_body
 from llm_broker.shared.config import parse_config
 from llm_broker.shared.keys import GROUP, Keys
 from tests.conftest import ConfigFactory, Procs, chat, mock_stats, wait_in_flight
-from tests.helpers import enqueue, eventually, job_record, job_status, make_job, wait_status
+from tests.helpers import (
+    dispatched,
+    enqueue,
+    eventually,
+    job_record,
+    job_status,
+    make_job,
+    wait_status,
+)
 
 
 def _poisoned(job_body: bytes) -> Any:
@@ -114,7 +122,7 @@ async def test_dead_letter_entries_are_bounded_summaries_that_expire(
     big = "y" * 200_000
     jobs = [make_job("mock", content=big) for _ in range(8)]
     for job in jobs:
-        entry = await enqueue(rclient, prefix, job)
+        entry = await dispatched(rclient, prefix, job)
         # A consumer took each entry and died: the next delivery is one too many.
         await rclient.xclaim(queue, GROUP, "crashed", 0, [entry])
     await rclient.xreadgroup(GROUP, "crashed", {queue: ">"}, count=100)

@@ -645,7 +645,11 @@ async def test_a_job_past_its_ttl_answers_404_and_leaves_no_keys(
     keys = Keys(prefix)
     # What stays belongs to the processes, not to the job: the queue and the
     # ingress's reply stream.
-    own = {keys.queue("mock").encode(), keys.reply("").encode()}
+    # The provider's queue, its scheduler's state and the reply streams stay.
+    provider = ("mock",)
+    own = {
+        f(*provider).encode() for f in (keys.queue, keys.scheduler, keys.capacity, keys.workers)
+    } | {keys.reply("").encode()}
 
     async def no_keys() -> list[bytes] | None:
         left = [k async for k in rclient.scan_iter(match=f"{prefix}*")]

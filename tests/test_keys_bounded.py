@@ -20,7 +20,14 @@ from llm_broker.shared import messages as m
 from llm_broker.shared.config import new_key
 from llm_broker.shared.keys import GROUP, Keys
 from tests.conftest import ConfigFactory, Procs, Receiver, chat, wait_in_flight
-from tests.helpers import enqueue, eventually, job_status, key_report, loopback_webhooks, make_job
+from tests.helpers import (
+    dispatched,
+    eventually,
+    job_status,
+    key_report,
+    loopback_webhooks,
+    make_job,
+)
 
 KEY, KEY_HASH = new_key()
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -40,8 +47,11 @@ def verdict(key: str, kind: str, ttl: int, length: int, prefix: str, deployments
         return "ttl"
     if kind == "stream" and length == 0:
         return "empty queue"  # a consumer group's stream, every entry acknowledged and deleted
-    if key == Keys(prefix).latency() and kind == "hash" and length <= deployments:
+    keys = Keys(prefix)
+    if key == keys.latency() and kind == "hash" and length <= deployments:
         return "one field per configured deployment"
+    if key == keys.scheduler("mock") and kind == "hash" and length <= 4:
+        return "the scheduler's four fields"
     return "UNBOUNDED"
 
 
@@ -93,7 +103,7 @@ async def test_every_key_has_a_ttl_or_a_hard_bound(
     # Dead-lettered: two consumers took an entry and died without acknowledging it.
     await rclient.xgroup_create(queue, GROUP, id="0", mkstream=True)
     poison = make_job("mock")
-    entry = await enqueue(rclient, prefix, poison)
+    entry = await dispatched(rclient, prefix, poison)
     await rclient.xreadgroup(GROUP, "crashed-1", {queue: ">"}, count=1)
     await rclient.xclaim(queue, GROUP, "crashed-2", 0, [entry])
     procs.worker(config)

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from llm_broker.shared.keys import GROUP, Keys
 from tests.conftest import ConfigFactory, Procs, mock_stats, wait_in_flight
-from tests.helpers import enqueue, eventually, job_record, job_status, make_job
+from tests.helpers import dispatched, enqueue, eventually, job_record, job_status, make_job
 
 
 async def test_each_job_reaches_exactly_one_worker_and_leaves_the_stream(
@@ -150,7 +150,7 @@ async def test_poison_job_fails_after_max_deliveries_and_is_dead_lettered(
     queue = keys.queue("mock")
     await rclient.xgroup_create(queue, GROUP, id="0", mkstream=True)
     job = make_job("mock")
-    entry = await enqueue(rclient, prefix, job)
+    entry = await dispatched(rclient, prefix, job)
     # Two consumers took the entry and died without acknowledging it.
     got = await rclient.xreadgroup(GROUP, "crashed-1", {queue: ">"}, count=1)
     assert got[0][1][0][0].decode() == entry

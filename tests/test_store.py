@@ -41,7 +41,11 @@ async def store(rclient: aioredis.Redis, prefix: str) -> AsyncIterator[JobStore]
         }
     )
     batcher = Batcher(rclient, timeout=5.0)
-    yield JobStore(config, batcher, rclient)
+    store = JobStore(config, batcher, rclient)
+    # A worker's free slots: admitted jobs go to the queue at once.
+    for provider in ("mock", "other"):
+        await store.register(provider, CONSUMER, 100, 600)
+    yield store
     await batcher.close()
 
 
@@ -53,7 +57,7 @@ def waiting_job(reply_to: str, **changes: object) -> m.Job:
 async def delivered(store: JobStore, rclient: aioredis.Redis, job: m.Job) -> Delivery:
     """``job`` admitted and read by CONSUMER."""
     await store.queues.ensure_group(job.provider)
-    assert await store.enqueue(job, max_depth=100, ttl_s=600) is not None
+    assert await store.enqueue(job, max_depth=100, ttl_s=600) is None
     (delivery,) = await store.queues.read(rclient, job.provider, CONSUMER, count=10, block_ms=100)
     assert delivery.job == job and delivery.deliveries == 1
     return delivery
@@ -77,8 +81,8 @@ async def pending(rclient: aioredis.Redis, store: JobStore, provider: str) -> tu
 
 async def test_enqueue_admits_until_the_queue_is_full(store: JobStore) -> None:
     first, second = make_job(), make_job()
-    assert await store.enqueue(first, max_depth=1, ttl_s=60) is not None
-    assert await store.enqueue(second, max_depth=1, ttl_s=60) is None
+    assert await store.enqueue(first, max_depth=1, ttl_s=60) is None
+    assert await store.enqueue(second, max_depth=1, ttl_s=60) == Full()
     rec = await record(store, first.id)
     assert (rec.status, rec.tenant, rec.model, rec.attempts) == ("queued", "default", "mock", 0)
     assert await store.record(second.id) is None
@@ -149,8 +153,10 @@ async def test_start_runs_a_job_once_and_counts_its_attempts(
 
 
 async def test_start_refuses_what_must_not_run(store: JobStore, rclient: aioredis.Redis) -> None:
-    late = make_job(timeout=-1)
+    late = make_job()
     expired = await delivered(store, rclient, late)
+    # Its deadline passes while the delivery is on its way.
+    await rclient.hset(store.keys.job(late.id), "deadline", str(time.time() - 1))  # type: ignore[misc]
     assert await store.start(expired, result_ttl=60) is Verdict.EXPIRED
     rec = await record(store, late.id)
     assert (rec.status, rec.http_status) == ("expired", 504)

@@ -166,7 +166,7 @@ def test_job_decoder_tolerates_fields_from_newer_versions() -> None:
         "deadline": 1.0,
         "created": 0.0,
         "body": b"{}",
-        "priority": 5,
+        "shard": 5,
     }
     job = m.job_decoder.decode(msgspec.msgpack.encode(newer))
     assert job.id == "x" and job.stream is False and job.reply_to == ""

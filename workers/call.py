@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from llm_broker.shared import messages as m
+from llm_broker.shared.body import estimate_tokens
 from llm_broker.shared.config import ProviderConfig
 from llm_broker.shared.errors import CircuitOpen, DeadlineExceeded, UpstreamError
 from llm_broker.shared.metrics import WorkerMetrics
@@ -23,7 +24,7 @@ from llm_broker.shared.store.records import Chunks, Usage
 from llm_broker.shared.tracing import Tracing
 from llm_broker.workers import shaping
 from llm_broker.workers.accumulate import StreamAccumulator
-from llm_broker.workers.limits import Lease, Limits, estimate_tokens
+from llm_broker.workers.limits import Lease, Limits
 from llm_broker.workers.policy import CallPolicy, Tries, deployment_name
 from llm_broker.workers.upstream import Upstream
 

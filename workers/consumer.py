@@ -37,6 +37,7 @@ class StreamConsumer:
         renew: Callable[[], Awaitable[None]],
         upkeep: Callable[[], Awaitable[None]],
         upkeep_every: float,
+        register: Callable[[int, float], Awaitable[int]],
     ) -> None:
         self.provider = provider
         self.name = consumer
@@ -50,6 +51,8 @@ class StreamConsumer:
         #: before this consumer's entries are refreshed, ``upkeep`` after.
         self._renew = renew
         self._upkeep = upkeep
+        #: Offers this consumer's slots to the scheduler for a while (0: withdraws them).
+        self._register = register
         self._interval = min(max(0.05, self._wcfg.lease_s / 3), upkeep_every)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
@@ -140,6 +143,7 @@ class StreamConsumer:
                 try:
                     if need_group:
                         await self._ensure_group()
+                        await self._offer()
                         need_group = False
                     deliveries = await self._queues.read(
                         reader, self.provider, self.name, count=free, block_ms=self._wcfg.block_ms
@@ -174,6 +178,7 @@ class StreamConsumer:
             try:
                 async with asyncio.timeout(self._cfg.redis.command_timeout_s * 4):
                     await self._refresh()
+                    await self._offer()
                     await self._upkeep()
                     await self._reclaim()
                     if time.monotonic() >= next_forget:
@@ -193,6 +198,12 @@ class StreamConsumer:
                 await asyncio.wait_for(self._stopping.wait(), self._interval)
             except TimeoutError:
                 pass
+        # No more jobs for this process; the ones in the queue go to the others.
+        try:
+            async with asyncio.timeout(self._cfg.redis.command_timeout_s * 4):
+                await self._register(0, self._wcfg.lease_s)
+        except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
+            log.warning("provider %s: could not withdraw the slots: %s", self.provider, e)
         # Keep leases fresh while the deliveries in hand finish during shutdown.
         while self._tasks:
             try:
@@ -205,6 +216,12 @@ class StreamConsumer:
     async def _ensure_group(self) -> None:
         async with asyncio.timeout(self._cfg.redis.command_timeout_s * 4):
             await self._queues.ensure_group(self.provider)
+
+    async def _offer(self) -> None:
+        """Offer this consumer's slots to the scheduler for one lease period; waiting
+        jobs fill what is free."""
+        if not self._stopping.is_set():
+            await self._register(self._capacity, self._wcfg.lease_s)
 
     async def _refresh(self) -> None:
         """The owner's leases renewed, then this consumer's entries' idle time reset."""

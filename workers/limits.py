@@ -325,12 +325,3 @@ class Limits:
             d.global_max_concurrency for d in self._deployments.values()
         )
         return max(0.05, self._cfg.lease_s / 3) if caps else math.inf
-
-
-def estimate_tokens(body: dict[str, Any], raw_size: int, cap: int) -> int:
-    """A call's token cost before it runs: prompt bytes / 4 plus the most it may
-    write, at most ``cap`` (no call uses more than its model's context)."""
-    out = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(out, int) or out < 0:
-        out = 256
-    return min(cap, math.ceil(raw_size / 4) + min(out, cap))

@@ -8,11 +8,12 @@ import os
 import secrets
 import signal
 import socket
+import time
 
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
-from llm_broker.shared.config import Config
+from llm_broker.shared.config import PRIORITIES, Config
 from llm_broker.shared.health import serve_health
 from llm_broker.shared.keys import GROUP, Keys
 from llm_broker.shared.metrics import WorkerMetrics
@@ -70,15 +71,25 @@ async def export_queues(
         raise_if_cancelling()
         for provider in providers:
             queue = keys.queue(provider)
+            indexes = [keys.waiting_index(provider, c) for c in PRIORITIES]
             try:
-                depth, groups = await asyncio.gather(
-                    batcher.call("XLEN", queue), batcher.call("XINFO", "GROUPS", queue)
+                depth, groups, *waiting = await asyncio.gather(
+                    batcher.call("XLEN", queue),
+                    batcher.call("XINFO", "GROUPS", queue),
+                    *(batcher.call("ZCARD", i) for i in indexes),
+                    *(batcher.call("ZRANGE", i, 0, 0, "WITHSCORES") for i in indexes),
                 )
             except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
                 raise_if_cancelling()
                 log.debug("queue metrics for %s unavailable: %s", provider, e)
                 continue
-            metrics.queue_depth.labels(provider).set(depth)
+            counts, oldest = waiting[: len(PRIORITIES)], waiting[len(PRIORITIES) :]
+            now = time.time()
+            for priority, count, first in zip(PRIORITIES, counts, oldest, strict=True):
+                metrics.queue_waiting.labels(provider, priority).set(count)
+                age = now - float(first[0][1]) if first else 0.0
+                metrics.queue_oldest_age.labels(provider, priority).set(max(0.0, age))
+            metrics.queue_depth.labels(provider).set(depth + sum(counts))
             for group in groups:
                 pairs = (
                     group.items()

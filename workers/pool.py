@@ -8,6 +8,7 @@ The consumer (:mod:`~llm_broker.workers.consumer`) hands each delivery to
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Coroutine
@@ -79,6 +80,7 @@ class ProviderPool:
             renew=self._renew,
             upkeep=self._abort_finished,
             upkeep_every=self.limits.renew_every,
+            register=functools.partial(store.register, provider, consumer),
         )
         self._pool = Pool(
             provider=provider,

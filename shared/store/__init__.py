@@ -24,8 +24,11 @@ from llm_broker.shared.store.values import (
     Idempotency,
     KeyConflict,
     Outcome,
+    Refused,
     Replayed,
     Submitted,
+    TenantQueueFull,
+    TenantRateLimited,
     Verdict,
 )
 
@@ -40,7 +43,10 @@ __all__ = [
     "KeyConflict",
     "Outcome",
     "Queues",
+    "Refused",
     "Replayed",
     "Submitted",
+    "TenantQueueFull",
+    "TenantRateLimited",
     "Verdict",
 ]

@@ -12,7 +12,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from llm_broker.shared import messages as m
-from llm_broker.shared.config import Config
+from llm_broker.shared.config import Config, Quota
 from llm_broker.shared.keys import GROUP, Keys
 from llm_broker.shared.redisio import Batcher
 from llm_broker.shared.store import scripts
@@ -35,10 +35,15 @@ from llm_broker.shared.store.values import (
     Idempotency,
     KeyConflict,
     Outcome,
+    Refused,
     Replayed,
     Submitted,
+    TenantQueueFull,
+    TenantRateLimited,
     Verdict,
 )
+
+_NO_QUOTA = Quota()
 
 #: The most entries a reply stream keeps (approximately).
 REPLY_MAXLEN = 100_000
@@ -63,21 +68,63 @@ class JobStore:
         self._redis = redis
         self._wcfg = config.worker
         self._result_ttl = int(config.jobs.result_ttl_s)
+        self._config = config
+        self._prefix = config.redis.key_prefix
         #: The provider queues' streams and consumer groups.
         self.queues = Queues(self.keys, redis, config.worker.max_deliveries)
 
     # ------------------------------------------------------------ admission
 
-    async def enqueue(self, job: m.Job, *, max_depth: int, ttl_s: int) -> str | None:
-        """Admit a synchronous call: its record and its queue entry. Returns the entry
-        id, or None when the queue already holds ``max_depth`` jobs."""
-        keys = self.keys
-        command = scripts.ENQUEUE.command(
-            (keys.queue(job.provider), keys.job(job.id)),
-            (max_depth, m.job_encoder.encode(job), ttl_s, *admission_fields(job)),
+    def _admission(self, job: m.Job, max_depth: int, tokens: int) -> tuple[Any, ...]:
+        """The scheduler's admission arguments (scripts.py, ``admission``): the job's
+        class and its tenant's weight and quotas, overall and on its provider."""
+        tcfg = self._config.tenant(job.tenant)
+        mine = tcfg.providers.get(job.provider, _NO_QUOTA)
+        every = tcfg.quotas
+        return (
+            self._prefix,
+            job.provider,
+            job.priority,
+            *self._settings(job).split(" "),
+            mine.max_queued,
+            every.max_queued,
+            mine.rpm,
+            mine.tpm,
+            every.rpm,
+            every.tpm,
+            tokens,
+            time.time(),
+            max_depth,
         )
-        entry: bytes | None = await self._batcher.call(*command)
-        return entry.decode() if entry is not None else None
+
+    def _settings(self, job: m.Job) -> str:
+        """What dispatch needs of the job's tenant on its provider: "weight
+        in-flight-quota overall-in-flight-quota"."""
+        tcfg = self._config.tenant(job.tenant)
+        mine = tcfg.providers.get(job.provider, _NO_QUOTA)
+        return f"{tcfg.weight!r} {mine.max_in_flight} {tcfg.quotas.max_in_flight}"
+
+    async def enqueue(
+        self, job: m.Job, *, max_depth: int, ttl_s: int, tokens: int = 0
+    ) -> Refused | None:
+        """Admit a synchronous call: its record and its place in the provider's
+        waiting lists. None when admitted, else why not (``max_depth`` jobs wait or
+        run on the provider, or a quota of the tenant's is reached). ``tokens``:
+        the call's estimated tokens, for the tenant's tpm quotas."""
+        command = scripts.ENQUEUE.command(
+            (self.keys.job(job.id),),
+            (
+                m.job_encoder.encode(job),
+                ttl_s,
+                job.id,
+                job.tenant,
+                job.created,
+                *self._admission(job, max_depth, tokens),
+                *admission_fields(job),
+            ),
+        )
+        answer = await self._batcher.call(*command)
+        return None if answer[0] == b"ok" else _refusal(answer)
 
     async def submit(
         self,
@@ -87,9 +134,10 @@ class JobStore:
         ttl_s: int,
         extra: AsyncFields,
         idempotency: Idempotency | None,
+        tokens: int = 0,
     ) -> Submitted:
-        """Admit an async job: the key check, its record, its queue entry and the
-        tenant's index, in one step."""
+        """Admit an async job: the key check, its record, its place in the waiting
+        lists and the tenant's index, in one step."""
         keys = self.keys
         fields = admission_fields(job)[2:]  # the tenant is an argument of its own
         if extra.metadata:
@@ -104,9 +152,8 @@ class JobStore:
             request_hash = idempotency.request_hash
             fields += ["idem_key", idem_key]
         command = scripts.SUBMIT.command(
-            (keys.queue(job.provider), keys.job(job.id), idem_key, keys.tenant_jobs(job.tenant)),
+            (keys.job(job.id), idem_key, keys.tenant_jobs(job.tenant)),
             (
-                max_depth,
                 m.job_encoder.encode(job),
                 ttl_s,
                 "1" if idempotency is not None else "0",
@@ -116,20 +163,45 @@ class JobStore:
                 job.created,
                 keys.job(""),
                 job.tenant,
+                *self._admission(job, max_depth, tokens),
                 *fields,
             ),
         )
         answer = await self._batcher.call(*command)
         match answer[0]:
             case b"ok":
-                return Admitted(_record_of(["tenant", job.tenant, *fields]))
-            case b"full":
-                return Full()
+                return Admitted(
+                    _record_of(["tenant", job.tenant, "priority", job.priority, *fields])
+                )
             case b"dup":
                 seen_hash, _, seen_id = answer[1].decode().partition(" ")
                 return Replayed(seen_id, seen_hash, JobRecord.from_pairs(answer[2]))
-            case _:
+            case b"conflict":
                 return KeyConflict()
+            case _:
+                return _refusal(answer)
+
+    async def register(self, provider: str, consumer: str, slots: int, ttl_s: float) -> int:
+        """Offer a worker's ``slots`` for ``provider`` until ``ttl_s`` from now (0:
+        withdraw them), and fill what is free with waiting jobs; returns how many
+        moved to the queue."""
+        cfg = self._config
+        shares = cfg.scheduling.min_share
+        command = scripts.REGISTER.command(
+            (),
+            (
+                self._prefix,
+                provider,
+                consumer,
+                slots,
+                time.time(),
+                ttl_s,
+                repr(shares.get("async", 0.0)),
+                repr(shares.get("batch", 0.0)),
+            ),
+        )
+        moved: int = await self._batcher.call(*command)
+        return moved
 
     # ------------------------------------------------------------ records
 
@@ -202,6 +274,9 @@ class JobStore:
                 ttl,
                 REPLY_MAXLEN,
                 history,
+                self._prefix,
+                delivery.provider,
+                job.tenant if job else "",
                 *(
                     reply_fields(job.id, outcome.reply)
                     if job and reply_to and outcome.reply
@@ -253,13 +328,19 @@ class JobStore:
         that deployment's queue, and close this delivery. False if the job was final."""
         keys = self.keys
         command = scripts.MOVE.command(
-            (keys.job(moved.id), keys.queue(delivery.provider), keys.queue(moved.provider)),
+            (keys.job(moved.id), keys.queue(delivery.provider)),
             (
                 GROUP,
                 delivery.entry_id,
                 m.job_encoder.encode(moved),
                 moved.provider,
                 msgspec.json.encode(moved.attempts),
+                self._prefix,
+                delivery.provider,
+                moved.tenant,
+                moved.priority,
+                time.time(),
+                self._settings(moved),
             ),
         )
         return bool(await self._batcher.call(*command))
@@ -268,7 +349,7 @@ class JobStore:
         """The client stopped waiting: a job not final yet becomes expired."""
         command = scripts.EXPIRE_JOB.command(
             (self.keys.job(job.id), self.keys.webhook_events()),
-            (time.time(), job.id, job.result_ttl or self._result_ttl),
+            (time.time(), job.id, job.result_ttl or self._result_ttl, self._prefix),
         )
         return bool(await self._batcher.call(*command))
 
@@ -278,7 +359,7 @@ class JobStore:
         keys = self.keys
         command = scripts.CANCEL.command(
             (keys.job(job_id), keys.webhook_events()),
-            (time.time(), tenant, result_ttl, keys.cancel_channel(), job_id),
+            (time.time(), tenant, result_ttl, keys.cancel_channel(), job_id, self._prefix),
         )
         answer = await self._batcher.call(*command)
         if answer[0] == b"gone":
@@ -325,6 +406,16 @@ class JobStore:
                     reply = _NO_REPLY
                 found.append((entry_id, fields.get(b"i", b""), reply))
         return found
+
+
+def _refusal(answer: list[bytes]) -> Refused:
+    match answer[0]:
+        case b"tenant_queue_full":
+            return TenantQueueFull(answer[1].decode())
+        case b"tenant_rate_limited":
+            return TenantRateLimited(answer[1].decode(), float(answer[2]))
+        case _:
+            return Full()
 
 
 def _record_of(fields: list[Any]) -> JobRecord:

@@ -136,6 +136,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     webhook_at: float | None = None
     webhook_error: str = ""
     idem_key: str | None = None
+    #: The priority class it was admitted with.
+    priority: str = ""
 
     @property
     def final(self) -> bool:

@@ -28,28 +28,338 @@ local function finish(job, events, id, status, now, ttl, ...)
 end
 """
 
-# A synchronous call's admission: the job record and the queue entry.
-# Returns the entry id, or nil when the queue is full.
-ENQUEUE = Script("""
-local queue, job = KEYS[1], KEYS[2]
-local max_depth, packed, ttl = ARGV[1], ARGV[2], ARGV[3]
--- ARGV[4…]: the record's field/value pairs
-if redis.call('XLEN', queue) >= tonumber(max_depth) then return false end
-redis.call('HSET', job, unpack(ARGV, 4))
+
+# The scheduler (docs/scheduling.md). Jobs wait in one list per (provider, class,
+# tenant) until a dispatch moves them to the provider's stream, which workers
+# read with the consumer group; the stream then holds at most the capacity that
+# the provider's live workers registered. Dispatch happens when a job arrives,
+# when a delivery settles or falls back, and on every worker's registration, and
+# takes, for each free slot: a lower class owed its minimum share first, else the
+# highest class with work; within a class, deficit round robin over its tenants,
+# weighted, skipping tenants at their in-flight quota. Key names match
+# shared/keys.py.
+_SCHED = """
+local CLASSES = {'interactive', 'async', 'batch'}
+local MAX_VISITS, MAX_DROPS = 256, 256
+
+local function sched(prefix, p)
+  local tag = '{' .. p .. '}'
+  return {
+    prefix = prefix, tag = tag,
+    stream = prefix .. 'q:' .. tag,
+    state = prefix .. 'sched:' .. tag,      -- hash: share:<class>, credit:<class>
+    capacity = prefix .. 'cap:' .. tag,      -- string: slots of live workers (TTL)
+    workers = prefix .. 'workers:' .. tag,   -- hash: consumer -> "slots expiry"
+    conf = prefix .. 'tc:' .. tag,           -- hash: class:tenant -> "weight in-flight quotas"
+    queued = prefix .. 'tq:' .. tag,         -- hash: tenant -> jobs waiting here
+    queued_all = prefix .. 'tq',             -- hash: tenant -> jobs waiting anywhere
+    events = prefix .. 'wh:events',
+    job = prefix .. 'job:',
+  }
+end
+local function ring(S, c) return S.prefix .. 'ring:' .. S.tag .. ':' .. c end
+local function deficits(S, c) return S.prefix .. 'drr:' .. S.tag .. ':' .. c end
+local function index(S, c) return S.prefix .. 'wait:' .. S.tag .. ':' .. c end
+local function waiting(S, c, t) return S.prefix .. 'w:' .. S.tag .. ':' .. c .. ':' .. t end
+local function flight(S, t) return S.prefix .. 'fl:' .. S.tag .. ':' .. t end
+local function flight_all(S, t) return S.prefix .. 'fla:' .. t end
+
+-- Jobs waiting on the provider, every class.
+local function backlog(S)
+  local n = 0
+  for _, c in ipairs(CLASSES) do n = n + redis.call('ZCARD', index(S, c)) end
+  return n
+end
+
+-- A waiting job leaves the counts (once: the class index says whether it is in).
+local function uncount(S, c, t, id)
+  if redis.call('ZREM', index(S, c), id) == 0 then return end
+  if redis.call('HINCRBY', S.queued, t, -1) <= 0 then redis.call('HDEL', S.queued, t) end
+  if redis.call('HINCRBY', S.queued_all, t, -1) <= 0 then redis.call('HDEL', S.queued_all, t) end
+end
+
+-- A job joins its tenant's waiting list (at the front when it waited before).
+local function push(S, c, t, id, created, packed, conf, front)
+  local list = waiting(S, c, t)
+  local n
+  if front then
+    n = redis.call('LPUSH', list, id .. ' ' .. packed)
+  else
+    n = redis.call('RPUSH', list, id .. ' ' .. packed)
+  end
+  if n == 1 then redis.call('RPUSH', ring(S, c), t) end
+  redis.call('HSET', S.conf, c .. ':' .. t, conf)
+  redis.call('ZADD', index(S, c), created, id)
+  redis.call('HINCRBY', S.queued, t, 1)
+  redis.call('HINCRBY', S.queued_all, t, 1)
+end
+
+local function conf_of(S, c, t)
+  local raw = redis.call('HGET', S.conf, c .. ':' .. t) or '1 0 0'
+  local w, fq, fqa = string.match(raw, '^(%S+) (%S+) (%S+)$')
+  return tonumber(w) or 1, tonumber(fq) or 0, tonumber(fqa) or 0
+end
+
+local function at_quota(key, quota, now)
+  if quota <= 0 then return false end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZCARD', key) >= quota
+end
+
+-- The next job of class c to run, by deficit round robin over its tenants:
+-- returns id, tenant, packed job, deadline, in-flight quotas; nil if none can
+-- go now. Waiting jobs that became final, or whose deadline passed (marked
+-- expired here, without an upstream call), are dropped on the way.
+local function take(S, c, now, budget)
+  local rk, dk = ring(S, c), deficits(S, c)
+  for _ = 1, MAX_VISITS do
+    local t = redis.call('LINDEX', rk, 0)
+    if not t then return nil end
+    local w, fq, fqa = conf_of(S, c, t)
+    if at_quota(flight(S, t), fq, now) or at_quota(flight_all(S, t), fqa, now) then
+      redis.call('LMOVE', rk, rk, 'LEFT', 'RIGHT')
+    else
+      local d = tonumber(redis.call('HGET', dk, t) or '0')
+      if d < 1 then d = d + w end
+      if d < 1 then
+        redis.call('HSET', dk, t, d)
+        redis.call('LMOVE', rk, rk, 'LEFT', 'RIGHT')
+      else
+        local list = waiting(S, c, t)
+        local e = redis.call('LPOP', list)
+        d = d - 1
+        if redis.call('LLEN', list) == 0 then
+          -- An idle tenant leaves the round and keeps no credit.
+          redis.call('LPOP', rk)
+          redis.call('HDEL', dk, t)
+          redis.call('HDEL', S.conf, c .. ':' .. t)
+        elseif d < 1 then
+          redis.call('HSET', dk, t, d)
+          redis.call('LMOVE', rk, rk, 'LEFT', 'RIGHT')
+        else
+          redis.call('HSET', dk, t, d)
+        end
+        if e then
+          local sp = string.find(e, ' ', 1, true)
+          local id = string.sub(e, 1, sp - 1)
+          uncount(S, c, t, id)
+          local job = S.job .. id
+          local st = redis.call('HMGET', job, 'status', 'deadline')
+          -- (a job that falls back from another provider is in_progress)
+          local live = st[1] == 'queued' or st[1] == 'in_progress'
+          if live and tonumber(st[2]) > now then
+            return id, t, string.sub(e, sp + 1), tonumber(st[2]), fq, fqa
+          end
+          if live then
+            -- The record was kept until its deadline plus the result TTL.
+            finish(job, S.events, id, 'expired', now, math.max(60, redis.call('TTL', job)),
+                   'http_status', 504)
+          end
+          budget.drops = budget.drops - 1
+          if budget.drops <= 0 then return nil end
+        end
+      end
+    end
+  end
+  return nil
+end
+
+-- Moves up to n waiting jobs (at most the free capacity) to the stream; returns
+-- how many moved.
+local function dispatch(S, n, now)
+  local free = tonumber(redis.call('GET', S.capacity) or '0') - redis.call('XLEN', S.stream)
+  if free < n then n = free end
+  if n <= 0 then return 0 end
+  local active = {}
+  local any = false
+  for i, c in ipairs(CLASSES) do
+    active[i] = redis.call('LLEN', ring(S, c)) > 0
+    any = any or active[i]
+  end
+  if not any then return 0 end
+  local st = redis.call('HMGET', S.state, 'share:async', 'share:batch',
+                        'credit:async', 'credit:batch')
+  local share = {0, tonumber(st[1]) or 0, tonumber(st[2]) or 0}
+  local credit = {0, tonumber(st[3]) or 0, tonumber(st[4]) or 0}
+  local budget = {drops = MAX_DROPS}
+  local moved = 0
+  while moved < n do
+    local id, t, packed, deadline, fq, fqa
+    -- A lower class owed its minimum share goes first.
+    for i = 2, 3 do
+      -- (a hair under 1 counts: ten additions of 0.1 make 0.9999…)
+      if not id and active[i] and credit[i] >= 0.999999 then
+        id, t, packed, deadline, fq, fqa = take(S, CLASSES[i], now, budget)
+        if id then credit[i] = math.max(0, credit[i] - 1) end
+      end
+    end
+    for i = 1, 3 do
+      if not id and active[i] then
+        id, t, packed, deadline, fq, fqa = take(S, CLASSES[i], now, budget)
+      end
+    end
+    if not id then break end
+    redis.call('XADD', S.stream, '*', 'j', packed)
+    local keep = math.ceil(deadline - now) + 60
+    if fq > 0 then
+      redis.call('ZADD', flight(S, t), deadline, id)
+      redis.call('EXPIRE', flight(S, t), keep, 'GT')
+      redis.call('EXPIRE', flight(S, t), keep, 'NX')
+    end
+    if fqa > 0 then
+      redis.call('ZADD', flight_all(S, t), deadline, id)
+      redis.call('EXPIRE', flight_all(S, t), keep, 'GT')
+      redis.call('EXPIRE', flight_all(S, t), keep, 'NX')
+    end
+    moved = moved + 1
+    -- Credit accrues to a lower class only while a higher class has work too.
+    local above = false
+    for i = 1, 3 do
+      active[i] = redis.call('LLEN', ring(S, CLASSES[i])) > 0
+      if i > 1 then
+        if active[i] and above then
+          credit[i] = math.min(credit[i] + share[i], 1 + share[i])
+        else
+          credit[i] = 0
+        end
+      end
+      above = above or active[i]
+    end
+  end
+  redis.call('HSET', S.state, 'credit:async', credit[2], 'credit:batch', credit[3])
+  return moved
+end
+
+-- A settled (or moved) job no longer counts against its tenant's in-flight quotas.
+local function landed(S, t, id)
+  redis.call('ZREM', flight(S, t), id)
+  redis.call('ZREM', flight_all(S, t), id)
+end
+
+-- A request's tenant quotas in a rate window: requests and estimated tokens.
+-- Returns the seconds until it would fit, or nil when it fits.
+local function over_rate(base, rpm, tpm, cost, now, win)
+  if rpm > 0 then
+    local req = base .. ':req'
+    redis.call('ZREMRANGEBYSCORE', req, '-inf', now - win)
+    if redis.call('ZCARD', req) >= rpm then
+      local oldest = redis.call('ZRANGE', req, 0, 0, 'WITHSCORES')
+      return tonumber(oldest[2]) + win - now
+    end
+  end
+  if tpm > 0 then
+    local tok, sum = base .. ':tok', base .. ':sum'
+    local old = redis.call('ZRANGEBYSCORE', tok, '-inf', now - win)
+    if #old > 0 then
+      local freed = 0
+      for _, member in ipairs(old) do
+        freed = freed + tonumber(string.match(member, ':(%d+)$'))
+      end
+      redis.call('ZREMRANGEBYSCORE', tok, '-inf', now - win)
+      redis.call('DECRBY', sum, freed)
+    end
+    local used = tonumber(redis.call('GET', sum) or '0')
+    if used > 0 and used + cost > tpm then
+      local oldest = redis.call('ZRANGE', tok, 0, 0, 'WITHSCORES')
+      if oldest[2] then return tonumber(oldest[2]) + win - now end
+      return win
+    end
+  end
+  return nil
+end
+
+local function add_rate(base, rpm, tpm, cost, now, win, id)
+  local keep = math.ceil(win) + 1
+  if rpm > 0 then
+    redis.call('ZADD', base .. ':req', now, id)
+    redis.call('EXPIRE', base .. ':req', keep)
+  end
+  if tpm > 0 then
+    redis.call('ZADD', base .. ':tok', now, id .. ':' .. cost)
+    redis.call('INCRBY', base .. ':sum', cost)
+    redis.call('EXPIRE', base .. ':tok', keep)
+    redis.call('EXPIRE', base .. ':sum', keep)
+  end
+end
+
+-- Admission's checks, before anything is written: the provider's depth, then
+-- the tenant's queued-jobs quotas, then its rate quotas (on this provider, then
+-- overall). Returns nil when the job may be admitted, else the refusal.
+local function refuse(S, q)
+  if redis.call('XLEN', S.stream) + backlog(S) >= q.max_depth then return {'full'} end
+  local t = q.tenant
+  if q.mq > 0 and tonumber(redis.call('HGET', S.queued, t) or '0') >= q.mq then
+    return {'tenant_queue_full', 'provider'}
+  end
+  if q.mqa > 0 and tonumber(redis.call('HGET', S.queued_all, t) or '0') >= q.mqa then
+    return {'tenant_queue_full', 'all'}
+  end
+  local wait = over_rate(S.prefix .. 'trl:' .. S.tag .. ':' .. t, q.rpm, q.tpm, q.cost, q.now, 60)
+  if wait then return {'tenant_rate_limited', 'provider', tostring(wait)} end
+  wait = over_rate(S.prefix .. 'trla:' .. t, q.rpma, q.tpma, q.cost, q.now, 60)
+  if wait then return {'tenant_rate_limited', 'all', tostring(wait)} end
+  return nil
+end
+
+-- The admitted job joins its waiting list and the rate windows, then dispatch
+-- runs (the job goes straight to a worker when there is a free slot and nothing
+-- waits before it).
+local function enter(S, q, id, created, packed)
+  add_rate(S.prefix .. 'trl:' .. S.tag .. ':' .. q.tenant, q.rpm, q.tpm, q.cost, q.now, 60, id)
+  add_rate(S.prefix .. 'trla:' .. q.tenant, q.rpma, q.tpma, q.cost, q.now, 60, id)
+  push(S, q.class, q.tenant, id, created, packed, q.conf, false)
+  dispatch(S, 1000000, q.now)
+end
+
+-- The admission arguments from position i of ARGV: prefix, provider, class,
+-- weight, the in-flight quotas (provider, all), queued quotas (provider, all),
+-- rpm, tpm, rpm overall, tpm overall, estimated tokens, now, max depth.
+local function admission(i, tenant)
+  local a = {unpack(ARGV, i, i + 14)}
+  local q = {
+    tenant = tenant, class = a[3],
+    conf = a[4] .. ' ' .. a[5] .. ' ' .. a[6],
+    mq = tonumber(a[7]), mqa = tonumber(a[8]),
+    rpm = tonumber(a[9]), tpm = tonumber(a[10]),
+    rpma = tonumber(a[11]), tpma = tonumber(a[12]),
+    cost = tonumber(a[13]), now = tonumber(a[14]), max_depth = tonumber(a[15]),
+  }
+  return sched(a[1], a[2]), q
+end
+"""
+
+# A synchronous call's admission (see the scheduler above for its arguments):
+# the job record, then its waiting list. Returns {'ok'} or the refusal.
+ENQUEUE = Script(
+    _FINISH
+    + _SCHED
+    + """
+local job = KEYS[1]
+local packed, ttl, id, tenant, created = unpack(ARGV, 1, 5)
+-- ARGV[6…20]: the admission arguments; ARGV[21…]: the record's field/value pairs
+local S, q = admission(6, tenant)
+local no = refuse(S, q)
+if no then return no end
+redis.call('HSET', job, 'priority', q.class, unpack(ARGV, 21))
 redis.call('EXPIRE', job, ttl)
-return redis.call('XADD', queue, '*', 'j', packed)
-""")
+enter(S, q, id, tonumber(created), packed)
+return {'ok'}
+"""
+)
 
 # An async submission: the Idempotency-Key check, admission, the job record,
-# the queue entry and the tenant's job index in one step. The idempotency key
+# its waiting list and the tenant's job index in one step. The idempotency key
 # is unused unless use_idem is '1'; its value is "<request hash> <job id>".
-# Returns {'ok', entry id}, {'full'}, {'dup', idempotency value, the job's fields}
-# or {'conflict'} (the key's job is gone or another tenant's).
-SUBMIT = Script("""
-local queue, job, idem, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local max_depth, packed, ttl, use_idem, idem_value, idem_ttl, id, score, job_prefix, tenant =
-  unpack(ARGV, 1, 10)
--- ARGV[11…]: the record's other field/value pairs
+# Returns {'ok'}, a refusal (see refuse), {'dup', idempotency value, the job's
+# fields} or {'conflict'} (the key's job is gone or another tenant's).
+SUBMIT = Script(
+    _FINISH
+    + _SCHED
+    + """
+local job, idem, index = KEYS[1], KEYS[2], KEYS[3]
+local packed, ttl, use_idem, idem_value, idem_ttl, id, score, job_prefix, tenant =
+  unpack(ARGV, 1, 9)
+-- ARGV[10…24]: the admission arguments; ARGV[25…]: the record's other field/value pairs
 if use_idem == '1' then
   local seen = redis.call('GET', idem)
   if seen then
@@ -59,10 +369,11 @@ if use_idem == '1' then
     return {'dup', seen, redis.call('HGETALL', job_prefix .. seen_id)}
   end
 end
-if redis.call('XLEN', queue) >= tonumber(max_depth) then return {'full'} end
-redis.call('HSET', job, 'tenant', tenant, unpack(ARGV, 11))
+local S, q = admission(10, tenant)
+local no = refuse(S, q)
+if no then return no end
+redis.call('HSET', job, 'tenant', tenant, 'priority', q.class, unpack(ARGV, 25))
 redis.call('EXPIRE', job, ttl)
-local entry = redis.call('XADD', queue, '*', 'j', packed)
 if use_idem == '1' then redis.call('SET', idem, idem_value, 'EX', idem_ttl) end
 redis.call('ZADD', index, score, id)
 -- Bounded upkeep of the index: the oldest few ids whose records expired go.
@@ -70,8 +381,10 @@ for _, old in ipairs(redis.call('ZRANGE', index, 0, 3)) do
   if redis.call('EXISTS', job_prefix .. old) == 0 then redis.call('ZREM', index, old) end
 end
 if redis.call('TTL', index) < tonumber(ttl) then redis.call('EXPIRE', index, ttl) end
-return {'ok', entry}
-""")
+enter(S, q, id, tonumber(score), packed)
+return {'ok'}
+"""
+)
 
 # A delivery's start. Returns 'ok' (run it), 'gone' (record expired), 'expired'
 # (deadline passed: marked so), 'poison' (delivered too often) or the job's final
@@ -103,11 +416,12 @@ return 'ok'
 # job final.
 SETTLE = Script(
     _FINISH
+    + _SCHED
     + """
 local job, queue, replies, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local group, entry, id, status, now, field, payload, http_status, ttl, maxlen, history =
-  unpack(ARGV, 1, 11)
--- ARGV[12…]: the reply's field/value pairs (none: no reply)
+local group, entry, id, status, now, field, payload, http_status, ttl, maxlen, history,
+  prefix, provider, tenant = unpack(ARGV, 1, 14)
+-- ARGV[15…]: the reply's field/value pairs (none: no reply)
 local made = 0
 if status ~= '' then
   local st = redis.call('HGET', job, 'status')
@@ -121,8 +435,8 @@ if status ~= '' then
     made = 1
   end
 end
-if #ARGV > 11 then
-  local fields = {unpack(ARGV, 12)}
+if #ARGV > 14 then
+  local fields = {unpack(ARGV, 15)}
   local has_data = false
   for i = 1, #fields, 2 do
     if fields[i] == 'd' then has_data = true end
@@ -135,37 +449,55 @@ if #ARGV > 11 then
 end
 redis.call('XACK', queue, group, entry)
 redis.call('XDEL', queue, entry)
+-- The slot is free: the next waiting job goes.
+local S = sched(prefix, provider)
+if tenant ~= '' then landed(S, tenant, id) end
+dispatch(S, 1000000, tonumber(now))
 return made
 """
 )
 
-# Fallback: a job still running moves on to another provider's queue; its entry
-# here is acknowledged either way. Returns 1 if it moved.
-MOVE = Script("""
-local job, from_queue, to_queue = KEYS[1], KEYS[2], KEYS[3]
-local group, entry, packed, provider, history = unpack(ARGV, 1, 5)
+# Fallback: a job still running joins the waiting list of another provider, at
+# the front of its tenant's list (it waited already), keeping its class; its
+# entry here is acknowledged either way. Returns 1 if it moved.
+MOVE = Script(
+    _FINISH
+    + _SCHED
+    + """
+local job, from_queue = KEYS[1], KEYS[2]
+local group, entry, packed, provider, history, prefix, from_provider, tenant, class, now, conf =
+  unpack(ARGV, 1, 11)
+now = tonumber(now)
 local moved = 0
-local st = redis.call('HGET', job, 'status')
-if st == 'queued' or st == 'in_progress' then
-  redis.call('XADD', to_queue, '*', 'j', packed)
+local here, there = sched(prefix, from_provider), sched(prefix, provider)
+local st = redis.call('HMGET', job, 'status', 'created_at')
+if st[1] == 'queued' or st[1] == 'in_progress' then
+  push(there, class, tenant, string.sub(job, #there.job + 1), tonumber(st[2]) or now, packed,
+       conf, true)
   redis.call('HSET', job, 'provider', provider, 'history', history)
   moved = 1
 end
 redis.call('XACK', from_queue, group, entry)
 redis.call('XDEL', from_queue, entry)
+landed(here, tenant, string.sub(job, #here.job + 1))
+dispatch(here, 1000000, now)
+if moved == 1 then dispatch(there, 1000000, now) end
 return moved
-""")
+"""
+)
 
 # The client stopped waiting at its deadline: a job not yet final becomes
 # 'expired', so no worker starts it. Returns 1 if it did.
 EXPIRE_JOB = Script(
     _FINISH
+    + _SCHED
     + """
 local job, events = KEYS[1], KEYS[2]
-local now, id, ttl = unpack(ARGV, 1, 3)
-local st = redis.call('HGET', job, 'status')
-if st == 'queued' or st == 'in_progress' then
+local now, id, ttl, prefix = unpack(ARGV, 1, 4)
+local st = redis.call('HMGET', job, 'status', 'provider', 'tenant', 'priority')
+if st[1] == 'queued' or st[1] == 'in_progress' then
   finish(job, events, id, 'expired', now, ttl, 'http_status', 504)
+  if st[4] then uncount(sched(prefix, st[2]), st[4], st[3], id) end
   return 1
 end
 return 0
@@ -177,14 +509,17 @@ return 0
 # Returns {'cancelled' or 'final', the job's fields}.
 CANCEL = Script(
     _FINISH
+    + _SCHED
     + """
 local job, events = KEYS[1], KEYS[2]
-local now, tenant, ttl, channel, id = unpack(ARGV, 1, 5)
-local st = redis.call('HMGET', job, 'status', 'tenant')
+local now, tenant, ttl, channel, id, prefix = unpack(ARGV, 1, 6)
+local st = redis.call('HMGET', job, 'status', 'tenant', 'provider', 'priority')
 if not st[1] or st[2] ~= tenant then return {'gone'} end
 local verdict = 'final'
 if st[1] == 'queued' or st[1] == 'in_progress' then
   finish(job, events, id, 'cancelled', now, ttl)
+  -- A waiting job stops counting at once; its list entry is dropped when reached.
+  if st[4] then uncount(sched(prefix, st[3]), st[4], tenant, id) end
   redis.call('PUBLISH', channel, id)
   verdict = 'cancelled'
 end
@@ -203,3 +538,42 @@ redis.call('HSET', job, unpack(ARGV, 2))
 if tonumber(keep_s) > 0 then redis.call('EXPIRE', job, keep_s, 'GT') end
 return 1
 """)
+
+# A worker process offers (or, with slots 0, withdraws) its slots for a provider
+# until now + ttl; the provider's capacity becomes the live workers' slots, the
+# class shares are stored, and dispatch fills what is free. Returns how many
+# jobs moved. (A provider's global in-flight cap is not applied here: a dead
+# worker's leases free long before its queue entries are reclaimed.)
+REGISTER = Script(
+    _FINISH
+    + _SCHED
+    + """
+local prefix, provider, consumer, slots, now, ttl, share_async, share_batch =
+  unpack(ARGV, 1, 8)
+now, ttl = tonumber(now), tonumber(ttl)
+local S = sched(prefix, provider)
+if tonumber(slots) > 0 then
+  redis.call('HSET', S.workers, consumer, slots .. ' ' .. (now + ttl))
+else
+  redis.call('HDEL', S.workers, consumer)
+end
+local total = 0
+local found = redis.call('HGETALL', S.workers)
+for i = 1, #found, 2 do
+  local n, until_ = string.match(found[i + 1], '^(%S+) (%S+)$')
+  if tonumber(until_) < now then
+    redis.call('HDEL', S.workers, found[i])
+  else
+    total = total + tonumber(n)
+  end
+end
+if total > 0 then
+  redis.call('SET', S.capacity, total, 'EX', math.ceil(ttl))
+  redis.call('EXPIRE', S.workers, math.ceil(ttl) * 2)
+else
+  redis.call('DEL', S.capacity)
+end
+redis.call('HSET', S.state, 'share:async', share_async, 'share:batch', share_batch)
+return dispatch(S, 1000000, now)
+"""
+)

@@ -88,7 +88,25 @@ class KeyConflict(msgspec.Struct, tag="conflict"):
     """The key's job is gone, or another tenant's."""
 
 
-Submitted = Admitted | Full | Replayed | KeyConflict
+class TenantQueueFull(msgspec.Struct, tag="tenant_queue_full"):
+    """The tenant has as many jobs waiting as its quota allows."""
+
+    #: "provider": its quota on the job's provider; "all": its overall quota.
+    scope: str
+
+
+class TenantRateLimited(msgspec.Struct, tag="tenant_rate_limited"):
+    """The tenant's requests or tokens per minute are used up."""
+
+    scope: str
+    #: Seconds until the request would fit.
+    retry_after: float
+
+
+#: Why admission refused a job.
+Refused = Full | TenantQueueFull | TenantRateLimited
+
+Submitted = Admitted | Full | Replayed | KeyConflict | TenantQueueFull | TenantRateLimited
 
 
 class Cancelled(msgspec.Struct):
