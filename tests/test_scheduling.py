@@ -74,7 +74,7 @@ async def completed_at(rclient: aioredis.Redis, prefix: str, ids: list[str]) -> 
     keys = Keys(prefix)
     async with rclient.pipeline(transaction=False) as pipe:
         for i in ids:
-            pipe.hmget(keys.job(i), "status", "completed_at")
+            pipe.hmget(keys.job(i), ["status", "completed_at"])
         found = await pipe.execute()
     return {
         i: float(at) for i, (status, at) in zip(ids, found, strict=True) if status == b"completed"
