@@ -3,7 +3,7 @@
 Two tenants share one provider whose workers run 8 calls at a time against a mock
 answering after 100 ms (80 calls/s). Tenant ``quiet`` makes ``CALLS`` synchronous
 calls one after another, first alone, then while tenant ``flood`` keeps about
-``BACKLOG`` async jobs waiting in the provider's queue (topped up every 50 ms).
+``BACKLOG`` async jobs waiting for the provider's workers (topped up every 50 ms).
 The report gives quiet's latency in both runs: what one tenant's bulk work costs
 another tenant's interactive calls.
 """
@@ -20,6 +20,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from llm_broker.shared.config import new_key
+from llm_broker.shared.keys import Keys
 
 CAPACITY = 8
 MODEL = "mock-latency-100"
@@ -75,7 +76,7 @@ async def _flood(
     jobs_url: str,
     key: str,
     redis: aioredis.Redis,
-    queue: str,
+    keys: Keys,
     stop: asyncio.Event,
     filled: asyncio.Event,
     depth: list[int],
@@ -91,7 +92,12 @@ async def _flood(
             await resp.read()
 
     while not stop.is_set():
-        waiting = int(await redis.xlen(queue)) - CAPACITY
+        # Jobs waiting for a slot: in the scheduler's list, or in the stream beyond
+        # what the workers hold.
+        listed, streamed = await asyncio.gather(
+            redis.zcard(keys.waiting_index("mock", "async")), redis.xlen(keys.queue("mock"))
+        )
+        waiting = int(listed) + max(0, int(streamed) - CAPACITY)
         depth.append(max(waiting, 0))
         if waiting >= BACKLOG // 2:
             filled.set()
@@ -107,7 +113,7 @@ async def _flood(
 
 
 async def _run(
-    broker_url: str, redis_url: str, queue: str, tenant_keys: dict[str, Any]
+    broker_url: str, redis_url: str, keys: Keys, tenant_keys: dict[str, Any]
 ) -> NoisyResult:
     url = f"{broker_url}/v1/chat/completions"
     failures: list[int] = []
@@ -125,7 +131,7 @@ async def _run(
                     f"{broker_url}/v1/jobs",
                     tenant_keys["flood"][0],
                     redis,
-                    queue,
+                    keys,
                     stop,
                     filled,
                     depth,
@@ -144,8 +150,8 @@ async def _run(
     return NoisyResult(alone, flooded, submitted, depth, len(failures))
 
 
-def run(broker_url: str, redis_url: str, queue: str, tenant_keys: dict[str, Any]) -> NoisyResult:
-    return asyncio.run(_run(broker_url, redis_url, queue, tenant_keys))
+def run(broker_url: str, redis_url: str, keys: Keys, tenant_keys: dict[str, Any]) -> NoisyResult:
+    return asyncio.run(_run(broker_url, redis_url, keys, tenant_keys))
 
 
 def table(result: NoisyResult) -> list[str]:

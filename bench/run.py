@@ -55,9 +55,11 @@ from typing import Any
 
 import aiohttp
 import noisy
+import redis as redis_sync
 
 from llm_broker.dev import free_port
 from llm_broker.procs import Child, python_cmd
+from llm_broker.shared.keys import Keys
 
 BENCH_DIR = Path(__file__).resolve().parent
 LUA_SCRIPT = BENCH_DIR / "chat.lua"
@@ -411,6 +413,19 @@ class Row:
     result: WrkResult
     peak_in_flight: int
     cpu: Mapping[str, float]  # process -> % of one core during the run
+    #: Redis commands run during the run, by name (commands inside scripts counted
+    #: under their own names as well); empty for the mock.
+    redis_commands: Mapping[str, int] = field(default_factory=dict)
+
+
+def redis_commands(redis_url: str) -> dict[str, int]:
+    """Calls so far of every Redis command (``INFO commandstats``)."""
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
 @dataclass
@@ -428,16 +443,21 @@ class Report:
 def measure(stack: Stack, url: str, sc: Scenario, target: str) -> Row:
     wait_idle(stack.mock_url)
     mock_reset(stack.mock_url)
+    commands = redis_commands(stack.redis_url) if target == "broker" else {}
     before, started = cpu_now(stack), time.monotonic()
     result = run_wrk(url + CHAT_PATH, sc, sc.duration_s)
     cpu = cpu_percent(before, cpu_now(stack), time.monotonic() - started)
+    if commands:
+        after = redis_commands(stack.redis_url)
+        commands = {k: n - commands.get(k, 0) for k, n in after.items() if n > commands.get(k, 0)}
+        commands.pop("info", None)
     peak = mock_stats(stack.mock_url)["peak_in_flight"]
     stack.check_alive()
     log(
         f"  {target}: {result.rps:.0f} req/s, p50 {fmt_ms(result.p50_ms)}, "
         f"errors {result.errors}, peak in flight {peak}"
     )
-    return Row(sc, target, result, peak, cpu)
+    return Row(sc, target, result, peak, cpu, commands)
 
 
 def run_scenario(stack: Stack, sc: Scenario, warmup_s: int, report: Report) -> None:
@@ -496,8 +516,8 @@ def run_noisy(tmp: Path, report: Report) -> None:
     tenant_keys = noisy.keys()
     stack = start_stack(tmp, noisy.config_overrides(tenant_keys))
     try:
-        queue = "bench:q:{mock}"
-        report.noisy = noisy.run(stack.broker_url, stack.redis_url, queue, tenant_keys)
+        keys = Keys("bench:")
+        report.noisy = noisy.run(stack.broker_url, stack.redis_url, keys, tenant_keys)
         stack.check_alive()
         log("  " + " / ".join(noisy.table(report.noisy)[-2:]))
     except (BenchBroken, OSError, subprocess.SubprocessError, aiohttp.ClientError) as e:
@@ -645,10 +665,32 @@ def targets_section(report: Report) -> list[str]:
     return lines
 
 
+def redis_table(report: Report) -> list[str]:
+    """Redis commands per request of each broker run: round trips that run a script
+    (EVALSHA), every command (those inside scripts included), and the most frequent."""
+    lines = [
+        "| scenario | scripts (EVALSHA) | all commands | most frequent |",
+        "|---|--:|--:|---|",
+    ]
+    for row in report.rows:
+        done = row.result.requests
+        if row.target != "broker" or not row.redis_commands or not done:
+            continue
+        calls = row.redis_commands
+        top = sorted(calls.items(), key=lambda kv: -kv[1])[:6]
+        lines.append(
+            f"| {row.scenario.key} | {calls.get('evalsha', 0) / done:.2f} "
+            f"| {sum(calls.values()) / done:.1f} "
+            f"| {', '.join(f'{k} {n / done:.2f}' for k, n in top)} |"
+        )
+    return lines
+
+
 def render_results(report: Report) -> str:
     parts = ["## Results", "", *results_table(report), "", "## Peak RSS (MB)", ""]
     parts += [*memory_table(report), "", "## CPU during each run (% of one core)", ""]
-    parts += [*cpu_table(report), "", "## Targets", "", *targets_section(report)]
+    parts += [*cpu_table(report), "", "## Redis commands per request", ""]
+    parts += [*redis_table(report), "", "## Targets", "", *targets_section(report)]
     if report.noisy is not None:
         parts += ["", "## E: noisy neighbour", "", *noisy.table(report.noisy)]
     if report.broken:

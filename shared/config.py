@@ -69,6 +69,21 @@ class ApiKey(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError(f"api key for tenant {self.tenant!r}: sha256 must be 64 lowercase hex")
+        check_tenant_name(self.tenant)
+
+
+def check_tenant_name(name: str) -> None:
+    """Tenant names become parts of Redis key names: 1 to 128 printable characters,
+    no spaces, no braces (Redis Cluster hash tags)."""
+    if not (
+        0 < len(name) <= 128
+        and name.isprintable()
+        and not any(c.isspace() or c in "{}" for c in name)
+    ):
+        raise ValueError(
+            f"tenant name {name[:128]!r} must be 1 to 128 printable characters "
+            "without spaces or braces"
+        )
 
 
 class AuthConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -252,7 +267,8 @@ class TenantConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
 
     #: Share of a provider's capacity against other backlogged tenants of the same
     #: class, counted in requests: weight 3 gets three dispatches for every one of
-    #: a tenant with weight 1.
+    #: a tenant with weight 1 (from 1 to 1000; to give a tenant less than the
+    #: others, raise theirs).
     weight: float = 1.0
     #: The highest class the tenant's requests may have; a request asking for a
     #: higher one is lowered to it.
@@ -263,25 +279,28 @@ class TenantConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
     providers: dict[str, Quota] = {}
 
     def __post_init__(self) -> None:
-        if not 0.1 <= self.weight <= 1000:
-            raise ValueError("tenant weight must be from 0.1 to 1000")
+        # At least 1: every visit of the round robin sends a job of the tenant's.
+        if not 1 <= self.weight <= 1000:
+            raise ValueError("tenant weight must be from 1 to 1000")
+
+
+class MinShare(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Minimum share of a provider's dispatches that a lower class keeps while it
+    has work and a higher class has too (``interactive`` always goes first
+    otherwise). 0.1: at least one dispatch in ten."""
+
+    async_: float = msgspec.field(default=0.1, name="async")
+    batch: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.async_ <= 0.5 and 0 <= self.batch <= 0.5):
+            raise ValueError("scheduling.min_share values must be from 0 to 0.5")
 
 
 class SchedulingConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The order in which waiting jobs go to a provider's workers."""
 
-    #: Minimum share of a provider's dispatches that a lower class keeps while it
-    #: has work and a higher class has too (``interactive`` always goes first
-    #: otherwise). 0.1: at least one dispatch in ten.
-    min_share: dict[Priority, float] = msgspec.field(
-        default_factory=lambda: {"async": 0.1, "batch": 0.05}
-    )
-
-    def __post_init__(self) -> None:
-        if "interactive" in self.min_share:
-            raise ValueError("scheduling.min_share: interactive is the highest class already")
-        if any(not 0 <= v <= 0.5 for v in self.min_share.values()):
-            raise ValueError("scheduling.min_share values must be from 0 to 0.5")
+    min_share: MinShare = MinShare()
 
 
 class Price(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -462,6 +481,7 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
                         f"model {name!r}: a deployment with its own limits needs a model name"
                     )
         for tenant, tcfg in self.tenants.items():
+            check_tenant_name(tenant)
             for provider in tcfg.providers:
                 if provider not in self.providers:
                     raise ValueError(f"tenant {tenant!r}: quota for unknown provider {provider!r}")

@@ -46,7 +46,7 @@ class Keys:
 
     def scheduler(self, provider: str) -> str:
         """Hash of the provider's scheduler state: each lower class's minimum share
-        and credit (four fields)."""
+        and credit, and ``entries``, the waiting lists' entries (five fields)."""
         return f"{self.prefix}sched:{{{provider}}}"
 
     def tenant_settings(self, provider: str) -> str:

@@ -75,7 +75,7 @@ def config_fields(
     """Every field of the config, nested ones too, by its documented path."""
     found: dict[str, msgspec.structs.FieldInfo] = {}
     for field in msgspec.structs.fields(cls):
-        path = prefix + field.name
+        path = prefix + field.encode_name
         found[path] = field
         nested = _nested(field.type)
         if nested is not None:
@@ -124,15 +124,15 @@ def yaml_paths(data: Any, cls: type[msgspec.Struct] = Config, prefix: str = "") 
     """The field paths a config document sets, read with the structs' types."""
     found: set[str] = set()
     for field in msgspec.structs.fields(cls):
-        if field.name not in data:
+        if field.encode_name not in data:
             continue
-        path = prefix + field.name
+        path = prefix + field.encode_name
         found.add(path)
         nested = _nested(field.type)
         if nested is None:
             continue
         way, inner = nested
-        value = data[field.name]
+        value = data[field.encode_name]
         items = [value] if way == ONE else list(value.values()) if way == MAPPING else value
         for item in items:
             found |= yaml_paths(item, inner, path + way + ".")

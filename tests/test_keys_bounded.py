@@ -50,8 +50,8 @@ def verdict(key: str, kind: str, ttl: int, length: int, prefix: str, deployments
     keys = Keys(prefix)
     if key == keys.latency() and kind == "hash" and length <= deployments:
         return "one field per configured deployment"
-    if key == keys.scheduler("mock") and kind == "hash" and length <= 4:
-        return "the scheduler's four fields"
+    if key == keys.scheduler("mock") and kind == "hash" and length <= 5:
+        return "the scheduler's five fields"
     return "UNBOUNDED"
 
 

@@ -87,7 +87,8 @@ async def export_queues(
             now = time.time()
             for priority, count, first in zip(PRIORITIES, counts, oldest, strict=True):
                 metrics.queue_waiting.labels(provider, priority).set(count)
-                age = now - float(first[0][1]) if first else 0.0
+                # (a flat [member, score] pair: the command was sent as it is)
+                age = now - float(first[1]) if first else 0.0
                 metrics.queue_oldest_age.labels(provider, priority).set(max(0.0, age))
             metrics.queue_depth.labels(provider).set(depth + sum(counts))
             for group in groups:

@@ -95,6 +95,7 @@ class JobStore:
             tokens,
             time.time(),
             max_depth,
+            job.deadline,
         )
 
     def _settings(self, job: m.Job) -> str:
@@ -194,10 +195,9 @@ class JobStore:
                 provider,
                 consumer,
                 slots,
-                time.time(),
                 ttl_s,
-                repr(shares.get("async", 0.0)),
-                repr(shares.get("batch", 0.0)),
+                repr(shares.async_),
+                repr(shares.batch),
             ),
         )
         moved: int = await self._batcher.call(*command)

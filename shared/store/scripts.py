@@ -8,7 +8,7 @@ store passes them in that order, from one typed method per script.
 
 from __future__ import annotations
 
-from llm_broker.shared.redisio import Script
+from llm_broker.shared.redisio import Library
 
 # Makes a job final: status, finish time and more fields, and its TTL (the
 # result is kept this long). The job's Idempotency-Key never outlives it, and a
@@ -42,20 +42,29 @@ _SCHED = """
 local CLASSES = {'interactive', 'async', 'batch'}
 local MAX_VISITS, MAX_DROPS = 256, 256
 
+-- A provider's scheduler keys, each built when first used (most calls need few).
+local PER_PROVIDER = {
+  stream = 'q:',         -- the stream workers read
+  state = 'sched:',      -- hash: share:<class>, credit:<class>, entries
+  capacity = 'cap:',     -- string: slots of live workers (TTL)
+  workers = 'workers:',  -- hash: consumer -> "slots expiry"
+  conf = 'tc:',          -- hash: class:tenant -> "weight in-flight quotas"
+  queued = 'tq:',        -- hash: tenant -> jobs waiting here
+}
+local SHARED = {queued_all = 'tq', events = 'wh:events', job = 'job:'}
+local KEYS_OF = {__index = function(S, name)
+  local key
+  if PER_PROVIDER[name] then
+    key = S.prefix .. PER_PROVIDER[name] .. S.tag
+  else
+    key = S.prefix .. SHARED[name]
+  end
+  rawset(S, name, key)
+  return key
+end}
+
 local function sched(prefix, p)
-  local tag = '{' .. p .. '}'
-  return {
-    prefix = prefix, tag = tag,
-    stream = prefix .. 'q:' .. tag,
-    state = prefix .. 'sched:' .. tag,      -- hash: share:<class>, credit:<class>
-    capacity = prefix .. 'cap:' .. tag,      -- string: slots of live workers (TTL)
-    workers = prefix .. 'workers:' .. tag,   -- hash: consumer -> "slots expiry"
-    conf = prefix .. 'tc:' .. tag,           -- hash: class:tenant -> "weight in-flight quotas"
-    queued = prefix .. 'tq:' .. tag,         -- hash: tenant -> jobs waiting here
-    queued_all = prefix .. 'tq',             -- hash: tenant -> jobs waiting anywhere
-    events = prefix .. 'wh:events',
-    job = prefix .. 'job:',
-  }
+  return setmetatable({prefix = prefix, tag = '{' .. p .. '}'}, KEYS_OF)
 end
 local function ring(S, c) return S.prefix .. 'ring:' .. S.tag .. ':' .. c end
 local function deficits(S, c) return S.prefix .. 'drr:' .. S.tag .. ':' .. c end
@@ -64,13 +73,6 @@ local function waiting(S, c, t) return S.prefix .. 'w:' .. S.tag .. ':' .. c .. 
 local function flight(S, t) return S.prefix .. 'fl:' .. S.tag .. ':' .. t end
 local function flight_all(S, t) return S.prefix .. 'fla:' .. t end
 
--- Jobs waiting on the provider, every class.
-local function backlog(S)
-  local n = 0
-  for _, c in ipairs(CLASSES) do n = n + redis.call('ZCARD', index(S, c)) end
-  return n
-end
-
 -- A waiting job leaves the counts (once: the class index says whether it is in).
 local function uncount(S, c, t, id)
   if redis.call('ZREM', index(S, c), id) == 0 then return end
@@ -78,8 +80,12 @@ local function uncount(S, c, t, id)
   if redis.call('HINCRBY', S.queued_all, t, -1) <= 0 then redis.call('HDEL', S.queued_all, t) end
 end
 
--- A job joins its tenant's waiting list (at the front when it waited before).
-local function push(S, c, t, id, created, packed, conf, front)
+-- A job joins its tenant's waiting list (at the front when it waited before),
+-- unless it is there already; the provider's state counts list entries (live or
+-- not), which bounds what the lists hold. keep: leave the tenant's settings as
+-- its admission set them, if any. Returns false if the job was there already.
+local function push(S, c, t, id, created, packed, conf, front, keep)
+  if redis.call('ZADD', index(S, c), 'NX', created, id) == 0 then return false end
   local list = waiting(S, c, t)
   local n
   if front then
@@ -88,10 +94,15 @@ local function push(S, c, t, id, created, packed, conf, front)
     n = redis.call('RPUSH', list, id .. ' ' .. packed)
   end
   if n == 1 then redis.call('RPUSH', ring(S, c), t) end
-  redis.call('HSET', S.conf, c .. ':' .. t, conf)
-  redis.call('ZADD', index(S, c), created, id)
+  if keep then
+    redis.call('HSETNX', S.conf, c .. ':' .. t, conf)
+  else
+    redis.call('HSET', S.conf, c .. ':' .. t, conf)
+  end
   redis.call('HINCRBY', S.queued, t, 1)
   redis.call('HINCRBY', S.queued_all, t, 1)
+  redis.call('HINCRBY', S.state, 'entries', 1)
+  return true
 end
 
 local function conf_of(S, c, t)
@@ -106,77 +117,128 @@ local function at_quota(key, quota, now)
   return redis.call('ZCARD', key) >= quota
 end
 
--- The next job of class c to run, by deficit round robin over its tenants:
--- returns id, tenant, packed job, deadline, in-flight quotas; nil if none can
--- go now. Waiting jobs that became final, or whose deadline passed (marked
--- expired here, without an upstream call), are dropped on the way.
+local function live(job, now)
+  local st = redis.call('HMGET', job, 'status', 'deadline')
+  -- (a job that falls back from another provider is in_progress)
+  local running = st[1] == 'queued' or st[1] == 'in_progress'
+  return running, running and tonumber(st[2]) > now, tonumber(st[2])
+end
+
+-- Pops the head of a tenant's list. Returns {id, packed job, deadline} for a job
+-- to run, false for one that must not run (final already, or its deadline
+-- passed: made expired here, without an upstream call), nil for an empty list;
+-- and what is left in the list.
+local function pop(S, c, t, now)
+  local list = waiting(S, c, t)
+  local e = redis.call('LPOP', list)
+  local left = redis.call('LLEN', list)
+  if not e then return nil, left end
+  redis.call('HINCRBY', S.state, 'entries', -1)
+  local sp = string.find(e, ' ', 1, true)
+  local id = string.sub(e, 1, sp - 1)
+  uncount(S, c, t, id)
+  local job = S.job .. id
+  local running, runnable, deadline = live(job, now)
+  if runnable then return {id, string.sub(e, sp + 1), deadline}, left end
+  if running then
+    -- The record was kept until its deadline plus the result TTL.
+    finish(job, S.events, id, 'expired', now, math.max(60, redis.call('TTL', job)),
+           'http_status', 504)
+  end
+  return false, left
+end
+
+-- Whether the head of a tenant's list is a job that must not run (or none).
+local function head_dead(S, c, t, now)
+  local e = redis.call('LINDEX', waiting(S, c, t), 0)
+  if not e then return true end
+  local _, runnable = live(S.job .. string.sub(e, 1, string.find(e, ' ', 1, true) - 1), now)
+  return not runnable
+end
+
+-- The tenant at the head of class c's round has nothing left there: it leaves,
+-- and keeps no credit.
+local function leave(S, c, t)
+  redis.call('LPOP', ring(S, c))
+  redis.call('HDEL', deficits(S, c), t)
+  redis.call('HDEL', S.conf, c .. ':' .. t)
+end
+
+-- The next job of class c to run, by deficit round robin over its tenants
+-- (a visit adds the tenant's weight, at least 1, to its deficit; each job sent
+-- costs 1): returns id, tenant, packed job, deadline, in-flight quotas; nil if
+-- none can go now. A tenant at an in-flight quota is passed over (its jobs that
+-- must not run are still dropped); each tenant is visited at most once a call
+-- while none can go, and at most MAX_VISITS in all.
 local function take(S, c, now, budget)
   local rk, dk = ring(S, c), deficits(S, c)
-  for _ = 1, MAX_VISITS do
+  local visits = math.min(MAX_VISITS, redis.call('LLEN', rk))
+  while visits > 0 and budget.drops > 0 do
     local t = redis.call('LINDEX', rk, 0)
     if not t then return nil end
     local w, fq, fqa = conf_of(S, c, t)
-    if at_quota(flight(S, t), fq, now) or at_quota(flight_all(S, t), fqa, now) then
+    local blocked = (fq > 0 and at_quota(flight(S, t), fq, now))
+      or (fqa > 0 and at_quota(flight_all(S, t), fqa, now))
+    if blocked and not head_dead(S, c, t, now) then
+      visits = visits - 1
       redis.call('LMOVE', rk, rk, 'LEFT', 'RIGHT')
     else
-      local d = tonumber(redis.call('HGET', dk, t) or '0')
-      if d < 1 then d = d + w end
-      if d < 1 then
-        redis.call('HSET', dk, t, d)
-        redis.call('LMOVE', rk, rk, 'LEFT', 'RIGHT')
+      local got, left = pop(S, c, t, now)
+      if not got then
+        if got == false then budget.drops = budget.drops - 1 end
+        if left == 0 then
+          leave(S, c, t)
+          visits = visits - 1
+        end
       else
-        local list = waiting(S, c, t)
-        local e = redis.call('LPOP', list)
+        local d = tonumber(redis.call('HGET', dk, t) or '0')
+        -- (a hair under 1 counts as 1: sums of fractions round down)
+        if d < 0.999999 then d = d + w end
         d = d - 1
-        if redis.call('LLEN', list) == 0 then
-          -- An idle tenant leaves the round and keeps no credit.
-          redis.call('LPOP', rk)
-          redis.call('HDEL', dk, t)
-          redis.call('HDEL', S.conf, c .. ':' .. t)
-        elseif d < 1 then
+        if left == 0 then
+          leave(S, c, t)
+        elseif d < 0.999999 then
           redis.call('HSET', dk, t, d)
           redis.call('LMOVE', rk, rk, 'LEFT', 'RIGHT')
         else
           redis.call('HSET', dk, t, d)
         end
-        if e then
-          local sp = string.find(e, ' ', 1, true)
-          local id = string.sub(e, 1, sp - 1)
-          uncount(S, c, t, id)
-          local job = S.job .. id
-          local st = redis.call('HMGET', job, 'status', 'deadline')
-          -- (a job that falls back from another provider is in_progress)
-          local live = st[1] == 'queued' or st[1] == 'in_progress'
-          if live and tonumber(st[2]) > now then
-            return id, t, string.sub(e, sp + 1), tonumber(st[2]), fq, fqa
-          end
-          if live then
-            -- The record was kept until its deadline plus the result TTL.
-            finish(job, S.events, id, 'expired', now, math.max(60, redis.call('TTL', job)),
-                   'http_status', 504)
-          end
-          budget.drops = budget.drops - 1
-          if budget.drops <= 0 then return nil end
-        end
+        return got[1], t, got[2], got[3], fq, fqa
       end
     end
   end
   return nil
 end
 
+-- A job goes to the provider's stream; under an in-flight quota its tenant's
+-- in-flight set holds it until it settles (or its deadline passes).
+local function hold(key, id, deadline, now)
+  local keep = math.ceil(deadline - now) + 60
+  redis.call('ZADD', key, deadline, id)
+  redis.call('EXPIRE', key, keep, 'GT')
+  redis.call('EXPIRE', key, keep, 'NX')
+end
+
+local function send(S, t, id, packed, deadline, fq, fqa, now)
+  redis.call('XADD', S.stream, '*', 'j', packed)
+  if fq > 0 then hold(flight(S, t), id, deadline, now) end
+  if fqa > 0 then hold(flight_all(S, t), id, deadline, now) end
+end
+
+-- Free slots: the live workers' capacity less what the stream holds.
+local function free_slots(S)
+  return tonumber(redis.call('GET', S.capacity) or '0') - redis.call('XLEN', S.stream)
+end
+
 -- Moves up to n waiting jobs (at most the free capacity) to the stream; returns
 -- how many moved.
 local function dispatch(S, n, now)
-  local free = tonumber(redis.call('GET', S.capacity) or '0') - redis.call('XLEN', S.stream)
+  if tonumber(redis.call('HGET', S.state, 'entries') or '0') <= 0 then return 0 end
+  local free = free_slots(S)
   if free < n then n = free end
   if n <= 0 then return 0 end
-  local active = {}
-  local any = false
-  for i, c in ipairs(CLASSES) do
-    active[i] = redis.call('LLEN', ring(S, c)) > 0
-    any = any or active[i]
-  end
-  if not any then return 0 end
+  local active, spent = {}, {}
+  for i, c in ipairs(CLASSES) do active[i] = redis.call('LLEN', ring(S, c)) > 0 end
   local st = redis.call('HMGET', S.state, 'share:async', 'share:batch',
                         'credit:async', 'credit:batch')
   local share = {0, tonumber(st[1]) or 0, tonumber(st[2]) or 0}
@@ -186,31 +248,22 @@ local function dispatch(S, n, now)
   while moved < n do
     local id, t, packed, deadline, fq, fqa
     -- A lower class owed its minimum share goes first.
+    -- A class in which no job could go is not tried again in this call.
     for i = 2, 3 do
       -- (a hair under 1 counts: ten additions of 0.1 make 0.9999…)
-      if not id and active[i] and credit[i] >= 0.999999 then
+      if not id and active[i] and not spent[i] and credit[i] >= 0.999999 then
         id, t, packed, deadline, fq, fqa = take(S, CLASSES[i], now, budget)
-        if id then credit[i] = math.max(0, credit[i] - 1) end
+        if id then credit[i] = math.max(0, credit[i] - 1) else spent[i] = true end
       end
     end
     for i = 1, 3 do
-      if not id and active[i] then
+      if not id and active[i] and not spent[i] then
         id, t, packed, deadline, fq, fqa = take(S, CLASSES[i], now, budget)
+        if not id then spent[i] = true end
       end
     end
     if not id then break end
-    redis.call('XADD', S.stream, '*', 'j', packed)
-    local keep = math.ceil(deadline - now) + 60
-    if fq > 0 then
-      redis.call('ZADD', flight(S, t), deadline, id)
-      redis.call('EXPIRE', flight(S, t), keep, 'GT')
-      redis.call('EXPIRE', flight(S, t), keep, 'NX')
-    end
-    if fqa > 0 then
-      redis.call('ZADD', flight_all(S, t), deadline, id)
-      redis.call('EXPIRE', flight_all(S, t), keep, 'GT')
-      redis.call('EXPIRE', flight_all(S, t), keep, 'NX')
-    end
+    send(S, t, id, packed, deadline, fq, fqa, now)
     moved = moved + 1
     -- Credit accrues to a lower class only while a higher class has work too.
     local above = false
@@ -286,7 +339,9 @@ end
 -- the tenant's queued-jobs quotas, then its rate quotas (on this provider, then
 -- overall). Returns nil when the job may be admitted, else the refusal.
 local function refuse(S, q)
-  if redis.call('XLEN', S.stream) + backlog(S) >= q.max_depth then return {'full'} end
+  q.waiting = tonumber(redis.call('HGET', S.state, 'entries') or '0')
+  q.streamed = redis.call('XLEN', S.stream)
+  if q.streamed + q.waiting >= q.max_depth then return {'full'} end
   local t = q.tenant
   if q.mq > 0 and tonumber(redis.call('HGET', S.queued, t) or '0') >= q.mq then
     return {'tenant_queue_full', 'provider'}
@@ -294,35 +349,52 @@ local function refuse(S, q)
   if q.mqa > 0 and tonumber(redis.call('HGET', S.queued_all, t) or '0') >= q.mqa then
     return {'tenant_queue_full', 'all'}
   end
-  local wait = over_rate(S.prefix .. 'trl:' .. S.tag .. ':' .. t, q.rpm, q.tpm, q.cost, q.now, 60)
-  if wait then return {'tenant_rate_limited', 'provider', tostring(wait)} end
-  wait = over_rate(S.prefix .. 'trla:' .. t, q.rpma, q.tpma, q.cost, q.now, 60)
-  if wait then return {'tenant_rate_limited', 'all', tostring(wait)} end
+  if q.rpm > 0 or q.tpm > 0 then
+    local wait = over_rate(S.prefix .. 'trl:' .. S.tag .. ':' .. t, q.rpm, q.tpm, q.cost, q.now, 60)
+    if wait then return {'tenant_rate_limited', 'provider', tostring(wait)} end
+  end
+  if q.rpma > 0 or q.tpma > 0 then
+    local wait = over_rate(S.prefix .. 'trla:' .. t, q.rpma, q.tpma, q.cost, q.now, 60)
+    if wait then return {'tenant_rate_limited', 'all', tostring(wait)} end
+  end
   return nil
 end
 
--- The admitted job joins its waiting list and the rate windows, then dispatch
--- runs (the job goes straight to a worker when there is a free slot and nothing
--- waits before it).
+-- The admitted job joins the rate windows, then goes straight to the stream when
+-- nothing waits on the provider, a slot is free and its tenant is under its
+-- in-flight quotas (what dispatch would choose, at a fraction of its cost);
+-- else it joins its waiting list and dispatch runs.
 local function enter(S, q, id, created, packed)
-  add_rate(S.prefix .. 'trl:' .. S.tag .. ':' .. q.tenant, q.rpm, q.tpm, q.cost, q.now, 60, id)
-  add_rate(S.prefix .. 'trla:' .. q.tenant, q.rpma, q.tpma, q.cost, q.now, 60, id)
-  push(S, q.class, q.tenant, id, created, packed, q.conf, false)
+  local t = q.tenant
+  if q.rpm > 0 or q.tpm > 0 then
+    add_rate(S.prefix .. 'trl:' .. S.tag .. ':' .. t, q.rpm, q.tpm, q.cost, q.now, 60, id)
+  end
+  if q.rpma > 0 or q.tpma > 0 then
+    add_rate(S.prefix .. 'trla:' .. t, q.rpma, q.tpma, q.cost, q.now, 60, id)
+  end
+  if q.waiting <= 0 and tonumber(redis.call('GET', S.capacity) or '0') > q.streamed
+      and not (q.fq > 0 and at_quota(flight(S, t), q.fq, q.now))
+      and not (q.fqa > 0 and at_quota(flight_all(S, t), q.fqa, q.now)) then
+    send(S, t, id, packed, q.deadline, q.fq, q.fqa, q.now)
+    return
+  end
+  push(S, q.class, t, id, created, packed, q.conf, false, false)
   dispatch(S, 1000000, q.now)
 end
 
 -- The admission arguments from position i of ARGV: prefix, provider, class,
 -- weight, the in-flight quotas (provider, all), queued quotas (provider, all),
--- rpm, tpm, rpm overall, tpm overall, estimated tokens, now, max depth.
-local function admission(i, tenant)
-  local a = {unpack(ARGV, i, i + 14)}
+-- rpm, tpm, rpm overall, tpm overall, estimated tokens, now, max depth, deadline.
+local function admission(ARGV, i, tenant)
+  local a = {unpack(ARGV, i, i + 15)}
   local q = {
     tenant = tenant, class = a[3],
-    conf = a[4] .. ' ' .. a[5] .. ' ' .. a[6],
+    conf = a[4] .. ' ' .. a[5] .. ' ' .. a[6], fq = tonumber(a[5]), fqa = tonumber(a[6]),
     mq = tonumber(a[7]), mqa = tonumber(a[8]),
     rpm = tonumber(a[9]), tpm = tonumber(a[10]),
     rpma = tonumber(a[11]), tpma = tonumber(a[12]),
     cost = tonumber(a[13]), now = tonumber(a[14]), max_depth = tonumber(a[15]),
+    deadline = tonumber(a[16]),
   }
   return sched(a[1], a[2]), q
 end
@@ -330,36 +402,29 @@ end
 
 # A synchronous call's admission (see the scheduler above for its arguments):
 # the job record, then its waiting list. Returns {'ok'} or the refusal.
-ENQUEUE = Script(
-    _FINISH
-    + _SCHED
-    + """
+_ENQUEUE = """
 local job = KEYS[1]
 local packed, ttl, id, tenant, created = unpack(ARGV, 1, 5)
--- ARGV[6…20]: the admission arguments; ARGV[21…]: the record's field/value pairs
-local S, q = admission(6, tenant)
+-- ARGV[6…21]: the admission arguments; ARGV[22…]: the record's field/value pairs
+local S, q = admission(ARGV, 6, tenant)
 local no = refuse(S, q)
 if no then return no end
-redis.call('HSET', job, 'priority', q.class, unpack(ARGV, 21))
+redis.call('HSET', job, 'priority', q.class, unpack(ARGV, 22))
 redis.call('EXPIRE', job, ttl)
 enter(S, q, id, tonumber(created), packed)
 return {'ok'}
 """
-)
 
 # An async submission: the Idempotency-Key check, admission, the job record,
 # its waiting list and the tenant's job index in one step. The idempotency key
 # is unused unless use_idem is '1'; its value is "<request hash> <job id>".
 # Returns {'ok'}, a refusal (see refuse), {'dup', idempotency value, the job's
 # fields} or {'conflict'} (the key's job is gone or another tenant's).
-SUBMIT = Script(
-    _FINISH
-    + _SCHED
-    + """
+_SUBMIT = """
 local job, idem, index = KEYS[1], KEYS[2], KEYS[3]
 local packed, ttl, use_idem, idem_value, idem_ttl, id, score, job_prefix, tenant =
   unpack(ARGV, 1, 9)
--- ARGV[10…24]: the admission arguments; ARGV[25…]: the record's other field/value pairs
+-- ARGV[10…25]: the admission arguments; ARGV[26…]: the record's other field/value pairs
 if use_idem == '1' then
   local seen = redis.call('GET', idem)
   if seen then
@@ -369,10 +434,10 @@ if use_idem == '1' then
     return {'dup', seen, redis.call('HGETALL', job_prefix .. seen_id)}
   end
 end
-local S, q = admission(10, tenant)
+local S, q = admission(ARGV, 10, tenant)
 local no = refuse(S, q)
 if no then return no end
-redis.call('HSET', job, 'tenant', tenant, 'priority', q.class, unpack(ARGV, 25))
+redis.call('HSET', job, 'tenant', tenant, 'priority', q.class, unpack(ARGV, 26))
 redis.call('EXPIRE', job, ttl)
 if use_idem == '1' then redis.call('SET', idem, idem_value, 'EX', idem_ttl) end
 redis.call('ZADD', index, score, id)
@@ -384,14 +449,11 @@ if redis.call('TTL', index) < tonumber(ttl) then redis.call('EXPIRE', index, ttl
 enter(S, q, id, tonumber(score), packed)
 return {'ok'}
 """
-)
 
 # A delivery's start. Returns 'ok' (run it), 'gone' (record expired), 'expired'
 # (deadline passed: marked so), 'poison' (delivered too often) or the job's final
 # status.
-START = Script(
-    _FINISH
-    + """
+_START = """
 local job, events = KEYS[1], KEYS[2]
 local now, max_deliveries, deliveries, id, ttl = unpack(ARGV, 1, 5)
 local st = redis.call('HMGET', job, 'status', 'deadline')
@@ -406,7 +468,6 @@ redis.call('HINCRBY', job, 'attempts', 1)
 redis.call('HSET', job, 'status', 'in_progress', 'started_at', now)
 return 'ok'
 """
-)
 
 # Closes one queue entry in one call, in this order: make the job final (unless
 # it already is, or status is ''), send the reply to the waiting ingress process
@@ -414,10 +475,7 @@ return 'ok'
 # not yet done. The reply's fields come last, built by records.reply_fields;
 # without a 'd' field its data is the payload. Returns 1 if this call made the
 # job final.
-SETTLE = Script(
-    _FINISH
-    + _SCHED
-    + """
+_SETTLE = """
 local job, queue, replies, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, entry, id, status, now, field, payload, http_status, ttl, maxlen, history,
   prefix, provider, tenant = unpack(ARGV, 1, 14)
@@ -455,43 +513,37 @@ if tenant ~= '' then landed(S, tenant, id) end
 dispatch(S, 1000000, tonumber(now))
 return made
 """
-)
 
 # Fallback: a job still running joins the waiting list of another provider, at
 # the front of its tenant's list (it waited already), keeping its class; its
 # entry here is acknowledged either way. Returns 1 if it moved.
-MOVE = Script(
-    _FINISH
-    + _SCHED
-    + """
+_MOVE = """
 local job, from_queue = KEYS[1], KEYS[2]
 local group, entry, packed, provider, history, prefix, from_provider, tenant, class, now, conf =
   unpack(ARGV, 1, 11)
 now = tonumber(now)
 local moved = 0
 local here, there = sched(prefix, from_provider), sched(prefix, provider)
+-- Only the delivery that still held the entry moves the job (a stalled worker's
+-- entry may have been reclaimed and moved by another).
+local held = redis.call('XACK', from_queue, group, entry)
+redis.call('XDEL', from_queue, entry)
+local id = string.sub(job, #here.job + 1)
 local st = redis.call('HMGET', job, 'status', 'created_at')
-if st[1] == 'queued' or st[1] == 'in_progress' then
-  push(there, class, tenant, string.sub(job, #there.job + 1), tonumber(st[2]) or now, packed,
-       conf, true)
-  redis.call('HSET', job, 'provider', provider, 'history', history)
+if held == 1 and (st[1] == 'queued' or st[1] == 'in_progress') then
+  push(there, class, tenant, id, tonumber(st[2]) or now, packed, conf, true, true)
+  redis.call('HSET', job, 'provider', provider, 'history', history, 'priority', class)
   moved = 1
 end
-redis.call('XACK', from_queue, group, entry)
-redis.call('XDEL', from_queue, entry)
-landed(here, tenant, string.sub(job, #here.job + 1))
+landed(here, tenant, id)
 dispatch(here, 1000000, now)
 if moved == 1 then dispatch(there, 1000000, now) end
 return moved
 """
-)
 
 # The client stopped waiting at its deadline: a job not yet final becomes
 # 'expired', so no worker starts it. Returns 1 if it did.
-EXPIRE_JOB = Script(
-    _FINISH
-    + _SCHED
-    + """
+_EXPIRE_JOB = """
 local job, events = KEYS[1], KEYS[2]
 local now, id, ttl, prefix = unpack(ARGV, 1, 4)
 local st = redis.call('HMGET', job, 'status', 'provider', 'tenant', 'priority')
@@ -502,15 +554,11 @@ if st[1] == 'queued' or st[1] == 'in_progress' then
 end
 return 0
 """
-)
 
 # A job of another tenant is 'gone'. A job not yet final becomes 'cancelled' and
 # the worker running it hears of it on the channel; a final job is left alone.
 # Returns {'cancelled' or 'final', the job's fields}.
-CANCEL = Script(
-    _FINISH
-    + _SCHED
-    + """
+_CANCEL = """
 local job, events = KEYS[1], KEYS[2]
 local now, tenant, ttl, channel, id, prefix = unpack(ARGV, 1, 6)
 local st = redis.call('HMGET', job, 'status', 'tenant', 'provider', 'priority')
@@ -525,11 +573,10 @@ if st[1] == 'queued' or st[1] == 'in_progress' then
 end
 return {verdict, redis.call('HGETALL', job)}
 """
-)
 
 # Records a webhook delivery attempt unless the job is gone; keeps the record at
 # least keep_s seconds (0: unchanged).
-WEBHOOK_ATTEMPT = Script("""
+_WEBHOOK_ATTEMPT = """
 local job = KEYS[1]
 local keep_s = ARGV[1]
 -- ARGV[2…]: webhook field/value pairs
@@ -537,20 +584,19 @@ if redis.call('EXISTS', job) == 0 then return 0 end
 redis.call('HSET', job, unpack(ARGV, 2))
 if tonumber(keep_s) > 0 then redis.call('EXPIRE', job, keep_s, 'GT') end
 return 1
-""")
+"""
 
 # A worker process offers (or, with slots 0, withdraws) its slots for a provider
 # until now + ttl; the provider's capacity becomes the live workers' slots, the
 # class shares are stored, and dispatch fills what is free. Returns how many
 # jobs moved. (A provider's global in-flight cap is not applied here: a dead
 # worker's leases free long before its queue entries are reclaimed.)
-REGISTER = Script(
-    _FINISH
-    + _SCHED
-    + """
-local prefix, provider, consumer, slots, now, ttl, share_async, share_batch =
-  unpack(ARGV, 1, 8)
-now, ttl = tonumber(now), tonumber(ttl)
+_REGISTER = """
+local prefix, provider, consumer, slots, ttl, share_async, share_batch = unpack(ARGV, 1, 7)
+ttl = tonumber(ttl)
+-- Redis's clock, not the caller's: workers' clocks may differ.
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local S = sched(prefix, provider)
 if tonumber(slots) > 0 then
   redis.call('HSET', S.workers, consumer, slots .. ' ' .. (now + ttl))
@@ -576,4 +622,30 @@ end
 redis.call('HSET', S.state, 'share:async', share_async, 'share:batch', share_batch)
 return dispatch(S, 1000000, now)
 """
+
+
+#: The job store's functions, loaded into Redis as one library.
+LIBRARY = Library(
+    "llmb",
+    _FINISH + _SCHED,
+    {
+        "enqueue": _ENQUEUE,
+        "submit": _SUBMIT,
+        "start": _START,
+        "settle": _SETTLE,
+        "move": _MOVE,
+        "expire_job": _EXPIRE_JOB,
+        "cancel": _CANCEL,
+        "webhook_attempt": _WEBHOOK_ATTEMPT,
+        "register": _REGISTER,
+    },
 )
+ENQUEUE = LIBRARY["enqueue"]
+SUBMIT = LIBRARY["submit"]
+START = LIBRARY["start"]
+SETTLE = LIBRARY["settle"]
+MOVE = LIBRARY["move"]
+EXPIRE_JOB = LIBRARY["expire_job"]
+CANCEL = LIBRARY["cancel"]
+WEBHOOK_ATTEMPT = LIBRARY["webhook_attempt"]
+REGISTER = LIBRARY["register"]
