@@ -70,6 +70,7 @@ class JobStore:
         self._result_ttl = int(config.jobs.result_ttl_s)
         self._config = config
         self._prefix = config.redis.key_prefix
+        self._tenant_cache: dict[tuple[str, str], tuple[str | int, ...]] = {}
         #: The provider queues' streams and consumer groups.
         self.queues = Queues(self.keys, redis, config.worker.max_deliveries)
 
@@ -78,31 +79,43 @@ class JobStore:
     def _admission(self, job: m.Job, max_depth: int, tokens: int) -> tuple[Any, ...]:
         """The scheduler's admission arguments (scripts.py, ``admission``): the job's
         class and its tenant's weight and quotas, overall and on its provider."""
-        tcfg = self._config.tenant(job.tenant)
-        mine = tcfg.providers.get(job.provider, _NO_QUOTA)
-        every = tcfg.quotas
         return (
             self._prefix,
             job.provider,
             job.priority,
-            *self._settings(job).split(" "),
-            mine.max_queued,
-            every.max_queued,
-            mine.rpm,
-            mine.tpm,
-            every.rpm,
-            every.tpm,
+            *self._tenant_args(job.tenant, job.provider),
             tokens,
             time.time(),
             max_depth,
             job.deadline,
         )
 
-    def _settings(self, job: m.Job) -> str:
-        """What dispatch needs of the job's tenant on its provider: "weight
-        in-flight-quota overall-in-flight-quota"."""
-        tcfg = self._config.tenant(job.tenant)
-        mine = tcfg.providers.get(job.provider, _NO_QUOTA)
+    def _tenant_args(self, tenant: str, provider: str) -> tuple[str | int, ...]:
+        """A tenant's weight, in-flight quotas, queued quotas and rates on a provider
+        (then overall), as admission passes them; worked out once per pair (tenants
+        come from the config, which does not change)."""
+        found = self._tenant_cache.get((tenant, provider))
+        if found is None:
+            tcfg = self._config.tenant(tenant)
+            mine = tcfg.providers.get(provider, _NO_QUOTA)
+            every = tcfg.quotas
+            found = (
+                *self._settings(tenant, provider).split(" "),
+                mine.max_queued,
+                every.max_queued,
+                mine.rpm,
+                mine.tpm,
+                every.rpm,
+                every.tpm,
+            )
+            self._tenant_cache[(tenant, provider)] = found
+        return found
+
+    def _settings(self, tenant: str, provider: str) -> str:
+        """What dispatch needs of a tenant on a provider: "weight in-flight-quota
+        overall-in-flight-quota"."""
+        tcfg = self._config.tenant(tenant)
+        mine = tcfg.providers.get(provider, _NO_QUOTA)
         return f"{tcfg.weight!r} {mine.max_in_flight} {tcfg.quotas.max_in_flight}"
 
     async def enqueue(
@@ -340,7 +353,7 @@ class JobStore:
                 moved.tenant,
                 moved.priority,
                 time.time(),
-                self._settings(moved),
+                self._settings(moved.tenant, moved.provider),
             ),
         )
         return bool(await self._batcher.call(*command))
