@@ -93,8 +93,8 @@ async def noisy_neighbour(
     """Provider capacity 8 (two workers of 4), mock latency 200 ms. Tenant a
     submits 2,000 async jobs; then tenant b makes 50 synchronous calls one after
     another: b's median stays under 3x the mock latency. With ``kill``, one
-    worker is SIGKILLed halfway through b's calls and started again, and every
-    job of a's then completes once."""
+    worker is SIGKILLed halfway through b's calls and started again, four more
+    join, and every job of a's then completes once."""
     _, mock_url = procs.mock()
     config = make_config(
         mock_url,
@@ -134,6 +134,10 @@ async def noisy_neighbour(
     assert median < 0.6, f"b's median {median * 1000:.0f} ms behind a's backlog"
     if not kill:
         return
+    # Scale out, as an autoscaler would on this backlog: new workers' slots take
+    # waiting jobs at once.
+    for _ in range(4):
+        workers.append(await asyncio.to_thread(procs.worker, config))
 
     async def flood_done() -> bool:
         return len(await completed_at(rclient, prefix, flood)) == len(flood)
