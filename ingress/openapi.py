@@ -18,6 +18,7 @@ import msgspec
 from aiohttp import web
 
 from llm_broker.shared import messages as m
+from llm_broker.shared.config import PRIORITIES, Priority
 from llm_broker.shared.errors import ErrorObject
 
 # ---------------------------------------------------------------- answers (documentation only)
@@ -116,6 +117,8 @@ class Job(msgspec.Struct):
     #: Deployments tried, when there was more than one try.
     history: list[m.Attempt]
     metadata: dict[str, str]
+    #: Its priority class (None for a job admitted before classes existed).
+    priority: Priority | None
     result: ChatCompletion | None
     error: ErrorObject | None
     webhook: JobWebhook | None
@@ -292,6 +295,11 @@ def _schemas() -> dict[str, Any]:
         option["minLength" if option["type"] == "string" else "minItems"] = 1
     # Decoded as raw JSON, then validated as a chat request.
     schemas["JobSubmission"]["properties"]["request"] = _ref("ChatRequest")
+    # Checked by ingress (admission.py), not by the decoder: its error names the field.
+    schemas["JobSubmission"]["properties"]["priority"] = {
+        "anyOf": [{"enum": list(PRIORITIES)}, {"type": "null"}],
+        "description": "The job's priority class, lowered to the tenant's max_priority.",
+    }
     return dict(schemas)
 
 
@@ -376,6 +384,13 @@ _PARAMETERS: dict[str, Any] = {
             "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
         },
     },
+    "Priority": {
+        "name": "X-Priority",
+        "in": "header",
+        "description": "The request's priority class (default `interactive` for calls, `async` "
+        "for jobs), lowered to the tenant's `max_priority`.",
+        "schema": {"enum": list(PRIORITIES)},
+    },
     "JobId": {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
 }
 
@@ -389,7 +404,7 @@ def _call(
 ) -> dict[str, Any]:
     return {
         "summary": summary,
-        "parameters": _params(*params, "RequestTimeout", "Traceparent"),
+        "parameters": _params(*params, "Priority", "RequestTimeout", "Traceparent"),
         "requestBody": {"required": True, "content": _json(body)},
         "responses": {"200": answer, **errors},
     }
@@ -457,7 +472,9 @@ def _paths() -> dict[str, Any]:
         "/v1/jobs": {
             "post": {
                 "summary": "Queue a chat request as an async job, optionally with a webhook.",
-                "parameters": _params("IdempotencyKey", "RequestTimeout", "Traceparent"),
+                "parameters": _params(
+                    "IdempotencyKey", "Priority", "RequestTimeout", "Traceparent"
+                ),
                 "requestBody": {"required": True, "content": _json("JobSubmission")},
                 "responses": {
                     "202": _ACCEPTED,

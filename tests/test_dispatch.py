@@ -12,9 +12,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from llm_broker.shared import messages as m
-from llm_broker.shared.config import parse_config
+from llm_broker.shared.config import ConfigError, parse_config
 from llm_broker.shared.redisio import Batcher
-from llm_broker.shared.store import Delivery, JobStore, Outcome, TenantQueueFull
+from llm_broker.shared.store import (
+    Delivery,
+    JobStore,
+    Outcome,
+    TenantQueueFull,
+    TenantRateLimited,
+)
 from tests.helpers import make_job
 
 WORKER = "worker-a"
@@ -190,3 +196,50 @@ async def test_a_fallback_moves_once_keeping_class_and_tenant(
     assert there.job == moved
     assert await read(store, rclient, "other") == []
     assert await rclient.hget(keys.tenant_queued("other"), "a") is None  # type: ignore[misc]
+
+
+async def test_a_tenants_tokens_per_minute_are_counted_on_its_estimates(
+    rclient: aioredis.Redis, prefix: str
+) -> None:
+    store = store_for(
+        rclient,
+        prefix,
+        tenants={"a": {"quotas": {"tpm": 1000}, "providers": {"other": {"rpm": 1}}}},
+    )
+    assert await store.enqueue(job("a"), max_depth=100, ttl_s=60, tokens=600) is None
+    refused = await store.enqueue(job("a"), max_depth=100, ttl_s=60, tokens=600)
+    assert isinstance(refused, TenantRateLimited) and refused.scope == "all"
+    assert 59 <= refused.retry_after <= 60
+    # Another tenant, and a smaller request of a's, still fit.
+    assert await store.enqueue(job("b"), max_depth=100, ttl_s=60, tokens=600) is None
+    assert await store.enqueue(job("a"), max_depth=100, ttl_s=60, tokens=400) is None
+    # A provider's own quota is counted on its own (a's overall tokens are used up:
+    # this request estimates none).
+    elsewhere = msgspec.structs.replace(job("a"), provider="other")
+    assert await store.enqueue(elsewhere, max_depth=100, ttl_s=60) is None
+    refused = await store.enqueue(
+        msgspec.structs.replace(job("a"), provider="other"), max_depth=100, ttl_s=60
+    )
+    assert isinstance(refused, TenantRateLimited) and refused.scope == "provider"
+
+
+@pytest.mark.parametrize(
+    ("tenants", "why"),
+    [
+        ({"a": {"weight": 0.5}}, "weight must be from 1 to 1000"),
+        ({"a": {"max_priority": "urgent"}}, "max_priority"),
+        ({"a b": {}}, "tenant name"),
+        ({"a": {"providers": {"nowhere": {"rpm": 1}}}}, "unknown provider 'nowhere'"),
+        ({"a": {"quotas": {"rpm": -1}}}, "quota rpm"),
+    ],
+)
+def test_tenant_settings_are_checked(tenants: dict[str, Any], why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        parse_config({"tenants": tenants})
+
+
+def test_a_minimum_share_left_out_keeps_its_default() -> None:
+    shares = parse_config({"scheduling": {"min_share": {"async": 0.2}}}).scheduling.min_share
+    assert (shares.async_, shares.batch) == (0.2, 0.05)
+    with pytest.raises(ConfigError, match="min_share"):
+        parse_config({"scheduling": {"min_share": {"interactive": 0.1}}})
