@@ -266,14 +266,29 @@ async def execute(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> 
     """
     results = await _pipeline(client, commands)
     missing = [i for i, r in enumerate(results) if _unknown(r)]
-    if missing:
-        libraries = {
-            _LIBRARIES[commands[i][1]].text: None for i in missing if commands[i][0] == "FCALL"
-        }
-        loads = [("FUNCTION", "LOAD", "REPLACE", text) for text in libraries]
+    if not missing:
+        return results
+    libraries = list(
+        {_LIBRARIES[commands[i][1]].text: None for i in missing if commands[i][0] == "FCALL"}
+    )
+    loads = [("FUNCTION", "LOAD", "REPLACE", text) for text in libraries]
+    try:
         retried = await _pipeline(client, [*loads, *(_with_text(commands[i]) for i in missing)])
-        for i, result in zip(missing, retried[len(loads) :], strict=True):
-            results[i] = result
+    except Exception as e:  # only the commands sent again failed; the others ran
+        for i in missing:
+            results[i] = e
+        return results
+    # A library that could not be loaded (no permission, out of memory, an old Redis)
+    # is the error of the calls that needed it, not "Function not found".
+    failed = {
+        text: answer
+        for text, answer in zip(libraries, retried, strict=False)
+        if isinstance(answer, Exception)
+    }
+    for i, result in zip(missing, retried[len(loads) :], strict=True):
+        command = commands[i]
+        library = _LIBRARIES[command[1]].text if command[0] == "FCALL" else None
+        results[i] = failed.get(library, result) if library is not None else result
     return results
 
 

@@ -3,6 +3,7 @@ jobs reach the provider's stream, and the counts that quotas rely on."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,10 +11,11 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import ConfigError, parse_config
-from llm_broker.shared.redisio import Batcher
+from llm_broker.shared.redisio import Batcher, Library
 from llm_broker.shared.store import (
     Delivery,
     JobStore,
@@ -183,12 +185,16 @@ async def test_a_fallback_moves_once_keeping_class_and_tenant(
     await admit(store, original)
     (delivery,) = await read(store, rclient)
     assert await store.start(delivery, result_ttl=60) is not None
-    # The same entry, reclaimed by another worker while this one stalled.
+    # The same entry, reclaimed by another worker while this one stalled: the
+    # stalled worker's fallback moves nothing, and leaves the entry to its owner.
     (again,) = await store.queues.reclaim("mock", "worker-b", idle_ms=0, count=10)
     moved = msgspec.structs.replace(original, provider="other")
-    assert await store.move(delivery, moved) is True
-    assert await store.move(again, moved) is False
+    assert await store.move(delivery, moved, consumer=WORKER) is False
+    assert await rclient.xlen(store.keys.queue("mock")) == 1
+    assert await store.move(again, moved, consumer="worker-b") is True
+    assert await store.move(again, moved, consumer="worker-b") is False
     keys = store.keys
+    assert await rclient.xlen(keys.queue("mock")) == 0
     assert await rclient.llen(keys.waiting("other", "batch", "a")) == 1  # type: ignore[misc]
     assert await rclient.hget(keys.tenant_queued("other"), "a") == b"1"  # type: ignore[misc]
     await store.register("other", WORKER, 5, 600)
@@ -243,3 +249,42 @@ def test_a_minimum_share_left_out_keeps_its_default() -> None:
     assert (shares.async_, shares.batch) == (0.2, 0.05)
     with pytest.raises(ConfigError, match="min_share"):
         parse_config({"scheduling": {"min_share": {"interactive": 0.1}}})
+
+
+async def test_a_lost_count_of_waiting_entries_is_rebuilt_by_a_registration(
+    store: JobStore, rclient: aioredis.Redis
+) -> None:
+    jobs = [job("a"), job("b"), job("a", "batch")]
+    await admit(store, *jobs)
+    # The scheduler's state is lost (deleted by hand, or evicted).
+    await rclient.delete(store.keys.scheduler("mock"))
+    assert await store.register("mock", WORKER, 10, 600) == 3
+    assert sorted(d.job.id for d in await read(store, rclient) if d.job) == sorted(
+        j.id for j in jobs
+    )
+
+
+async def test_the_function_library_is_loaded_again_when_redis_lost_it(
+    store: JobStore, rclient: aioredis.Redis
+) -> None:
+    await rclient.function_flush()  # type: ignore[misc]
+    first, second = job("a"), job("a")
+    # Both calls of one round trip miss the library: it is loaded once, both run.
+    done = await asyncio.gather(
+        store.enqueue(first, max_depth=100, ttl_s=60),
+        store.enqueue(second, max_depth=100, ttl_s=60),
+    )
+    assert list(done) == [None, None]
+    assert await rclient.zcard(store.keys.waiting_index("mock", "async")) == 2
+
+
+async def test_a_library_redis_cannot_load_fails_its_calls_with_the_reason(
+    rclient: aioredis.Redis,
+) -> None:
+    broken = Library("llmb_test", "local x = (", {"f": "return 1"})
+    batcher = Batcher(rclient, timeout=5.0)
+    with pytest.raises(ResponseError) as failed:
+        await batcher.call(*broken["f"].command((), ()))
+    assert str(failed.value).startswith("Error compiling function"), failed.value
+    # Other commands of the same round trip are not affected.
+    assert await batcher.call("PING") is True

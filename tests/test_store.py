@@ -276,7 +276,7 @@ async def test_move_sends_a_running_job_to_its_next_deployment(
     moved = msgspec.structs.replace(
         job, provider="other", upstream_model="m2", fallbacks=[], attempts=[attempt]
     )
-    assert await store.move(delivery, moved) is True
+    assert await store.move(delivery, moved, consumer=CONSUMER) is True
     assert await pending(rclient, store, "mock") == (0, 0)
     await store.queues.ensure_group("other")
     (there,) = await store.queues.read(rclient, "other", CONSUMER, count=10, block_ms=100)
@@ -286,7 +286,7 @@ async def test_move_sends_a_running_job_to_its_next_deployment(
 
     # A job made final meanwhile is not moved; its entry is closed all the same.
     await store.expire(moved)
-    assert await store.move(there, moved) is False
+    assert await store.move(there, moved, consumer=CONSUMER) is False
     assert await rclient.xlen(store.keys.queue("other")) == 0
 
 

@@ -279,7 +279,7 @@ class JobRun:
             attempts=[*job.attempts, attempt],
         )
         try:
-            await pool.store.move(self.delivery, moved)
+            await pool.store.move(self.delivery, moved, consumer=pool.consumer)
         except REDIS_DOWN as e:
             # The entry stays pending; it is reclaimed and tried again later.
             log.warning("job %s: could not move on to %s: %s", job.id, nxt.name, e)

@@ -336,9 +336,10 @@ class JobStore:
             ("EXPIRE", key, ttl),
         ]
 
-    async def move(self, delivery: Delivery, moved: m.Job) -> bool:
-        """Fallback: put the job, as ``moved`` (its next deployment, its history), on
-        that deployment's queue, and close this delivery. False if the job was final."""
+    async def move(self, delivery: Delivery, moved: m.Job, *, consumer: str) -> bool:
+        """Fallback: put the job, as ``moved`` (its next deployment, its history), in
+        that deployment's waiting list, and close this delivery. False if the job was
+        final, or ``consumer`` no longer holds the entry (another worker took it over)."""
         keys = self.keys
         command = scripts.MOVE.command(
             (keys.job(moved.id), keys.queue(delivery.provider)),
@@ -354,6 +355,7 @@ class JobStore:
                 moved.priority,
                 time.time(),
                 self._settings(moved.tenant, moved.provider),
+                consumer,
             ),
         )
         return bool(await self._batcher.call(*command))

@@ -505,11 +505,12 @@ if #ARGV > 14 then
   end
   redis.call('XADD', replies, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', unpack(fields))
 end
-redis.call('XACK', queue, group, entry)
+local acked = redis.call('XACK', queue, group, entry)
 redis.call('XDEL', queue, entry)
--- The slot is free: the next waiting job goes.
+-- The slot is free: the next waiting job goes. (A late duplicate delivery, whose
+-- entry was settled already, leaves the tenant's in-flight count alone.)
 local S = sched(prefix, provider)
-if tenant ~= '' then landed(S, tenant, id) end
+if tenant ~= '' and acked == 1 then landed(S, tenant, id) end
 dispatch(S, 1000000, tonumber(now))
 return made
 """
@@ -519,15 +520,19 @@ return made
 # entry here is acknowledged either way. Returns 1 if it moved.
 _MOVE = """
 local job, from_queue = KEYS[1], KEYS[2]
-local group, entry, packed, provider, history, prefix, from_provider, tenant, class, now, conf =
-  unpack(ARGV, 1, 11)
+local group, entry, packed, provider, history, prefix, from_provider, tenant, class, now, conf,
+  consumer = unpack(ARGV, 1, 12)
 now = tonumber(now)
 local moved = 0
 local here, there = sched(prefix, from_provider), sched(prefix, provider)
--- Only the delivery that still held the entry moves the job (a stalled worker's
--- entry may have been reclaimed and moved by another).
-local held = redis.call('XACK', from_queue, group, entry)
-redis.call('XDEL', from_queue, entry)
+-- Only the consumer that holds the entry moves the job: a stalled worker's entry
+-- may have been reclaimed by another, which runs (or moved) the job.
+local pending = redis.call('XPENDING', from_queue, group, entry, entry, 1)
+local held = 0
+if pending[1] and pending[1][2] == consumer then
+  held = redis.call('XACK', from_queue, group, entry)
+  redis.call('XDEL', from_queue, entry)
+end
 local id = string.sub(job, #here.job + 1)
 local st = redis.call('HMGET', job, 'status', 'created_at')
 if held == 1 and (st[1] == 'queued' or st[1] == 'in_progress') then
@@ -535,8 +540,10 @@ if held == 1 and (st[1] == 'queued' or st[1] == 'in_progress') then
   redis.call('HSET', job, 'provider', provider, 'history', history, 'priority', class)
   moved = 1
 end
-landed(here, tenant, id)
-dispatch(here, 1000000, now)
+if held == 1 then
+  landed(here, tenant, id)
+  dispatch(here, 1000000, now)
+end
 if moved == 1 then dispatch(there, 1000000, now) end
 return moved
 """
@@ -620,6 +627,17 @@ else
   redis.call('DEL', S.capacity)
 end
 redis.call('HSET', S.state, 'share:async', share_async, 'share:batch', share_batch)
+-- The entries count can only be lost with the state hash (deleted by hand, or
+-- evicted): recount it from the lists when jobs wait but it says none do.
+if tonumber(redis.call('HGET', S.state, 'entries') or '0') <= 0 then
+  local n = 0
+  for _, c in ipairs(CLASSES) do
+    for _, t in ipairs(redis.call('LRANGE', ring(S, c), 0, -1)) do
+      n = n + redis.call('LLEN', waiting(S, c, t))
+    end
+  end
+  redis.call('HSET', S.state, 'entries', n)
+end
 return dispatch(S, 1000000, now)
 """
 
