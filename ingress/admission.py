@@ -117,7 +117,7 @@ async def new_job(
     quota = tcfg.providers.get(first.provider)
     if tcfg.quotas.tpm or (quota is not None and quota.tpm):
         cap = state.config.providers[first.provider].max_call_tokens
-        ctx.tokens = estimate_tokens({"max_tokens": out}, len(raw), cap)
+        job.tokens = estimate_tokens({"max_tokens": out}, len(raw), cap)
     return job, candidates.route
 
 

@@ -103,7 +103,7 @@ async def _run(
     replies = state.replies.register(job.id)
     answered = False
     try:
-        await _enqueue(request, state, job)
+        await _enqueue(state, job)
         if job.stream:
             response = await _stream_reply(request, state, job, replies, loop_deadline, renderer)
         else:
@@ -153,13 +153,11 @@ async def _cached(
     return response
 
 
-async def _enqueue(request: web.Request, state: State, job: m.Job) -> None:
+async def _enqueue(state: State, job: m.Job) -> None:
     pcfg = state.config.providers[job.provider]
     job.result_ttl = int(state.config.jobs.sync_result_ttl_s)
     ttl = int(job.deadline - job.created) + job.result_ttl
-    admit = state.store.enqueue(
-        job, max_depth=pcfg.max_queue_depth, ttl_s=ttl, tokens=request[CONTEXT].tokens
-    )
+    admit = state.store.enqueue(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl)
     why = await redis_call(state, "enqueue", job.provider, admit)
     if why is not None:
         raise refused(state, job, why)

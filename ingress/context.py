@@ -31,8 +31,6 @@ class RequestContext:
     cache: str | None = None
     usage: Usage | None = None
     error_type: str | None = None
-    #: The request's estimated tokens, for its tenant's tpm quotas (0: none set).
-    tokens: int = 0
 
 
 CONTEXT = web.RequestKey("context", RequestContext)

@@ -166,7 +166,6 @@ async def submit(
         ttl_s=int(job.deadline - job.created) + job.result_ttl,
         extra=AsyncFields(metadata=metadata or None, webhook_url=webhook_url),
         idempotency=idempotency,
-        tokens=request[CONTEXT].tokens,
     )
     match await redis_call(state, "enqueue", job.provider, admit):
         case Admitted(record=rec):

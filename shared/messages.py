@@ -129,6 +129,9 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Priority class (``interactive``, ``async``, ``batch``): the waiting list it
     #: joins on each provider, fallbacks included.
     priority: str = "interactive"
+    #: Tokens its admission counted against its tenant's tpm quotas (an estimate;
+    #: 0: none), corrected to the real usage when it settles.
+    tokens: int = 0
 
     @property
     def target(self) -> Target:

@@ -212,13 +212,13 @@ async def test_a_tenants_tokens_per_minute_are_counted_on_its_estimates(
         prefix,
         tenants={"a": {"quotas": {"tpm": 1000}, "providers": {"other": {"rpm": 1}}}},
     )
-    assert await store.enqueue(job("a"), max_depth=100, ttl_s=60, tokens=600) is None
-    refused = await store.enqueue(job("a"), max_depth=100, ttl_s=60, tokens=600)
+    assert await store.enqueue(job("a", tokens=600), max_depth=100, ttl_s=60) is None
+    refused = await store.enqueue(job("a", tokens=600), max_depth=100, ttl_s=60)
     assert isinstance(refused, TenantRateLimited) and refused.scope == "all"
     assert 59 <= refused.retry_after <= 60
     # Another tenant, and a smaller request of a's, still fit.
-    assert await store.enqueue(job("b"), max_depth=100, ttl_s=60, tokens=600) is None
-    assert await store.enqueue(job("a"), max_depth=100, ttl_s=60, tokens=400) is None
+    assert await store.enqueue(job("b", tokens=600), max_depth=100, ttl_s=60) is None
+    assert await store.enqueue(job("a", tokens=400), max_depth=100, ttl_s=60) is None
     # A provider's own quota is counted on its own (a's overall tokens are used up:
     # this request estimates none).
     elsewhere = msgspec.structs.replace(job("a"), provider="other")
@@ -227,6 +227,29 @@ async def test_a_tenants_tokens_per_minute_are_counted_on_its_estimates(
         msgspec.structs.replace(job("a"), provider="other"), max_depth=100, ttl_s=60
     )
     assert isinstance(refused, TenantRateLimited) and refused.scope == "provider"
+
+
+async def test_a_tenants_token_windows_count_the_real_usage_once_a_call_settles(
+    rclient: aioredis.Redis, prefix: str
+) -> None:
+    store = store_for(
+        rclient,
+        prefix,
+        tenants={"a": {"quotas": {"tpm": 1000}, "providers": {"mock": {"tpm": 1000}}}},
+    )
+    await store.queues.ensure_group("mock")
+    await store.register("mock", WORKER, 10, 600)
+    big = job("a", tokens=900)
+    assert await store.enqueue(big, max_depth=100, ttl_s=60) is None
+    refused = await store.enqueue(job("a", tokens=900), max_depth=100, ttl_s=60)
+    assert isinstance(refused, TenantRateLimited)
+    # The call used 150 tokens, not the 900 estimated: the windows now hold 150.
+    (delivery,) = await read(store, rclient)
+    await store.settle(delivery, Outcome(status=m.COMPLETED, tokens=150), consumer=WORKER)
+    assert await store.enqueue(job("a", tokens=800), max_depth=100, ttl_s=60) is None
+    assert isinstance(
+        await store.enqueue(job("a", tokens=100), max_depth=100, ttl_s=60), TenantRateLimited
+    )
 
 
 @pytest.mark.parametrize(

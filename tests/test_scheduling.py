@@ -365,3 +365,19 @@ async def test_priority_is_lowered_to_the_tenants_ceiling_and_checked(
             assert resp.status == 400 and error["param"] == param, error
     # A synchronous call of a's runs at its ceiling, and answers as usual.
     assert await sync_call(http, url, "a", "mock") < 10
+
+
+async def test_a_tenants_tpm_counts_the_tokens_calls_used(
+    procs: Procs,
+    make_config: ConfigFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Each call is admitted on its estimate (about 270 tokens here: no max_tokens),
+    then counts what it used (a few dozen): ten calls in a row fit in 600 tokens a
+    minute, where the estimates alone would refuse the third."""
+    _, mock_url = procs.mock()
+    config = make_config(mock_url, **tenants(a={"quotas": {"tpm": 600}}))
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    for _ in range(10):
+        await sync_call(http, url, "a", "mock")

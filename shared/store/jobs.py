@@ -76,15 +76,16 @@ class JobStore:
 
     # ------------------------------------------------------------ admission
 
-    def _admission(self, job: m.Job, max_depth: int, tokens: int) -> tuple[Any, ...]:
+    def _admission(self, job: m.Job, max_depth: int) -> tuple[Any, ...]:
         """The scheduler's admission arguments (scripts.py, ``admission``): the job's
-        class and its tenant's weight and quotas, overall and on its provider."""
+        class, its tenant's weight and quotas, overall and on its provider, and the
+        job's estimated tokens (``job.tokens``) for the tpm quotas."""
         return (
             self._prefix,
             job.provider,
             job.priority,
             *self._tenant_args(job.tenant, job.provider),
-            tokens,
+            job.tokens,
             time.time(),
             max_depth,
             job.deadline,
@@ -118,13 +119,10 @@ class JobStore:
         mine = tcfg.providers.get(provider, _NO_QUOTA)
         return f"{tcfg.weight!r} {mine.max_in_flight} {tcfg.quotas.max_in_flight}"
 
-    async def enqueue(
-        self, job: m.Job, *, max_depth: int, ttl_s: int, tokens: int = 0
-    ) -> Refused | None:
+    async def enqueue(self, job: m.Job, *, max_depth: int, ttl_s: int) -> Refused | None:
         """Admit a synchronous call: its record and its place in the provider's
         waiting lists. None when admitted, else why not (``max_depth`` jobs wait or
-        run on the provider, or a quota of the tenant's is reached). ``tokens``:
-        the call's estimated tokens, for the tenant's tpm quotas."""
+        run on the provider, or a quota of the tenant's is reached)."""
         command = scripts.ENQUEUE.command(
             (self.keys.job(job.id),),
             (
@@ -133,7 +131,7 @@ class JobStore:
                 job.id,
                 job.tenant,
                 job.created,
-                *self._admission(job, max_depth, tokens),
+                *self._admission(job, max_depth),
                 *admission_fields(job),
             ),
         )
@@ -148,7 +146,6 @@ class JobStore:
         ttl_s: int,
         extra: AsyncFields,
         idempotency: Idempotency | None,
-        tokens: int = 0,
     ) -> Submitted:
         """Admit an async job: the key check, its record, its place in the waiting
         lists and the tenant's index, in one step."""
@@ -177,7 +174,7 @@ class JobStore:
                 job.created,
                 keys.job(""),
                 job.tenant,
-                *self._admission(job, max_depth, tokens),
+                *self._admission(job, max_depth),
                 *fields,
             ),
         )
@@ -290,6 +287,8 @@ class JobStore:
                 self._prefix,
                 delivery.provider,
                 job.tenant if job else "",
+                job.tokens if job else 0,
+                outcome.tokens if outcome.tokens is not None else -1,
                 *(
                     reply_fields(job.id, outcome.reply)
                     if job and reply_to and outcome.reply

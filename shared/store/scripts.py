@@ -478,8 +478,8 @@ return 'ok'
 _SETTLE = """
 local job, queue, replies, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, entry, id, status, now, field, payload, http_status, ttl, maxlen, history,
-  prefix, provider, tenant = unpack(ARGV, 1, 14)
--- ARGV[15…]: the reply's field/value pairs (none: no reply)
+  prefix, provider, tenant, estimate, used = unpack(ARGV, 1, 16)
+-- ARGV[17…]: the reply's field/value pairs (none: no reply)
 local made = 0
 if status ~= '' then
   local st = redis.call('HGET', job, 'status')
@@ -493,8 +493,8 @@ if status ~= '' then
     made = 1
   end
 end
-if #ARGV > 14 then
-  local fields = {unpack(ARGV, 15)}
+if #ARGV > 16 then
+  local fields = {unpack(ARGV, 17)}
   local has_data = false
   for i = 1, #fields, 2 do
     if fields[i] == 'd' then has_data = true end
@@ -511,6 +511,20 @@ redis.call('XDEL', queue, entry)
 -- entry was settled already, leaves the tenant's in-flight count alone.)
 local S = sched(prefix, provider)
 if tenant ~= '' and acked == 1 then landed(S, tenant, id) end
+-- The tenant's tpm windows count the call's real tokens from now on, not the
+-- estimate its admission counted (once: the estimate's member goes).
+if tenant ~= '' and estimate ~= '0' and tonumber(used) >= 0 and used ~= estimate then
+  local windows = {prefix .. 'trl:' .. S.tag .. ':' .. tenant, prefix .. 'trla:' .. tenant}
+  for _, base in ipairs(windows) do
+    local counted = id .. ':' .. estimate
+    local at = redis.call('ZSCORE', base .. ':tok', counted)
+    if at then
+      redis.call('ZREM', base .. ':tok', counted)
+      redis.call('ZADD', base .. ':tok', at, id .. ':' .. used)
+      redis.call('INCRBY', base .. ':sum', tonumber(used) - tonumber(estimate))
+    end
+  end
+end
 dispatch(S, 1000000, tonumber(now))
 return made
 """

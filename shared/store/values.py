@@ -51,6 +51,8 @@ class Outcome(msgspec.Struct, kw_only=True):
     history: list[m.Attempt] = []
     #: Dead-letter the entry (a bounded summary of it).
     dead_letter: bool = False
+    #: Tokens the call used (None: unknown), to correct the tenant's tpm windows.
+    tokens: int | None = None
 
 
 class AsyncFields(msgspec.Struct, kw_only=True):
