@@ -164,21 +164,26 @@ async def redis_call(state: State, what: str, provider: str, call: Awaitable[T])
         ) from e
 
 
+def _quota_scope(scope: str, provider: str) -> str:
+    return f"on provider {provider!r}" if scope == "provider" else "overall"
+
+
 def refused(state: State, job: m.Job, why: Refused) -> BrokerError:
     """The answer to a job that admission refused; only its tenant gets the
     tenant quotas' errors."""
     retry_after = {"Retry-After": str(state.config.ingress.queue_full_retry_after_s)}
     provider = job.provider
-    where = f"on provider {provider!r}" if getattr(why, "scope", "") == "provider" else "overall"
     match why:
-        case TenantQueueFull():
+        case TenantQueueFull(scope=scope):
+            where = _quota_scope(scope, provider)
             state.metrics.rejected.labels(provider, "tenant_queue_full").inc()
             return TenantQueueFullError(
                 f"tenant {job.tenant!r} has as many jobs queued {where} as its quota "
                 "allows; retry later",
                 headers=retry_after,
             )
-        case TenantRateLimited(retry_after=seconds):
+        case TenantRateLimited(scope=scope, retry_after=seconds):
+            where = _quota_scope(scope, provider)
             state.metrics.rejected.labels(provider, "tenant_rate_limited").inc()
             return TenantRateLimitedError(
                 f"tenant {job.tenant!r} reached its requests or tokens per minute {where}; "

@@ -20,7 +20,8 @@ class Keys:
         """Stream of jobs for one provider; its length is the queue depth."""
         return f"{self.prefix}q:{{{provider}}}"
 
-    # The scheduler's keys (shared/store/scripts.py builds the same names in Lua).
+    # The scheduler's keys that Python reads; shared/store/scripts.py builds them, and
+    # the rest, in Lua (docs/scheduling.md lists them all).
 
     def waiting(self, provider: str, priority: str, tenant: str) -> str:
         """List of a tenant's jobs of one class waiting for the provider's workers
@@ -31,10 +32,6 @@ class Keys:
         """Sorted set of the jobs of one class waiting for the provider (score:
         creation time): the class's depth and its oldest job."""
         return f"{self.prefix}wait:{{{provider}}}:{priority}"
-
-    def ring(self, provider: str, priority: str) -> str:
-        """List of the tenants with jobs of one class waiting: the round-robin order."""
-        return f"{self.prefix}ring:{{{provider}}}:{priority}"
 
     def capacity(self, provider: str) -> str:
         """The slots of the provider's live workers (what the queue may hold)."""
@@ -49,19 +46,9 @@ class Keys:
         and credit, and ``entries``, the waiting lists' entries (five fields)."""
         return f"{self.prefix}sched:{{{provider}}}"
 
-    def tenant_settings(self, provider: str) -> str:
-        """Hash: "<class>:<tenant>" → "weight in-flight-quota overall-in-flight-quota"
-        of each tenant with jobs waiting, as its latest admission set them."""
-        return f"{self.prefix}tc:{{{provider}}}"
-
     def tenant_queued(self, provider: str) -> str:
         """Hash: tenant → its jobs waiting for the provider."""
         return f"{self.prefix}tq:{{{provider}}}"
-
-    def tenant_in_flight(self, provider: str, tenant: str) -> str:
-        """Sorted set of a tenant's jobs dispatched to the provider's workers and not
-        yet settled (score: deadline); kept only under an in-flight quota."""
-        return f"{self.prefix}fl:{{{provider}}}:{tenant}"
 
     def dead_letter(self, provider: str) -> str:
         """Stream of jobs that failed after too many deliveries."""

@@ -81,13 +81,19 @@ async def completed_at(rclient: aioredis.Redis, prefix: str, ids: list[str]) -> 
     }
 
 
-async def noisy_neighbour(
+@pytest.mark.parametrize(
+    "kill",
+    [
+        pytest.param(False, id="flood"),
+        pytest.param(True, id="worker-killed-during-the-flood", marks=pytest.mark.chaos),
+    ],
+)
+async def test_a_flood_of_async_jobs_does_not_hold_up_another_tenants_calls(
     procs: Procs,
     make_config: ConfigFactory,
     http: aiohttp.ClientSession,
     rclient: aioredis.Redis,
     prefix: str,
-    *,
     kill: bool,
 ) -> None:
     """Provider capacity 8 (two workers of 4), mock latency 200 ms. Tenant a
@@ -146,27 +152,6 @@ async def noisy_neighbour(
     stats = await mock_stats(http, mock_url)
     # Only what the killed worker held (4 slots) may have run upstream twice.
     assert len(flood) + 50 <= stats["calls"] <= len(flood) + 50 + 4, stats
-
-
-async def test_a_flood_of_async_jobs_does_not_hold_up_another_tenants_calls(
-    procs: Procs,
-    make_config: ConfigFactory,
-    http: aiohttp.ClientSession,
-    rclient: aioredis.Redis,
-    prefix: str,
-) -> None:
-    await noisy_neighbour(procs, make_config, http, rclient, prefix, kill=False)
-
-
-@pytest.mark.chaos
-async def test_a_worker_killed_during_the_flood_loses_nothing_and_runs_nothing_twice(
-    procs: Procs,
-    make_config: ConfigFactory,
-    http: aiohttp.ClientSession,
-    rclient: aioredis.Redis,
-    prefix: str,
-) -> None:
-    await noisy_neighbour(procs, make_config, http, rclient, prefix, kill=True)
 
 
 async def test_backlogged_tenants_share_capacity_by_weight(

@@ -101,7 +101,7 @@ class JobStore:
             mine = tcfg.providers.get(provider, _NO_QUOTA)
             every = tcfg.quotas
             found = (
-                *self._settings(tenant, provider).split(" "),
+                *self._settings(tenant, provider),
                 mine.max_queued,
                 every.max_queued,
                 mine.rpm,
@@ -112,12 +112,12 @@ class JobStore:
             self._tenant_cache[(tenant, provider)] = found
         return found
 
-    def _settings(self, tenant: str, provider: str) -> str:
-        """What dispatch needs of a tenant on a provider: "weight in-flight-quota
-        overall-in-flight-quota"."""
+    def _settings(self, tenant: str, provider: str) -> tuple[str, int, int]:
+        """What dispatch needs of a tenant on a provider: its weight, its in-flight
+        quota there and overall."""
         tcfg = self._config.tenant(tenant)
         mine = tcfg.providers.get(provider, _NO_QUOTA)
-        return f"{tcfg.weight!r} {mine.max_in_flight} {tcfg.quotas.max_in_flight}"
+        return repr(tcfg.weight), mine.max_in_flight, tcfg.quotas.max_in_flight
 
     async def enqueue(self, job: m.Job, *, max_depth: int, ttl_s: int) -> Refused | None:
         """Admit a synchronous call: its record and its place in the provider's
@@ -353,7 +353,7 @@ class JobStore:
                 moved.tenant,
                 moved.priority,
                 time.time(),
-                self._settings(moved.tenant, moved.provider),
+                " ".join(map(str, self._settings(moved.tenant, moved.provider))),
                 consumer,
             ),
         )

@@ -225,18 +225,12 @@ local function send(S, t, id, packed, deadline, fq, fqa, now)
   if fqa > 0 then hold(flight_all(S, t), id, deadline, now) end
 end
 
--- Free slots: the live workers' capacity less what the stream holds.
-local function free_slots(S)
-  return tonumber(redis.call('GET', S.capacity) or '0') - redis.call('XLEN', S.stream)
-end
-
--- Moves up to n waiting jobs (at most the free capacity) to the stream; returns
--- how many moved.
-local function dispatch(S, n, now)
+-- Fills the free slots (the live workers' capacity less what the stream holds)
+-- with waiting jobs; returns how many moved.
+local function dispatch(S, now)
   if tonumber(redis.call('HGET', S.state, 'entries') or '0') <= 0 then return 0 end
-  local free = free_slots(S)
-  if free < n then n = free end
-  if n <= 0 then return 0 end
+  local free = tonumber(redis.call('GET', S.capacity) or '0') - redis.call('XLEN', S.stream)
+  if free <= 0 then return 0 end
   local active, spent = {}, {}
   for i, c in ipairs(CLASSES) do active[i] = redis.call('LLEN', ring(S, c)) > 0 end
   local st = redis.call('HMGET', S.state, 'share:async', 'share:batch',
@@ -244,37 +238,41 @@ local function dispatch(S, n, now)
   local share = {0, tonumber(st[1]) or 0, tonumber(st[2]) or 0}
   local credit = {0, tonumber(st[3]) or 0, tonumber(st[4]) or 0}
   local budget = {drops = MAX_DROPS}
+  -- The next job of class i. Only take changes a class's ring, so only that
+  -- ring is looked at again; a class in which no job could go is spent for
+  -- the rest of this call.
+  local function try(i)
+    local id, t, packed, deadline, fq, fqa = take(S, CLASSES[i], now, budget)
+    active[i] = redis.call('LLEN', ring(S, CLASSES[i])) > 0
+    spent[i] = not id
+    return id, t, packed, deadline, fq, fqa
+  end
   local moved = 0
-  while moved < n do
+  while moved < free do
     local id, t, packed, deadline, fq, fqa
     -- A lower class owed its minimum share goes first.
-    -- A class in which no job could go is not tried again in this call.
     for i = 2, 3 do
       -- (a hair under 1 counts: ten additions of 0.1 make 0.9999…)
       if not id and active[i] and not spent[i] and credit[i] >= 0.999999 then
-        id, t, packed, deadline, fq, fqa = take(S, CLASSES[i], now, budget)
-        if id then credit[i] = math.max(0, credit[i] - 1) else spent[i] = true end
+        id, t, packed, deadline, fq, fqa = try(i)
+        if id then credit[i] = math.max(0, credit[i] - 1) end
       end
     end
     for i = 1, 3 do
       if not id and active[i] and not spent[i] then
-        id, t, packed, deadline, fq, fqa = take(S, CLASSES[i], now, budget)
-        if not id then spent[i] = true end
+        id, t, packed, deadline, fq, fqa = try(i)
       end
     end
     if not id then break end
     send(S, t, id, packed, deadline, fq, fqa, now)
     moved = moved + 1
     -- Credit accrues to a lower class only while a higher class has work too.
-    local above = false
-    for i = 1, 3 do
-      active[i] = redis.call('LLEN', ring(S, CLASSES[i])) > 0
-      if i > 1 then
-        if active[i] and above then
-          credit[i] = math.min(credit[i] + share[i], 1 + share[i])
-        else
-          credit[i] = 0
-        end
+    local above = active[1]
+    for i = 2, 3 do
+      if active[i] and above then
+        credit[i] = math.min(credit[i] + share[i], 1 + share[i])
+      else
+        credit[i] = 0
       end
       above = above or active[i]
     end
@@ -379,7 +377,7 @@ local function enter(S, q, id, created, packed)
     return
   end
   push(S, q.class, t, id, created, packed, q.conf, false, false)
-  dispatch(S, 1000000, q.now)
+  dispatch(S, q.now)
 end
 
 -- The admission arguments from position i of ARGV: prefix, provider, class,
@@ -525,7 +523,7 @@ if tenant ~= '' and estimate ~= '0' and tonumber(used) >= 0 and used ~= estimate
     end
   end
 end
-dispatch(S, 1000000, tonumber(now))
+dispatch(S, tonumber(now))
 return made
 """
 
@@ -556,9 +554,9 @@ if held == 1 and (st[1] == 'queued' or st[1] == 'in_progress') then
 end
 if held == 1 then
   landed(here, tenant, id)
-  dispatch(here, 1000000, now)
+  dispatch(here, now)
 end
-if moved == 1 then dispatch(there, 1000000, now) end
+if moved == 1 then dispatch(there, now) end
 return moved
 """
 
@@ -652,7 +650,7 @@ if tonumber(redis.call('HGET', S.state, 'entries') or '0') <= 0 then
   end
   redis.call('HSET', S.state, 'entries', n)
 end
-return dispatch(S, 1000000, now)
+return dispatch(S, now)
 """
 
 
