@@ -22,12 +22,13 @@ from llm_broker.shared.errors import (
     BadRequest,
     BrokerError,
     ModelNotFound,
+    Overloaded,
     QueueFull,
     Unavailable,
 )
 from llm_broker.shared.errors import TenantQueueFull as TenantQueueFullError
 from llm_broker.shared.errors import TenantRateLimited as TenantRateLimitedError
-from llm_broker.shared.redisio import REDIS_DOWN
+from llm_broker.shared.redisio import REDIS_DOWN, maybe_ran
 from llm_broker.shared.store import Refused, TenantQueueFull, TenantRateLimited
 from llm_broker.shared.tracing import valid_traceparent
 
@@ -150,18 +151,48 @@ def _candidates(state: State, model: str, kind: str) -> Candidates:
     return msgspec.structs.replace(candidates, targets=usable, weights=weights)
 
 
-async def redis_call(state: State, what: str, provider: str, call: Awaitable[T]) -> T:
-    """A job store call; "Redis unreachable" becomes a 503 (the store's calls are
-    bounded by redis.command_timeout_s)."""
+async def redis_call(
+    state: State, what: str, provider: str, call: Awaitable[T], *, job_id: str | None = None
+) -> T:
+    """A job store call (bounded by ``redis.command_timeout_s``) whose failure
+    becomes a 503: ``overloaded`` while Redis answers a PING (this process could not
+    keep up), ``service_unavailable`` when it does not. ``job_id``: the job the call
+    admits; when the call may have run on Redis all the same, the error names it."""
     try:
         return await call
     except REDIS_DOWN as e:
         state.metrics.redis_errors.labels(what).inc()
-        if provider:
-            state.metrics.rejected.labels(provider, "redis_unavailable").inc()
-        raise Unavailable(
-            "the queue is unavailable; retry shortly", headers={"Retry-After": "1"}
-        ) from e
+        raise await _redis_error(state, provider, e, job_id) from e
+
+
+async def _redis_error(
+    state: State, provider: str, error: BaseException, job_id: str | None
+) -> BrokerError:
+    retry = {"Retry-After": "1"}
+    if await state.probe.answers():
+        reason = "overloaded"
+        message = "the gateway is overloaded: a queue operation did not finish in time"
+    else:
+        reason = "redis_unavailable"
+        message = "the queue is unavailable"
+    if provider:
+        state.metrics.rejected.labels(provider, reason).inc()
+    admitted = job_id is not None and maybe_ran(error)
+    if admitted:
+        message += (
+            f"; the request may have been admitted as job {job_id}: GET /v1/jobs/{job_id} "
+            "gives its status and result (404: it was not admitted)"
+        )
+    else:
+        message += "; the request was not admitted; retry shortly"
+    err: BrokerError
+    if reason == "overloaded":
+        err = Overloaded(message, headers=retry)
+    else:
+        err = Unavailable(message, headers=retry)
+    if admitted:
+        err.job_id = job_id
+    return err
 
 
 def _quota_scope(scope: str, provider: str) -> str:

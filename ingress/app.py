@@ -18,6 +18,7 @@ from llm_broker.ingress.auth import Authenticator
 from llm_broker.ingress.bodies import json_response, read_json_body, too_large
 from llm_broker.ingress.context import CONTEXT, RequestContext
 from llm_broker.ingress.jobs import cancel_job, get_job, list_jobs, post_job, prefers_async, submit
+from llm_broker.ingress.overload import LoadMonitor, RedisProbe
 from llm_broker.ingress.replies import ReplyRouter
 from llm_broker.ingress.routing import Chooser
 from llm_broker.ingress.state import STATE, State
@@ -51,6 +52,10 @@ async def errors_middleware(
 ) -> web.StreamResponse:
     """Turns every error into an OpenAI error object and counts the request."""
     state = request.app[STATE]
+    if request.match_info.handler in SHEDDABLE:
+        reason = state.load.reason(state.in_flight)
+        if reason is not None:
+            return _shed(request, state, reason)
     started = time.perf_counter()
     status = 500
     ctx = request[CONTEXT] = RequestContext()
@@ -102,6 +107,17 @@ async def errors_middleware(
             state.access.log(request, endpoint, status, elapsed)
 
 
+def _shed(request: web.Request, state: State, reason: str) -> web.Response:
+    """Answer 503 overloaded without doing any of the request's work."""
+    state.metrics.shed.labels(reason).inc()
+    api = "anthropic" if request.path.startswith("/v1/messages") else "openai"
+    response = state.load.shed(api)
+    route = request.match_info.route.resource
+    endpoint = route.canonical if route is not None else "unmatched"
+    state.metrics.observe_request(endpoint, "", "", response.status, 0.0)
+    return response
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     tenant = state.auth.tenant(request.headers)
@@ -146,6 +162,10 @@ async def ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.draining:
         return json_response({"status": "draining"}, 503)
+    reason = state.load.reason(state.in_flight - 1)  # not counting this request
+    if reason is not None:
+        lag_ms = round(state.load.lag.now_s() * 1000, 1)
+        return json_response({"status": "overloaded", "reason": reason, "lag_ms": lag_ms}, 503)
     try:
         async with asyncio.timeout(state.config.redis.command_timeout_s):
             await state.batcher.call("PING")
@@ -166,11 +186,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    reader = asyncio.get_running_loop().create_task(state.replies.run())
+    loop = asyncio.get_running_loop()
+    reader = loop.create_task(state.replies.run())
+    monitor = loop.create_task(state.load.lag.run())
     yield
     state.draining = True
     reader.cancel()
-    await asyncio.gather(reader, *state.tasks, return_exceptions=True)
+    monitor.cancel()
+    await asyncio.gather(reader, monitor, *state.tasks, return_exceptions=True)
     await state.batcher.close()
     await state.redis.aclose()
     state.tracing.shutdown()
@@ -200,6 +223,8 @@ def create_app(config: Config, pod: str) -> web.Application:
         chooser=Chooser(Keys(config.redis.key_prefix), batcher),
         tracing=Tracing(config.tracing, "ingress"),
         access=AccessLog(config.pricing),
+        load=LoadMonitor(config.ingress.overload, counters.loop_lag),
+        probe=RedisProbe(redis, 2 * config.redis.command_timeout_s),
         webhook_allow=networks(config.webhooks.allow_cidrs),
     )
     app = web.Application(
@@ -223,3 +248,8 @@ def create_app(config: Config, pod: str) -> web.Application:
         app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_lifecycle)
     return app
+
+
+#: The handlers whose requests are shed when the process is overloaded: those that
+#: admit work. Reads (a job's status, /health, /ready, /metrics) are always answered.
+SHEDDABLE = frozenset((chat_completions, embeddings, messages_api.create_message, post_job))

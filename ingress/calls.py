@@ -158,7 +158,7 @@ async def _enqueue(state: State, job: m.Job) -> None:
     job.result_ttl = int(state.config.jobs.sync_result_ttl_s)
     ttl = int(job.deadline - job.created) + job.result_ttl
     admit = state.store.enqueue(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl)
-    why = await redis_call(state, "enqueue", job.provider, admit)
+    why = await redis_call(state, "enqueue", job.provider, admit, job_id=job.id)
     if why is not None:
         raise refused(state, job, why)
 

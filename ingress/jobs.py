@@ -167,7 +167,7 @@ async def submit(
         extra=AsyncFields(metadata=metadata or None, webhook_url=webhook_url),
         idempotency=idempotency,
     )
-    match await redis_call(state, "enqueue", job.provider, admit):
+    match await redis_call(state, "enqueue", job.provider, admit, job_id=job.id):
         case Admitted(record=rec):
             return _accepted(state, request, job.id, rec)
         case Full() | TenantQueueFull() | TenantRateLimited() as why:

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from llm_broker.ingress.access import AccessLog
 from llm_broker.ingress.auth import Authenticator
 from llm_broker.ingress.ids import JobIds
+from llm_broker.ingress.overload import LoadMonitor, RedisProbe
 from llm_broker.ingress.replies import ReplyRouter
 from llm_broker.ingress.routing import Chooser
 from llm_broker.shared.config import Config, Router
@@ -38,6 +39,8 @@ class State:
     chooser: Chooser
     tracing: Tracing
     access: AccessLog
+    load: LoadMonitor
+    probe: RedisProbe
     #: Networks webhook URLs may point to although they are not public.
     webhook_allow: tuple[Network, ...] = ()
     draining: bool = False

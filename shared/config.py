@@ -42,6 +42,28 @@ class RedisConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     connect_timeout_s: float = 0.5
 
 
+class OverloadConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """When one ingress process sheds new API requests (503 ``overloaded`` with
+    Retry-After) instead of taking on work it cannot do in time. docs/operations.md
+    explains the choice of signals."""
+
+    #: Requests one process handles at once (waiting calls included); beyond it new
+    #: API requests are shed. Bounds memory and file descriptors per process.
+    max_in_flight: int = 10_000
+    #: Event-loop lag, measured every 50 ms, above which new API requests are shed
+    #: until it falls again (0: never shed on lag). A loop that far behind would
+    #: answer late and see Redis commands time out on its own side.
+    max_lag_ms: float = 300.0
+    #: Retry-After sent with a shed request.
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError("ingress.overload.max_in_flight must be at least 1")
+        if self.max_lag_ms < 0:
+            raise ValueError("ingress.overload.max_lag_ms must be 0 (off) or more")
+
+
 class IngressConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: str = "0.0.0.0"
     port: int = 8000
@@ -59,6 +81,7 @@ class IngressConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True
     #: Serve /metrics on this port (same host, same process) instead of ``port``,
     #: so that a network policy can open it to the monitoring system only.
     metrics_port: int | None = None
+    overload: OverloadConfig = OverloadConfig()
 
 
 class ApiKey(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -14,10 +14,12 @@
      ├── UpstreamError           the upstream's status, or 502
      ├── CircuitOpen             503    every deployment of the model has its circuit open
      ├── Unavailable             503    service_unavailable (Redis unreachable, draining)
+     ├── Overloaded              503    overloaded_error (this ingress process sheds load)
      └── DeadlineExceeded        504    timeout
 
 Each error knows its HTTP status and renders as ``{"error": {"message", "type",
-"param", "code"}}``; one middleware in ingress turns them into responses.
+"param", "code"}}``, plus ``job_id`` when the request may have become a job
+although it failed; one middleware in ingress turns them into responses.
 
 Of an upstream's error answer only ``type``, ``code``, ``param`` and the
 message reach the client: the message cut to :data:`UPSTREAM_MESSAGE_MAX`
@@ -45,6 +47,13 @@ class ErrorBody(msgspec.Struct, omit_defaults=False):
     code: str | None = None
 
 
+class JobErrorBody(ErrorBody, omit_defaults=False):
+    """An error of a request that may have become a job: ``job_id`` names it, and
+    ``GET /v1/jobs/{job_id}`` tells what became of it (404: it was never admitted)."""
+
+    job_id: str | None = None
+
+
 class ErrorObject(msgspec.Struct):
     error: ErrorBody
 
@@ -67,12 +76,18 @@ class BrokerError(Exception):
         self.param = param
         self.error_code = code if code is not None else self.code
         self.headers = headers or {}
+        #: Set when the request may have been admitted as this job.
+        self.job_id: str | None = None
 
     @property
     def http_status(self) -> int:
         return self.status
 
     def body(self) -> ErrorObject:
+        if self.job_id is not None:
+            return ErrorObject(
+                JobErrorBody(self.message, self.type, self.param, self.error_code, self.job_id)
+            )
         return ErrorObject(ErrorBody(self.message, self.type, self.param, self.error_code))
 
 
@@ -143,6 +158,14 @@ class Unavailable(BrokerError):
     status = 503
     type = "service_unavailable"
     code = "service_unavailable"
+
+
+class Overloaded(BrokerError):
+    """This ingress process is saturated (or its Redis round trips are): retry."""
+
+    status = 503
+    type = "overloaded_error"
+    code = "overloaded"
 
 
 class CircuitOpen(BrokerError):

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
+from llm_broker.shared.metrics import loop_lag
+
 #: /health fails while the loop wakes a timer later than this.
 MAX_LAG_S = 5.0
 #: The worst lag of this many recent seconds is reported as ``loop_lag_max_s``.
@@ -86,14 +88,8 @@ async def _measure(app: web.Application) -> AsyncIterator[None]:
 def health_app(registry: CollectorRegistry, role: str) -> web.Application:
     """``/metrics`` of ``registry`` and ``/health`` with the loop's lag, which is
     also exported as ``llm_broker_event_loop_lag_seconds{role}``."""
-    gauge = Gauge(
-        "llm_broker_event_loop_lag_seconds",
-        "How late the event loop last woke a timer",
-        ["role"],
-        registry=registry,
-    )
     app = web.Application()
-    app[LAG] = LoopLag(gauge=gauge.labels(role))
+    app[LAG] = LoopLag(gauge=loop_lag(registry).labels(role))
     app[REGISTRY] = registry
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)

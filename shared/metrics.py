@@ -35,6 +35,16 @@ def redis_errors(registry: CollectorRegistry) -> Counter:
     )
 
 
+def loop_lag(registry: CollectorRegistry) -> Gauge:
+    return Gauge(
+        "llm_broker_event_loop_lag_seconds",
+        "How late the event loop last woke a timer (the worst of a pod's processes)",
+        ["role"],
+        registry=registry,
+        multiprocess_mode="livemax",
+    )
+
+
 class IngressMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
@@ -58,8 +68,19 @@ class IngressMetrics:
             registry=registry,
         )
         self.active = Gauge(
-            "llm_broker_active_requests", "Client requests being handled", registry=registry
+            "llm_broker_active_requests",
+            "Client requests being handled",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
+        self.shed = Counter(
+            "llm_broker_shed_requests",
+            "API requests shed with 503 overloaded before any work, by signal "
+            "(in_flight: the process's bound on requests in flight; lag: event-loop lag)",
+            ["reason"],
+            registry=registry,
+        )
+        self.loop_lag = loop_lag(registry).labels("ingress")
         self.rejected = Counter(
             "llm_broker_admission_rejections",
             "Requests refused at admission",
@@ -131,6 +152,7 @@ class WorkerMetrics:
             "Upstream calls in flight in this process",
             ["provider"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.reclaimed = Counter(
             "llm_broker_reclaimed_jobs",
@@ -170,12 +192,14 @@ class WorkerMetrics:
             "every worker exports it for its providers: aggregate with max, not sum",
             ["provider"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.queue_waiting = Gauge(
             "llm_broker_queue_waiting",
             "Jobs of one priority class waiting for a provider's workers (aggregate with max)",
             ["provider", "priority"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.queue_oldest_age = Gauge(
             "llm_broker_queue_oldest_age_seconds",
@@ -183,18 +207,21 @@ class WorkerMetrics:
             "(0: none waits; aggregate with max)",
             ["provider", "priority"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.queue_pending = Gauge(
             "llm_broker_queue_pending",
             "Jobs delivered to workers and not yet acknowledged (aggregate with max)",
             ["provider"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.queue_lag = Gauge(
             "llm_broker_queue_lag",
             "Jobs not yet delivered to any worker (aggregate with max)",
             ["provider"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.retries = Counter(
             "llm_broker_upstream_retries",
@@ -219,6 +246,7 @@ class WorkerMetrics:
             "Circuit breaker per deployment in this process: 0 closed, 1 open, 2 half-open",
             ["deployment"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.circuit_opened = Counter(
             "llm_broker_circuit_opened",

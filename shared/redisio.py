@@ -104,6 +104,23 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
 )
 
 
+class NotSent(TimeoutError):
+    """A command waited in the :class:`Batcher` past its timeout and was never sent."""
+
+
+def maybe_ran(error: BaseException) -> bool:
+    """Whether a command that failed with ``error`` may still have run on Redis: it
+    timed out or lost its connection after it was sent. A command that never left
+    (no connection could be made or taken from the pool, or it timed out waiting
+    to be sent) did not run."""
+    if isinstance(error, NotSent):
+        return False
+    if isinstance(error, RedisConnectionError | RedisTimeoutError):
+        text = str(error)
+        return "connecting to" not in text and "No connection available" not in text
+    return not isinstance(error, ConnectionRefusedError)
+
+
 def raise_if_cancelling() -> None:
     """Raise a cancellation that was requested but did not arrive.
 
@@ -230,7 +247,7 @@ class Batcher:
         budget = batch[0][2] + self._timeout - asyncio.get_running_loop().time()
         try:
             if budget <= 0:
-                raise TimeoutError("Redis did not answer in time")
+                raise NotSent("Redis did not answer in time")
             started = time.perf_counter()
             async with asyncio.timeout(budget):
                 results = await execute(self._client, [args for args, _, _ in batch])

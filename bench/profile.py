@@ -1,0 +1,104 @@
+"""Where the broker's CPU goes: py-spy samples of ingress and worker under load.
+
+Starts the benchmark's stack (bench/run.py: its own redis-server, the mock upstream,
+one worker, one ingress), warms it up, then runs ``wrk`` against the broker for
+``--seconds`` (model ``mock``, ``--connections`` connections, 64 by default, as
+scenario B) while ``py-spy record`` samples both processes. It prints, per process,
+the functions with the most samples on their own ("self") and with their callees
+("total"), as a share of the process's samples, and the CPU per request of each
+process over the run.
+
+Usage: ``python bench/profile.py [--seconds 10] [--connections 64] [--top 25]``
+(``pip install py-spy``; it needs the right to ptrace its children, which it has
+as their parent on most systems, or as root.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import run as bench
+
+
+def record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    argv = ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking"]
+    argv += ["--duration", str(seconds), "--pid", str(pid), "--output", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarize(path: Path, top: int) -> list[str]:
+    """The top functions of a py-spy raw (collapsed stacks) file."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        frames = [_short(f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            total[frame] += n
+    lines = [f"{samples} samples", "", "| self % | function |", "|--:|---|"]
+    lines += [f"| {100 * n / samples:.1f} | `{f}` |" for f, n in own.most_common(top)]
+    lines += ["", "| total % | function |", "|--:|---|"]
+    lines += [f"| {100 * n / samples:.1f} | `{f}` |" for f, n in total.most_common(top)]
+    return lines
+
+
+def _short(frame: str) -> str:
+    """``func (path/to/module.py:12)`` as ``module.py:func``."""
+    name, _, where = frame.partition(" (")
+    module = where.rsplit("/", 1)[-1].split(":", 1)[0]
+    return f"{module}:{name}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    if shutil.which("py-spy") is None:
+        print("py-spy is not installed: pip install py-spy", file=sys.stderr)
+        return 2
+    bench.check_prerequisites()
+    sc = bench.Scenario("P", "profile", "mock", args.connections, args.seconds)
+    with tempfile.TemporaryDirectory(prefix="llmb-profile-") as tmp_name:
+        tmp = Path(tmp_name)
+        stack = bench.start_stack(tmp)
+        try:
+            url = stack.broker_url + bench.CHAT_PATH
+            bench.run_wrk(url, sc, 2, strict=False)
+            outs = {name: tmp / f"{name}.txt" for name in ("ingress", "worker")}
+            spies = [record(stack.children[n].pid, args.seconds, p) for n, p in outs.items()]
+            before, started = bench.cpu_now(stack), time.monotonic()
+            result = bench.run_wrk(url, sc, args.seconds)
+            cpu = bench.cpu_percent(before, bench.cpu_now(stack), time.monotonic() - started)
+            for spy in spies:
+                spy.wait(timeout=args.seconds + 30)
+            print(f"# profile at c={args.connections}, {args.seconds}s: {result.rps:,.0f} req/s")
+            print()
+            for name in ("ingress", "worker", "redis"):
+                us = 10_000 * cpu[name] / result.rps if result.rps else 0.0
+                print(f"- {name}: {cpu[name]:.0f} % of a core, {us:.0f} µs per request")
+            for name, path in outs.items():
+                print(f"\n## {name}\n")
+                print("\n".join(summarize(path, args.top)))
+        finally:
+            stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
