@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from llm_broker.ingress import calls, openapi
 from llm_broker.ingress import messages as messages_api
@@ -27,7 +28,7 @@ from llm_broker.shared import messages as m
 from llm_broker.shared.config import Config, Router
 from llm_broker.shared.errors import BrokerError, MethodNotAllowed, NotFound
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.metrics import IngressMetrics
+from llm_broker.shared.metrics import MULTIPROCESS_DIR, IngressMetrics, exposition
 from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect
 from llm_broker.shared.ssrf import networks
 from llm_broker.shared.store import JobStore
@@ -155,7 +156,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -180,20 +181,31 @@ async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.metrics.active.set(state.replies.waiting)
     return web.Response(
-        body=generate_latest(state.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        body=exposition(state.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
+
+
+async def _export_active(state: State) -> None:
+    """Under ``--processes N`` a scrape reaches one process: each keeps its own
+    share of ``llm_broker_active_requests`` fresh."""
+    while True:
+        state.metrics.active.set(state.replies.waiting)
+        await asyncio.sleep(1.0)  # export period
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     loop = asyncio.get_running_loop()
     reader = loop.create_task(state.replies.run())
-    monitor = loop.create_task(state.load.lag.run())
+    loops = [loop.create_task(state.load.lag.run())]
+    if MULTIPROCESS_DIR is not None:
+        loops.append(loop.create_task(_export_active(state)))
     yield
     state.draining = True
     reader.cancel()
-    monitor.cancel()
-    await asyncio.gather(reader, monitor, *state.tasks, return_exceptions=True)
+    for task in loops:
+        task.cancel()
+    await asyncio.gather(reader, *loops, *state.tasks, return_exceptions=True)
     await state.batcher.close()
     await state.redis.aclose()
     state.tracing.shutdown()

@@ -25,8 +25,11 @@ def pod_name(config: Config) -> str:
     return f"{config.pod_name or socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-async def serve(config: Config, *, host: str | None = None, port: int | None = None) -> None:
-    """Serve until SIGTERM/SIGINT; then fail /ready, stop accepting and drain."""
+async def serve(
+    config: Config, *, host: str | None = None, port: int | None = None, reuse_port: bool = False
+) -> None:
+    """Serve until SIGTERM/SIGINT; then fail /ready, stop accepting and drain.
+    ``reuse_port``: share the port with the other processes of ``--processes N``."""
     host = host if host is not None else config.ingress.host
     port = port if port is not None else config.ingress.port
     app = create_app(config, pod_name(config))
@@ -43,12 +46,14 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
         handler_cancellation=True,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    site = web.TCPSite(
+        runner, host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port or None
+    )
     await site.start()
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     metrics_runner = None
     if config.ingress.metrics_port is not None:
-        metrics_runner = await serve_metrics(app, host, config.ingress.metrics_port)
+        metrics_runner = await serve_metrics(app, host, config.ingress.metrics_port, reuse_port)
         metrics_bound = metrics_runner.addresses[0][1]
         print(f"ingress metrics on http://{shown}:{metrics_bound}/metrics", flush=True)
     bound = runner.addresses[0][1] if runner.addresses else port
@@ -64,12 +69,14 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     log.info("ingress stopped")
 
 
-async def serve_metrics(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def serve_metrics(
+    app: web.Application, host: str, port: int, reuse_port: bool = False
+) -> web.AppRunner:
     """Serve ``app``'s /metrics alone on ``port`` (``ingress.metrics_port``)."""
     metrics_app = web.Application()
     metrics_app[STATE] = app[STATE]
     metrics_app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(metrics_app, handle_signals=False, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    await web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None).start()
     return runner

@@ -47,7 +47,17 @@ def cmd_ingress(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    _run(serve(config, host=args.host, port=args.port))
+    if args.processes > 1:
+        from llm_broker.supervise import Supervisor, child_argv, reserve_port
+
+        host = args.host if args.host is not None else config.ingress.host
+        port = args.port if args.port is not None else config.ingress.port
+        held, port = reserve_port(host, port)  # the same port for every process
+        with held:
+            print(f"ingress: {args.processes} processes on port {port}", flush=True)
+            argv = child_argv(args.argv, processes=1, port=port, reuse_port=True)
+            return Supervisor(argv, args.processes).run()
+    _run(serve(config, host=args.host, port=args.port, reuse_port=args.reuse_port))
     return 0
 
 
@@ -63,7 +73,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if unknown:
         print(f"worker: unknown provider(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
-    _run(serve(config, providers, metrics_port=args.metrics_port))
+    if args.processes > 1:
+        from llm_broker.supervise import Supervisor, child_argv
+
+        print(f"worker: {args.processes} processes", flush=True)
+        argv = child_argv(args.argv, processes=1, reuse_port=True)
+        return Supervisor(argv, args.processes).run()
+    _run(serve(config, providers, metrics_port=args.metrics_port, reuse_port=args.reuse_port))
     return 0
 
 
@@ -120,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def with_processes(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--processes",
+            type=int,
+            default=1,
+            help="run this many processes (one per core), sharing the port and the metrics",
+        )
+        # Set by the supervisor of --processes N for each of its processes.
+        p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config file (default: $LLM_BROKER_CONFIG)")
         return p
@@ -143,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve without authentication when the config has no keys (auth.open)",
     )
+    with_processes(p)
     p.set_defaults(func=cmd_ingress)
 
     p = with_config(sub.add_parser("worker", help="run provider worker pools"))
     p.add_argument("--provider", action="append", help="provider to serve (repeatable)")
     p.add_argument("--all", action="store_true", help="serve every configured provider")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    with_processes(p)
     p.set_defaults(func=cmd_worker)
 
     p = with_config(sub.add_parser("webhooks", help="deliver webhooks (an arq worker)"))
@@ -177,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if getattr(args, "processes", 1) < 1:
+        parser.error("--processes must be at least 1")
     if args.command == "mock-upstream":
         args.rest = rest
     elif rest:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGTERM when the parent dies, and lead a process group."""
     os.setsid()
     if sys.platform.startswith("linux"):
@@ -46,7 +46,7 @@ class Child:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else None,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.lines: deque[str] = deque(maxlen=2000)
         self._cond = threading.Condition()
@@ -70,18 +70,22 @@ class Child:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        """Block until an output line matches ``pattern``; raise if the child exits first."""
+    def wait_for(self, pattern: str, timeout: float = 30.0, count: int = 1) -> re.Match[str]:
+        """Block until ``count`` output lines match ``pattern`` (the last match is
+        returned); raise if the child exits first."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         seen = 0
+        found: list[re.Match[str]] = []
         with self._cond:
             while True:
                 lines = list(self.lines)
                 for line in lines[seen:]:
-                    found = regex.search(line)
-                    if found:
-                        return found
+                    match = regex.search(line)
+                    if match:
+                        found.append(match)
+                        if len(found) == count:
+                            return match
                 seen = len(lines)
                 if self.proc.poll() is not None and not self._reader.is_alive():
                     raise RuntimeError(
@@ -91,7 +95,7 @@ class Child:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(
-                        f"{self.name} did not print {pattern!r} in {timeout}s:\n"
+                        f"{self.name} did not print {pattern!r} {count} time(s) in {timeout}s:\n"
                         + "\n".join(lines[-30:])
                     )
                 self._cond.wait(min(remaining, 0.5))

@@ -11,9 +11,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge
 
-from llm_broker.shared.metrics import loop_lag
+from llm_broker.shared.metrics import exposition, loop_lag
 
 #: /health fails while the loop wakes a timer later than this.
 MAX_LAG_S = 5.0
@@ -74,7 +74,7 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     return web.Response(
-        body=generate_latest(request.app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        body=exposition(request.app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 
@@ -98,10 +98,17 @@ def health_app(registry: CollectorRegistry, role: str) -> web.Application:
 
 
 async def serve_health(
-    registry: CollectorRegistry, role: str, port: int, host: str = "0.0.0.0"
+    registry: CollectorRegistry,
+    role: str,
+    port: int,
+    host: str = "0.0.0.0",
+    *,
+    reuse_port: bool = False,
 ) -> web.AppRunner:
-    """Start :func:`health_app` on ``host:port``; ``cleanup()`` the runner to stop it."""
+    """Start :func:`health_app` on ``host:port``; ``cleanup()`` the runner to stop it.
+    ``reuse_port``: share the port with the other processes of ``--processes N``."""
     runner = web.AppRunner(health_app(registry, role), handle_signals=False, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
+    await site.start()
     return runner

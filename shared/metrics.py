@@ -5,7 +5,10 @@ Buckets resolve p50/p95/p99 from 5 ms to 10 minutes.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # fmt: off
 LATENCY_BUCKETS = (
@@ -17,6 +20,22 @@ REDIS_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )
 # fmt: on
+
+
+#: Set for the processes of ``--processes N`` (llm_broker/supervise.py): their metric
+#: values live in files there (prometheus_client reads it when first imported), and
+#: every exposition adds up those of all the pod's processes.
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text exposition of ``registry``; under ``--processes N``, that of every
+    process of the pod together."""
+    if MULTIPROCESS_DIR is None:
+        return generate_latest(registry)
+    together = CollectorRegistry()
+    MultiProcessCollector(together, MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
+    return generate_latest(together)
 
 
 def redis_round_trips(registry: CollectorRegistry) -> Histogram:

@@ -39,6 +39,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=200,
         help="valid requests per API operation in the fuzz test (invalid ones: half that)",
     )
+    parser.addoption(
+        "--processes",
+        type=int,
+        default=1,
+        help="run every ingress and worker the tests start with --processes N",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -136,10 +142,14 @@ async def rclient(redis_up: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 
 class Procs:
-    """Starts the broker's processes and stops every one at the end of the test."""
+    """Starts the broker's processes and stops every one at the end of the test.
 
-    def __init__(self, tmp: Path) -> None:
+    ``processes``: ingress and workers run with ``--processes N`` (pytest's
+    ``--processes`` option); they are ready once every process is."""
+
+    def __init__(self, tmp: Path, processes: int = 1) -> None:
         self.tmp = tmp
+        self.processes = processes
         self.children: list[Child] = []
 
     def start(
@@ -149,12 +159,13 @@ class Procs:
         ready: str,
         env: dict[str, str] | None = None,
         timeout: float = 30,
+        count: int = 1,
     ) -> tuple[Child, Any]:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         full_env.pop("LLM_BROKER_CONFIG", None)
         child = Child(name, argv, full_env)
         self.children.append(child)
-        return child, child.wait_for(ready, timeout)
+        return child, child.wait_for(ready, timeout, count)
 
     def mock(self, *args: str) -> tuple[Child, str]:
         child, found = self.start(
@@ -162,11 +173,18 @@ class Procs:
         )
         return child, found.group(1)
 
-    def worker(self, config: Path, *args: str, providers: list[str] | None = None) -> Child:
+    def worker(
+        self,
+        config: Path,
+        *args: str,
+        providers: list[str] | None = None,
+        processes: int | None = None,
+    ) -> Child:
         which = [f"--provider={p}" for p in providers] if providers else ["--all"]
-        child, _ = self.start(
-            "worker", python_cmd("worker", *which, "--config", str(config), *args), r"worker ready"
-        )
+        n = processes or self.processes
+        many = ["--processes", str(n)] if n > 1 else []
+        argv = python_cmd("worker", *which, "--config", str(config), *many, *args)
+        child, _ = self.start("worker", argv, r"worker ready", count=n)
         return child
 
     def webhooks(self, config: Path, *args: str) -> Child:
@@ -175,11 +193,14 @@ class Procs:
         )
         return child
 
-    def ingress(self, config: Path) -> tuple[Child, str]:
+    def ingress(self, config: Path, processes: int | None = None) -> tuple[Child, str]:
+        n = processes or self.processes
+        many = ["--processes", str(n)] if n > 1 else []
         child, found = self.start(
             "ingress",
-            python_cmd("ingress", "--config", str(config), "--port", "0"),
+            python_cmd("ingress", "--config", str(config), "--port", "0", *many),
             r"listening on (http://\S+)",
+            count=n,
         )
         return child, found.group(1)
 
@@ -189,8 +210,8 @@ class Procs:
 
 
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
+def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
+    p = Procs(tmp_path, request.config.getoption("--processes"))
     yield p
     p.stop_all()
 

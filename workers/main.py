@@ -118,13 +118,14 @@ async def serve(
     *,
     metrics_port: int | None = None,
     ready_line: bool = True,
+    reuse_port: bool = False,
 ) -> None:
     """Run pools for ``providers`` until SIGTERM/SIGINT, then drain within the grace period."""
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     health = None
     if metrics_port is not None:
-        health = await serve_health(registry, "worker", metrics_port)
+        health = await serve_health(registry, "worker", metrics_port, reuse_port=reuse_port)
         log.info("worker /metrics and /health on :%d", health.addresses[0][1])
     total = sum(config.providers[p].max_concurrency for p in providers)
     redis = connect(config.redis, max_connections=max(8, min(total, 64)))
