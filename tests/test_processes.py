@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-
 from pathlib import Path
 
 import aiohttp
@@ -103,8 +102,7 @@ async def test_sigterm_drains_every_process(
     worker = procs.worker(config, processes=2)
     ingress, url = procs.ingress(config, processes=2)
     tree = {
-        name: _children(child.pid)
-        for name, child in (("ingress", ingress), ("worker", worker))
+        name: _children(child.pid) for name, child in (("ingress", ingress), ("worker", worker))
     }
     assert all(len(pids) == 2 for pids in tree.values()), tree
     async with _fresh() as client:
