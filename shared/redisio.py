@@ -310,15 +310,32 @@ async def execute(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> 
 
 
 async def _pipeline(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
-    if len(commands) == 1:
-        try:
-            return [await client.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
-        except ResponseError as e:
-            return [e]
-    async with client.pipeline(transaction=False) as pipe:
+    """Send ``commands`` in one write on one connection and read their replies;
+    a command's error is its result. The replies go through the client's response
+    callbacks, as redis-py's own pipeline does, without its per-call machinery
+    (retry wrapper, command stack, per-reply option handling): on the request path
+    that machinery cost more than the round trip's packing and parsing together."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        callbacks = client.response_callbacks
+        results: list[Any] = []
         for args in commands:
-            pipe.execute_command(*args)
-        return list(await pipe.execute(raise_on_error=False))
+            try:
+                reply = await conn.read_response()
+            except ResponseError as e:
+                results.append(e)
+                continue
+            callback = callbacks.get(args[0])
+            results.append(reply if callback is None else callback(reply))
+        return results
+    except BaseException:
+        # Replies may be left unread on the connection: it cannot be used again.
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)
 
 
 async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:

@@ -13,40 +13,45 @@ from llm_broker.shared.redisio import Batcher
 
 
 class HeldRedis:
-    """Stands in for a Redis client: records each round trip, holds it until released."""
+    """Stands in for a Redis client: records each round trip (one write of packed
+    commands on a connection), holds its replies until released."""
 
     def __init__(self) -> None:
+        self.response_callbacks: dict[str, Any] = {}
         self.round_trips: list[list[tuple[Any, ...]]] = []
         self.release = asyncio.Event()
-
-    async def _answer(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        self.round_trips.append(commands)
-        await self.release.wait()
-        return [c[1] for c in commands]  # "ECHO x" answers x
-
-    async def execute_command(self, *args: Any) -> Any:
-        return (await self._answer([args]))[0]
-
-    def pipeline(self, transaction: bool = False) -> _Pipeline:
-        return _Pipeline(self)
+        self.connection_pool = _Pool(self)
 
 
-class _Pipeline:
+class _Pool:
     def __init__(self, owner: HeldRedis) -> None:
         self._owner = owner
-        self._commands: list[tuple[Any, ...]] = []
 
-    async def __aenter__(self) -> _Pipeline:
-        return self
+    async def get_connection(self) -> _Connection:
+        return _Connection(self._owner)
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def release(self, _conn: _Connection) -> None:
         return None
 
-    def execute_command(self, *args: Any) -> None:
-        self._commands.append(args)
 
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        return await self._owner._answer(self._commands)
+class _Connection:
+    def __init__(self, owner: HeldRedis) -> None:
+        self._owner = owner
+        self._replies: list[Any] = []
+
+    def pack_commands(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        return list(commands)
+
+    async def send_packed_command(self, commands: list[tuple[Any, ...]], **_: Any) -> None:
+        self._owner.round_trips.append(commands)
+        self._replies = [c[1] for c in commands]  # "ECHO x" answers x
+
+    async def read_response(self) -> Any:
+        await self._owner.release.wait()
+        return self._replies.pop(0)
+
+    async def disconnect(self, nowait: bool = False) -> None:
+        return None
 
 
 async def test_commands_issued_during_a_round_trip_share_the_next_one() -> None:
