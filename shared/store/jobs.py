@@ -112,6 +112,12 @@ class JobStore:
             self._tenant_cache[(tenant, provider)] = found
         return found
 
+    def _held(self, tenant: str, provider: str) -> str:
+        """The tenant's in-flight quotas a job of its counts in while it runs: "p"
+        (on the provider), "a" (overall), both or neither."""
+        _, on_provider, overall = self._tenant_args(tenant, provider)[:3]
+        return ("p" if on_provider else "") + ("a" if overall else "")
+
     def _settings(self, tenant: str, provider: str) -> tuple[str, int, int]:
         """What dispatch needs of a tenant on a provider: its weight, its in-flight
         quota there and overall."""
@@ -289,6 +295,7 @@ class JobStore:
                 job.tenant if job else "",
                 job.tokens if job else 0,
                 outcome.tokens if outcome.tokens is not None else -1,
+                self._held(job.tenant, delivery.provider) if job else "",
                 *(
                     reply_fields(job.id, outcome.reply)
                     if job and reply_to and outcome.reply

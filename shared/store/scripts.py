@@ -17,12 +17,12 @@ _FINISH = """
 local function finish(job, events, id, status, now, ttl, ...)
   redis.call('HSET', job, 'status', status, 'completed_at', now, ...)
   redis.call('EXPIRE', job, ttl)
-  local idem = redis.call('HGET', job, 'idem_key')
-  if idem then
-    local left = redis.call('TTL', idem)
-    if left > tonumber(ttl) then redis.call('EXPIRE', idem, ttl) end
+  local more = redis.call('HMGET', job, 'idem_key', 'webhook_url')
+  if more[1] then
+    local left = redis.call('TTL', more[1])
+    if left > tonumber(ttl) then redis.call('EXPIRE', more[1], ttl) end
   end
-  if redis.call('HEXISTS', job, 'webhook_url') == 1 then
+  if more[2] then
     redis.call('XADD', events, '*', 'i', id)
   end
 end
@@ -281,10 +281,11 @@ local function dispatch(S, now)
   return moved
 end
 
--- A settled (or moved) job no longer counts against its tenant's in-flight quotas.
-local function landed(S, t, id)
-  redis.call('ZREM', flight(S, t), id)
-  redis.call('ZREM', flight_all(S, t), id)
+-- A settled (or moved) job no longer counts against its tenant's in-flight quotas
+-- (held: 'p' if it counted on the provider, 'a' overall; nil: both may).
+local function landed(S, t, id, held)
+  if not held or string.find(held, 'p', 1, true) then redis.call('ZREM', flight(S, t), id) end
+  if not held or string.find(held, 'a', 1, true) then redis.call('ZREM', flight_all(S, t), id) end
 end
 
 -- A request's tenant quotas in a rate window: requests and estimated tokens.
@@ -476,8 +477,9 @@ return 'ok'
 _SETTLE = """
 local job, queue, replies, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, entry, id, status, now, field, payload, http_status, ttl, maxlen, history,
-  prefix, provider, tenant, estimate, used = unpack(ARGV, 1, 16)
--- ARGV[17…]: the reply's field/value pairs (none: no reply)
+  prefix, provider, tenant, estimate, used, held = unpack(ARGV, 1, 17)
+-- held: the tenant's in-flight quotas the job counted in ('p' provider, 'a' overall).
+-- ARGV[18…]: the reply's field/value pairs (none: no reply)
 local made = 0
 if status ~= '' then
   local st = redis.call('HGET', job, 'status')
@@ -491,8 +493,8 @@ if status ~= '' then
     made = 1
   end
 end
-if #ARGV > 16 then
-  local fields = {unpack(ARGV, 17)}
+if #ARGV > 17 then
+  local fields = {unpack(ARGV, 18)}
   local has_data = false
   for i = 1, #fields, 2 do
     if fields[i] == 'd' then has_data = true end
@@ -508,7 +510,7 @@ redis.call('XDEL', queue, entry)
 -- The slot is free: the next waiting job goes. (A late duplicate delivery, whose
 -- entry was settled already, leaves the tenant's in-flight count alone.)
 local S = sched(prefix, provider)
-if tenant ~= '' and acked == 1 then landed(S, tenant, id) end
+if tenant ~= '' and acked == 1 and held ~= '' then landed(S, tenant, id, held) end
 -- The tenant's tpm windows count the call's real tokens from now on, not the
 -- estimate its admission counted (once: the estimate's member goes).
 if tenant ~= '' and estimate ~= '0' and tonumber(used) >= 0 and used ~= estimate then
