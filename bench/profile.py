@@ -82,9 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.run_wrk(url, sc, 2, strict=False)
             outs = {name: tmp / f"{name}.txt" for name in ("ingress", "worker")}
             spies = [record(stack.children[n].pid, args.seconds, p) for n, p in outs.items()]
+            commands = bench.redis_commands(stack.redis_url)
             before, started = bench.cpu_now(stack), time.monotonic()
             result = bench.run_wrk(url, sc, args.seconds)
             cpu = bench.cpu_percent(before, bench.cpu_now(stack), time.monotonic() - started)
+            after = bench.redis_commands(stack.redis_url)
             for spy in spies:
                 spy.wait(timeout=args.seconds + 30)
             print(f"# profile at c={args.connections}, {args.seconds}s: {result.rps:,.0f} req/s")
@@ -92,6 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in ("ingress", "worker", "redis"):
                 us = 10_000 * cpu[name] / result.rps if result.rps else 0.0
                 print(f"- {name}: {cpu[name]:.0f} % of a core, {us:.0f} µs per request")
+            per_request = {
+                k: (n - commands.get(k, 0)) / max(1, result.requests)
+                for k, n in after.items()
+                if n > commands.get(k, 0) and k != "info"
+            }
+            ranked = sorted(per_request.items(), key=lambda kv: -kv[1])
+            print(f"- Redis commands per request: {sum(per_request.values()):.1f}")
+            print("  " + ", ".join(f"{k} {v:.2f}" for k, v in ranked))
             for name, path in outs.items():
                 print(f"\n## {name}\n")
                 print("\n".join(summarize(path, args.top)))
