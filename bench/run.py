@@ -1,7 +1,7 @@
 """End-to-end benchmark of llm-broker against its mock upstream.
 
 What it measures: the cost the broker (aiohttp ingress -> Redis Streams -> worker ->
-upstream) adds on top of an upstream call. Every scenario runs twice with ``wrk -t1
+upstream) adds on top of an upstream call. Scenarios A-D run twice with ``wrk -t1
 --latency`` and the same request body: once straight against the mock upstream (the
 baseline) and once through the broker. It reports req/s, p50/p99 latency and errors
 (non-2xx responses, socket errors, incomplete streams) for both, the added p50 latency
@@ -11,7 +11,7 @@ peak RSS (``VmHWM``) of every process and the CPU each process used during each 
 Scenarios (B and D run 10 s, C 30 s; each broker run follows a 2 s warm-up):
 
 * A - 1 connection, model ``mock`` (answers at once): the added latency per request
-  (10 s; 5 s with ``--quick``, which also runs C for 15 s).
+  (10 s; 5 s with ``--quick``, which also runs C for 15 s and F for 8 s).
 * B - 64 connections, model ``mock``: throughput of the whole path.
 * C - 1000 connections, model ``mock-latency-1000`` (1 s upstream): concurrency;
   all 1000 calls must be in flight at the upstream at once, in bounded memory.
@@ -19,12 +19,24 @@ Scenarios (B and D run 10 s, C 30 s; each broker run follows a 2 s warm-up):
 * E - a noisy neighbour (bench/noisy.py): one tenant's synchronous calls, alone and
   while another tenant keeps a backlog of async jobs on the same provider; runs on a
   stack of its own (two API keys, 8 calls in flight).
+* F - overload: 5000 connections, model ``mock-latency-1000``, more than two cores
+  can serve; the broker must shed what it cannot take with 503 ``overloaded`` (never
+  another 503) and keep its throughput. Four rows, each on a stack of its own whose
+  provider allows 16384 calls in flight and 1,000,000 queued jobs, each measured for
+  15 s (8 s with ``--quick``) after a 3 s warm-up at the same concurrency:
+  (1) c=5000, one ingress and one worker process; (2) c=8000, the same; (3) c=5000
+  with ``--processes 2`` for ingress and worker; (4) c=5000 with a CPU hog
+  (``python -c "while True: pass"``) running beside the stack. Only the broker is
+  measured (no mock baseline). It reports responses/s, 2xx, non-2xx answers by
+  status (with a sample body of each), socket errors, the CPU and peak RSS of each
+  role (summed over its processes) and the mock's peak in-flight calls.
 
-The run starts its own ``redis-server`` (free port, temp dir, no persistence), one mock
-upstream, ONE worker process and ONE ingress process, all on 127.0.0.1, and stops them
-at the end. It reports; it does not gate: the exit status is 0 even when a target is
-missed, 1 when something broke (a process died, wrk failed, every request errored),
-2 when a prerequisite is missing.
+Scenarios A-D share one stack: its own ``redis-server`` (free port, temp dir, no
+persistence), one mock upstream, ONE worker process and ONE ingress process, all on
+127.0.0.1, stopped at the end; E and each row of F start a stack of their own. The
+run reports; it does not gate: the exit status is 0 even when a target is missed, 1
+when something broke (a process died, wrk failed, every request errored), 2 when a
+prerequisite is missing.
 
 Usage: ``python bench/run.py [--quick] [--only C] [--out FILE.md]``
 """
@@ -58,7 +70,7 @@ import noisy
 import redis as redis_sync
 
 from llm_broker.dev import free_port
-from llm_broker.procs import Child, python_cmd
+from llm_broker.procs import Child, die_with_parent, python_cmd
 from llm_broker.shared.keys import Keys
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -77,6 +89,17 @@ TARGET_C_P99_MS = 1200.0
 TARGET_C_IN_FLIGHT = 1000
 TARGET_C_RSS_MB = 250.0
 TARGET_D_RPS = 400.0
+#: F 8000's req/s divided by F 5000's at least this: throughput holds past the peak.
+TARGET_F_RATIO = 0.9
+
+# Scenario F: overload.
+F_MODEL = "mock-latency-1000"
+F_WARMUP_S = 3
+F_TIMEOUT_S = 10
+F_MAX_CONCURRENCY = 16384
+F_MAX_QUEUE_DEPTH = 1_000_000
+#: The roles whose CPU and peak RSS F reports, each summed over its processes.
+F_ROLES = ("ingress", "worker", "redis", "mock")
 
 
 class BenchBroken(Exception):
@@ -133,6 +156,9 @@ _RE_RPS = re.compile(r"Requests/sec:\s+([0-9.]+)")
 _RE_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 _RE_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 _RE_LUA = re.compile(r"BENCH-LUA non2xx=(\d+) bad_stream=(\d+)(?: p50_us=(\d+) p99_us=(\d+))?")
+_RE_STATUS = re.compile(r"^BENCH-STATUS\b(.*)$", re.MULTILINE)
+_RE_STATUS_COUNT = re.compile(r"(\S+)=(\d+)")
+_RE_SAMPLE = re.compile(r"^BENCH-SAMPLE (\S+) ?(.*)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -145,15 +171,36 @@ class WrkResult:
     non2xx: int = 0
     bad_streams: int = 0
     socket_errors: Mapping[str, int] = field(default_factory=dict)
+    #: Non-2xx responses by status, from chat.lua: "429", "503", ... and
+    #: "503-overloaded" (a 503 whose body says the gateway is overloaded).
+    statuses: Mapping[str, int] = field(default_factory=dict)
+    #: The first body seen of each of those (at most 300 bytes).
+    samples: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> int:
+        """Good responses: 2xx (and, streaming, ended with ``data: [DONE]``)."""
+        return max(0, self.requests - self.non2xx - self.bad_streams)
 
     @property
     def errors(self) -> int:
         return self.non2xx + self.bad_streams + sum(self.socket_errors.values())
 
+    def status_detail(self) -> str:
+        """Non-2xx responses by status, e.g. ``503 overloaded 1,204, 429 3``, or "0"."""
+        parts = [f"{k.replace('-', ' ')} {v:,}" for k, v in sorted(self.statuses.items()) if v]
+        return ", ".join(parts) if parts else f"{self.non2xx:,}"
+
+    def socket_detail(self) -> str:
+        """Socket errors by kind, e.g. ``read 12, timeout 40``, or "0"."""
+        parts = [f"{k} {v:,}" for k, v in self.socket_errors.items() if v]
+        return ", ".join(parts) if parts else "0"
+
     def error_detail(self) -> str:
         parts = [f"{k} {v}" for k, v in self.socket_errors.items() if v]
         if self.non2xx:
-            parts.insert(0, f"non-2xx {self.non2xx}")
+            by_status = f": {self.status_detail()}" if self.statuses else ""
+            parts.insert(0, f"non-2xx {self.non2xx}{by_status}")
         if self.bad_streams:
             parts.append(f"bad stream {self.bad_streams}")
         return f"{self.errors} ({', '.join(parts)})" if parts else "0"
@@ -165,7 +212,7 @@ def to_ms(value: str, unit: str) -> float:
 
 
 def parse_wrk(text: str) -> WrkResult:
-    """Parse ``wrk --latency`` output (plus the line printed by ``chat.lua``'s done())."""
+    """Parse ``wrk --latency`` output (plus the lines printed by ``chat.lua``'s done())."""
     found = _RE_REQUESTS.search(text)
     rps = _RE_RPS.search(text)
     if found is None or rps is None:
@@ -182,6 +229,8 @@ def parse_wrk(text: str) -> WrkResult:
         else {}
     )
     non2xx = _RE_NON2XX.search(text)
+    status = _RE_STATUS.search(text)
+    statuses = {k: int(v) for k, v in _RE_STATUS_COUNT.findall(status.group(1))} if status else {}
     return WrkResult(
         requests=requests,
         duration_s=to_ms(found.group(2), found.group(3)) / 1000.0,
@@ -191,6 +240,8 @@ def parse_wrk(text: str) -> WrkResult:
         non2xx=max(int(non2xx.group(1)) if non2xx else 0, int(lua.group(1)) if lua else 0),
         bad_streams=int(lua.group(2)) if lua else 0,
         socket_errors=socket_errors,
+        statuses=statuses,
+        samples=dict(_RE_SAMPLE.findall(text)),
     )
 
 
@@ -231,6 +282,17 @@ class Stack:
     mock_url: str = ""
     broker_url: str = ""
     redis_url: str = ""
+    #: Processes of each of ingress and worker (``--processes``); above 1 their
+    #: children are supervisors, whose own children do the work.
+    processes: int = 1
+
+    def role_pids(self, name: str) -> list[int]:
+        """The processes that do the work of ``name``: the child itself, or the
+        children of its supervisor (``--processes`` above 1)."""
+        child = self.children[name]
+        if name in ("ingress", "worker") and self.processes > 1:
+            return child_pids(child.pid)
+        return [child.pid]
 
     def check_alive(self) -> None:
         for name, child in self.children.items():
@@ -246,6 +308,22 @@ class Stack:
                 child.stop(timeout=10)
 
 
+def child_pids(ppid: int) -> list[int]:
+    """The processes whose parent is ``ppid`` (field 4 of /proc/PID/stat)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == ppid:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
 def child_env(redis_url: str) -> dict[str, str]:
     """Our environment minus proxies and broker settings that would override the config."""
     drop = {"LLM_BROKER_CONFIG", "LLM_BROKER_POD"}
@@ -259,8 +337,9 @@ def child_env(redis_url: str) -> dict[str, str]:
 def broker_config(
     redis_url: str, mock_url: str, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The config of the benchmark's broker; ``overrides`` (scenario E) sets API keys
-    (``auth``), ingress settings and the provider's ``max_concurrency``."""
+    """The config of the benchmark's broker; ``overrides`` (scenarios E and F) sets API
+    keys (``auth``), ingress settings and the provider's ``max_concurrency`` and
+    ``max_queue_depth``."""
     more = dict(overrides or {})
     config: dict[str, Any] = {
         "redis": {"url": redis_url, "key_prefix": "bench:"},
@@ -277,8 +356,9 @@ def broker_config(
         "ingress": {"host": HOST, "drain_s": 2, **more.pop("ingress", {})},
         "worker": {"coalesce_ms": 5, "grace_period_s": 2},
     }
-    if "max_concurrency" in more:
-        config["providers"]["mock"]["max_concurrency"] = more.pop("max_concurrency")
+    for name in ("max_concurrency", "max_queue_depth"):
+        if name in more:
+            config["providers"]["mock"][name] = more.pop(name)
     config.update(more)
     return config
 
@@ -292,9 +372,10 @@ def start_redis(stack: Stack, tmp: Path) -> str:
     return f"redis://{HOST}:{port}/0"
 
 
-def start_stack(tmp: Path, overrides: Mapping[str, Any] | None = None) -> Stack:
-    """Redis, the mock, one worker and one ingress; returns once all are ready."""
-    stack = Stack()
+def start_stack(tmp: Path, overrides: Mapping[str, Any] | None = None, processes: int = 1) -> Stack:
+    """Redis, the mock, a worker and an ingress (each run as ``processes`` processes
+    under a supervisor when above 1); returns once all are ready."""
+    stack = Stack(processes=processes)
     try:
         redis_url = stack.redis_url = start_redis(stack, tmp)
         env = child_env(redis_url)
@@ -305,12 +386,18 @@ def start_stack(tmp: Path, overrides: Mapping[str, Any] | None = None) -> Stack:
         cfg = tmp / "bench-config.yaml"  # JSON is valid YAML
         config = broker_config(redis_url, stack.mock_url, overrides)
         cfg.write_text(json.dumps(config, indent=2))
-        worker_argv = python_cmd("worker", "--all", "--config", str(cfg))
+        more = ["--processes", str(processes)] if processes > 1 else []
+        worker_argv = python_cmd("worker", "--all", "--config", str(cfg), *more)
         stack.children["worker"] = Child("worker", worker_argv, env)
-        ingress_argv = python_cmd("ingress", "--config", str(cfg), "--host", HOST, "--port", "0")
+        ingress_argv = python_cmd(
+            "ingress", "--config", str(cfg), "--host", HOST, "--port", "0", *more
+        )
         stack.children["ingress"] = Child("ingress", ingress_argv, env)
-        stack.children["worker"].wait_for(r"worker ready", 30)
-        found = stack.children["ingress"].wait_for(r"listening on http://[\d.]+:(\d+)", 30)
+        # One line per process: wait for all of them.
+        stack.children["worker"].wait_for(r"worker ready", 30, count=processes)
+        found = stack.children["ingress"].wait_for(
+            r"listening on http://[\d.]+:(\d+)", 30, count=processes
+        )
         stack.broker_url = f"http://{HOST}:{found.group(1)}"
     except BaseException:
         stack.stop()
@@ -422,7 +509,8 @@ def redis_commands(redis_url: str) -> dict[str, int]:
     """Calls so far of every Redis command (``INFO commandstats``)."""
     client = redis_sync.Redis.from_url(redis_url)
     try:
-        stats = client.info("commandstats")
+        # The sync client's stubs type every reply as "Awaitable | Any".
+        stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
     finally:
         client.close()
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
@@ -435,6 +523,7 @@ class Report:
     pids: dict[str, int] = field(default_factory=dict)
     broken: str | None = None
     noisy: noisy.NoisyResult | None = None
+    overload: list[OverloadRow] = field(default_factory=list)
 
     def row(self, key: str, target: str) -> Row | None:
         return next((r for r in self.rows if r.scenario.key == key and r.target == target), None)
@@ -494,7 +583,7 @@ def prime(stack: Stack, sc: Scenario) -> None:
             async with session.post(stack.broker_url + CHAT_PATH, json=body) as resp:
                 await resp.read()
                 return resp.status == 200
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, TimeoutError):
             return False
 
     async def round_() -> int:
@@ -525,6 +614,198 @@ def run_noisy(tmp: Path, report: Report) -> None:
         log(f"bench: BROKEN: {e}")
     finally:
         stack.stop()
+
+
+# --------------------------------------------------------------------------- scenario F
+
+
+@dataclass(frozen=True)
+class OverloadCase:
+    """One row of scenario F."""
+
+    row: int
+    connections: int
+    processes: int = 1  # of each of ingress and worker
+    hog: bool = False  # a CPU hog runs beside the stack
+
+    @property
+    def label(self) -> str:
+        if self.hog:
+            return f"{self.row}: CPU hog"
+        if self.processes > 1:
+            return f"{self.row}: --processes {self.processes}"
+        return f"{self.row}: c={self.connections}"
+
+
+def overload_cases() -> list[OverloadCase]:
+    return [
+        OverloadCase(1, 5000),
+        OverloadCase(2, 8000),
+        OverloadCase(3, 5000, processes=2),
+        OverloadCase(4, 5000, hog=True),
+    ]
+
+
+def overload_scenario(case: OverloadCase, quick: bool) -> Scenario:
+    return Scenario(
+        "F",
+        f"overload, {case.label}",
+        F_MODEL,
+        case.connections,
+        8 if quick else 15,
+        timeout_s=F_TIMEOUT_S,
+    )
+
+
+def overload_overrides() -> dict[str, Any]:
+    """F's stack: the provider takes (nearly) every call at once and queues the rest."""
+    return {"max_concurrency": F_MAX_CONCURRENCY, "max_queue_depth": F_MAX_QUEUE_DEPTH}
+
+
+@dataclass(frozen=True)
+class OverloadRow:
+    case: OverloadCase
+    result: WrkResult
+    peak_in_flight: int
+    #: Role (F_ROLES, "supervisors", "hog") or "wrk", "machine", "steal" -> % of one
+    #: core during the measured run; a role's processes summed.
+    cpu: Mapping[str, float]
+    #: Role (F_ROLES) -> VmHWM summed over its processes, in kB.
+    rss_kb: Mapping[str, int]
+    notes: tuple[str, ...] = ()
+
+
+def overload_pids(stack: Stack, hog: subprocess.Popen[bytes] | None) -> dict[str, list[int]]:
+    """Role -> the processes that do its work (plus the supervisors, and the hog)."""
+    pids = {role: stack.role_pids(role) for role in F_ROLES}
+    if stack.processes > 1:
+        pids["supervisors"] = [stack.children[n].pid for n in ("ingress", "worker")]
+    if hog is not None:
+        pids["hog"] = [hog.pid]
+    return pids
+
+
+CpuSample = tuple[dict[str, dict[int, float]], dict[str, float]]
+
+
+def overload_cpu_now(pids: Mapping[str, Sequence[int]]) -> CpuSample:
+    """CPU seconds so far of every process of every role (role -> pid -> s), and of
+    reaped children ("wrk") and the machine ("machine" busy, "steal")."""
+    per_pid: dict[str, dict[int, float]] = {}
+    for role, role_pids in pids.items():
+        per_pid[role] = {}
+        for pid in role_pids:
+            try:
+                per_pid[role][pid] = read_cpu_s(pid)
+            except OSError:
+                pass  # exited meanwhile (a supervisor restarts it)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    machine, steal = machine_cpu_s()
+    return per_pid, {"wrk": usage.ru_utime + usage.ru_stime, "machine": machine, "steal": steal}
+
+
+def overload_cpu_percent(before: CpuSample, after: CpuSample, wall_s: float) -> dict[str, float]:
+    """CPU used between two samples in % of one core, per role (summed over its
+    processes; one that started in between counts from 0) and per scalar."""
+    if wall_s <= 0:
+        return {}
+    out = {
+        role: 100.0 * sum(s - before[0].get(role, {}).get(pid, 0.0) for pid, s in used.items())
+        for role, used in after[0].items()
+    }
+    out.update({k: 100.0 * (v - before[1][k]) for k, v in after[1].items()})
+    return {k: v / wall_s for k, v in out.items()}
+
+
+def start_hog() -> subprocess.Popen[bytes]:
+    """A process that keeps one core busy: the noisy neighbour on the node."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "while True: pass"],
+        stdin=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
+    )
+
+
+def stop_hog(hog: subprocess.Popen[bytes]) -> None:
+    if hog.poll() is None:
+        hog.kill()
+    hog.wait(10)
+
+
+def measure_overload(
+    stack: Stack, case: OverloadCase, sc: Scenario, hog: subprocess.Popen[bytes] | None
+) -> OverloadRow:
+    """Warm-up, then the measured run of one row of F.
+
+    No priming round as in C: under overload the broker sheds nearly all of it
+    (2 of 5000 answered in a trial run), so it would open no upstream connections.
+    """
+    url = stack.broker_url + CHAT_PATH
+    log(f"  warm-up {F_WARMUP_S}s")
+    run_wrk(url, sc, F_WARMUP_S, strict=False)
+    stack.check_alive()
+    wait_idle(stack.mock_url, 60)  # the jobs of the warm-up's last requests end
+    mock_reset(stack.mock_url)
+    pids = overload_pids(stack, hog)
+    before, started = overload_cpu_now(pids), time.monotonic()
+    # Not strict: a run where every request was shed is a result of F, not a failure.
+    result = run_wrk(url, sc, sc.duration_s, strict=False)
+    after_pids = overload_pids(stack, hog)
+    cpu = overload_cpu_percent(before, overload_cpu_now(after_pids), time.monotonic() - started)
+    if result.requests == 0:
+        raise BenchBroken(f"F {case.label}: no request was answered at all")
+    peak = mock_stats(stack.mock_url)["peak_in_flight"]
+    rss: dict[str, int] = {}
+    for role in F_ROLES:
+        rss[role] = sum(read_memory(pid)[0] for pid in stack.role_pids(role))
+    stack.check_alive()
+    notes = []
+    for role in ("ingress", "worker"):
+        if pids[role] != after_pids[role] or len(after_pids[role]) != stack.processes:
+            notes.append(
+                f"{role} processes changed during the run: {pids[role]} -> {after_pids[role]}"
+            )
+    log(
+        f"  broker: {result.rps:.0f} req/s, p50 {fmt_ms(result.p50_ms)}, "
+        f"p99 {fmt_ms(result.p99_ms)}, 2xx {result.ok}, non-2xx {result.status_detail()}, "
+        f"socket errors {result.socket_detail()}, peak in flight {peak}"
+    )
+    for note in notes:
+        log(f"  note: {note}")
+    return OverloadRow(case, result, peak, cpu, rss, tuple(notes))
+
+
+def run_overload(tmp: Path, quick: bool, report: Report) -> None:
+    """Scenario F: every row on a stack of its own."""
+    tmp.mkdir()
+    for case in overload_cases():
+        sc = overload_scenario(case, quick)
+        log(f"scenario F: {sc.title}, {sc.duration_s}s, model {sc.model}")
+        case_tmp = tmp / f"row{case.row}"
+        case_tmp.mkdir()
+        hog: subprocess.Popen[bytes] | None = None
+        stack: Stack | None = None
+        try:
+            stack = start_stack(case_tmp, overload_overrides(), processes=case.processes)
+            if case.hog:
+                hog = start_hog()
+                log(f"  CPU hog: pid {hog.pid}")
+            report.overload.append(measure_overload(stack, case, sc, hog))
+        except (
+            BenchBroken,
+            OSError,  # TimeoutError (a process did not start) included
+            RuntimeError,  # a process exited before it was ready
+            subprocess.SubprocessError,
+            aiohttp.ClientError,
+        ) as e:
+            report.broken = f"F {case.label}: {type(e).__name__}: {e}"
+            log(f"bench: BROKEN: {report.broken}")
+            return
+        finally:
+            if hog is not None:
+                stop_hog(hog)
+            if stack is not None:
+                stack.stop()
 
 
 def run_all(stack: Stack, quick: bool, report: Report, only: str = "") -> None:
@@ -629,6 +910,7 @@ def target_checks(report: Report) -> list[Check]:
     checks.append(_rps_check(report, "C", f"C: >= {TARGET_C_RPS:,.0f} req/s", TARGET_C_RPS))
     checks.extend(c_checks(report))
     checks.append(_rps_check(report, "D", f"D: >= {TARGET_D_RPS:,.0f} streams/s", TARGET_D_RPS))
+    checks.extend(f_checks(report))
     return checks
 
 
@@ -655,6 +937,103 @@ def c_checks(report: Report) -> list[Check]:
         ),
     ]
     return [(label, ok, text) for label, (ok, text) in zip(labels, values, strict=True)]
+
+
+def f_checks(report: Report) -> list[Check]:
+    """F's targets: no 503 but ``overloaded`` in any row; row 2 keeps row 1's req/s."""
+    rows = {row.case.row: row for row in report.overload}
+    label_503 = "F: no 503 other than overloaded"
+    label_ratio = f"F 8000: req/s within {100 * (1 - TARGET_F_RATIO):.0f} % of F 5000"
+    if not rows:
+        return [(label_503, None, "not measured"), (label_ratio, None, "not measured")]
+    other = {n: row.result.statuses.get("503", 0) for n, row in rows.items()}
+    checks: list[Check] = [
+        (
+            label_503,
+            not any(other.values()),
+            ", ".join(f"row {n}: {v:,}" for n, v in other.items()),
+        )
+    ]
+    ratio = overload_ratio(report)
+    if ratio is None:
+        checks.append((label_ratio, None, "not measured"))
+    else:
+        first, second = rows[1].result.rps, rows[2].result.rps
+        text = f"ratio {ratio:.2f} ({second:,.0f} / {first:,.0f} req/s)"
+        checks.append((label_ratio, ratio >= TARGET_F_RATIO, text))
+    return checks
+
+
+def overload_ratio(report: Report) -> float | None:
+    """F row 2's req/s divided by row 1's (None unless both ran)."""
+    rows = {row.case.row: row.result.rps for row in report.overload}
+    if 1 not in rows or 2 not in rows or not rows[1]:
+        return None
+    return rows[2] / rows[1]
+
+
+def overload_table(report: Report) -> list[str]:
+    """Scenario F: one row per stack, CPU and RSS per role (summed over its processes)."""
+    lines = [
+        "| row | conns | processes | req/s | p50 | p99 | non-2xx by status | socket errors "
+        "| ingress CPU % | worker CPU % | redis CPU % | ingress RSS MB | worker RSS MB "
+        "| mock peak in-flight |",
+        "|---|--:|--:|--:|--:|--:|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    ratio = overload_ratio(report)
+    for row in report.overload:
+        r, case = row.result, row.case
+        rps = f"{r.rps:,.0f}"
+        if case.row == 2 and ratio is not None:
+            rps += f" ({ratio:.2f} of row 1)"
+        cpu = " | ".join(f"{row.cpu.get(n, 0.0):.0f}" for n in ("ingress", "worker", "redis"))
+        rss = " | ".join(fmt_mb(row.rss_kb.get(n, 0)) for n in ("ingress", "worker"))
+        lines.append(
+            f"| {case.label} | {case.connections} | {case.processes} + {case.processes} "
+            f"| {rps} | {fmt_ms(r.p50_ms)} | {fmt_ms(r.p99_ms)} | {r.status_detail()} "
+            f"| {r.socket_detail()} | {cpu} | {rss} | {row.peak_in_flight} |"
+        )
+    return lines
+
+
+def overload_section(report: Report) -> list[str]:
+    sc = overload_scenario(overload_cases()[0], quick=False)
+    lines = [
+        f"F: overload — model `{F_MODEL}`, wrk `--timeout {sc.timeout_s}s`, each row on a "
+        f"stack of its own (provider `max_concurrency` {F_MAX_CONCURRENCY}, "
+        f"`max_queue_depth` {F_MAX_QUEUE_DEPTH:,}), measured after a {F_WARMUP_S} s warm-up "
+        "at the same concurrency. *req/s* counts every response (503s included; the 2xx "
+        "are below the table); *processes*: ingress + worker; CPU (% of one core) and RSS "
+        "(VmHWM, MB) summed over a role's processes.",
+        "",
+        *overload_table(report),
+        "",
+    ]
+    for row in report.overload:
+        cpu, r = row.cpu, row.result
+        ours = sum(v for k, v in cpu.items() if k not in ("machine", "steal"))
+        more = [f"mock {cpu.get('mock', 0.0):.0f}", f"wrk {cpu.get('wrk', 0.0):.0f}"]
+        if "supervisors" in cpu:
+            more.append(f"supervisors {cpu['supervisors']:.0f}")
+        if "hog" in cpu:
+            more.append(f"hog {cpu['hog']:.0f}")
+        more += [f"all these {ours:.0f}", f"machine busy {cpu.get('machine', 0.0):.0f}"]
+        more.append(f"steal {cpu.get('steal', 0.0):.0f}")
+        ok_rate = r.ok / r.duration_s if r.duration_s else 0.0
+        text = (
+            f"- row {row.case.label}: {r.requests:,} responses in {r.duration_s:.1f} s, "
+            f"2xx {r.ok:,} ({ok_rate:,.0f}/s); CPU % {', '.join(more)}; RSS MB redis "
+            f"{fmt_mb(row.rss_kb.get('redis', 0))}, mock {fmt_mb(row.rss_kb.get('mock', 0))}"
+        )
+        samples = [
+            f"{k}: `{v.replace('`', chr(39))}`"
+            for k, v in sorted(r.samples.items())
+            if k != "503-overloaded"
+        ]
+        if samples:
+            text += "; first body of " + ", of ".join(samples)
+        lines.append(text + "".join(f"; {note}" for note in row.notes))
+    return lines
 
 
 def targets_section(report: Report) -> list[str]:
@@ -689,12 +1068,17 @@ def redis_table(report: Report) -> list[str]:
 
 
 def render_results(report: Report) -> str:
-    parts = ["## Results", "", *results_table(report), "", "## Peak RSS (MB)", ""]
-    parts += [*memory_table(report), "", "## CPU during each run (% of one core)", ""]
-    parts += [*cpu_table(report), "", "## Redis commands per request", ""]
-    parts += [*redis_table(report), "", "## Targets", "", *targets_section(report)]
+    parts: list[str] = []
+    if report.rows:  # A-D
+        parts += ["## Results", "", *results_table(report), "", "## Peak RSS (MB)", ""]
+        parts += [*memory_table(report), "", "## CPU during each run (% of one core)", ""]
+        parts += [*cpu_table(report), "", "## Redis commands per request", ""]
+        parts += [*redis_table(report), ""]
     if report.noisy is not None:
-        parts += ["", "## E: noisy neighbour", "", *noisy.table(report.noisy)]
+        parts += ["## E: noisy neighbour", "", *noisy.table(report.noisy), ""]
+    if report.overload:
+        parts += ["## F: overload", "", *overload_section(report), ""]
+    parts += ["## Targets", "", *targets_section(report)]
     if report.broken:
         parts += ["", f"**BROKEN**: {report.broken}"]
     return "\n".join(parts) + "\n"
@@ -730,6 +1114,8 @@ def cpu_model() -> str:
 def header(quick: bool) -> str:
     sc = scenarios(quick)
     durations = ", ".join(f"{s.key} {s.duration_s}s" for s in sc)
+    f_duration = overload_scenario(overload_cases()[0], quick).duration_s
+    durations += f", F {f_duration}s x {len(overload_cases())} rows"
     argv = shlex.join([sys.executable, *sys.argv])
     return "\n".join(
         [
@@ -744,7 +1130,8 @@ def header(quick: bool) -> str:
             f"- redis-server: {command_version(['redis-server', '--version'])}",
             f"- wrk: {command_version(['wrk', '--version'])}",
             f"- mode: {'quick' if quick else 'default'}; durations: {durations}; "
-            "processes: 1 ingress, 1 worker, 1 mock, 1 redis-server; wrk -t1",
+            "processes: 1 ingress, 1 worker, 1 mock, 1 redis-server (F row 3: 2 ingress, "
+            "2 worker); wrk -t1",
             "",
         ]
     )
@@ -771,8 +1158,9 @@ def raise_fd_limit() -> None:
         hard = 1 << 20
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if hard < 2 * TARGET_C_IN_FLIGHT + 200:
-        log(f"bench: warning: fd hard limit {hard} is low for 1000 connections")
+    most = max(case.connections for case in overload_cases())
+    if hard < most + 200:
+        log(f"bench: warning: fd hard limit {hard} is low for {most} connections (F)")
 
 
 def check_prerequisites() -> None:
@@ -803,13 +1191,17 @@ def benchmark(quick: bool, emit: Callable[[str], None], only: str = "") -> int:
                 stack.stop()
         if not report.broken and (not only or "E" in only):
             run_noisy(Path(tmp) / "e", report)
+        if not report.broken and (not only or "F" in only):
+            run_overload(Path(tmp) / "f", quick, report)
     emit(render_results(report))
     return 1 if report.broken else 0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="run A for 5 s and C for 15 s")
+    ap.add_argument(
+        "--quick", action="store_true", help="run A for 5 s, C for 15 s and F's rows for 8 s"
+    )
     ap.add_argument("--out", type=Path, help="also write the markdown report to this file")
     ap.add_argument(
         "--only", default="", help="run only these scenarios, e.g. C or AB (default: all)"
