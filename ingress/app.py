@@ -163,7 +163,7 @@ async def ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.draining:
         return json_response({"status": "draining"}, 503)
-    reason = state.load.reason(state.in_flight - 1)  # not counting this request
+    reason = state.load.overloaded(state.in_flight - 1)  # not counting this request
     if reason is not None:
         lag_ms = round(state.load.lag.now_s() * 1000, 1)
         return json_response({"status": "overloaded", "reason": reason, "lag_ms": lag_ms}, 503)
@@ -216,10 +216,12 @@ def create_app(config: Config, pod: str) -> web.Application:
     registry = CollectorRegistry()
     redis = connect(config.redis, max_connections=32)
     counters = IngressMetrics(registry)
+    load = LoadMonitor(config.ingress.overload, counters.loop_lag)
     batcher = Batcher(
         redis,
         timeout=config.redis.command_timeout_s,
         round_trip=counters.redis_seconds.labels("ingress"),
+        lag=load.lag.now_s,
     )
     state = State(
         config=config,
@@ -235,8 +237,8 @@ def create_app(config: Config, pod: str) -> web.Application:
         chooser=Chooser(Keys(config.redis.key_prefix), batcher),
         tracing=Tracing(config.tracing, "ingress"),
         access=AccessLog(config.pricing),
-        load=LoadMonitor(config.ingress.overload, counters.loop_lag),
-        probe=RedisProbe(redis, 2 * config.redis.command_timeout_s),
+        load=load,
+        probe=RedisProbe(redis, batcher, max(2.0, 2 * config.redis.command_timeout_s)),
         webhook_allow=networks(config.webhooks.allow_cidrs),
     )
     app = web.Application(

@@ -7,16 +7,20 @@ body read, no Redis command):
   bound on memory and file descriptors, whatever the cause;
 * **event-loop lag**: a timer is due every 50 ms, and how late it fires is how long
   every ready callback waits. Past ``max_lag_ms`` the process is behind on work it
-  already took (its Redis replies are read late, its answers written late), and new
-  API requests are shed until a sample falls below the bound again.
+  already took (its Redis replies are read late, its answers written late), and a
+  share of new API requests is shed, growing with the lag up to ``max_shed_share``
+  at twice the bound, until a sample falls below it again. Never all of them:
+  clients that retry at once (most load generators, some SDK settings) would
+  otherwise keep the process busy answering 503s and none of their work would
+  get done.
 
 A shed request gets 503 ``overloaded`` with Retry-After, never became a job, and is
 counted in ``llm_broker_shed_requests``; ``/ready`` fails while the process sheds.
 
 After a Redis command on the request path fails, :class:`RedisProbe` tells "Redis is
 down" (503 ``service_unavailable``) from "this process could not keep up" (503
-``overloaded``): a PING on a connection of its own, at most one a second, whose
-answer every failing request shares.
+``overloaded``): another round trip succeeded lately, or a PING on a connection of
+its own does (at most one a second, its answer shared by every failing request).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from llm_broker.shared import anthropic
 from llm_broker.shared.config import OverloadConfig
 from llm_broker.shared.errors import Overloaded
 from llm_broker.shared.health import LoopLag
-from llm_broker.shared.redisio import REDIS_DOWN
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher
 
 #: How often the event-loop lag is sampled.
 LAG_INTERVAL_S = 0.05
@@ -44,7 +48,10 @@ class LoadMonitor:
     def __init__(self, cfg: OverloadConfig, gauge: Gauge | None = None) -> None:
         self.max_in_flight = cfg.max_in_flight
         self.max_lag_s = cfg.max_lag_ms / 1000
+        self.max_shed_share = cfg.max_shed_share
         self.lag = LoopLag(LAG_INTERVAL_S, gauge)
+        #: Requests owed to shedding: a share of each request, one shed per whole.
+        self._owed = 0.0
         err = Overloaded(
             "this ingress process is overloaded and did not take the request; retry shortly"
         )
@@ -54,13 +61,28 @@ class LoadMonitor:
         )
         self._headers = {"Retry-After": str(cfg.retry_after_s)}
 
-    def reason(self, in_flight: int) -> str | None:
-        """Why a new API request must be shed now ("in_flight", "lag"), or None."""
+    def overloaded(self, in_flight: int) -> str | None:
+        """Whether the process is overloaded now, and by which signal."""
         if in_flight >= self.max_in_flight:
             return "in_flight"
         if 0 < self.max_lag_s < self.lag.now_s():
             return "lag"
         return None
+
+    def reason(self, in_flight: int) -> str | None:
+        """Why this new API request must be shed ("in_flight", "lag"), or None."""
+        if in_flight >= self.max_in_flight:
+            return "in_flight"
+        if self.max_lag_s <= 0:
+            return None
+        over = self.lag.now_s() - self.max_lag_s
+        if over <= 0:
+            return None
+        self._owed += self.max_shed_share * min(1.0, over / self.max_lag_s)
+        if self._owed < 1.0:
+            return None
+        self._owed -= 1.0
+        return "lag"
 
     def shed(self, api: str) -> web.Response:
         """The answer to a shed request, in the client's API ("openai", "anthropic")."""
@@ -74,11 +96,15 @@ class LoadMonitor:
 
 
 class RedisProbe:
-    """Whether Redis answers a PING within ``timeout_s``, asked at most once per
-    ``every_s``: callers in between share the last answer (or the PING on its way)."""
+    """Whether Redis answers: a round trip of ``batcher`` succeeded within
+    ``timeout_s``, or a PING does, asked at most once per ``every_s`` (callers in
+    between share the last answer, or the PING on its way)."""
 
-    def __init__(self, client: aioredis.Redis, timeout_s: float, every_s: float = 1.0) -> None:
+    def __init__(
+        self, client: aioredis.Redis, batcher: Batcher, timeout_s: float, every_s: float = 1.0
+    ) -> None:
         self._client = client
+        self._batcher = batcher
         self._timeout_s = timeout_s
         self._every_s = every_s
         self._asked_at = -1e9
@@ -86,6 +112,8 @@ class RedisProbe:
 
     async def answers(self) -> bool:
         loop = asyncio.get_running_loop()
+        if loop.time() - self._batcher.last_ok < self._timeout_s:
+            return True
         if self._answer is None or loop.time() - self._asked_at >= self._every_s:
             self._asked_at = loop.time()
             self._answer = loop.create_task(self._ping())

@@ -51,9 +51,12 @@ class OverloadConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: API requests are shed. Bounds memory and file descriptors per process.
     max_in_flight: int = 10_000
     #: Event-loop lag, measured every 50 ms, above which new API requests are shed
-    #: until it falls again (0: never shed on lag). A loop that far behind would
-    #: answer late and see Redis commands time out on its own side.
+    #: until it falls again (0: never shed on lag): a growing share of them, up to
+    #: ``max_shed_share`` at twice this lag. A loop that far behind answers late.
     max_lag_ms: float = 300.0
+    #: The largest share of new API requests shed for lag; the rest are still
+    #: taken, so a process whose clients retry at once keeps doing useful work.
+    max_shed_share: float = 0.5
     #: Retry-After sent with a shed request.
     retry_after_s: int = 1
 
@@ -62,6 +65,8 @@ class OverloadConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
             raise ValueError("ingress.overload.max_in_flight must be at least 1")
         if self.max_lag_ms < 0:
             raise ValueError("ingress.overload.max_lag_ms must be 0 (off) or more")
+        if not 0 < self.max_shed_share <= 1:
+            raise ValueError("ingress.overload.max_shed_share must be in (0, 1]")
 
 
 class IngressConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import hiredis
@@ -202,7 +202,9 @@ class Batcher:
     leave together with the next one, as in Nagle's algorithm: an idle
     process pays no delay, a busy one pays a fraction of a round trip and
     sends one write instead of hundreds. Each caller gets its own result (or
-    exception) within ``timeout`` of its call, however long it waited.
+    exception) within ``timeout`` of its call, however long it waited; but time
+    the event loop spent late (``lag``) does not count: a busy process would
+    otherwise time out on replies that Redis sent in time.
     """
 
     def __init__(
@@ -212,9 +214,15 @@ class Batcher:
         timeout: float,
         max_in_flight: int = 1,
         round_trip: Observer | None = None,
+        lag: Callable[[], float] | None = None,
     ) -> None:
         self._client = client
         self._timeout = timeout
+        #: The event loop's current lag (LoopLag.now_s): while it is late, a round
+        #: trip's time is not all Redis's, and its timeout is extended.
+        self._lag = lag
+        #: When (loop time) a round trip last succeeded: Redis answered then.
+        self.last_ok = -1e9
         #: Observes the duration of each pipeline round trip (a histogram child).
         self._round_trip = round_trip
         self._max_in_flight = max_in_flight
@@ -243,14 +251,27 @@ class Batcher:
         finally:
             self._runners -= 1
 
+    def _lagging(self) -> bool:
+        return self._lag is not None and self._lag() > LAG_TOLERANCE_S
+
     async def _run(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any], float]]) -> None:
-        budget = batch[0][2] + self._timeout - asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = batch[0][2] + self._timeout
+        if deadline <= now and self._lagging():
+            deadline = now + self._timeout  # the wait was this process's lateness
         try:
-            if budget <= 0:
+            if deadline <= now:
                 raise NotSent("Redis did not answer in time")
             started = time.perf_counter()
-            async with asyncio.timeout(budget):
-                results = await execute(self._client, [args for args, _, _ in batch])
+            async with asyncio.timeout(None) as timeout:
+                guard = _Guard(self, timeout, cap=now + MAX_EXTENSIONS * self._timeout)
+                guard.arm(deadline)
+                try:
+                    results = await execute(self._client, [args for args, _, _ in batch])
+                finally:
+                    guard.cancel()
+            self.last_ok = loop.time()
             if self._round_trip is not None:
                 self._round_trip.observe(time.perf_counter() - started)
         except (Exception, asyncio.CancelledError) as e:  # every caller must hear of it
@@ -272,6 +293,38 @@ class Batcher:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+#: A round trip's timeout is extended while the event loop is this late...
+LAG_TOLERANCE_S = 0.1
+#: ...up to this many times the timeout in all.
+MAX_EXTENSIONS = 10
+
+
+class _Guard:
+    """A round trip's timeout that does not count the event loop's own lateness:
+    when it fires while the loop is late (its replies may be waiting unread), it
+    waits one more timeout, up to ``cap``; else the round trip times out."""
+
+    def __init__(self, batcher: Batcher, timeout: asyncio.Timeout, cap: float) -> None:
+        self._batcher = batcher
+        self._timeout = timeout
+        self._cap = cap
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, when: float) -> None:
+        self._handle = asyncio.get_running_loop().call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now < self._cap and self._batcher._lagging():
+            self.arm(min(self._cap, now + self._batcher._timeout))
+        else:
+            self._timeout.reschedule(now)  # expires: the round trip is cancelled
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
 
 
 async def execute(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:

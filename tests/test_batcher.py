@@ -86,3 +86,29 @@ async def test_every_call_fails_within_its_timeout_when_redis_hangs() -> None:
     # The second call gave up 0.3 s after it was made, not 0.3 s after the first failed.
     assert time.monotonic() - started < 0.2 + 0.3 + 0.15
     await batcher.close()
+
+
+async def test_a_late_event_loop_does_not_make_a_round_trip_time_out() -> None:
+    """While the process's own event loop is late, a round trip past its timeout
+    waits on (its reply may be sitting unread); once the loop is on time again, or
+    after ten timeouts, it times out."""
+    fake = HeldRedis()
+    lag = {"s": 1.0}
+    batcher = Batcher(cast(aioredis.Redis, fake), timeout=0.1, lag=lambda: lag["s"])
+    call = batcher.call("ECHO", "a")
+    loop = asyncio.get_running_loop()
+    # Held well past its 0.1 s timeout while the loop says it is 1 s late.
+    loop.call_later(0.35, fake.release.set)
+    assert await call == "a"
+    assert batcher.last_ok > 0
+
+    hung = HeldRedis()  # never answers
+    lag["s"] = 1.0
+    batcher = Batcher(cast(aioredis.Redis, hung), timeout=0.1, lag=lambda: lag["s"])
+    started = time.monotonic()
+    call = batcher.call("ECHO", "b")
+    loop.call_later(0.25, lag.update, {"s": 0.0})  # the loop catches up
+    with pytest.raises(TimeoutError):
+        await call
+    assert 0.25 <= time.monotonic() - started < 0.25 + 0.1 + 0.15
+    await batcher.close()
