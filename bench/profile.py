@@ -29,7 +29,7 @@ import run as bench
 
 
 def record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
-    argv = ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking"]
+    argv = ["py-spy", "record", "--format", "raw", "--rate", "100", "--nonblocking"]
     argv += ["--duration", str(seconds), "--pid", str(pid), "--output", str(out)]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -68,20 +68,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--no-spy", action="store_true", help="only CPU and Redis commands per request"
+    )
+    parser.add_argument("--model", default="mock", help="e.g. mock-latency-1000 (1 s calls)")
+    parser.add_argument(
+        "--max-concurrency", type=int, help="the provider's max_concurrency (scenario F: 16384)"
+    )
     args = parser.parse_args(argv)
     if shutil.which("py-spy") is None:
         print("py-spy is not installed: pip install py-spy", file=sys.stderr)
         return 2
     bench.check_prerequisites()
-    sc = bench.Scenario("P", "profile", "mock", args.connections, args.seconds)
+    sc = bench.Scenario("P", "profile", args.model, args.connections, args.seconds, timeout_s=10)
+    bench.raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="llmb-profile-") as tmp_name:
         tmp = Path(tmp_name)
-        stack = bench.start_stack(tmp)
+        overrides = {}
+        if args.max_concurrency:
+            overrides = {"max_concurrency": args.max_concurrency}
+        stack = bench.start_stack(tmp, overrides)
         try:
             url = stack.broker_url + bench.CHAT_PATH
-            bench.run_wrk(url, sc, 2, strict=False)
+            bench.run_wrk(url, sc, 3, strict=False)
+            bench.wait_idle(stack.mock_url, timeout_s=60)
             outs = {name: tmp / f"{name}.txt" for name in ("ingress", "worker")}
-            spies = [record(stack.children[n].pid, args.seconds, p) for n, p in outs.items()]
+            spies = (
+                []
+                if args.no_spy
+                else [record(stack.children[n].pid, args.seconds, p) for n, p in outs.items()]
+            )
             commands = bench.redis_commands(stack.redis_url)
             before, started = bench.cpu_now(stack), time.monotonic()
             result = bench.run_wrk(url, sc, args.seconds)
@@ -102,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ranked = sorted(per_request.items(), key=lambda kv: -kv[1])
             print(f"- Redis commands per request: {sum(per_request.values()):.1f}")
             print("  " + ", ".join(f"{k} {v:.2f}" for k, v in ranked))
-            for name, path in outs.items():
+            for name, path in outs.items() if not args.no_spy else ():
                 print(f"\n## {name}\n")
                 print("\n".join(summarize(path, args.top)))
         finally:
