@@ -3,6 +3,7 @@ and Redis errors on the way become answers."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -158,18 +159,19 @@ async def redis_call(
     becomes a 503: ``overloaded`` while Redis answers a PING (this process could not
     keep up), ``service_unavailable`` when it does not. ``job_id``: the job the call
     admits; when the call may have run on Redis all the same, the error names it."""
+    since = asyncio.get_running_loop().time()
     try:
         return await call
     except REDIS_DOWN as e:
         state.metrics.redis_errors.labels(what).inc()
-        raise await _redis_error(state, provider, e, job_id) from e
+        raise await _redis_error(state, provider, e, job_id, since) from e
 
 
 async def _redis_error(
-    state: State, provider: str, error: BaseException, job_id: str | None
+    state: State, provider: str, error: BaseException, job_id: str | None, since: float
 ) -> BrokerError:
     retry = {"Retry-After": "1"}
-    if await state.probe.answers():
+    if await state.probe.answers(since):
         reason = "overloaded"
         message = "the gateway is overloaded: a queue operation did not finish in time"
     else:

@@ -96,9 +96,9 @@ class LoadMonitor:
 
 
 class RedisProbe:
-    """Whether Redis answers: a round trip of ``batcher`` succeeded within
-    ``timeout_s``, or a PING does, asked at most once per ``every_s`` (callers in
-    between share the last answer, or the PING on its way)."""
+    """Whether Redis answers: a round trip of ``batcher`` succeeded after the
+    failed call was made, or a PING does within ``timeout_s``, asked at most once per
+    ``every_s`` (callers in between share the last answer, or the PING on its way)."""
 
     def __init__(
         self, client: aioredis.Redis, batcher: Batcher, timeout_s: float, every_s: float = 1.0
@@ -110,9 +110,10 @@ class RedisProbe:
         self._asked_at = -1e9
         self._answer: asyncio.Future[bool] | None = None
 
-    async def answers(self) -> bool:
+    async def answers(self, since: float) -> bool:
+        """``since``: when (loop time) the failed call was made."""
         loop = asyncio.get_running_loop()
-        if loop.time() - self._batcher.last_ok < self._timeout_s:
+        if self._batcher.last_ok > since:
             return True
         if self._answer is None or loop.time() - self._asked_at >= self._every_s:
             self._asked_at = loop.time()
