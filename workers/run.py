@@ -52,6 +52,10 @@ class JobRun:
         self.start: asyncio.Future[Verdict] = asyncio.ensure_future(self._start())
         #: The upstream call, once started (cancelled to abort it).
         self.call: asyncio.Task[None] | None = None
+        #: The call began before the start script's verdict (see :meth:`handle`).
+        self.early = False
+        #: The delivery is closed.
+        self.settled = False
 
     # ------------------------------------------------------------ start
 
@@ -86,6 +90,7 @@ class JobRun:
         # the script said so: a job cancelled while queued never reaches the upstream.
         early = self.delivery.deliveries == 1 and bool(job.reply_to)
         if early and job.deadline > time.time():
+            self.early = True
             self._begin_call()
         try:
             verdict = await self.start
@@ -96,7 +101,8 @@ class JobRun:
             return
         if verdict is not Verdict.RUN:
             await self._abort_call()
-            await self._not_run(verdict)
+            if not self.settled:  # an early call may have closed it already
+                await self._not_run(verdict)
             return
         if self.call is None and self.delivery.deliveries > 1 and job.stream and job.reply_to:
             # The worker that had this stream stopped; its client may hold part of
@@ -157,7 +163,17 @@ class JobRun:
 
     def settle(self, outcome: Outcome) -> Coroutine[Any, Any, None]:
         """Close the delivery (:func:`settle`)."""
+        self.settled = True
         return settle(self.pool, self.delivery, outcome)
+
+    async def may_record(self) -> bool:
+        """Whether the call's outcome may be recorded: the start script said "run".
+        An early call does not wait for that verdict: its start went to Redis before
+        its settlement on the same ordered way (the batcher's pipelines run one after
+        another), and the settle script records nothing over a job made final
+        meanwhile (cancelled, expired); the start's round trip is then off the
+        path of every synchronous call."""
+        return self.early or await self.verdict() is Verdict.RUN
 
     async def fail(
         self,
@@ -186,7 +202,7 @@ class JobRun:
         pool, job = self.pool, self.job
         pool.queue_wait.observe(max(0.0, time.time() - job.created))
         if job.deadline <= time.time():
-            if await self.verdict() is Verdict.RUN:
+            if await self.may_record():
                 pool.count("expired")
                 await self.settle(
                     Outcome(
@@ -207,7 +223,7 @@ class JobRun:
                 raise  # the entry stays pending; it is reclaimed once Redis answers
             # A defect that the same job would hit on every delivery: fail it once
             # instead of redelivering it until it is dead-lettered.
-            if await self.verdict() is not Verdict.RUN:
+            if not await self.may_record():
                 return
             log.exception("job %s: could not be run", job.id)
             pool.count("failed")
@@ -220,7 +236,7 @@ class JobRun:
                 )
             )
             return
-        if await self.verdict() is Verdict.RUN:
+        if await self.may_record():
             pool.count("completed")
             if usage is not None:
                 pool.accounting.count(job, usage)
@@ -258,7 +274,7 @@ class JobRun:
     async def _failed(self, e: BrokerError) -> None:
         """The deployment failed the job: fall back to the next one, or fail it."""
         job, pool = self.job, self.pool
-        if await self.verdict() is not Verdict.RUN:
+        if not await self.may_record():
             return
         code = e.error_code or ""
         attempt = self.tries.attempt(job, e.http_status, code)
