@@ -152,6 +152,30 @@ async def test_start_runs_a_job_once_and_counts_its_attempts(
     assert rec.started_at is not None
 
 
+async def test_a_delivery_settled_without_a_start_records_when_it_began(
+    store: JobStore, rclient: aioredis.Redis
+) -> None:
+    """A synchronous call's first delivery runs without the start function: its
+    settlement records when it began and counts the attempt; over a job made final
+    meanwhile it records nothing."""
+    job = make_job()
+    delivery = await delivered(store, rclient, job)
+    began = time.time()
+    outcome = Outcome(status=m.COMPLETED, payload=b"{}", started_at=began)
+    assert await store.settle(delivery, outcome, consumer=CONSUMER)
+    rec = await record(store, job.id)
+    assert (rec.status, rec.attempts) == ("completed", 1)
+    assert rec.started_at == pytest.approx(began, abs=1e-5)
+
+    gone = make_job()
+    late = await delivered(store, rclient, gone)
+    assert await store.cancel(gone.id, gone.tenant, result_ttl=60)
+    outcome = Outcome(status=m.COMPLETED, payload=b"{}", started_at=began)
+    assert not await store.settle(late, outcome, consumer=CONSUMER)
+    rec = await record(store, gone.id)
+    assert (rec.status, rec.attempts, rec.started_at) == ("cancelled", 0, None)
+
+
 async def test_start_refuses_what_must_not_run(store: JobStore, rclient: aioredis.Redis) -> None:
     late = make_job()
     expired = await delivered(store, rclient, late)

@@ -48,14 +48,20 @@ class JobRun:
         self.delivery = delivery
         self.job = job
         self.result_ttl = job.result_ttl or result_ttl
-        self.tries = Tries(time.time())
-        self.start: asyncio.Future[Verdict] = asyncio.ensure_future(self._start())
+        began = time.time()
+        self.tries = Tries(began)
+        #: A first delivery of a job whose client waits, within its deadline, runs
+        #: without the start function (see :meth:`handle`).
+        self.early = delivery.deliveries == 1 and bool(job.reply_to) and job.deadline > began
+        self.began = began
+        self.start: asyncio.Future[Verdict]
+        if self.early:
+            self.start = asyncio.get_running_loop().create_future()
+            self.start.set_result(Verdict.RUN)
+        else:
+            self.start = asyncio.ensure_future(self._start())
         #: The upstream call, once started (cancelled to abort it).
         self.call: asyncio.Task[None] | None = None
-        #: The call began before the start script's verdict (see :meth:`handle`).
-        self.early = False
-        #: The delivery is closed.
-        self.settled = False
 
     # ------------------------------------------------------------ start
 
@@ -83,14 +89,18 @@ class JobRun:
     async def handle(self) -> None:
         """Start the job, run it if the start says so, and close the delivery."""
         job, pool = self.job, self.pool
-        # A first delivery of a job whose client waits, within its deadline, starts
-        # its upstream call while the start script runs: one Redis round trip less
-        # on every request. The call is aborted if the script says the job must not
-        # run (cancelled, expired). A job nobody waits on (async) starts only after
-        # the script said so: a job cancelled while queued never reaches the upstream.
-        early = self.delivery.deliveries == 1 and bool(job.reply_to)
-        if early and job.deadline > time.time():
-            self.early = True
+        # A first delivery of a job whose client waits, within its deadline, calls
+        # the upstream at once, without the start function: two Redis round trips
+        # (one on its path) less on every synchronous call. Its settlement records
+        # when it started and counts the attempt, and records nothing over a job made
+        # final meanwhile (its client went away, its deadline passed); a cancel
+        # aborts the call as it does any other. A cancelled or expired job is
+        # dropped before it reaches the stream (dispatch skips it), and the stream
+        # holds only what free slots take at once, so the window in which a job is
+        # cancelled after dispatch and before this delivery is that of one read.
+        # Every other delivery (async jobs, redeliveries) waits for the start
+        # function: a job cancelled while queued never reaches the upstream.
+        if self.early:
             self._begin_call()
         try:
             verdict = await self.start
@@ -101,8 +111,7 @@ class JobRun:
             return
         if verdict is not Verdict.RUN:
             await self._abort_call()
-            if not self.settled:  # an early call may have closed it already
-                await self._not_run(verdict)
+            await self._not_run(verdict)
             return
         if self.call is None and self.delivery.deliveries > 1 and job.stream and job.reply_to:
             # The worker that had this stream stopped; its client may hold part of
@@ -163,16 +172,14 @@ class JobRun:
 
     def settle(self, outcome: Outcome) -> Coroutine[Any, Any, None]:
         """Close the delivery (:func:`settle`)."""
-        self.settled = True
+        if self.early and outcome.status:
+            outcome.started_at = self.began
         return settle(self.pool, self.delivery, outcome)
 
     async def may_record(self) -> bool:
-        """Whether the call's outcome may be recorded: the start script said "run".
-        An early call does not wait for that verdict: its start went to Redis before
-        its settlement on the same ordered way (the batcher's pipelines run one after
-        another), and the settle script records nothing over a job made final
-        meanwhile (cancelled, expired); the start's round trip is then off the
-        path of every synchronous call."""
+        """Whether the call's outcome may be recorded: the start function said
+        "run", or there was none (an early call: the settle function records nothing
+        over a job made final meanwhile)."""
         return self.early or await self.verdict() is Verdict.RUN
 
     async def fail(

@@ -296,6 +296,7 @@ class JobStore:
                 job.tokens if job else 0,
                 outcome.tokens if outcome.tokens is not None else -1,
                 self._held(job.tenant, delivery.provider) if job else "",
+                f"{outcome.started_at:.6f}" if outcome.started_at is not None else "",
                 *(
                     reply_fields(job.id, outcome.reply)
                     if job and reply_to and outcome.reply

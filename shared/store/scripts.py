@@ -477,13 +477,19 @@ return 'ok'
 _SETTLE = """
 local job, queue, replies, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, entry, id, status, now, field, payload, http_status, ttl, maxlen, history,
-  prefix, provider, tenant, estimate, used, held = unpack(ARGV, 1, 17)
+  prefix, provider, tenant, estimate, used, held, started = unpack(ARGV, 1, 18)
 -- held: the tenant's in-flight quotas the job counted in ('p' provider, 'a' overall).
--- ARGV[18…]: the reply's field/value pairs (none: no reply)
+-- started: when the call began, if it ran without the start function (a synchronous
+-- call's first delivery): recorded here, and the attempt counted.
+-- ARGV[19…]: the reply's field/value pairs (none: no reply)
 local made = 0
 if status ~= '' then
   local st = redis.call('HGET', job, 'status')
   if st == 'queued' or st == 'in_progress' then
+    if started ~= '' then
+      redis.call('HINCRBY', job, 'attempts', 1)
+      redis.call('HSET', job, 'started_at', started)
+    end
     if history ~= '' then
       finish(job, events, id, status, now, ttl, field, payload,
              'http_status', http_status, 'history', history)
@@ -493,8 +499,8 @@ if status ~= '' then
     made = 1
   end
 end
-if #ARGV > 17 then
-  local fields = {unpack(ARGV, 18)}
+if #ARGV > 18 then
+  local fields = {unpack(ARGV, 19)}
   local has_data = false
   for i = 1, #fields, 2 do
     if fields[i] == 'd' then has_data = true end

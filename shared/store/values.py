@@ -53,6 +53,10 @@ class Outcome(msgspec.Struct, kw_only=True):
     dead_letter: bool = False
     #: Tokens the call used (None: unknown), to correct the tenant's tpm windows.
     tokens: int | None = None
+    #: When the call began, for a delivery that ran without the start script (a
+    #: synchronous call's first delivery): the settlement records it and counts the
+    #: attempt.
+    started_at: float | None = None
 
 
 class AsyncFields(msgspec.Struct, kw_only=True):
