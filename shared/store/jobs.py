@@ -25,6 +25,7 @@ from llm_broker.shared.store.records import (
     admission_fields,
     decode_reply,
     reply_fields,
+    stamp,
 )
 from llm_broker.shared.store.values import (
     Admitted,
@@ -86,9 +87,9 @@ class JobStore:
             job.priority,
             *self._tenant_args(job.tenant, job.provider),
             job.tokens,
-            time.time(),
+            stamp(time.time()),
             max_depth,
-            job.deadline,
+            stamp(job.deadline),
         )
 
     def _tenant_args(self, tenant: str, provider: str) -> tuple[str | int, ...]:
@@ -136,7 +137,7 @@ class JobStore:
                 ttl_s,
                 job.id,
                 job.tenant,
-                job.created,
+                stamp(job.created),
                 *self._admission(job, max_depth),
                 *admission_fields(job),
             ),
@@ -177,7 +178,7 @@ class JobStore:
                 f"{request_hash} {job.id}",
                 min(ttl_s, idempotency.ttl_s) if idempotency is not None else 0,
                 job.id,
-                job.created,
+                stamp(job.created),
                 keys.job(""),
                 job.tenant,
                 *self._admission(job, max_depth),
@@ -261,7 +262,13 @@ class JobStore:
         assert job is not None
         command = scripts.START.command(
             (self.keys.job(job.id), self.keys.webhook_events()),
-            (time.time(), self._wcfg.max_deliveries, delivery.deliveries, job.id, result_ttl),
+            (
+                stamp(time.time()),
+                self._wcfg.max_deliveries,
+                delivery.deliveries,
+                job.id,
+                result_ttl,
+            ),
         )
         return _VERDICTS.get(await self._batcher.call(*command), Verdict.FINAL)
 
@@ -283,7 +290,7 @@ class JobStore:
                 delivery.entry_id,
                 job.id if job else "",
                 outcome.status,
-                time.time(),
+                stamp(time.time()),
                 field,
                 outcome.payload,
                 outcome.http_status,
@@ -296,7 +303,7 @@ class JobStore:
                 job.tokens if job else 0,
                 outcome.tokens if outcome.tokens is not None else -1,
                 self._held(job.tenant, delivery.provider) if job else "",
-                f"{outcome.started_at:.6f}" if outcome.started_at is not None else "",
+                stamp(outcome.started_at) if outcome.started_at is not None else "",
                 *(
                     reply_fields(job.id, outcome.reply)
                     if job and reply_to and outcome.reply
