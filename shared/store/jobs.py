@@ -316,6 +316,8 @@ class JobStore:
             commands.append(("SET", job.cache_key, outcome.payload, "EX", job.cache_ttl))
         if outcome.dead_letter:
             commands += self._dead_letter_commands(delivery, consumer, outcome.payload)
+        if not commands:  # the common case: one command, no gathering
+            return bool(await self._batcher.call(*settle))
         commands.append(settle)
         futures = [self._batcher.call(*c) for c in commands]
         try:
