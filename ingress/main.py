@@ -14,6 +14,7 @@ from aiohttp import web
 from llm_broker.ingress.app import create_app, metrics
 from llm_broker.ingress.server import Runner, cut_off_reserve, drain
 from llm_broker.ingress.state import STATE
+from llm_broker.shared import logs
 from llm_broker.shared.config import Config
 
 log = logging.getLogger("llm_broker.ingress")
@@ -55,9 +56,9 @@ async def serve(
     if config.ingress.metrics_port is not None:
         metrics_runner = await serve_metrics(app, host, config.ingress.metrics_port, reuse_port)
         metrics_bound = metrics_runner.addresses[0][1]
-        print(f"ingress metrics on http://{shown}:{metrics_bound}/metrics", flush=True)
+        logs.announce(f"ingress metrics on http://{shown}:{metrics_bound}/metrics")
     bound = runner.addresses[0][1] if runner.addresses else port
-    print(f"ingress listening on http://{shown}:{bound}", flush=True)
+    logs.announce(f"ingress listening on http://{shown}:{bound}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -57,6 +57,14 @@ def text_value(value: Any) -> str:
     return quoted.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
+def announce(line: str) -> None:
+    """Print a line others wait for ("listening on ...", "worker ready") in one write:
+    the processes of ``--processes N`` share their standard output, and a line
+    printed as two writes (text, then its newline) could interleave with another's."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def text_pairs(fields: dict[str, Any]) -> str:
     """``key=value`` pairs of a text log line (values by :func:`text_value`; None left out)."""
     return " ".join(f"{k}={text_value(v)}" for k, v in fields.items() if v is not None)

@@ -13,6 +13,7 @@ import time
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
+from llm_broker.shared import logs
 from llm_broker.shared.config import PRIORITIES, Config
 from llm_broker.shared.health import serve_health
 from llm_broker.shared.keys import GROUP, Keys
@@ -159,7 +160,7 @@ async def serve(
     if metrics_port is not None:
         tasks.append(loop.create_task(export_queues(config, providers, batcher, metrics)))
     if ready_line:
-        print(f"worker ready consumer={consumer} providers={','.join(providers)}", flush=True)
+        logs.announce(f"worker ready consumer={consumer} providers={','.join(providers)}")
     stopped = loop.create_task(stop.wait())
     done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
     for t in done:
