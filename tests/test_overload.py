@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import time
 from typing import Any
@@ -18,19 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from llm_broker.shared.redisio import NotSent, maybe_ran
 from tests.conftest import ConfigFactory, Procs, RedisServer, chat, mock_stats, wait_in_flight
 from tests.helpers import eventually
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of a Prometheus text exposition (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{re.escape(name)}(?:\{{{re.escape(want)}\}})? ([0-9.e+]+)$"
-    found = re.search(pattern, text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
-
-
-async def _metrics(http: aiohttp.ClientSession, url: str) -> str:
-    async with http.get(f"{url}/metrics") as resp:
-        return await resp.text()
+from tests.test_observability import scrape, value
 
 
 async def test_a_full_process_sheds_new_requests_at_once_and_admits_none(
@@ -82,8 +69,8 @@ async def test_a_full_process_sheds_new_requests_at_once_and_admits_none(
         assert resp.status == 200
     async with http.get(f"{url}/ready") as resp:
         assert resp.status == 200
-    text = await _metrics(http, url)
-    assert _metric(text, "llm_broker_shed_requests_total", reason="in_flight") == 8
+    samples, _ = await scrape(http, f"{url}/metrics")
+    assert value(samples, "llm_broker_shed_requests_total", reason="in_flight") == 8
 
 
 async def test_a_lagging_event_loop_sheds_until_it_catches_up(
@@ -127,8 +114,8 @@ async def test_a_lagging_event_loop_sheds_until_it_catches_up(
                 return resp.status == 200
 
         await eventually(serving, what="requests to succeed once the loop caught up")
-    text = await _metrics(http, url)
-    shed = _metric(text, "llm_broker_shed_requests_total", reason="lag")
+    samples, _ = await scrape(http, f"{url}/metrics")
+    shed = value(samples, "llm_broker_shed_requests_total", reason="lag")
     assert shed == statuses.count(503)
     # Every request that was not shed reached the upstream; none that was shed did.
     assert (await mock_stats(http, mock_url))["calls"] == 1 + statuses.count(200)

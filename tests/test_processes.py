@@ -5,7 +5,6 @@ SIGTERM drains every one."""
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 from pathlib import Path
 
@@ -13,16 +12,7 @@ import aiohttp
 
 from llm_broker.dev import free_port
 from tests.conftest import ConfigFactory, Procs, chat, mock_stats, wait_in_flight
-
-
-def _sum(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        found = re.match(rf"^{re.escape(name)}(\{{.*\}})? (\S+)$", line)
-        if found and all(f'{k}="{v}"' in (found.group(1) or "") for k, v in labels.items()):
-            total += float(found.group(2))
-    return total
+from tests.test_observability import scrape, value
 
 
 def _children(pid: int) -> list[int]:
@@ -82,16 +72,14 @@ async def test_two_processes_share_the_port_and_their_metrics_add_up(
         for resp in answers:
             assert resp.status == 200
             resp.release()
-        async with client.get(f"{url}/metrics") as resp:
-            ingress_text = await resp.text()
+        ingress, _ = await scrape(client, f"{url}/metrics")  # whichever process answers
     chat_ok = {"endpoint": "/v1/chat/completions", "status": "200"}
-    assert _sum(ingress_text, "llm_broker_requests_total", **chat_ok) == 32
-    assert _sum(ingress_text, "llm_broker_requests_total", endpoint="/health") == 40
-    async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
-        worker_text = await resp.text()
+    assert value(ingress, "llm_broker_requests_total", **chat_ok) == 32
+    assert value(ingress, "llm_broker_requests_total", endpoint="/health") == 40
+    worker, _ = await scrape(http, f"http://127.0.0.1:{metrics_port}/metrics")
     done = {"provider": "mock", "outcome": "completed"}
-    assert _sum(worker_text, "llm_broker_worker_jobs_total", **done) == 32
-    assert _sum(worker_text, "llm_broker_upstream_in_flight", provider="mock") == 0
+    assert value(worker, "llm_broker_worker_jobs_total", **done) == 32
+    assert value(worker, "llm_broker_upstream_in_flight", provider="mock") == 0
 
 
 async def test_sigterm_drains_every_process(
