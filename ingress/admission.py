@@ -170,15 +170,15 @@ async def redis_call(
 async def _redis_error(
     state: State, provider: str, error: BaseException, job_id: str | None, since: float
 ) -> BrokerError:
-    retry = {"Retry-After": "1"}
-    if await state.probe.answers(since):
-        reason = "overloaded"
+    answers = await state.probe.answers(since)
+    if provider:
+        state.metrics.rejected.labels(
+            provider, "overloaded" if answers else "redis_unavailable"
+        ).inc()
+    if answers:
         message = "the gateway is overloaded: a queue operation did not finish in time"
     else:
-        reason = "redis_unavailable"
         message = "the queue is unavailable"
-    if provider:
-        state.metrics.rejected.labels(provider, reason).inc()
     admitted = job_id is not None and maybe_ran(error)
     if admitted:
         message += (
@@ -187,13 +187,9 @@ async def _redis_error(
         )
     else:
         message += "; the request was not admitted; retry shortly"
-    err: BrokerError
-    if reason == "overloaded":
-        err = Overloaded(message, headers=retry)
-    else:
-        err = Unavailable(message, headers=retry)
-    if admitted:
-        err.job_id = job_id
+    kind = Overloaded if answers else Unavailable
+    err = kind(message, headers={"Retry-After": "1"})
+    err.job_id = job_id if admitted else None
     return err
 
 

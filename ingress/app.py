@@ -97,8 +97,7 @@ async def errors_middleware(
         state.in_flight -= 1
         if not state.in_flight:
             state.idle.set()
-        route = request.match_info.route.resource
-        endpoint = route.canonical if route is not None else "unmatched"
+        endpoint = _endpoint(request)
         provider = ctx.provider
         elapsed = time.perf_counter() - started
         state.metrics.observe_request(endpoint, ctx.route, provider, status, elapsed)
@@ -113,10 +112,14 @@ def _shed(request: web.Request, state: State, reason: str) -> web.Response:
     state.metrics.shed.labels(reason).inc()
     api = "anthropic" if request.path.startswith("/v1/messages") else "openai"
     response = state.load.shed(api)
-    route = request.match_info.route.resource
-    endpoint = route.canonical if route is not None else "unmatched"
-    state.metrics.observe_request(endpoint, "", "", response.status, 0.0)
+    state.metrics.observe_request(_endpoint(request), "", "", response.status, 0.0)
     return response
+
+
+def _endpoint(request: web.Request) -> str:
+    """The route a request matched, as metric labels and the access log name it."""
+    route = request.match_info.route.resource
+    return route.canonical if route is not None else "unmatched"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -70,14 +70,12 @@ class LoadMonitor:
         return None
 
     def reason(self, in_flight: int) -> str | None:
-        """Why this new API request must be shed ("in_flight", "lag"), or None."""
-        if in_flight >= self.max_in_flight:
-            return "in_flight"
-        if self.max_lag_s <= 0:
-            return None
+        """Why this new API request must be shed ("in_flight", "lag"), or None: every
+        one at the in-flight bound, a share of them while the loop lags."""
+        why = self.overloaded(in_flight)
+        if why != "lag":
+            return why
         over = self.lag.now_s() - self.max_lag_s
-        if over <= 0:
-            return None
         self._owed += self.max_shed_share * min(1.0, over / self.max_lag_s)
         if self._owed < 1.0:
             return None

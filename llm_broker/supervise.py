@@ -25,13 +25,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from types import FrameType
 
-from llm_broker.procs import die_with_parent
+from llm_broker.procs import die_with_parent, python_cmd
 
 log = logging.getLogger("llm_broker.supervise")
 
@@ -71,9 +70,8 @@ class Supervisor:
                     os.unlink(os.path.join(self.env[MULTIPROC_ENV], name))
 
     def _start(self, slot: int) -> None:
-        env = {**self.env, "LLM_BROKER_PROCESS": str(slot)}
         self.children[slot] = subprocess.Popen(
-            self.argv, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
+            self.argv, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -135,7 +133,7 @@ class Supervisor:
 def child_argv(argv: Sequence[str], **options: object) -> list[str]:
     """The ``llm-broker`` command line of one process: ``argv`` (the supervisor's own
     arguments) with ``options`` (``--name value``; True: a bare flag) put last."""
-    out = [sys.executable, "-m", "llm_broker", *argv]
+    out = python_cmd(*argv)
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
         out += [flag] if value is True else [flag, str(value)]
