@@ -16,12 +16,17 @@ from aiohttp import web
 from llm_broker.ingress.bodies import decode_chat, decode_embeddings
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.state import State
+from llm_broker.shared import accounts
 from llm_broker.shared import messages as m
+from llm_broker.shared.accounts import Principal
 from llm_broker.shared.body import estimate_tokens
 from llm_broker.shared.config import PRIORITIES, Candidates, ModelRoute, Priority
 from llm_broker.shared.errors import (
     BadRequest,
     BrokerError,
+    BudgetExceeded,
+    KeyLimited,
+    ModelNotAllowed,
     ModelNotFound,
     Overloaded,
     QueueFull,
@@ -30,12 +35,25 @@ from llm_broker.shared.errors import (
 from llm_broker.shared.errors import TenantQueueFull as TenantQueueFullError
 from llm_broker.shared.errors import TenantRateLimited as TenantRateLimitedError
 from llm_broker.shared.redisio import REDIS_DOWN, maybe_ran
-from llm_broker.shared.store import Refused, TenantQueueFull, TenantRateLimited
+from llm_broker.shared.store import (
+    AccountLimited,
+    Refused,
+    TenantQueueFull,
+    TenantRateLimited,
+)
+from llm_broker.shared.store import BudgetExceeded as BudgetSpent
 from llm_broker.shared.tracing import valid_traceparent
 
 T = TypeVar("T")
 
 _SECONDS_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
+
+
+async def identify(request: web.Request, state: State) -> Principal:
+    """Who sends a model API request (a key's lookup in Redis may fail with 503)."""
+    principal = await redis_call(state, "auth", "", state.auth.identify(request.headers))
+    request[CONTEXT].tenant = principal.tenant
+    return principal
 
 
 def request_timeout(request: web.Request, state: State) -> float:
@@ -56,7 +74,7 @@ def request_timeout(request: web.Request, state: State) -> float:
 async def new_job(
     request: web.Request,
     state: State,
-    tenant: str,
+    principal: Principal,
     raw: bytes,
     *,
     reply_to: str,
@@ -65,8 +83,10 @@ async def new_job(
 ) -> tuple[m.Job, ModelRoute]:
     """Validate a request body and make it a job for the deployment it routes to;
     the other deployments of its model become its fallbacks. ``priority``: the
-    class the body asks for (the ``X-Priority`` header otherwise)."""
+    class the body asks for (the ``X-Priority`` header otherwise). The job's account
+    (limits, budgets and usage of the key and its tenant) goes to ``ctx.acct``."""
     ctx = request[CONTEXT]
+    tenant = principal.tenant
     out: object = 0
     if kind == m.EMBEDDINGS:
         model, stream, include_usage = decode_embeddings(raw).model, False, False
@@ -76,13 +96,16 @@ async def new_job(
         ctx.temperature = req.temperature
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         out = req.max_completion_tokens or req.max_tokens
+    if not principal.allows(model):
+        raise ModelNotAllowed(f"this API key may not use the model {model[:256]!r}", param="model")
     tcfg = state.config.tenant(tenant)
+    ceiling = principal.ceiling(tcfg.max_priority)
     default = m.INTERACTIVE if reply_to else m.ASYNC
     if priority is not None:
-        job_priority = _priority(tcfg.max_priority, priority, "priority")
+        job_priority = _priority(ceiling, priority, "priority")
     else:
         asked = request.headers.get("X-Priority", default)
-        job_priority = _priority(tcfg.max_priority, asked, "X-Priority")
+        job_priority = _priority(ceiling, asked, "X-Priority")
     candidates = _candidates(state, model, kind)
     if len(candidates.targets) == 1:
         targets = list(candidates.targets)
@@ -117,9 +140,20 @@ async def new_job(
     )
     ctx.job_id = job.id
     quota = tcfg.providers.get(first.provider)
+    cap = state.config.providers[first.provider].max_call_tokens
     if tcfg.quotas.tpm or (quota is not None and quota.tpm):
-        cap = state.config.providers[first.provider].max_call_tokens
         job.tokens = estimate_tokens({"max_tokens": out}, len(raw), cap)
+    pricing = state.config.pricing
+    price = pricing.get(model) or pricing.get(candidates.name)
+    ctx.acct = accounts.account(
+        principal,
+        state.account_keys,
+        state.config.accounts,
+        model=model,
+        price=price,
+        est=accounts.estimate(price, len(raw), out, cap),
+        now=now,
+    )
     return job, candidates.route
 
 
@@ -219,6 +253,32 @@ def refused(state: State, job: m.Job, why: Refused) -> BrokerError:
                 "retry later",
                 headers={"Retry-After": str(max(1, math.ceil(seconds)))},
             )
+        case AccountLimited(scope=scope, what=what, retry_after=seconds):
+            state.metrics.rejected.labels(provider, f"{scope}_limited").inc()
+            whose = "this API key" if scope == "key" else f"tenant {job.tenant!r}"
+            reached = {
+                "rate": "its requests or tokens per minute",
+                "in_flight": "as many requests in flight as its limit allows",
+                "queued": "as many requests queued as its limit allows",
+            }[what]
+            return KeyLimited(
+                f"{whose} reached {reached}; retry later",
+                code=f"{scope}_{'rate_limited' if what == 'rate' else what + '_limit'}",
+                headers={"Retry-After": str(max(1, math.ceil(seconds)))},
+            )
+        case BudgetSpent(scope=scope, reset_at=reset_at):
+            state.metrics.rejected.labels(provider, "budget_exceeded").inc()
+            whose = "this API key" if scope == "key" else f"tenant {job.tenant!r}"
+            headers = {}
+            message = f"{whose} has spent its budget"
+            if reset_at:
+                headers["Retry-After"] = str(max(1, math.ceil(reset_at - time.time())))
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reset_at))
+                message += f" for this period; it resets at {when}"
+                headers["X-Budget-Reset"] = when
+            else:
+                message += " (a total budget: it does not reset)"
+            return BudgetExceeded(message, headers=headers)
         case _:
             state.metrics.rejected.labels(provider, "queue_full").inc()
             return QueueFull(

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from llm_broker.ingress import calls, openapi
+from llm_broker.ingress import admin, calls, openapi
 from llm_broker.ingress import messages as messages_api
 from llm_broker.ingress.access import AccessLog
-from llm_broker.ingress.admission import new_job
+from llm_broker.ingress.admission import identify, new_job
 from llm_broker.ingress.auth import Authenticator
 from llm_broker.ingress.bodies import json_response, read_json_body, too_large
 from llm_broker.ingress.context import CONTEXT, RequestContext
@@ -25,6 +25,7 @@ from llm_broker.ingress.routing import Chooser
 from llm_broker.ingress.state import STATE, State
 from llm_broker.shared import anthropic
 from llm_broker.shared import messages as m
+from llm_broker.shared.accounts import AccountStore
 from llm_broker.shared.config import Config, Router
 from llm_broker.shared.errors import BrokerError, MethodNotAllowed, NotFound
 from llm_broker.shared.keys import Keys
@@ -124,27 +125,27 @@ def _endpoint(request: web.Request) -> str:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers)
+    principal = await identify(request, state)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
     if prefers_async(request):
-        return await submit(request, state, tenant, raw, raw, webhook_url=None, metadata=None)
-    job, route = await new_job(request, state, tenant, raw, reply_to=state.replies.stream)
+        return await submit(request, state, principal, raw, raw, webhook_url=None, metadata=None)
+    job, route = await new_job(request, state, principal, raw, reply_to=state.replies.stream)
     return await calls.run(request, state, job, route, OPENAI)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers)
+    principal = await identify(request, state)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
     job, route = await new_job(
-        request, state, tenant, raw, reply_to=state.replies.stream, kind=m.EMBEDDINGS
+        request, state, principal, raw, reply_to=state.replies.stream, kind=m.EMBEDDINGS
     )
     return await calls.run(request, state, job, route, OPENAI)
 
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    state.auth.tenant(request.headers)
+    await identify(request, state)
     data = [
         {
             "id": name,
@@ -200,7 +201,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     loop = asyncio.get_running_loop()
     reader = loop.create_task(state.replies.run())
-    loops = [loop.create_task(state.load.lag.run())]
+    loops = [loop.create_task(state.load.lag.run()), loop.create_task(state.auth.listen())]
     if MULTIPROCESS_DIR is not None:
         loops.append(loop.create_task(_export_active(state)))
     yield
@@ -220,6 +221,7 @@ def create_app(config: Config, pod: str) -> web.Application:
     redis = connect(config.redis, max_connections=32)
     counters = IngressMetrics(registry)
     load = LoadMonitor(config.ingress.overload, counters.loop_lag)
+    accounts = AccountStore(redis, config.redis.key_prefix, config.accounts)
     batcher = Batcher(
         redis,
         timeout=config.redis.command_timeout_s,
@@ -229,7 +231,7 @@ def create_app(config: Config, pod: str) -> web.Application:
     state = State(
         config=config,
         router=Router(config),
-        auth=Authenticator(config.auth),
+        auth=Authenticator(config.auth, accounts, timeout=config.redis.command_timeout_s),
         keys=Keys(config.redis.key_prefix),
         redis=redis,
         batcher=batcher,
@@ -243,6 +245,8 @@ def create_app(config: Config, pod: str) -> web.Application:
         load=load,
         probe=RedisProbe(redis, batcher, max(2.0, 2 * config.redis.command_timeout_s)),
         webhook_allow=networks(config.webhooks.allow_cidrs),
+        accounts=accounts,
+        account_keys=accounts.k,
     )
     app = web.Application(
         middlewares=[errors_middleware], client_max_size=config.ingress.max_body_bytes
@@ -256,6 +260,7 @@ def create_app(config: Config, pod: str) -> web.Application:
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{job_id}", get_job)
     app.router.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
+    admin.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     # /metrics is served on its own port when ingress.metrics_port is set (ingress/main.py).

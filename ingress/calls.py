@@ -103,7 +103,7 @@ async def _run(
     replies = state.replies.register(job.id)
     answered = False
     try:
-        await _enqueue(state, job)
+        await _enqueue(state, job, ctx.acct)
         if job.stream:
             response = await _stream_reply(request, state, job, replies, loop_deadline, renderer)
         else:
@@ -153,11 +153,11 @@ async def _cached(
     return response
 
 
-async def _enqueue(state: State, job: m.Job) -> None:
+async def _enqueue(state: State, job: m.Job, acct: bytes) -> None:
     pcfg = state.config.providers[job.provider]
     job.result_ttl = int(state.config.jobs.sync_result_ttl_s)
     ttl = int(job.deadline - job.created) + job.result_ttl
-    admit = state.store.enqueue(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl)
+    admit = state.store.enqueue(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl, acct=acct)
     why = await redis_call(state, "enqueue", job.provider, admit, job_id=job.id)
     if why is not None:
         raise refused(state, job, why)

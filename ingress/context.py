@@ -31,6 +31,8 @@ class RequestContext:
     cache: str | None = None
     usage: Usage | None = None
     error_type: str | None = None
+    #: The job's account (shared/accounts.py), written with its record.
+    acct: bytes = b""
 
 
 CONTEXT = web.RequestKey("context", RequestContext)

@@ -13,17 +13,20 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from llm_broker.ingress.admission import new_job, redis_call, refused
+from llm_broker.ingress.admission import identify, new_job, redis_call, refused
 from llm_broker.ingress.bodies import decode_body, json_response, read_json_body
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.state import STATE, State
 from llm_broker.shared import messages as m
+from llm_broker.shared.accounts import Principal
 from llm_broker.shared.errors import BadRequest, IdempotencyMismatch, NotFound
 from llm_broker.shared.jobs import job_object
 from llm_broker.shared.ssrf import BlockedURL, Ports, check_url
 from llm_broker.shared.store import (
+    AccountLimited,
     Admitted,
     AsyncFields,
+    BudgetExceeded,
     Full,
     Idempotency,
     Replayed,
@@ -51,13 +54,13 @@ def prefers_async(request: web.Request) -> bool:
 async def post_job(request: web.Request) -> web.Response:
     """``POST /v1/jobs``: ``{"request": <chat body>, "webhook_url"?, "metadata"?}``."""
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers)
+    principal = await identify(request, state)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
     sub = decode_body(m.job_submission_decoder, raw, "job", required=("request",))
     return await submit(
         request,
         state,
-        tenant,
+        principal,
         bytes(sub.request),
         raw,
         webhook_url=sub.webhook_url,
@@ -133,7 +136,7 @@ def _accepted(
 async def submit(
     request: web.Request,
     state: State,
-    tenant: str,
+    principal: Principal,
     chat_body: bytes,
     raw: bytes,
     *,
@@ -145,7 +148,10 @@ async def submit(
 
     ``raw`` is the whole request body, which an Idempotency-Key is bound to.
     """
-    job, _route = await new_job(request, state, tenant, chat_body, reply_to="", priority=priority)
+    job, _route = await new_job(
+        request, state, principal, chat_body, reply_to="", priority=priority
+    )
+    tenant = principal.tenant
     idem = _idempotency_key(request)
     if metadata:
         _check_metadata(metadata)
@@ -166,11 +172,14 @@ async def submit(
         ttl_s=int(job.deadline - job.created) + job.result_ttl,
         extra=AsyncFields(metadata=metadata or None, webhook_url=webhook_url),
         idempotency=idempotency,
+        acct=request[CONTEXT].acct,
     )
     match await redis_call(state, "enqueue", job.provider, admit, job_id=job.id):
         case Admitted(record=rec):
             return _accepted(state, request, job.id, rec)
-        case Full() | TenantQueueFull() | TenantRateLimited() as why:
+        case (
+            Full() | TenantQueueFull() | TenantRateLimited() | AccountLimited() | BudgetExceeded()
+        ) as why:
             raise refused(state, job, why)
         case Replayed(job_id=seen_id, request_hash=seen_hash, record=rec):
             if idempotency is None or seen_hash != idempotency.request_hash:
@@ -203,7 +212,7 @@ def _job_response(state: State, job_id: str, rec: JobRecord) -> web.Response:
 
 async def get_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers)
+    tenant = (await identify(request, state)).tenant
     job_id = request.match_info["job_id"]
     return _job_response(state, job_id, await _owned_record(state, tenant, job_id))
 
@@ -211,7 +220,7 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     """Cancel a job that is not final yet; a final job is returned as it is."""
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers)
+    tenant = (await identify(request, state)).tenant
     job_id = request.match_info["job_id"]
     cancel = state.store.cancel(job_id, tenant, result_ttl=int(state.config.jobs.result_ttl_s))
     found = await redis_call(state, "jobs", "", cancel)
@@ -237,7 +246,7 @@ def _list_params(request: web.Request) -> tuple[str | None, int, str | None]:
 async def list_jobs(request: web.Request) -> web.Response:
     """The caller's async jobs, newest first; ``after`` is the last id of the previous page."""
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers)
+    tenant = (await identify(request, state)).tenant
     status, limit, after = _list_params(request)
     store = state.store
     start = 0

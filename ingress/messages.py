@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from llm_broker.ingress import calls
-from llm_broker.ingress.admission import new_job
+from llm_broker.ingress.admission import identify, new_job
 from llm_broker.ingress.bodies import load_json, read_json_body
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.state import STATE
@@ -67,7 +67,7 @@ def _message(data: bytes) -> str:
 async def create_message(request: web.Request) -> web.StreamResponse:
     request[CONTEXT].api = "anthropic"  # errors in Anthropic's shape
     state = request.app[STATE]
-    tenant = state.auth.tenant(request.headers)
+    principal = await identify(request, state)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
     # Decoded with the workers' codec: integers beyond 64 bits arrive as floats,
     # which the translation refuses where it needs an integer.
@@ -80,5 +80,5 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         raise BadRequest(str(e), param=e.param) from e
     except body.InvalidBody as e:
         raise BadRequest(str(e), code="invalid_json") from e
-    job, route = await new_job(request, state, tenant, chat, reply_to=state.replies.stream)
+    job, route = await new_job(request, state, principal, chat, reply_to=state.replies.stream)
     return await calls.run(request, state, job, route, AnthropicRenderer(job.id, job.model))

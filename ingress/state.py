@@ -15,6 +15,7 @@ from llm_broker.ingress.ids import JobIds
 from llm_broker.ingress.overload import LoadMonitor, RedisProbe
 from llm_broker.ingress.replies import ReplyRouter
 from llm_broker.ingress.routing import Chooser
+from llm_broker.shared.accounts import AccountKeys, AccountStore
 from llm_broker.shared.config import Config, Router
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import IngressMetrics
@@ -41,6 +42,8 @@ class State:
     access: AccessLog
     load: LoadMonitor
     probe: RedisProbe
+    accounts: AccountStore
+    account_keys: AccountKeys
     #: Networks webhook URLs may point to although they are not public.
     webhook_allow: tuple[Network, ...] = ()
     draining: bool = False

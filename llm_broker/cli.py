@@ -37,12 +37,14 @@ def cmd_ingress(args: argparse.Namespace) -> int:
     from llm_broker.ingress.main import serve
 
     config = _config(args)
-    if not config.auth.keys and not (config.auth.open or args.open):
+    keyed = config.auth.keys or config.auth.admin_keys
+    if not keyed and not (config.auth.open or args.open):
         print(
             "llm-broker ingress: no API keys are configured, and ingress does not serve "
             "without authentication unless told to.\n"
             "  Add a key: `llm-broker keygen --tenant NAME` prints a key and the "
-            "auth.keys entry (its SHA-256) to put in the config;\n"
+            "auth.keys entry (its SHA-256) to put in the config, or `--admin` an\n"
+            "  auth.admin_keys entry, to create keys at run time with the admin API;\n"
             "  or serve without authentication: set `auth: {open: true}` in the config.",
             file=sys.stderr,
         )

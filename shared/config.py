@@ -114,11 +114,50 @@ def check_tenant_name(name: str) -> None:
         )
 
 
+class AdminKey(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A key for the admin API (/admin/v1), named in audit records."""
+
+    name: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError(f"admin key {self.name!r}: sha256 must be 64 lowercase hex")
+        if not 0 < len(self.name) <= 128:
+            raise ValueError("admin key names are 1 to 128 characters")
+
+
 class AuthConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     keys: tuple[ApiKey, ...] = ()
+    #: Keys for the admin API only (never the model API).
+    admin_keys: tuple[AdminKey, ...] = ()
+    #: How long an ingress process trusts what it read of a key kept in Redis; a
+    #: change is also announced on a channel, which drops it at once.
+    cache_s: float = 1.0
     #: Serve without authentication (every caller is the tenant "default"). Off by
     #: default: ingress refuses to start with no keys unless this says so.
     open: bool = False
+
+
+class AccountsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Keys and tenants kept in Redis (the admin API), spend and usage."""
+
+    #: Count every request's usage per tenant, key, model and day in Redis.
+    usage: bool = True
+    usage_retention_days: float = 400.0
+    audit_retention_days: float = 365.0
+    #: How long a rotated-out secret stays valid unless the rotation says.
+    rotation_grace_s: float = 86400.0
+    #: Budget alerts fire at this fraction of a budget (exported as a metric).
+    budget_alert_fraction: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0 < self.budget_alert_fraction <= 1:
+            raise ValueError("accounts.budget_alert_fraction must be in (0, 1]")
+        if self.usage_retention_days <= 0 or self.audit_retention_days <= 0:
+            raise ValueError("accounts retention days must be positive")
+        if not 0 <= self.rotation_grace_s <= 30 * 86400:
+            raise ValueError("accounts.rotation_grace_s must be from 0 to 30 days")
 
 
 ProviderType = Literal["openai", "openai-compatible", "azure", "anthropic", "mock"]
@@ -481,6 +520,7 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     webhooks: WebhooksConfig = WebhooksConfig()
     ingress: IngressConfig = IngressConfig()
     auth: AuthConfig = AuthConfig()
+    accounts: AccountsConfig = AccountsConfig()
     providers: dict[str, ProviderConfig] = {}
     #: Model name → route. A name ending in ``*`` matches every model with that prefix.
     models: dict[str, ModelRoute] = {}

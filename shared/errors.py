@@ -102,6 +102,16 @@ class Unauthorized(BrokerError):
     code = "invalid_api_key"
 
 
+class Forbidden(BrokerError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class ModelNotAllowed(Forbidden):
+    code = "model_not_allowed"
+
+
 class NotFound(BrokerError):
     status = 404
     type = "invalid_request_error"
@@ -130,6 +140,12 @@ class UnsupportedMediaType(BrokerError):
     code = "unsupported_media_type"
 
 
+class Conflict(BrokerError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class IdempotencyMismatch(BrokerError):
     status = 422
     type = "invalid_request_error"
@@ -152,6 +168,20 @@ class TenantRateLimited(BrokerError):
     status = 429
     type = "rate_limit_error"
     code = "tenant_rate_limited"
+
+
+class KeyLimited(BrokerError):
+    """A limit of the API key's (or of its tenant's, kept with the admin API)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class BudgetExceeded(BrokerError):
+    status = 429
+    type = "rate_limit_error"
+    code = "budget_exceeded"
 
 
 class Unavailable(BrokerError):

@@ -23,6 +23,7 @@ from llm_broker.shared.store import (
     TenantQueueFull,
     TenantRateLimited,
 )
+from llm_broker.shared.store.records import Usage
 from tests.helpers import make_job
 
 WORKER = "worker-a"
@@ -245,7 +246,7 @@ async def test_a_tenants_token_windows_count_the_real_usage_once_a_call_settles(
     assert isinstance(refused, TenantRateLimited)
     # The call used 150 tokens, not the 900 estimated: the windows now hold 150.
     (delivery,) = await read(store, rclient)
-    await store.settle(delivery, Outcome(status=m.COMPLETED, tokens=150), consumer=WORKER)
+    await store.settle(delivery, Outcome(status=m.COMPLETED, usage=Usage(100, 50)), consumer=WORKER)
     assert await store.enqueue(job("a", tokens=800), max_depth=100, ttl_s=60) is None
     assert isinstance(
         await store.enqueue(job("a", tokens=100), max_depth=100, ttl_s=60), TenantRateLimited

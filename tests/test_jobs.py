@@ -24,6 +24,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from llm_broker.dev import free_port
 from llm_broker.shared.config import new_key, new_webhook_secret
+from llm_broker.shared.accounts import AccountKeys
 from llm_broker.shared.keys import Keys
 from tests.conftest import (
     ConfigFactory,
@@ -643,13 +644,13 @@ async def test_a_job_past_its_ttl_answers_404_and_leaves_no_keys(
 
     await eventually(gone, what="the job to expire")
     keys = Keys(prefix)
-    # What stays belongs to the processes, not to the job: the queue and the
-    # ingress's reply stream.
-    # The provider's queue, its scheduler's state and the reply streams stay.
+    # What stays belongs to the processes, not to the job: the provider's queue,
+    # its scheduler's state and the reply streams; and the day's usage, which is
+    # kept for accounts.usage_retention_days.
     provider = ("mock",)
     own = {
         f(*provider).encode() for f in (keys.queue, keys.scheduler, keys.capacity, keys.workers)
-    } | {keys.reply("").encode()}
+    } | {keys.reply("").encode(), AccountKeys(prefix).usage("").encode()}
 
     async def no_keys() -> list[bytes] | None:
         left = [k async for k in rclient.scan_iter(match=f"{prefix}*")]

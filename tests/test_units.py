@@ -30,6 +30,7 @@ from llm_broker.shared.config import (
     parse_config,
 )
 from llm_broker.shared.errors import (
+    Forbidden,
     Unauthorized,
     UpstreamError,
     retry_after_seconds,
@@ -99,20 +100,42 @@ def test_key_hashing_and_new_keys() -> None:
     assert new_key()[0] != key
 
 
-def test_authenticator() -> None:
+async def test_authenticator() -> None:
     key, digest = new_key()
     auth = Authenticator(
         parse_config({"auth": {"keys": [{"tenant": "acme", "sha256": digest}]}}).auth
     )
-    assert auth.tenant({"Authorization": f"Bearer {key}"}) == "acme"
-    assert auth.tenant({"x-api-key": key}) == "acme"
+    assert (await auth.identify({"Authorization": f"Bearer {key}"})).tenant == "acme"
+    assert (await auth.identify({"x-api-key": key})).tenant == "acme"
     for header in ("", "Bearer", f"Basic {key}", "Bearer wrong"):
         with pytest.raises(Unauthorized):
-            auth.tenant({"Authorization": header})
+            await auth.identify({"Authorization": header})
     for headers in ({}, {"x-api-key": ""}, {"x-api-key": "wrong"}):
         with pytest.raises(Unauthorized):
-            auth.tenant(headers)
-    assert Authenticator(parse_config({}).auth).tenant({}) == OPEN_TENANT
+            await auth.identify(headers)
+    assert (await Authenticator(parse_config({}).auth).identify({})).tenant == OPEN_TENANT
+
+
+async def test_admin_keys_are_for_the_admin_api_only() -> None:
+    key, digest = new_key()
+    admin_key, admin_digest = new_key()
+    auth = Authenticator(
+        parse_config(
+            {
+                "auth": {
+                    "keys": [{"tenant": "acme", "sha256": digest}],
+                    "admin_keys": [{"name": "ops", "sha256": admin_digest}],
+                }
+            }
+        ).auth
+    )
+    assert (await auth.admin({"x-api-key": admin_key})).name == "ops"
+    with pytest.raises(Forbidden):
+        await auth.admin({"x-api-key": key})
+    with pytest.raises(Forbidden):
+        await auth.identify({"x-api-key": admin_key})
+    with pytest.raises(Unauthorized):
+        await auth.admin({})
 
 
 def test_routing_exact_prefix_and_unknown() -> None:

@@ -253,7 +253,7 @@ class JobRun:
                     payload=payload,
                     reply=Result(closing, usage),
                     history=self.tries.history(job, 200, ""),
-                    tokens=usage.total if usage is not None else None,
+                    usage=usage,
                 )
             )
 

@@ -386,6 +386,8 @@ class _App:
             "completion_tokens": n,
             "total_tokens": prompt_tokens + n,
         }
+        st.prompt_tokens += prompt_tokens
+        st.completion_tokens += n
         if req.get("stream") is not True:
             content = " ".join([WORDS[(seed + k) % NWORDS] for k in range(n)])
             body = openai_completion(rid, created, model, content, finish, usage)

@@ -20,7 +20,8 @@ code updates its counters directly::
 ``api_version_seen`` (the last Azure api-version
 or ``anthropic-version`` header, else null), ``call_times`` (``time.time()`` of the last
 1000 arrivals), ``calls_by_path`` (``{"/v1/messages": n, ..}``, path without query) and
-``failures_left`` (of ``/mock/fail``).
+``failures_left`` (of ``/mock/fail``); ``prompt_tokens`` and ``completion_tokens``, the
+usage of every OpenAI chat completion it answered (or began to stream).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class MockState:
         "call_times",
         "calls",
         "completed",
+        "completion_tokens",
         "disconnects",
         "fail_body",
         "fail_ctype",
@@ -70,6 +72,7 @@ class MockState:
         "models_seen",
         "path_counts",
         "peak_in_flight",
+        "prompt_tokens",
         "traceparent_seen",
         "x_api_key_seen",
     )
@@ -79,6 +82,8 @@ class MockState:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.completed = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
         self.disconnects = 0
         self.auth_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
         self.authorization_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
@@ -117,6 +122,8 @@ class MockState:
             "call_times": list(self.call_times),
             "calls_by_path": self.calls_by_path,
             "failures_left": self.failures_left,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
         }
 
     def set_failure(
@@ -137,6 +144,8 @@ class MockState:
         is a live gauge and is kept (peak := current)."""
         self.calls = 0
         self.completed = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
         self.disconnects = 0
         self.peak_in_flight = self.in_flight
         self.auth_seen.clear()

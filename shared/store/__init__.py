@@ -16,8 +16,10 @@ who knows whether to retry (a worker holding a lease) or to answer 503.
 from llm_broker.shared.store.jobs import JobStore
 from llm_broker.shared.store.queues import Queues
 from llm_broker.shared.store.values import (
+    AccountLimited,
     Admitted,
     AsyncFields,
+    BudgetExceeded,
     Cancelled,
     Delivery,
     Full,
@@ -33,8 +35,10 @@ from llm_broker.shared.store.values import (
 )
 
 __all__ = [
+    "AccountLimited",
     "Admitted",
     "AsyncFields",
+    "BudgetExceeded",
     "Cancelled",
     "Delivery",
     "Full",

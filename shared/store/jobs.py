@@ -28,8 +28,10 @@ from llm_broker.shared.store.records import (
     stamp,
 )
 from llm_broker.shared.store.values import (
+    AccountLimited,
     Admitted,
     AsyncFields,
+    BudgetExceeded,
     Cancelled,
     Delivery,
     Full,
@@ -77,10 +79,11 @@ class JobStore:
 
     # ------------------------------------------------------------ admission
 
-    def _admission(self, job: m.Job, max_depth: int) -> tuple[Any, ...]:
+    def _admission(self, job: m.Job, max_depth: int, acct: bytes) -> tuple[Any, ...]:
         """The scheduler's admission arguments (scripts.py, ``admission``): the job's
-        class, its tenant's weight and quotas, overall and on its provider, and the
-        job's estimated tokens (``job.tokens``) for the tpm quotas."""
+        class, its tenant's weight and quotas, overall and on its provider, the
+        job's estimated tokens (``job.tokens``) for the tpm quotas, and its account
+        (shared/accounts.py; empty for none)."""
         return (
             self._prefix,
             job.provider,
@@ -90,6 +93,7 @@ class JobStore:
             stamp(time.time()),
             max_depth,
             stamp(job.deadline),
+            acct,
         )
 
     def _tenant_args(self, tenant: str, provider: str) -> tuple[str | int, ...]:
@@ -126,7 +130,9 @@ class JobStore:
         mine = tcfg.providers.get(provider, _NO_QUOTA)
         return repr(tcfg.weight), mine.max_in_flight, tcfg.quotas.max_in_flight
 
-    async def enqueue(self, job: m.Job, *, max_depth: int, ttl_s: int) -> Refused | None:
+    async def enqueue(
+        self, job: m.Job, *, max_depth: int, ttl_s: int, acct: bytes = b""
+    ) -> Refused | None:
         """Admit a synchronous call: its record and its place in the provider's
         waiting lists. None when admitted, else why not (``max_depth`` jobs wait or
         run on the provider, or a quota of the tenant's is reached)."""
@@ -138,7 +144,7 @@ class JobStore:
                 job.id,
                 job.tenant,
                 stamp(job.created),
-                *self._admission(job, max_depth),
+                *self._admission(job, max_depth, acct),
                 *admission_fields(job),
             ),
         )
@@ -153,6 +159,7 @@ class JobStore:
         ttl_s: int,
         extra: AsyncFields,
         idempotency: Idempotency | None,
+        acct: bytes = b"",
     ) -> Submitted:
         """Admit an async job: the key check, its record, its place in the waiting
         lists and the tenant's index, in one step."""
@@ -181,7 +188,7 @@ class JobStore:
                 stamp(job.created),
                 keys.job(""),
                 job.tenant,
-                *self._admission(job, max_depth),
+                *self._admission(job, max_depth, acct),
                 *fields,
             ),
         )
@@ -301,7 +308,7 @@ class JobStore:
                 delivery.provider,
                 job.tenant if job else "",
                 job.tokens if job else 0,
-                outcome.tokens if outcome.tokens is not None else -1,
+                outcome.usage.wire() if outcome.usage is not None else "",
                 self._held(job.tenant, delivery.provider) if job else "",
                 stamp(outcome.started_at) if outcome.started_at is not None else "",
                 *(
@@ -445,6 +452,10 @@ def _refusal(answer: list[bytes]) -> Refused:
             return TenantQueueFull(answer[1].decode())
         case b"tenant_rate_limited":
             return TenantRateLimited(answer[1].decode(), float(answer[2]))
+        case b"account_limited":
+            return AccountLimited(answer[1].decode(), answer[2].decode(), float(answer[3]))
+        case b"budget_exceeded":
+            return BudgetExceeded(answer[1].decode(), float(answer[2]))
         case _:
             return Full()
 

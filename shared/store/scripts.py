@@ -14,10 +14,62 @@ from llm_broker.shared.redisio import Library
 # result is kept this long). The job's Idempotency-Key never outlives it, and a
 # job with a webhook gets an entry on the webhook event stream.
 _FINISH = """
-local function finish(job, events, id, status, now, ttl, ...)
+-- Accounts (keys and tenants kept in Redis, docs/accounts.md): a job's account
+-- is a JSON object written with its record at admission:
+--   s: its scopes (the key's, the tenant's), each {n = name, b = base of its
+--      keys, rpm, tpm, mif = max in flight, mq = max queued, bk = budget's spend
+--      key, bl = budget (nano-USD), br = reset time, bx = spend key's TTL};
+--   e: the estimated cost (nano-USD) its admission reserved on each budget;
+--   k: the estimated tokens its admission counted in the tpm windows;
+--   pi, po: the price of an input and an output token (nano-USD);
+--   u, f, ux: the usage hash of the day, the field prefix, and the hash's TTL;
+--   q: the hash of waiting jobs counted in a scope's queued set (job id → the
+--      sets), when a scope has a max queued.
+-- The job is final: its open and queued counts go, each budget is charged the
+-- call's real cost instead of the estimate, the tpm windows count its real tokens,
+-- and the day's usage counts it. usage: "<input> <output>" tokens, or nil/''.
+local function account_close(A, id, status, usage)
+  local tin, tout = 0, 0
+  local known = false
+  if usage and usage ~= '' then
+    local a, b = string.match(usage, '^(%d+) (%d+)$')
+    if a then tin, tout, known = tonumber(a), tonumber(b), true end
+  end
+  local cost = math.floor(tin * A.pi + tout * A.po + 0.5)
+  if A.q then redis.call('HDEL', A.q, id) end
+  for _, s in ipairs(A.s) do
+    if s.mif > 0 then redis.call('ZREM', s.b .. ':open', id) end
+    if s.mq > 0 then redis.call('ZREM', s.b .. ':queued', id) end
+    if s.bk and A.e ~= cost then redis.call('INCRBY', s.bk, cost - A.e) end
+    if s.tpm > 0 and known and A.k ~= tin + tout then
+      local counted = id .. ':' .. A.k
+      local at = redis.call('ZSCORE', s.b .. ':tok', counted)
+      if at then
+        redis.call('ZREM', s.b .. ':tok', counted)
+        redis.call('ZADD', s.b .. ':tok', at, id .. ':' .. (tin + tout))
+        redis.call('INCRBY', s.b .. ':sum', tin + tout - A.k)
+      end
+    end
+  end
+  if A.u then
+    local f = A.f
+    redis.call('HINCRBY', A.u, f .. 'requests', 1)
+    if tin > 0 then redis.call('HINCRBY', A.u, f .. 'input_tokens', tin) end
+    if tout > 0 then redis.call('HINCRBY', A.u, f .. 'output_tokens', tout) end
+    if cost > 0 then redis.call('HINCRBY', A.u, f .. 'cost_nusd', cost) end
+    if status ~= 'completed' then redis.call('HINCRBY', A.u, f .. 'errors', 1) end
+    redis.call('EXPIRE', A.u, A.ux, 'NX')
+  end
+end
+
+-- Makes a job final: status, finish time and more fields, and its TTL (the
+-- result is kept this long). The job's Idempotency-Key never outlives it, a job
+-- with a webhook gets an entry on the webhook event stream, and its account is
+-- closed (usage: the call's tokens, "<input> <output>", or nil).
+local function finish(job, events, id, status, now, ttl, usage, ...)
   redis.call('HSET', job, 'status', status, 'completed_at', now, ...)
   redis.call('EXPIRE', job, ttl)
-  local more = redis.call('HMGET', job, 'idem_key', 'webhook_url')
+  local more = redis.call('HMGET', job, 'idem_key', 'webhook_url', 'acct')
   if more[1] then
     local left = redis.call('TTL', more[1])
     if left > tonumber(ttl) then redis.call('EXPIRE', more[1], ttl) end
@@ -25,6 +77,7 @@ local function finish(job, events, id, status, now, ttl, ...)
   if more[2] then
     redis.call('XADD', events, '*', 'i', id)
   end
+  if more[3] then account_close(cjson.decode(more[3]), id, status, usage) end
 end
 """
 
@@ -51,7 +104,7 @@ local PER_PROVIDER = {
   conf = 'tc:',          -- hash: class:tenant -> "weight in-flight quotas"
   queued = 'tq:',        -- hash: tenant -> jobs waiting here
 }
-local SHARED = {queued_all = 'tq', events = 'wh:events', job = 'job:'}
+local SHARED = {queued_all = 'tq', events = 'wh:events', job = 'job:', acct_q = 'acct:q'}
 local KEYS_OF = {__index = function(S, name)
   local key
   if PER_PROVIDER[name] then
@@ -142,7 +195,7 @@ local function pop(S, c, t, now)
   if runnable then return {id, string.sub(e, sp + 1), deadline}, left end
   if running then
     -- The record was kept until its deadline plus the result TTL.
-    finish(job, S.events, id, 'expired', now, math.max(60, redis.call('TTL', job)),
+    finish(job, S.events, id, 'expired', now, math.max(60, redis.call('TTL', job)), nil,
            'http_status', 504)
   end
   return false, left
@@ -221,6 +274,13 @@ end
 
 local function send(S, t, id, packed, deadline, fq, fqa, now)
   redis.call('XADD', S.stream, '*', 'j', packed)
+  -- A job counted as queued in an account scope (a key's or tenant's max queued)
+  -- is no longer waiting.
+  local queued = redis.call('HGET', S.acct_q, id)
+  if queued then
+    for set in string.gmatch(queued, '%S+') do redis.call('ZREM', set, id) end
+    redis.call('HDEL', S.acct_q, id)
+  end
   if fq > 0 then hold(flight(S, t), id, deadline, now) end
   if fqa > 0 then hold(flight_all(S, t), id, deadline, now) end
 end
@@ -334,6 +394,67 @@ local function add_rate(base, rpm, tpm, cost, now, win, id)
   end
 end
 
+-- An account's checks (see finish's header for A): per scope, its rates, its open
+-- and queued requests, then its budget. Returns nil when the request may be
+-- admitted, else the refusal: {'account_limited', scope, what, retry_after} or
+-- {'budget_exceeded', scope, reset time}.
+local function account_refuse(A, now)
+  for _, s in ipairs(A.s) do
+    if s.rpm > 0 or s.tpm > 0 then
+      local wait = over_rate(s.b, s.rpm, s.tpm, A.k, now, 60)
+      if wait then return {'account_limited', s.n, 'rate', tostring(wait)} end
+    end
+    if s.mif > 0 then
+      redis.call('ZREMRANGEBYSCORE', s.b .. ':open', '-inf', now)
+      if redis.call('ZCARD', s.b .. ':open') >= s.mif then
+        return {'account_limited', s.n, 'in_flight', '1'}
+      end
+    end
+    if s.mq > 0 then
+      redis.call('ZREMRANGEBYSCORE', s.b .. ':queued', '-inf', now)
+      if redis.call('ZCARD', s.b .. ':queued') >= s.mq then
+        return {'account_limited', s.n, 'queued', '1'}
+      end
+    end
+    if s.bk and tonumber(redis.call('GET', s.bk) or '0') >= s.bl then
+      return {'budget_exceeded', s.n, tostring(s.br)}
+    end
+  end
+  return nil
+end
+
+-- The admitted request enters its account: rates, open set, budget reservation.
+local function account_enter(A, id, now, deadline)
+  for _, s in ipairs(A.s) do
+    if s.rpm > 0 or s.tpm > 0 then add_rate(s.b, s.rpm, s.tpm, A.k, now, 60, id) end
+    if s.mif > 0 then
+      redis.call('ZADD', s.b .. ':open', deadline, id)
+      redis.call('EXPIRE', s.b .. ':open', math.max(1, math.ceil(deadline - now)), 'GT')
+      redis.call('EXPIRE', s.b .. ':open', math.max(1, math.ceil(deadline - now)), 'NX')
+    end
+    if s.bk and A.e > 0 then
+      redis.call('INCRBY', s.bk, A.e)
+      if s.bx > 0 then redis.call('EXPIRE', s.bk, s.bx, 'NX') end
+    end
+  end
+end
+
+-- The request waits (it was not sent at once): the scopes with a max queued count it
+-- until dispatch sends it.
+local function account_wait(A, id, deadline, now)
+  local sets = {}
+  for _, s in ipairs(A.s) do
+    if s.mq > 0 then
+      local set = s.b .. ':queued'
+      redis.call('ZADD', set, deadline, id)
+      redis.call('EXPIRE', set, math.max(1, math.ceil(deadline - now)), 'GT')
+      redis.call('EXPIRE', set, math.max(1, math.ceil(deadline - now)), 'NX')
+      sets[#sets + 1] = set
+    end
+  end
+  if #sets > 0 then redis.call('HSET', A.q, id, table.concat(sets, ' ')) end
+end
+
 -- Admission's checks, before anything is written: the provider's depth, then
 -- the tenant's queued-jobs quotas, then its rate quotas (on this provider, then
 -- overall). Returns nil when the job may be admitted, else the refusal.
@@ -356,6 +477,7 @@ local function refuse(S, q)
     local wait = over_rate(S.prefix .. 'trla:' .. t, q.rpma, q.tpma, q.cost, q.now, 60)
     if wait then return {'tenant_rate_limited', 'all', tostring(wait)} end
   end
+  if q.acct then return account_refuse(q.acct, q.now) end
   return nil
 end
 
@@ -365,6 +487,7 @@ end
 -- else it joins its waiting list and dispatch runs.
 local function enter(S, q, id, created, packed)
   local t = q.tenant
+  if q.acct then account_enter(q.acct, id, q.now, q.deadline) end
   if q.rpm > 0 or q.tpm > 0 then
     add_rate(S.prefix .. 'trl:' .. S.tag .. ':' .. t, q.rpm, q.tpm, q.cost, q.now, 60, id)
   end
@@ -377,15 +500,17 @@ local function enter(S, q, id, created, packed)
     send(S, t, id, packed, q.deadline, q.fq, q.fqa, q.now)
     return
   end
+  if q.acct and q.acct.q then account_wait(q.acct, id, q.deadline, q.now) end
   push(S, q.class, t, id, created, packed, q.conf, false, false)
   dispatch(S, q.now)
 end
 
 -- The admission arguments from position i of ARGV: prefix, provider, class,
 -- weight, the in-flight quotas (provider, all), queued quotas (provider, all),
--- rpm, tpm, rpm overall, tpm overall, estimated tokens, now, max depth, deadline.
+-- rpm, tpm, rpm overall, tpm overall, estimated tokens, now, max depth, deadline,
+-- the job's account ('' for none; see finish).
 local function admission(ARGV, i, tenant)
-  local a = {unpack(ARGV, i, i + 15)}
+  local a = {unpack(ARGV, i, i + 16)}
   local q = {
     tenant = tenant, class = a[3],
     conf = a[4] .. ' ' .. a[5] .. ' ' .. a[6], fq = tonumber(a[5]), fqa = tonumber(a[6]),
@@ -395,6 +520,7 @@ local function admission(ARGV, i, tenant)
     cost = tonumber(a[13]), now = tonumber(a[14]), max_depth = tonumber(a[15]),
     deadline = tonumber(a[16]),
   }
+  if a[17] ~= '' then q.acct = cjson.decode(a[17]) end
   return sched(a[1], a[2]), q
 end
 """
@@ -404,11 +530,12 @@ end
 _ENQUEUE = """
 local job = KEYS[1]
 local packed, ttl, id, tenant, created = unpack(ARGV, 1, 5)
--- ARGV[6…21]: the admission arguments; ARGV[22…]: the record's field/value pairs
+-- ARGV[6…22]: the admission arguments; ARGV[23…]: the record's field/value pairs
 local S, q = admission(ARGV, 6, tenant)
 local no = refuse(S, q)
 if no then return no end
-redis.call('HSET', job, 'priority', q.class, unpack(ARGV, 22))
+redis.call('HSET', job, 'priority', q.class, unpack(ARGV, 23))
+if q.acct then redis.call('HSET', job, 'acct', ARGV[22]) end
 redis.call('EXPIRE', job, ttl)
 enter(S, q, id, tonumber(created), packed)
 return {'ok'}
@@ -423,7 +550,7 @@ _SUBMIT = """
 local job, idem, index = KEYS[1], KEYS[2], KEYS[3]
 local packed, ttl, use_idem, idem_value, idem_ttl, id, score, job_prefix, tenant =
   unpack(ARGV, 1, 9)
--- ARGV[10…25]: the admission arguments; ARGV[26…]: the record's other field/value pairs
+-- ARGV[10…26]: the admission arguments; ARGV[27…]: the record's other field/value pairs
 if use_idem == '1' then
   local seen = redis.call('GET', idem)
   if seen then
@@ -436,7 +563,8 @@ end
 local S, q = admission(ARGV, 10, tenant)
 local no = refuse(S, q)
 if no then return no end
-redis.call('HSET', job, 'tenant', tenant, 'priority', q.class, unpack(ARGV, 26))
+redis.call('HSET', job, 'tenant', tenant, 'priority', q.class, unpack(ARGV, 27))
+if q.acct then redis.call('HSET', job, 'acct', ARGV[26]) end
 redis.call('EXPIRE', job, ttl)
 if use_idem == '1' then redis.call('SET', idem, idem_value, 'EX', idem_ttl) end
 redis.call('ZADD', index, score, id)
@@ -459,7 +587,7 @@ local st = redis.call('HMGET', job, 'status', 'deadline')
 if not st[1] then return 'gone' end
 if st[1] ~= 'queued' and st[1] ~= 'in_progress' then return st[1] end
 if tonumber(st[2]) <= tonumber(now) then
-  finish(job, events, id, 'expired', now, ttl, 'http_status', 504)
+  finish(job, events, id, 'expired', now, ttl, nil, 'http_status', 504)
   return 'expired'
 end
 if tonumber(deliveries) > tonumber(max_deliveries) then return 'poison' end
@@ -477,7 +605,8 @@ return 'ok'
 _SETTLE = """
 local job, queue, replies, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, entry, id, status, now, field, payload, http_status, ttl, maxlen, history,
-  prefix, provider, tenant, estimate, used, held, started = unpack(ARGV, 1, 18)
+  prefix, provider, tenant, estimate, usage, held, started = unpack(ARGV, 1, 18)
+-- usage: the call's tokens, "<input> <output>" ('' unknown).
 -- held: the tenant's in-flight quotas the job counted in ('p' provider, 'a' overall).
 -- started: when the call began, if it ran without the start function (a synchronous
 -- call's first delivery): recorded here, and the attempt counted.
@@ -491,10 +620,10 @@ if status ~= '' then
       redis.call('HSET', job, 'started_at', started)
     end
     if history ~= '' then
-      finish(job, events, id, status, now, ttl, field, payload,
+      finish(job, events, id, status, now, ttl, usage, field, payload,
              'http_status', http_status, 'history', history)
     else
-      finish(job, events, id, status, now, ttl, field, payload, 'http_status', http_status)
+      finish(job, events, id, status, now, ttl, usage, field, payload, 'http_status', http_status)
     end
     made = 1
   end
@@ -519,7 +648,12 @@ local S = sched(prefix, provider)
 if tenant ~= '' and acked == 1 and held ~= '' then landed(S, tenant, id, held) end
 -- The tenant's tpm windows count the call's real tokens from now on, not the
 -- estimate its admission counted (once: the estimate's member goes).
-if tenant ~= '' and estimate ~= '0' and tonumber(used) >= 0 and used ~= estimate then
+local used = -1
+if usage ~= '' then
+  local a, b = string.match(usage, '^(%d+) (%d+)$')
+  if a then used = tonumber(a) + tonumber(b) end
+end
+if tenant ~= '' and estimate ~= '0' and used >= 0 and used ~= tonumber(estimate) then
   local windows = {prefix .. 'trl:' .. S.tag .. ':' .. tenant, prefix .. 'trla:' .. tenant}
   for _, base in ipairs(windows) do
     local counted = id .. ':' .. estimate
@@ -527,7 +661,7 @@ if tenant ~= '' and estimate ~= '0' and tonumber(used) >= 0 and used ~= estimate
     if at then
       redis.call('ZREM', base .. ':tok', counted)
       redis.call('ZADD', base .. ':tok', at, id .. ':' .. used)
-      redis.call('INCRBY', base .. ':sum', tonumber(used) - tonumber(estimate))
+      redis.call('INCRBY', base .. ':sum', used - tonumber(estimate))
     end
   end
 end
@@ -575,7 +709,7 @@ local job, events = KEYS[1], KEYS[2]
 local now, id, ttl, prefix = unpack(ARGV, 1, 4)
 local st = redis.call('HMGET', job, 'status', 'provider', 'tenant', 'priority')
 if st[1] == 'queued' or st[1] == 'in_progress' then
-  finish(job, events, id, 'expired', now, ttl, 'http_status', 504)
+  finish(job, events, id, 'expired', now, ttl, nil, 'http_status', 504)
   if st[4] then uncount(sched(prefix, st[2]), st[4], st[3], id) end
   return 1
 end
@@ -592,7 +726,7 @@ local st = redis.call('HMGET', job, 'status', 'tenant', 'provider', 'priority')
 if not st[1] or st[2] ~= tenant then return {'gone'} end
 local verdict = 'final'
 if st[1] == 'queued' or st[1] == 'in_progress' then
-  finish(job, events, id, 'cancelled', now, ttl)
+  finish(job, events, id, 'cancelled', now, ttl, nil)
   -- A waiting job stops counting at once; its list entry is dropped when reached.
   if st[4] then uncount(sched(prefix, st[3]), st[4], tenant, id) end
   redis.call('PUBLISH', channel, id)

@@ -7,7 +7,7 @@ import enum
 import msgspec
 
 from llm_broker.shared import messages as m
-from llm_broker.shared.store.records import JobRecord, Reply
+from llm_broker.shared.store.records import JobRecord, Reply, Usage
 
 
 class Delivery(msgspec.Struct, kw_only=True):
@@ -51,8 +51,9 @@ class Outcome(msgspec.Struct, kw_only=True):
     history: list[m.Attempt] = []
     #: Dead-letter the entry (a bounded summary of it).
     dead_letter: bool = False
-    #: Tokens the call used (None: unknown), to correct the tenant's tpm windows.
-    tokens: int | None = None
+    #: Tokens the call used (None: unknown): the tenant's tpm windows and the job's
+    #: account count them instead of the estimate.
+    usage: Usage | None = None
     #: When the call began, for a delivery that ran without the start script (a
     #: synchronous call's first delivery): the settlement records it and counts the
     #: attempt.
@@ -110,9 +111,36 @@ class TenantRateLimited(msgspec.Struct, tag="tenant_rate_limited"):
 
 
 #: Why admission refused a job.
-Refused = Full | TenantQueueFull | TenantRateLimited
+class AccountLimited(msgspec.Struct, tag="account_limited"):
+    """A limit of the key's or of its tenant's (kept in Redis) is reached."""
 
-Submitted = Admitted | Full | Replayed | KeyConflict | TenantQueueFull | TenantRateLimited
+    #: "key" or "tenant".
+    scope: str
+    #: "rate" (rpm or tpm), "in_flight" or "queued".
+    what: str
+    retry_after: float
+
+
+class BudgetExceeded(msgspec.Struct, tag="budget_exceeded"):
+    """The key's or tenant's budget for the period is spent."""
+
+    scope: str
+    #: When the period ends (Unix time; 0: a total budget, which never resets).
+    reset_at: float
+
+
+Refused = Full | TenantQueueFull | TenantRateLimited | AccountLimited | BudgetExceeded
+
+Submitted = (
+    Admitted
+    | Full
+    | Replayed
+    | KeyConflict
+    | TenantQueueFull
+    | TenantRateLimited
+    | AccountLimited
+    | BudgetExceeded
+)
 
 
 class Cancelled(msgspec.Struct):
