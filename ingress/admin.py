@@ -8,12 +8,15 @@ audited (who, what, when; never a key) and announced to every ingress process.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from redis.exceptions import ResponseError
 
 from llm_broker.ingress.admission import identify, redis_call
 from llm_broker.ingress.bodies import decode_body, json_response, read_json_body
@@ -32,8 +35,11 @@ from llm_broker.shared.accounts import (
     tenant_public,
 )
 from llm_broker.shared.errors import BadRequest, BrokerError, Conflict, Forbidden, NotFound
+from llm_broker.shared.redisio import REDIS_DOWN, raise_if_cancelling
 
 T = TypeVar("T")
+
+log = logging.getLogger("llm_broker.ingress.admin")
 
 _TENANT_INPUT = msgspec.json.Decoder(TenantInput)
 _TENANT_PATCH = msgspec.json.Decoder(TenantPatch)
@@ -287,6 +293,35 @@ async def unknown(request: web.Request) -> web.Response:
     visible without an admin key."""
     await _admin(request)
     raise NotFound(f"no route for {request.method} {request.path}")
+
+
+#: How often ingress exports the budgets' spend (seconds).
+BUDGET_EXPORT_S = 15.0
+
+
+async def export_budgets(state: State) -> None:
+    """Export spend against budget for every budgeted tenant and key, until cancelled
+    (the alert LLMBrokerBudgetNearlySpent reads it)."""
+    gauges = state.metrics.budgets
+    gauges.alert_fraction.set(state.config.accounts.budget_alert_fraction)
+    while True:
+        try:
+            found = await asyncio.wait_for(
+                state.accounts.budgets(), state.config.redis.command_timeout_s * 4
+            )
+        except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
+            raise_if_cancelling()
+            log.debug("budget export: %s", e)
+        else:
+            for gauge in (gauges.spent, gauges.budget, gauges.ratio):
+                gauge.clear()  # a budget removed since the last round goes
+            for scope, name, budget, spent in found:
+                labels = (scope, name, budget.period)
+                gauges.spent.labels(*labels).set(spent)
+                gauges.budget.labels(*labels).set(budget.usd)
+                ratio = spent / budget.usd if budget.usd else (1.0 if spent else 0.0)
+                gauges.ratio.labels(*labels).set(ratio)
+        await asyncio.sleep(BUDGET_EXPORT_S)  # export period
 
 
 def add_routes(app: web.Application) -> None:

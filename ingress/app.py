@@ -201,7 +201,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     loop = asyncio.get_running_loop()
     reader = loop.create_task(state.replies.run())
-    loops = [loop.create_task(state.load.lag.run()), loop.create_task(state.auth.listen())]
+    loops = [
+        loop.create_task(state.load.lag.run()),
+        loop.create_task(state.auth.listen()),
+        loop.create_task(admin.export_budgets(state)),
+    ]
     if MULTIPROCESS_DIR is not None:
         loops.append(loop.create_task(_export_active(state)))
     yield

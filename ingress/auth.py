@@ -49,9 +49,10 @@ class Authenticator:
         self._admins = {
             k.sha256: Principal(tenant="", name=k.name, admin=True) for k in cfg.admin_keys
         }
-        #: The model API is open (every caller without a key is tenant "default")
-        #: when the config has no keys at all (``auth.open``, dev).
-        self.open = not (self._config_keys or self._admins)
+        #: The model API is open (a caller without a known key is tenant "default")
+        #: when the config has no API keys, unless it has admin keys and is not
+        #: ``auth.open``: then every key is one created with the admin API.
+        self.open = not self._config_keys and (cfg.open or not self._admins)
         self.accounts = accounts
         self._ttl = cfg.cache_s
         self._cache: dict[str, tuple[Principal | None, float]] = {}

@@ -34,7 +34,7 @@ async def serve(
     host = host if host is not None else config.ingress.host
     port = port if port is not None else config.ingress.port
     app = create_app(config, pod_name(config))
-    if not config.auth.keys:
+    if not config.auth.keys and (config.auth.open or not config.auth.admin_keys):
         log.warning(
             "NO API KEYS CONFIGURED: ingress accepts every request without "
             "authentication. Add auth.keys to the config before exposing it."

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from llm_broker.procs import Child, python_cmd
-from llm_broker.shared.config import load_config, new_webhook_secret
+from llm_broker.shared.config import load_config, new_key, new_webhook_secret
 
 
 def free_port() -> int:
@@ -25,15 +25,16 @@ def free_port() -> int:
         return port
 
 
-def dev_config(mock_url: str, webhook_secret_file: str) -> dict[str, Any]:
-    """The default dev config: open (no keys), every ``mock*`` and two familiar
+def dev_config(mock_url: str, webhook_secret_file: str, admin_sha256: str) -> dict[str, Any]:
+    """The default dev config: open (no API keys; one admin key, made for this run,
+    for the admin API), every ``mock*`` and two familiar
     names routed to the mock provider, a Claude name to the same mock spoken to
     in Anthropic's format, room for hundreds of concurrent calls, the response
     cache on, webhooks signed with a secret made for this run (to public
     addresses only)."""
     roomy = {"max_concurrency": 1024, "max_queue_depth": 100_000}
     return {
-        "auth": {"open": True},
+        "auth": {"open": True, "admin_keys": [{"name": "dev", "sha256": admin_sha256}]},
         "webhooks": {"secret_file": webhook_secret_file},
         "providers": {
             "mock": {"type": "mock", "base_url": mock_url, **roomy},
@@ -118,9 +119,11 @@ def run_dev(
             )
         child_env["REDIS_URL"] = redis_url
 
+        admin_key = ""
         if config_path:
             cfg_file = Path(config_path)
         else:
+            admin_key, admin_sha256 = new_key()
             mock = Child("mock", python_cmd("mock-upstream", "--port", "0"), child_env, echo=True)
             children.append(mock)
             mock_port = mock.wait_for(r"listening on http://[\d.]+:(\d+)", 30).group(1)
@@ -129,7 +132,7 @@ def run_dev(
             cfg_file = tmp / "dev-config.yaml"
             cfg_file.write_text(
                 yaml.safe_dump(
-                    dev_config(f"http://127.0.0.1:{mock_port}/v1", str(secret_file)),
+                    dev_config(f"http://127.0.0.1:{mock_port}/v1", str(secret_file), admin_sha256),
                     sort_keys=False,
                 )
             )
@@ -163,6 +166,13 @@ def run_dev(
         worker.wait_for(r"worker ready", 30)
         url = ingress.wait_for(r"listening on (http://\S+)", 30).group(1)
         model = next((n for n in config.models if not n.endswith("*")), "mock")
+        admin_line = ""
+        if admin_key:
+            admin_line = (
+                f"\n  admin:    export LLM_BROKER_URL={url} LLM_BROKER_ADMIN_KEY={admin_key}\n"
+                "            then `llm-broker tenants create acme` and "
+                "`llm-broker keys create --tenant acme` (docs/accounts.md)\n"
+            )
         print(
             f"""
 llm-broker dev is running
@@ -170,7 +180,7 @@ llm-broker dev is running
   redis:    {where}
   models:   {", ".join(config.models)}
   {webhook_line}
-
+{admin_line}
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
 

@@ -599,6 +599,27 @@ class AccountStore:
         raw = await self.redis.get(self.k.spend(scope, name, tag))
         return (int(raw) / NANO if raw else 0.0), reset
 
+    async def budgets(self) -> list[tuple[str, str, Budget, float]]:
+        """Every tenant and key with a budget: (scope "tenant"/"key", name, budget, the
+        current period's spend in USD)."""
+        now = time.time()
+        found: list[tuple[str, str, Budget]] = [
+            ("tenant", t.name, t.budget) for t in await self.list_tenants() if t.budget
+        ]
+        found += [
+            ("key", k.id, k.budget)
+            for k in await self.list_keys()
+            if k.budget and k.status(now) == "active"
+        ]
+        names = [
+            self.k.spend(scope[0], name, period_of(budget, now)[0]) for scope, name, budget in found
+        ]
+        spent = await self._many(names)
+        return [
+            (scope, name, budget, int(raw) / NANO if raw else 0.0)
+            for (scope, name, budget), raw in zip(found, spent, strict=True)
+        ]
+
     async def usage(
         self,
         *,

@@ -64,8 +64,45 @@ def loop_lag(registry: CollectorRegistry) -> Gauge:
     )
 
 
+class BudgetMetrics:
+    """Spend against budget of each tenant and key with a budget (kept in Redis),
+    exported by every ingress process (the series are the same: take the max)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.spent = Gauge(
+            "llm_broker_budget_spent_usd",
+            "What a budget's current period has spent (with the estimates of requests "
+            "in flight), US dollars",
+            ["scope", "name", "period"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.budget = Gauge(
+            "llm_broker_budget_usd",
+            "A tenant's or key's budget per period, US dollars",
+            ["scope", "name", "period"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.ratio = Gauge(
+            "llm_broker_budget_used_ratio",
+            "Spent over budget in the current period (1: spent)",
+            ["scope", "name", "period"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.alert_fraction = Gauge(
+            "llm_broker_budget_alert_fraction",
+            "The fraction of a budget at which LLMBrokerBudgetNearlySpent fires "
+            "(accounts.budget_alert_fraction)",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
+
 class IngressMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.budgets = BudgetMetrics(registry)
         self.requests = Counter(
             "llm_broker_requests",
             "HTTP requests answered by ingress",
@@ -195,8 +232,9 @@ class WorkerMetrics:
         )
         self.cost = Counter(
             "llm_broker_cost_usd",
-            "Cost of upstream calls in US dollars, from the config's pricing table",
-            ["model", "provider"],
+            "Cost of upstream calls in US dollars, from the config's pricing table "
+            "(tenant: a tenant listed in the config's tenants section, else 'other')",
+            ["model", "provider", "tenant"],
             registry=registry,
         )
         self.upstream_errors = Counter(

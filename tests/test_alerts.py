@@ -55,6 +55,11 @@ GAUGES = {
     "llm_broker_queue_lag",
     "llm_broker_queue_waiting",
     "llm_broker_queue_oldest_age_seconds",
+    # ingress: budgets kept with the admin API
+    "llm_broker_budget_spent_usd",
+    "llm_broker_budget_usd",
+    "llm_broker_budget_used_ratio",
+    "llm_broker_budget_alert_fraction",
 }
 HISTOGRAMS = {
     "llm_broker_request_duration_seconds",

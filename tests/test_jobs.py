@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from llm_broker.dev import free_port
-from llm_broker.shared.config import new_key, new_webhook_secret
 from llm_broker.shared.accounts import AccountKeys
+from llm_broker.shared.config import new_key, new_webhook_secret
 from llm_broker.shared.keys import Keys
 from tests.conftest import (
     ConfigFactory,

@@ -83,21 +83,25 @@ class Accounting:
         self._pricing = config.pricing
         self._provider = provider
         self._metrics = metrics
-        self._children: dict[str, tuple[Any, Any, Any, Any, Price | None]] = {}
+        #: The cost counter's tenant label: a tenant the config lists, else "other"
+        #: (the number of series stays bounded by the config).
+        self._tenants = frozenset(t for t in config.tenants if t != "*")
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any, Price | None]] = {}
 
     def count(self, job: m.Job, usage: Usage) -> None:
         model = job.route or job.model
-        found = self._children.get(model)
+        tenant = job.tenant if job.tenant in self._tenants else "other"
+        found = self._children.get((model, tenant))
         if found is None:
             tokens = self._metrics.tokens
             found = (
                 tokens.labels(model, self._provider, "input"),
                 tokens.labels(model, self._provider, "output"),
                 tokens.labels(model, self._provider, "total"),
-                self._metrics.cost.labels(model, self._provider),
+                self._metrics.cost.labels(model, self._provider, tenant),
                 self._pricing.get(model),
             )
-            self._children[model] = found
+            self._children[(model, tenant)] = found
         found[0].inc(usage.input)
         found[1].inc(usage.output)
         found[2].inc(usage.total)

@@ -1,0 +1,141 @@
+"""A job's account in the job scripts alone, on a real Redis: what admission reserves
+and counts, and what every way a job ends gives back or charges."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import redis.asyncio as aioredis
+
+from llm_broker.shared import accounts
+from llm_broker.shared import messages as m
+from llm_broker.shared.accounts import AccountKeys, Budget, Limits, Principal
+from llm_broker.shared.config import AccountsConfig, Price
+from llm_broker.shared.store import AccountLimited, BudgetExceeded, JobStore, Outcome
+from llm_broker.shared.store.records import Usage
+from tests.helpers import make_job
+from tests.test_dispatch import WORKER, read, store_for
+
+PRICE = Price(input_usd_per_million=1000.0, output_usd_per_million=2000.0)
+#: 100 prompt tokens and 50 output tokens: 0.1 + 0.1 = $0.2.
+EST = accounts.Estimate(tokens=150, cost=200_000_000)
+
+
+def _acct(prefix: str, p: Principal, usage: bool = True) -> bytes:
+    return accounts.account(
+        p,
+        AccountKeys(prefix),
+        AccountsConfig(usage=usage),
+        model="m",
+        price=PRICE,
+        est=EST,
+        now=time.time(),
+    )
+
+
+def _job(tenant: str = "acme", **changes: object) -> m.Job:
+    return msgspec.structs.replace(make_job(), tenant=tenant, **changes)
+
+
+async def _spent(rclient: aioredis.Redis, prefix: str, scope: str, name: str, b: Budget) -> int:
+    tag, _ = accounts.period_of(b, time.time())
+    raw = await rclient.get(AccountKeys(prefix).spend(scope, name, tag))
+    return int(raw or 0)
+
+
+async def test_a_reservation_is_charged_the_real_cost_or_given_back(
+    rclient: aioredis.Redis, prefix: str
+) -> None:
+    store: JobStore = store_for(rclient, prefix)
+    await store.queues.ensure_group("mock")
+    budget = Budget(usd=1.0, period="daily")
+    p = Principal(tenant="acme", key_id="key_1", key_budget=budget, tenant_budget=budget)
+    acct = _acct(prefix, p)
+
+    # Admitted: both budgets hold the estimate.
+    done = _job()
+    assert await store.enqueue(done, max_depth=100, ttl_s=60, acct=acct) is None
+    assert await _spent(rclient, prefix, "k", "key_1", budget) == EST.cost
+    assert await _spent(rclient, prefix, "t", "acme", budget) == EST.cost
+    # Completed with 10 input and 20 output tokens: $0.01 + $0.04.
+    await store.register("mock", WORKER, 10, 60)
+    (delivery,) = await read(store, rclient)
+    await store.settle(delivery, Outcome(status=m.COMPLETED, usage=Usage(10, 20)), consumer=WORKER)
+    assert await _spent(rclient, prefix, "k", "key_1", budget) == 50_000_000
+    assert await _spent(rclient, prefix, "t", "acme", budget) == 50_000_000
+
+    # Cancelled before it ran, and expired at its deadline: the estimate comes back.
+    cancelled, expired = _job(), _job()
+    await store.register("mock", WORKER, 0, 60)  # nothing runs
+    for j in (cancelled, expired):
+        assert await store.enqueue(j, max_depth=100, ttl_s=60, acct=acct) is None
+    assert await _spent(rclient, prefix, "k", "key_1", budget) == 50_000_000 + 2 * EST.cost
+    await store.cancel(cancelled.id, "acme", result_ttl=60)
+    await store.expire(expired)
+    assert await _spent(rclient, prefix, "k", "key_1", budget) == 50_000_000
+    assert await _spent(rclient, prefix, "t", "acme", budget) == 50_000_000
+
+    # The day's usage counts the three: one completed with its tokens, two errors.
+    rows = await accounts.AccountStore(rclient, prefix, AccountsConfig()).usage(
+        start=time.strftime("%Y-%m-%d", time.gmtime()),
+        end=time.strftime("%Y-%m-%d", time.gmtime()),
+        group_by=("tenant", "key", "model"),
+    )
+    assert rows == [
+        {
+            "tenant": "acme",
+            "key": "key_1",
+            "model": "m",
+            "requests": 3,
+            "input_tokens": 10,
+            "output_tokens": 20,
+            "errors": 2,
+            "cost_usd": 0.05,
+        }
+    ]
+
+
+async def test_a_spent_budget_refuses_with_its_reset_time(
+    rclient: aioredis.Redis, prefix: str
+) -> None:
+    store = store_for(rclient, prefix)
+    await store.queues.ensure_group("mock")
+    budget = Budget(usd=0.3, period="monthly")
+    acct = _acct(prefix, Principal(tenant="acme", tenant_budget=budget))
+    assert await store.enqueue(_job(), max_depth=100, ttl_s=60, acct=acct) is None
+    assert await store.enqueue(_job(), max_depth=100, ttl_s=60, acct=acct) is None
+    refused = await store.enqueue(_job(), max_depth=100, ttl_s=60, acct=acct)
+    assert isinstance(refused, BudgetExceeded) and refused.scope == "tenant"
+    _, reset = accounts.period_of(budget, time.time())
+    assert refused.reset_at == int(reset)
+    total = Budget(usd=0.1, period="total")
+    acct = _acct(prefix, Principal(tenant="other", tenant_budget=total))
+    assert await store.enqueue(_job("other"), max_depth=100, ttl_s=60, acct=acct) is None
+    refused = await store.enqueue(_job("other"), max_depth=100, ttl_s=60, acct=acct)
+    assert isinstance(refused, BudgetExceeded) and refused.reset_at == 0
+
+
+async def test_queued_and_in_flight_limits_count_until_dispatch_and_until_final(
+    rclient: aioredis.Redis, prefix: str
+) -> None:
+    store = store_for(rclient, prefix)
+    await store.queues.ensure_group("mock")
+    p = Principal(tenant="acme", key_id="k", key_limits=Limits(max_queued=2, max_in_flight=3))
+    acct = _acct(prefix, p, usage=False)
+    waiting = [_job(), _job()]
+    for j in waiting:  # no worker: both wait
+        assert await store.enqueue(j, max_depth=100, ttl_s=60, acct=acct) is None
+    refused = await store.enqueue(_job(), max_depth=100, ttl_s=60, acct=acct)
+    assert refused == AccountLimited("key", "queued", 1.0)
+    # A worker takes both: they no longer wait, but are still in flight.
+    await store.register("mock", WORKER, 10, 60)
+    deliveries = await read(store, rclient)
+    assert len(deliveries) == 2
+    assert await rclient.hlen(AccountKeys(prefix).waiting()) == 0
+    assert await store.enqueue(_job(), max_depth=100, ttl_s=60, acct=acct) is None
+    refused = await store.enqueue(_job(), max_depth=100, ttl_s=60, acct=acct)
+    assert refused == AccountLimited("key", "in_flight", 1.0)
+    for d in deliveries:
+        await store.settle(d, Outcome(status=m.COMPLETED), consumer=WORKER)
+    assert await store.enqueue(_job(), max_depth=100, ttl_s=60, acct=acct) is None
