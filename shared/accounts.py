@@ -264,9 +264,6 @@ class AccountKeys:
         """Pub/sub channel: a key or tenant changed; ingress processes drop their cache."""
         return f"{self.prefix}acct:changed"
 
-    def waiting(self) -> str:
-        return f"{self.prefix}acct:q"
-
     def base(self, scope: str, name: str) -> str:
         """Base of a scope's rate windows and open and queued sets."""
         return f"{self.prefix}acct:{scope}:{len(name)}:{name}"
@@ -360,7 +357,7 @@ def account(
         "po": price.output_usd_per_million * 1000 if price is not None else 0,
     }
     if any(s["mq"] for s in scopes):
-        out["q"] = akeys.waiting()
+        out["q"] = 1
     if cfg.usage:
         out["u"] = akeys.usage(day_of(now))
         out["f"] = _SEP.join((p.tenant, p.key_id, model, ""))

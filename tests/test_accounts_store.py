@@ -132,7 +132,7 @@ async def test_queued_and_in_flight_limits_count_until_dispatch_and_until_final(
     await store.register("mock", WORKER, 10, 60)
     deliveries = await read(store, rclient)
     assert len(deliveries) == 2
-    assert await rclient.hlen(AccountKeys(prefix).waiting()) == 0
+    assert await rclient.zcard(AccountKeys(prefix).base("k", "k") + ":queued") == 0
     assert await store.enqueue(_job(), max_depth=100, ttl_s=60, acct=acct) is None
     refused = await store.enqueue(_job(), max_depth=100, ttl_s=60, acct=acct)
     assert refused == AccountLimited("key", "in_flight", 1.0)

@@ -23,8 +23,8 @@ _FINISH = """
 --   k: the estimated tokens its admission counted in the tpm windows;
 --   pi, po: the price of an input and an output token (nano-USD);
 --   u, f, ux: the usage hash of the day, the field prefix, and the hash's TTL;
---   q: the hash of waiting jobs counted in a scope's queued set (job id → the
---      sets), when a scope has a max queued.
+--   q: present when a scope has a max queued (its queued set counts the job while
+--      it waits).
 -- The job is final: its open and queued counts go, each budget is charged the
 -- call's real cost instead of the estimate, the tpm windows count its real tokens,
 -- and the day's usage counts it. usage: "<input> <output>" tokens, or nil/''.
@@ -36,7 +36,6 @@ local function account_close(A, id, status, usage)
     if a then tin, tout, known = tonumber(a), tonumber(b), true end
   end
   local cost = math.floor(tin * A.pi + tout * A.po + 0.5)
-  if A.q then redis.call('HDEL', A.q, id) end
   for _, s in ipairs(A.s) do
     if s.mif > 0 then redis.call('ZREM', s.b .. ':open', id) end
     if s.mq > 0 then redis.call('ZREM', s.b .. ':queued', id) end
@@ -53,12 +52,14 @@ local function account_close(A, id, status, usage)
   end
   if A.u then
     local f = A.f
-    redis.call('HINCRBY', A.u, f .. 'requests', 1)
+    -- The day's hash gets its TTL with its first field of a (tenant, key, model).
+    if redis.call('HINCRBY', A.u, f .. 'requests', 1) == 1 then
+      redis.call('EXPIRE', A.u, A.ux, 'NX')
+    end
     if tin > 0 then redis.call('HINCRBY', A.u, f .. 'input_tokens', tin) end
     if tout > 0 then redis.call('HINCRBY', A.u, f .. 'output_tokens', tout) end
     if cost > 0 then redis.call('HINCRBY', A.u, f .. 'cost_nusd', cost) end
     if status ~= 'completed' then redis.call('HINCRBY', A.u, f .. 'errors', 1) end
-    redis.call('EXPIRE', A.u, A.ux, 'NX')
   end
 end
 
@@ -77,7 +78,7 @@ local function finish(job, events, id, status, now, ttl, usage, ...)
   if more[2] then
     redis.call('XADD', events, '*', 'i', id)
   end
-  if more[3] then account_close(cjson.decode(more[3]), id, status, usage) end
+  if more[3] and more[3] ~= '' then account_close(cjson.decode(more[3]), id, status, usage) end
 end
 """
 
@@ -104,7 +105,7 @@ local PER_PROVIDER = {
   conf = 'tc:',          -- hash: class:tenant -> "weight in-flight quotas"
   queued = 'tq:',        -- hash: tenant -> jobs waiting here
 }
-local SHARED = {queued_all = 'tq', events = 'wh:events', job = 'job:', acct_q = 'acct:q'}
+local SHARED = {queued_all = 'tq', events = 'wh:events', job = 'job:'}
 local KEYS_OF = {__index = function(S, name)
   local key
   if PER_PROVIDER[name] then
@@ -171,10 +172,10 @@ local function at_quota(key, quota, now)
 end
 
 local function live(job, now)
-  local st = redis.call('HMGET', job, 'status', 'deadline')
+  local st = redis.call('HMGET', job, 'status', 'deadline', 'acct')
   -- (a job that falls back from another provider is in_progress)
   local running = st[1] == 'queued' or st[1] == 'in_progress'
-  return running, running and tonumber(st[2]) > now, tonumber(st[2])
+  return running, running and tonumber(st[2]) > now, tonumber(st[2]), st[3]
 end
 
 -- Pops the head of a tenant's list. Returns {id, packed job, deadline} for a job
@@ -191,8 +192,16 @@ local function pop(S, c, t, now)
   local id = string.sub(e, 1, sp - 1)
   uncount(S, c, t, id)
   local job = S.job .. id
-  local running, runnable, deadline = live(job, now)
-  if runnable then return {id, string.sub(e, sp + 1), deadline}, left end
+  local running, runnable, deadline, acct = live(job, now)
+  if runnable then
+    -- A job its account counts as queued no longer waits (see finish's header).
+    if acct and string.find(acct, '"q":', 1, true) then
+      for _, s in ipairs(cjson.decode(acct).s) do
+        if s.mq > 0 then redis.call('ZREM', s.b .. ':queued', id) end
+      end
+    end
+    return {id, string.sub(e, sp + 1), deadline}, left
+  end
   if running then
     -- The record was kept until its deadline plus the result TTL.
     finish(job, S.events, id, 'expired', now, math.max(60, redis.call('TTL', job)), nil,
@@ -274,13 +283,7 @@ end
 
 local function send(S, t, id, packed, deadline, fq, fqa, now)
   redis.call('XADD', S.stream, '*', 'j', packed)
-  -- A job counted as queued in an account scope (a key's or tenant's max queued)
-  -- is no longer waiting.
-  local queued = redis.call('HGET', S.acct_q, id)
-  if queued then
-    for set in string.gmatch(queued, '%S+') do redis.call('ZREM', set, id) end
-    redis.call('HDEL', S.acct_q, id)
-  end
+
   if fq > 0 then hold(flight(S, t), id, deadline, now) end
   if fqa > 0 then hold(flight_all(S, t), id, deadline, now) end
 end
@@ -440,19 +443,16 @@ local function account_enter(A, id, now, deadline)
 end
 
 -- The request waits (it was not sent at once): the scopes with a max queued count it
--- until dispatch sends it.
+-- until dispatch sends it (pop).
 local function account_wait(A, id, deadline, now)
-  local sets = {}
   for _, s in ipairs(A.s) do
     if s.mq > 0 then
       local set = s.b .. ':queued'
       redis.call('ZADD', set, deadline, id)
       redis.call('EXPIRE', set, math.max(1, math.ceil(deadline - now)), 'GT')
       redis.call('EXPIRE', set, math.max(1, math.ceil(deadline - now)), 'NX')
-      sets[#sets + 1] = set
     end
   end
-  if #sets > 0 then redis.call('HSET', A.q, id, table.concat(sets, ' ')) end
 end
 
 -- Admission's checks, before anything is written: the provider's depth, then
@@ -534,8 +534,7 @@ local packed, ttl, id, tenant, created = unpack(ARGV, 1, 5)
 local S, q = admission(ARGV, 6, tenant)
 local no = refuse(S, q)
 if no then return no end
-redis.call('HSET', job, 'priority', q.class, unpack(ARGV, 23))
-if q.acct then redis.call('HSET', job, 'acct', ARGV[22]) end
+redis.call('HSET', job, 'priority', q.class, 'acct', ARGV[22], unpack(ARGV, 23))
 redis.call('EXPIRE', job, ttl)
 enter(S, q, id, tonumber(created), packed)
 return {'ok'}
@@ -563,8 +562,8 @@ end
 local S, q = admission(ARGV, 10, tenant)
 local no = refuse(S, q)
 if no then return no end
-redis.call('HSET', job, 'tenant', tenant, 'priority', q.class, unpack(ARGV, 27))
-if q.acct then redis.call('HSET', job, 'acct', ARGV[26]) end
+redis.call('HSET', job, 'tenant', tenant, 'priority', q.class, 'acct', ARGV[26],
+           unpack(ARGV, 27))
 redis.call('EXPIRE', job, ttl)
 if use_idem == '1' then redis.call('SET', idem, idem_value, 'EX', idem_ttl) end
 redis.call('ZADD', index, score, id)
