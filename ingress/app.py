@@ -145,7 +145,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    await identify(request, state)
+    principal = await identify(request, state)
     data = [
         {
             "id": name,
@@ -154,7 +154,7 @@ async def list_models(request: web.Request) -> web.Response:
             "owned_by": route.all_deployments()[0].provider,
         }
         for name, route in state.config.models.items()
-        if not name.endswith("*")
+        if not name.endswith("*") and principal.allows(name)
     ]
     return json_response({"object": "list", "data": data})
 

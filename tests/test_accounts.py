@@ -385,3 +385,36 @@ async def test_usage_equals_the_mock_tokens_times_pricing_per_model_and_day(
         own = await r.json()
         assert r.status == 200, own
     assert {row["model"]: row["requests"] for row in own["data"]} == {"gpt-4o-mini": 3, "mock": 2}
+
+
+async def test_tenant_limits_and_admin_keys_kept_in_redis(
+    procs: Procs, make_config: ConfigFactory, http: aiohttp.ClientSession
+) -> None:
+    _, mock_url = procs.mock()
+    (url,) = _start(procs, _config(make_config, mock_url), ingresses=1)
+    # An admin key made with the admin API administers, and cannot call models.
+    made = await _admin(http, "POST", f"{url}/admin/v1/keys", {"admin": True, "name": "ci"}, 201)
+    second_admin = _auth(made["key"])
+    async with http.post(
+        f"{url}/admin/v1/tenants",
+        json={"name": "acme", "limits": {"rpm": 3}, "metadata": {"team": "search"}},
+        headers=second_admin,
+    ) as r:
+        tenant = await r.json()
+        assert r.status == 201 and tenant["metadata"] == {"team": "search"}, tenant
+    async with http.post(f"{url}/v1/chat/completions", json=chat(), headers=second_admin) as r:
+        assert r.status == 403
+    audit = await _admin(http, "GET", f"{url}/admin/v1/audit?limit=1")
+    assert audit["data"][0]["actor"] == made["id"]
+
+    # The tenant's rpm holds across its keys; a key limited to one model lists it alone.
+    one = await _admin(
+        http, "POST", f"{url}/admin/v1/keys", {"tenant": "acme", "models": ["gpt-4o-mini"]}, 201
+    )
+    two = await _admin(http, "POST", f"{url}/admin/v1/keys", {"tenant": "acme"}, 201)
+    statuses = [(await _chat(http, url, k["key"]))[0] for k in (one, two, one, two)]
+    assert statuses == [200, 200, 200, 429]
+    status, body = await _chat(http, url, one["key"])
+    assert status == 429 and body["error"]["code"] == "tenant_rate_limited", body
+    async with http.get(f"{url}/v1/models", headers=_auth(one["key"])) as r:
+        assert [m["id"] for m in (await r.json())["data"]] == ["gpt-4o-mini"]
