@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 description of the ingress, served at ``GET /openapi.json``.
 
 The request schemas are generated (``msgspec.json.schema_components``) from the
-structs the ingress decodes with (:mod:`llm_broker.shared.messages`) and the error object
+structs the ingress decodes with (:mod:`llm_broker.shared.messages`, and
+:mod:`llm_broker.shared.accounts` for the admin API) and the error object
 from :mod:`llm_broker.shared.errors`. The structs below exist only to document what is
 built as plain dicts: the answers, and the Anthropic request (``/v1/messages``
 decodes a dict and checks it in :func:`shared.anthropic.messages_to_chat`).
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
+from llm_broker.shared import accounts as a
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import PRIORITIES, Priority
 from llm_broker.shared.errors import ErrorObject
@@ -261,6 +263,133 @@ class AnthropicError(msgspec.Struct):
     error: AnthropicErrorDetail
 
 
+# ---------------------------------------------------------------- admin API (documentation only)
+
+
+class Spend(msgspec.Struct):
+    """What the budget's current period has spent, the requests still running
+    counted at their estimate."""
+
+    usd: float
+    remaining_usd: float
+    #: When the period ends (Unix seconds); null for a ``total`` budget.
+    resets_at: float | None
+
+
+class Tenant(msgspec.Struct, kw_only=True):
+    """A tenant kept in Redis (``spend`` only with a budget)."""
+
+    object: Literal["tenant"]
+    name: str
+    metadata: dict[str, str]
+    limits: a.Limits
+    budget: a.Budget | None
+    created_at: float
+    updated_at: float
+    spend: Spend | msgspec.UnsetType = msgspec.UNSET
+
+
+class TenantList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[Tenant]
+
+
+class TenantDeleted(msgspec.Struct):
+    object: Literal["tenant"]
+    name: str
+    deleted: Literal[True]
+
+
+class ApiKey(msgspec.Struct, kw_only=True):
+    """An API key kept in Redis: never its secret, nor the secret's hash."""
+
+    object: Literal["api_key"]
+    id: str
+    tenant: str
+    name: str
+    #: The first 12 characters of the current secret, to tell keys apart.
+    hint: str
+    status: Literal["active", "revoked", "expired"]
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    models: list[str]
+    max_priority: Priority | None
+    limits: a.Limits
+    budget: a.Budget | None
+    admin: bool
+    #: Until when the secret replaced by the last rotation stays valid.
+    previous_secret_valid_until: float | None
+    spend: Spend | msgspec.UnsetType = msgspec.UNSET
+
+
+class NewApiKey(ApiKey, kw_only=True):
+    """A key just created or rotated, with its secret: shown this once."""
+
+    key: str
+
+
+class ApiKeyList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[ApiKey]
+
+
+class AuditEvent(msgspec.Struct):
+    """One change made through the admin API; never holds a key."""
+
+    id: str
+    object: Literal["audit_event"]
+    at: float
+    #: ``config:<name>`` for an admin key from the config, else the key's id.
+    actor: str
+    action: Literal[
+        "tenant.create",
+        "tenant.update",
+        "tenant.delete",
+        "key.create",
+        "key.update",
+        "key.revoke",
+        "key.rotate",
+    ]
+    #: The tenant's name or the key's id.
+    target: str
+    detail: dict[str, Any]
+
+
+class AuditList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[AuditEvent]
+    has_more: bool
+    #: ``after`` for the next page.
+    last_id: str | None
+
+
+class UsageRow(msgspec.Struct, kw_only=True):
+    """Usage summed over what ``group_by`` leaves out; ``key`` is empty for the
+    keys of the config."""
+
+    day: str | msgspec.UnsetType = msgspec.UNSET
+    tenant: str | msgspec.UnsetType = msgspec.UNSET
+    key: str | msgspec.UnsetType = msgspec.UNSET
+    model: str | msgspec.UnsetType = msgspec.UNSET
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    #: Requests that ended other than ``completed``.
+    errors: int
+
+
+class UsageList(msgspec.Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[UsageRow]
+    from_: str = msgspec.field(name="from")
+    to: str
+    #: ``GET /v1/usage`` only, for a key with a budget.
+    spend: Spend | msgspec.UnsetType = msgspec.UNSET
+
+
 _TYPES: tuple[Any, ...] = (
     m.ChatRequest,
     m.EmbeddingsRequest,
@@ -275,6 +404,18 @@ _TYPES: tuple[Any, ...] = (
     JobList,
     Status,
     AnthropicMessage,
+    a.TenantInput,
+    a.TenantPatch,
+    a.KeyInput,
+    a.KeyPatch,
+    a.Rotation,
+    Tenant,
+    TenantList,
+    TenantDeleted,
+    NewApiKey,
+    ApiKeyList,
+    AuditList,
+    UsageList,
 )
 
 #: Bodies whose unknown fields travel upstream untouched.
@@ -300,7 +441,65 @@ def _schemas() -> dict[str, Any]:
         "anyOf": [{"enum": list(PRIORITIES)}, {"type": "null"}],
         "description": "The job's priority class, lowered to the tenant's max_priority.",
     }
+    _admin_checks(schemas)
     return dict(schemas)
+
+
+#: The most keys (32) of a tenant's metadata, of up to 64 characters, values up to 512.
+_METADATA = {
+    "type": "object",
+    "maxProperties": 32,
+    "propertyNames": {"maxLength": 64},
+    "additionalProperties": {"type": "string", "maxLength": 512},
+}
+#: Model names or ``fnmatch`` patterns (``gpt-4o*``); empty: every model.
+_MODELS = {
+    "type": "array",
+    "maxItems": 256,
+    "items": {"type": "string", "minLength": 1, "maxLength": 256},
+    "description": "Model names or patterns (`gpt-4o*`, `*`, `?`, `[...]`) the key may call; "
+    "empty: every model. Any other model is a 403 `model_not_allowed`.",
+}
+
+
+def _admin_checks(schemas: dict[str, Any]) -> None:
+    """What shared/accounts.py checks beyond the types, in the admin request schemas."""
+    for name in ("rpm", "tpm", "max_in_flight", "max_queued"):
+        schemas["Limits"]["properties"][name].update(minimum=0, maximum=2**40)
+    schemas["Limits"]["properties"]["rpm"]["description"] = "Requests per 60 s (0: none)."
+    schemas["Limits"]["properties"]["tpm"]["description"] = (
+        "Tokens per 60 s, a request counted at its estimate, corrected to its real tokens "
+        "when it finishes (0: none)."
+    )
+    schemas["Limits"]["properties"]["max_in_flight"]["description"] = (
+        "Requests admitted and not finished, waiting or running (0: none)."
+    )
+    schemas["Limits"]["properties"]["max_queued"]["description"] = (
+        "Requests waiting for a worker (0: none)."
+    )
+    schemas["Budget"]["properties"]["usd"].update(minimum=0, maximum=1e9)
+    schemas["TenantInput"]["properties"]["name"].update(
+        minLength=1,
+        maxLength=128,
+        pattern="^[^\\s{}]+$",
+        description="1 to 128 printable characters, no spaces nor braces.",
+    )
+    for name in ("TenantInput", "TenantPatch"):
+        schemas[name]["properties"]["metadata"] = {**_METADATA}
+    for name in ("KeyInput", "KeyPatch"):
+        schemas[name]["properties"]["models"] = {**_MODELS}
+    key = schemas["KeyInput"]["properties"]
+    key["tenant"]["description"] = "The key's tenant (it must exist); empty for an admin key."
+    key["name"]["description"] = "A label (the first 200 characters are kept)."
+    key["admin"]["description"] = (
+        "An admin key: it may call /admin/v1 only (never the model API) and has no tenant."
+    )
+    key["expires_at"]["description"] = "Unix seconds; null: never."
+    schemas["Rotation"]["properties"]["grace_s"] = {
+        "anyOf": [{"type": "number", "minimum": 0, "maximum": 30 * 86400}, {"type": "null"}],
+        "description": "How long the current secret stays valid beside the new one "
+        "(seconds; null: `accounts.rotation_grace_s`, 86400).",
+    }
 
 
 def _ref(name: str, kind: str = "schemas") -> dict[str, str]:
@@ -327,23 +526,57 @@ _STREAM = {
 _ERRORS = {
     400: "The request is malformed or invalid.",
     401: "No API key, or an unknown one.",
+    403: "The API key may not use this model (`model_not_allowed`), or it is an admin key, "
+    "which may call the admin API only (`admin_key`).",
     404: "No such model (or job).",
     413: "The body exceeds `ingress.max_body_bytes`.",
     415: "The body is not `application/json`.",
     422: "The `Idempotency-Key` was used with a different request.",
-    429: "The provider's queue is full (see `Retry-After`).",
+    429: "Refused at admission (`Retry-After` says when to try again): the provider's queue is "
+    "full (`queue_full`); a tenant quota of the config (`tenant_queue_full`, "
+    "`tenant_rate_limited`); a limit of the API key or of its tenant (`key_rate_limited`, "
+    "`key_in_flight_limit`, `key_queued_limit`, `tenant_rate_limited`, "
+    "`tenant_in_flight_limit`, `tenant_queued_limit`); or a spent budget (`budget_exceeded`, "
+    "with `X-Budget-Reset` unless the budget is a total); or the upstream's own 429.",
     502: "The upstream failed or could not be reached.",
     503: "The queue (Redis) is unavailable, or every deployment's circuit is open.",
     504: "No answer within the request deadline.",
 }
 
+#: The answers of the admin API (``/admin/v1``).
+_ADMIN_ERRORS = {
+    **_ERRORS,
+    400: "The body or a parameter is invalid (the error's `param` or message names it).",
+    401: "No key, or an unknown, revoked or expired one.",
+    403: "The key is not an admin key (`not_admin`).",
+    404: "No such tenant or key.",
+    409: "The tenant exists already (`tenant_exists`), or the key is revoked or expired "
+    "(`key_not_active`).",
+    503: "Redis is unavailable.",
+}
 
-def _errors(statuses: tuple[int, ...], schema: str = "ErrorObject") -> dict[str, Any]:
-    return {str(s): {"description": _ERRORS[s], "content": _json(schema)} for s in statuses}
+_RATE_HEADERS = {
+    "Retry-After": {"schema": {"type": "string"}},
+    "X-Budget-Reset": {
+        "description": "`budget_exceeded`: when the budget's period resets (ISO 8601, UTC).",
+        "schema": {"type": "string"},
+    },
+}
 
 
-_CALL_ERRORS = (400, 401, 404, 413, 415, 429, 502, 503, 504)
-_JOB_ERRORS = (401, 404, 503)
+def _errors(
+    statuses: tuple[int, ...], schema: str = "ErrorObject", why: dict[int, str] = _ERRORS
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        str(s): {"description": why[s], "content": _json(schema)} for s in statuses
+    }
+    if "429" in out:
+        out["429"]["headers"] = _RATE_HEADERS
+    return out
+
+
+_CALL_ERRORS = (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)
+_JOB_ERRORS = (401, 403, 404, 503)
 _ACCEPTED = {
     "description": "Queued as an async job; poll `Location`.",
     "headers": {
@@ -392,6 +625,39 @@ _PARAMETERS: dict[str, Any] = {
         "schema": {"enum": list(PRIORITIES)},
     },
     "JobId": {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
+    "TenantName": {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "description": "The tenant's name.",
+        "schema": {"type": "string"},
+    },
+    "KeyId": {
+        "name": "key_id",
+        "in": "path",
+        "required": True,
+        "description": "The key's id (`key_...`), never its secret.",
+        "schema": {"type": "string"},
+    },
+    "UsageFrom": {
+        "name": "from",
+        "in": "query",
+        "description": "The first day (UTC), `YYYY-MM-DD`; default today. At most 400 days "
+        "from `from` to `to`.",
+        "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+    },
+    "UsageTo": {
+        "name": "to",
+        "in": "query",
+        "description": "The last day (UTC, included), `YYYY-MM-DD`; default today.",
+        "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+    },
+    "UsageModel": {
+        "name": "model",
+        "in": "query",
+        "description": "Only this model (the name the client asked for).",
+        "schema": {"type": "string"},
+    },
 }
 
 
@@ -415,6 +681,179 @@ def _public(summary: str, content: dict[str, Any], **more: Any) -> dict[str, Any
         "summary": summary,
         "security": [],
         "responses": {"200": {"description": "OK", "content": content}, **more},
+    }
+
+
+#: The admin API's own security: an admin key (``auth.admin_keys``, or a key created
+#: with ``"admin": true``), as a bearer token or in ``x-api-key``.
+_ADMIN_SECURITY: list[dict[str, list[str]]] = [{"adminBearerAuth": []}, {"adminApiKeyAuth": []}]
+
+
+def _admin(
+    summary: str,
+    answer: str,
+    statuses: tuple[int, ...],
+    *params: str,
+    body: str | None = None,
+    status: int = 200,
+    query: tuple[dict[str, Any], ...] = (),
+    body_required: bool = True,
+) -> dict[str, Any]:
+    """An operation of the admin API (401 and 403 come first, on every path)."""
+    op: dict[str, Any] = {"summary": summary, "security": _ADMIN_SECURITY}
+    if params or query:
+        op["parameters"] = [*_params(*params), *query]
+    if body is not None:
+        op["requestBody"] = {"required": body_required, "content": _json(body)}
+        statuses = (*statuses, 413, 415)
+    op["responses"] = {
+        str(status): {"description": "OK", "content": _json(answer)},
+        **_errors(tuple(sorted({401, 403, 503, *statuses})), why=_ADMIN_ERRORS),
+    }
+    return op
+
+
+def _usage_query(*groups: str) -> tuple[dict[str, Any], ...]:
+    alternatives = "|".join(groups)
+    return (
+        {
+            "name": "group_by",
+            "in": "query",
+            "description": f"What the rows are by: a comma-separated list of {', '.join(groups)}, "
+            "each at most once (default `day`); usage is summed over the rest.",
+            "schema": {
+                "type": "string",
+                "pattern": f"^({alternatives})(,({alternatives}))*$",
+            },
+        },
+    )
+
+
+def _admin_paths() -> dict[str, Any]:
+    filters = (
+        {
+            "name": "tenant",
+            "in": "query",
+            "description": "Only this tenant.",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "key",
+            "in": "query",
+            "description": "Only this key's id (empty: the keys of the config).",
+            "schema": {"type": "string"},
+        },
+    )
+    return {
+        "/admin/v1/tenants": {
+            "post": _admin(
+                "Create a tenant, with its limits, budget and metadata.",
+                "Tenant",
+                (400, 409),
+                body="TenantInput",
+                status=201,
+            ),
+            "get": _admin("Every tenant kept in Redis.", "TenantList", ()),
+        },
+        "/admin/v1/tenants/{name}": {
+            "get": _admin("A tenant, with its budget's spend.", "Tenant", (404,), "TenantName"),
+            "patch": _admin(
+                "Change a tenant: the fields given replace the tenant's (`budget: null` "
+                "removes its budget).",
+                "Tenant",
+                (400, 404),
+                "TenantName",
+                body="TenantPatch",
+            ),
+            "delete": _admin(
+                "Delete a tenant and revoke its keys.", "TenantDeleted", (404,), "TenantName"
+            ),
+        },
+        "/admin/v1/keys": {
+            "post": _admin(
+                "Create an API key; the answer holds its secret (`key`), shown this once.",
+                "NewApiKey",
+                (400, 404),
+                body="KeyInput",
+                status=201,
+            ),
+            "get": _admin(
+                "Every API key kept in Redis (never a secret).",
+                "ApiKeyList",
+                (),
+                query=(
+                    {
+                        "name": "tenant",
+                        "in": "query",
+                        "description": "Only this tenant's keys.",
+                        "schema": {"type": "string"},
+                    },
+                ),
+            ),
+        },
+        "/admin/v1/keys/{key_id}": {
+            "get": _admin("An API key (never its secret).", "ApiKey", (404,), "KeyId"),
+            "patch": _admin(
+                "Change a key: the fields given replace the key's (`budget: null` removes "
+                "its budget, `expires_at: null` its expiry).",
+                "ApiKey",
+                (400, 404),
+                "KeyId",
+                body="KeyPatch",
+            ),
+        },
+        "/admin/v1/keys/{key_id}/revoke": {
+            "post": _admin(
+                "Revoke a key, on every ingress process at once (within `auth.cache_s` at "
+                "worst); revoking twice is harmless.",
+                "ApiKey",
+                (404,),
+                "KeyId",
+            )
+        },
+        "/admin/v1/keys/{key_id}/rotate": {
+            "post": _admin(
+                "A new secret for the key, shown this once; the current one stays valid for "
+                "`grace_s`.",
+                "NewApiKey",
+                (400, 404, 409),
+                "KeyId",
+                body="Rotation",
+                body_required=False,
+            )
+        },
+        "/admin/v1/audit": {
+            "get": _admin(
+                "The audit log, newest first: who changed what, when (never a key).",
+                "AuditList",
+                (400,),
+                query=(
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "description": "Default 100.",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "description": "The `last_id` of the previous page.",
+                        "schema": {"type": "string", "pattern": "^[0-9]+(-[0-9]+)?$"},
+                    },
+                ),
+            )
+        },
+        "/admin/v1/usage": {
+            "get": _admin(
+                "Usage by day (UTC), tenant, key and model: requests, tokens, cost, errors.",
+                "UsageList",
+                (400,),
+                "UsageFrom",
+                "UsageTo",
+                "UsageModel",
+                query=(*filters, *_usage_query("day", "tenant", "key", "model")),
+            )
+        },
     }
 
 
@@ -465,7 +904,7 @@ def _paths() -> dict[str, Any]:
                 "summary": "The routed model names.",
                 "responses": {
                     "200": {"description": "The models.", "content": _json("ModelList")},
-                    **_errors((401,)),
+                    **_errors((401, 403)),
                 },
             }
         },
@@ -478,7 +917,7 @@ def _paths() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": _json("JobSubmission")},
                 "responses": {
                     "202": _ACCEPTED,
-                    **_errors((400, 401, 404, 413, 415, 422, 429, 503)),
+                    **_errors((400, 401, 403, 404, 413, 415, 422, 429, 503)),
                 },
             },
             "get": {
@@ -486,7 +925,7 @@ def _paths() -> dict[str, Any]:
                 "parameters": list_params,
                 "responses": {
                     "200": {"description": "A page of jobs.", "content": _json("JobList")},
-                    **_errors((400, 401, 503)),
+                    **_errors((400, 401, 403, 503)),
                 },
             },
         },
@@ -504,6 +943,22 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": job_answer, **_errors(_JOB_ERRORS)},
             }
         },
+        "/v1/usage": {
+            "get": {
+                "summary": "The calling key's own usage by day and model (a key of the "
+                "config: its tenant's requests made with the config's keys), and its "
+                "budget's spend when it has one.",
+                "parameters": [
+                    *_params("UsageFrom", "UsageTo", "UsageModel"),
+                    *_usage_query("day", "model"),
+                ],
+                "responses": {
+                    "200": {"description": "Usage rows.", "content": _json("UsageList")},
+                    **_errors((400, 401, 403, 503)),
+                },
+            }
+        },
+        **_admin_paths(),
         "/health": {"get": _public("Liveness.", _json("Status"))},
         "/ready": {
             "get": _public(
@@ -530,7 +985,8 @@ def document(*, metrics: bool = True) -> dict[str, Any]:
         "info": {
             "title": "llm-broker",
             "version": metadata.version("llm-broker"),
-            "description": "A queue-based LLM gateway speaking the OpenAI and Anthropic APIs.",
+            "description": "A queue-based LLM gateway speaking the OpenAI and Anthropic APIs, "
+            "with an admin API (/admin/v1) for tenants, API keys, limits, budgets and usage.",
         },
         "security": [{"bearerAuth": []}, {"apiKeyAuth": []}],
         "paths": paths,
@@ -540,6 +996,19 @@ def document(*, metrics: bool = True) -> dict[str, Any]:
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer"},
                 "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+                "adminBearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An admin key: one of `auth.admin_keys` in the config, or "
+                    'a key created with `"admin": true`. It may call /admin/v1 only; an '
+                    "ordinary key gets 403 there.",
+                },
+                "adminApiKeyAuth": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-api-key",
+                    "description": "An admin key, as `x-api-key`.",
+                },
             },
         },
     }
