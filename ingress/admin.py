@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -48,6 +49,8 @@ _KEY_PATCH = msgspec.json.Decoder(KeyPatch)
 _ROTATION = msgspec.json.Decoder(Rotation)
 
 GROUPS = ("day", "tenant", "key", "model")
+_DIGITS = re.compile(r"[0-9]{1,9}")
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
 def _failed(e: AccountError) -> BrokerError:
@@ -210,7 +213,7 @@ def _int_param(request: web.Request, name: str, default: int, top: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= top:
+    if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= top:
         raise BadRequest(f"{name} must be an integer from 1 to {top}", param=name)
     return int(raw)
 
@@ -219,7 +222,7 @@ async def audit_log(request: web.Request) -> web.Response:
     state, _ = await _admin(request)
     limit = _int_param(request, "limit", 100, 1000)
     after = request.query.get("after")
-    if after is not None and not all(p.isdigit() for p in after.split("-", 1)):
+    if after is not None and not _ENTRY_ID.fullmatch(after):
         raise BadRequest("after is an audit event id", param="after")
     events = await _call(state, state.accounts.audit_log(after, limit))
     return json_response(
@@ -288,11 +291,10 @@ async def own_usage(request: web.Request) -> web.Response:
     return json_response(out)
 
 
-async def unknown(request: web.Request) -> web.Response:
-    """Any other /admin path: 401 or 403 before 404, so the admin API's shape is not
-    visible without an admin key."""
+async def check_admin(request: web.Request) -> None:
+    """For a path under /admin that has no route: 401 or 403 before 404, so the admin
+    API's shape is not visible without an admin key."""
     await _admin(request)
-    raise NotFound(f"no route for {request.method} {request.path}")
 
 
 #: How often ingress exports the budgets' spend (seconds).
@@ -340,4 +342,3 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/admin/v1/keys/{key_id}/rotate", rotate_key)
     r.add_get("/admin/v1/audit", audit_log)
     r.add_get("/admin/v1/usage", usage)
-    r.add_route("*", "/admin/{tail:.*}", unknown)

@@ -77,6 +77,12 @@ async def errors_middleware(
     except web.HTTPException as e:
         status = e.status
         ctx.error_type = "invalid_request_error"
+        if e.status in (404, 405) and request.path.startswith("/admin"):
+            try:  # 401/403 first: the admin API stays unseen without an admin key
+                await admin.check_admin(request)
+            except BrokerError as denied:
+                status = denied.http_status
+                return _error_response(denied)
         if e.status == 404:
             return _error_response(NotFound(f"no route for {request.method} {request.path}"))
         if e.status == 405:

@@ -5,6 +5,7 @@ wherever it matters that every process sees a change."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,9 @@ async def test_a_key_works_on_every_ingress_and_its_revocation_reaches_them_with
         assert status == 401 and body["error"]["code"] == "invalid_api_key", body
         return time.monotonic() - revoked_at
 
-    waited = await asyncio.gather(*(eventually(lambda u=u: refused(u), 3) for u in (one, two)))
+    waited = await asyncio.gather(
+        *(eventually(functools.partial(refused, u), 3) for u in (one, two))
+    )
     assert max(waited) <= 1.0, waited
     # A key from the config works as before, beside the keys in Redis.
     assert (await _chat(http, one, CONFIG_KEY))[0] == 200

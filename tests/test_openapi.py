@@ -78,10 +78,14 @@ def test_calls_need_a_key_and_probes_do_not() -> None:
     assert schemes["bearerAuth"] == {"type": "http", "scheme": "bearer"}
     assert schemes["apiKeyAuth"] == {"type": "apiKey", "in": "header", "name": "x-api-key"}
     assert doc["security"] == [{"bearerAuth": []}, {"apiKeyAuth": []}]
+    admin = [{"adminBearerAuth": []}, {"adminApiKeyAuth": []}]
     for path, item in doc["paths"].items():
         for operation in item.values():
             public = operation.get("security") == []
-            assert public == (not path.startswith("/v1/")), path
+            assert public == (not path.startswith(("/v1/", "/admin/"))), path
+            if path.startswith("/admin/"):
+                assert operation["security"] == admin, path
+                assert "403" in operation["responses"], path
             if not public:
                 assert "401" in operation["responses"], path
 
