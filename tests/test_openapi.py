@@ -78,7 +78,7 @@ def test_calls_need_a_key_and_probes_do_not() -> None:
     assert schemes["bearerAuth"] == {"type": "http", "scheme": "bearer"}
     assert schemes["apiKeyAuth"] == {"type": "apiKey", "in": "header", "name": "x-api-key"}
     assert doc["security"] == [{"bearerAuth": []}, {"apiKeyAuth": []}]
-    admin = [{"adminBearerAuth": []}, {"adminApiKeyAuth": []}]
+    admin: list[dict[str, list[str]]] = [{"adminBearerAuth": []}, {"adminApiKeyAuth": []}]
     for path, item in doc["paths"].items():
         for operation in item.values():
             public = operation.get("security") == []
