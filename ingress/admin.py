@@ -302,8 +302,9 @@ BUDGET_EXPORT_S = 15.0
 
 
 async def export_budgets(state: State) -> None:
-    """Export spend against budget for every budgeted tenant and key, until cancelled
-    (the alert LLMBrokerBudgetNearlySpent reads it)."""
+    """Export spend against budget for every budgeted tenant and key, every
+    ``BUDGET_EXPORT_S`` and whenever one changes, until cancelled (the alert
+    LLMBrokerBudgetNearlySpent reads it)."""
     gauges = state.metrics.budgets
     gauges.alert_fraction.set(state.config.accounts.budget_alert_fraction)
     while True:
@@ -323,7 +324,12 @@ async def export_budgets(state: State) -> None:
                 gauges.budget.labels(*labels).set(budget.usd)
                 ratio = spent / budget.usd if budget.usd else (1.0 if spent else 0.0)
                 gauges.ratio.labels(*labels).set(ratio)
-        await asyncio.sleep(BUDGET_EXPORT_S)  # export period
+        # The next round: the export period, or sooner when a tenant or key changed.
+        state.auth.changed.clear()
+        try:
+            await asyncio.wait_for(state.auth.changed.wait(), BUDGET_EXPORT_S)
+        except TimeoutError:
+            pass
 
 
 def add_routes(app: web.Application) -> None:

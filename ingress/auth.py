@@ -56,6 +56,8 @@ class Authenticator:
         self.accounts = accounts
         self._ttl = cfg.cache_s
         self._cache: dict[str, tuple[Principal | None, float]] = {}
+        #: Set when a key or tenant changed (for whoever exports what they hold).
+        self.changed = asyncio.Event()
 
     async def _lookup(self, sha: str) -> Principal | None:
         """The principal of a key kept in Redis, through the cache."""
@@ -130,6 +132,7 @@ class Authenticator:
 
     def forget(self) -> None:
         self._cache.clear()
+        self.changed.set()
 
     async def listen(self) -> None:
         """Drop the cache whenever a key or tenant changes (the admin API announces

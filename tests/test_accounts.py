@@ -16,6 +16,7 @@ import orjson
 from llm_broker.shared.config import new_key
 from tests.conftest import ConfigFactory, Procs, chat, mock_stats
 from tests.helpers import eventually
+from tests.test_observability import scrape, value
 
 ADMIN_KEY, ADMIN_SHA = new_key()
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -193,6 +194,9 @@ async def test_ordinary_keys_get_403_on_the_admin_api_and_the_audit_log_names_no
         assert secret not in text and secret[:20] not in text
     page = await _admin(http, "GET", f"{url}/admin/v1/audit?limit=2")
     assert len(page["data"]) == 2 and page["has_more"]
+    for bad in ("limit=%C2%B2", "limit=0", "after=%C2%B2-1", "after=x"):
+        async with http.get(f"{url}/admin/v1/audit?{bad}", headers=ADMIN) as r:
+            assert r.status == 400, bad
     rest = await _admin(http, "GET", f"{url}/admin/v1/audit?after={page['last_id']}")
     assert [e["action"] for e in rest["data"]] == ["key.update", "key.create", "tenant.create"]
 
@@ -279,6 +283,28 @@ async def test_budget_race_across_two_ingress_processes(
         return (await _chat(http, two, key, max_tokens=8))[0] == 200
 
     await eventually(admitted, 2, what="the raised budget to take effect")
+
+    # Every ingress process exports the spend against the budget (the alert's input),
+    # at once after a change.
+    labels = {("scope", "tenant"), ("name", "acme"), ("period", "daily")}
+
+    async def exported() -> dict[str, float] | None:
+        samples, _ = await scrape(http, f"{two}/metrics")
+        found = {
+            n: sum(
+                v
+                for (metric, ls), v in samples.items()
+                if metric == f"llm_broker_budget_{n}" and labels <= ls
+            )
+            for n in ("spent_usd", "usd", "used_ratio")
+        }
+        return found if found["usd"] == 1 else None
+
+    gauges = await eventually(exported, 5, what="the budget's gauges")
+    assert spent <= gauges["spent_usd"] <= spent + 0.002  # and what was admitted since
+    assert gauges["used_ratio"] == gauges["spent_usd"]
+    samples, _ = await scrape(http, f"{one}/metrics")
+    assert value(samples, "llm_broker_budget_alert_fraction") == 0.8
 
 
 async def test_per_key_rpm_is_exact_across_two_ingress_and_three_workers(

@@ -158,6 +158,8 @@ NEW_STATS_KEYS = {
     "calls_by_path",
     "traceparent_seen",
     "failures_left",
+    "prompt_tokens",
+    "completion_tokens",
 }
 
 
