@@ -160,6 +160,53 @@ class AccountsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
             raise ValueError("accounts.rotation_grace_s must be from 0 to 30 days")
 
 
+class S3Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """S3-compatible object storage for files."""
+
+    bucket: str
+    #: Prefix of every object name (e.g. "llm-broker/").
+    prefix: str = ""
+    #: The service's URL (MinIO, Ceph, a local test server); AWS's when empty.
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    #: Files holding the access key id and secret; without them the standard AWS
+    #: credential chain (environment, shared files, instance role) applies.
+    access_key_id_file: str | None = None
+    secret_access_key_file: str | None = None
+
+
+class FilesConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where files (the Files API's, batch inputs and outputs) live, and the batch limits."""
+
+    backend: Literal["dir", "s3"] = "dir"
+    #: The directory of the "dir" backend (default: llm-broker-files in the temp dir).
+    dir: str = ""
+    s3: S3Config | None = None
+    #: Files and batch outputs are deleted this long after they were made.
+    retention_s: float = 30 * 86400.0
+    #: The largest upload (streamed to the store, never whole in memory).
+    max_bytes: int = 200 * 1024 * 1024
+    #: The most lines in a batch's input file.
+    max_lines: int = 50_000
+    #: Batches a tenant may have validating or in progress at once.
+    max_batches_in_progress: int = 10
+    #: Lines of one batch queued or running at once (a batch cannot fill the queue).
+    window: int = 500
+
+    def __post_init__(self) -> None:
+        if self.backend == "s3" and self.s3 is None:
+            raise ValueError("files.backend s3 needs files.s3 (bucket, ...)")
+        if self.max_bytes < 1 or self.max_lines < 1 or self.window < 1:
+            raise ValueError("files.max_bytes, max_lines and window must be positive")
+        if self.retention_s <= 0 or self.max_batches_in_progress < 1:
+            raise ValueError("files.retention_s and max_batches_in_progress must be positive")
+
+    def directory(self) -> str:
+        import tempfile
+
+        return self.dir or str(Path(tempfile.gettempdir()) / "llm-broker-files")
+
+
 ProviderType = Literal["openai", "openai-compatible", "azure", "anthropic", "mock"]
 
 #: The provider types whose upstream speaks the OpenAI wire format at ``base_url``.
@@ -521,6 +568,7 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     ingress: IngressConfig = IngressConfig()
     auth: AuthConfig = AuthConfig()
     accounts: AccountsConfig = AccountsConfig()
+    files: FilesConfig = FilesConfig()
     providers: dict[str, ProviderConfig] = {}
     #: Model name → route. A name ending in ``*`` matches every model with that prefix.
     models: dict[str, ModelRoute] = {}
