@@ -11,6 +11,7 @@ Two stores: a directory (the default) and S3-compatible object storage
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import time
@@ -176,15 +177,20 @@ class Files:
     async def save(self, rec: FileRecord) -> None:
         """Write (or replace) a file's record; it expires with the file, whose
         objects :meth:`sweep` deletes then."""
+        now = time.time()
         if rec.expires_at is None:
-            rec.expires_at = int(time.time() + self.cfg.retention_s)
-        ttl = max(1, rec.expires_at - int(time.time()))
+            rec.expires_at = int(now + self.cfg.retention_s)
+        ttl = math.ceil(rec.expires_at - now)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._key(rec.id), msgspec.json.encode(rec), ex=ttl)
             pipe.zadd(self._expiry(), {f"{rec.id} {rec.segments}": rec.expires_at})
-            pipe.zadd(self._index(rec.tenant), {rec.id: rec.created_at})
-            pipe.expire(self._index(rec.tenant), ttl, gt=True)
-            pipe.expire(self._index(rec.tenant), ttl, nx=True)
+            if ttl <= 0:  # already past its retention: only its objects are left to sweep
+                pipe.delete(self._key(rec.id))
+                pipe.zrem(self._index(rec.tenant), rec.id)
+            else:
+                pipe.set(self._key(rec.id), msgspec.json.encode(rec), ex=ttl)
+                pipe.zadd(self._index(rec.tenant), {rec.id: rec.created_at})
+                pipe.expire(self._index(rec.tenant), ttl, gt=True)
+                pipe.expire(self._index(rec.tenant), ttl, nx=True)
             await pipe.execute()
 
     async def get(self, tenant: str, file_id: str) -> FileRecord | None:
@@ -233,8 +239,18 @@ class Files:
                 created_at=0,
                 segments=int(segments or 0),
             )
+            # A record saved again since (more segments, a later expiry) left this
+            # member behind: the objects it still names are not this sweep's to delete.
+            raw = await self.redis.get(self._key(file_id))
+            live = msgspec.json.decode(raw, type=FileRecord) if raw is not None else None
+            keep: set[str] = set()
+            if live is not None and (live.expires_at is None or live.expires_at > now):
+                keep = set(live.objects())
+            elif live is not None:  # due, its key not yet expired (a second's rounding)
+                await self.redis.delete(self._key(file_id))
             for name in rec.objects():
-                await self.store.delete(name)
+                if name not in keep:
+                    await self.store.delete(name)
             await self.redis.zrem(self._expiry(), member)
         return len(due)
 
