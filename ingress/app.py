@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from llm_broker.ingress import admin, calls, openapi
+from llm_broker.ingress import files as files_api
 from llm_broker.ingress import messages as messages_api
 from llm_broker.ingress.access import AccessLog
 from llm_broker.ingress.admission import identify, new_job
@@ -28,6 +29,7 @@ from llm_broker.shared import messages as m
 from llm_broker.shared.accounts import AccountStore
 from llm_broker.shared.config import Config, Router
 from llm_broker.shared.errors import BrokerError, MethodNotAllowed, NotFound
+from llm_broker.shared.files import Files, open_store
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import MULTIPROCESS_DIR, IngressMetrics, exposition
 from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect
@@ -221,6 +223,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
     await asyncio.gather(reader, *loops, *state.tasks, return_exceptions=True)
     await state.batcher.close()
+    await state.files.store.close()
     await state.redis.aclose()
     state.tracing.shutdown()
     state.access.flush()
@@ -257,6 +260,7 @@ def create_app(config: Config, pod: str) -> web.Application:
         webhook_allow=networks(config.webhooks.allow_cidrs),
         accounts=accounts,
         account_keys=accounts.k,
+        files=Files(redis, config.redis.key_prefix, open_store(config.files), config.files),
     )
     app = web.Application(
         middlewares=[errors_middleware], client_max_size=config.ingress.max_body_bytes
@@ -271,6 +275,7 @@ def create_app(config: Config, pod: str) -> web.Application:
     app.router.add_get("/v1/jobs/{job_id}", get_job)
     app.router.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
     admin.add_routes(app)
+    files_api.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     # /metrics is served on its own port when ingress.metrics_port is set (ingress/main.py).

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import re
-from typing import Any, TypeVar
-
 import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from llm_broker.shared import body
-from llm_broker.shared import messages as m
+# The checks of a request body live in shared code: a batch's lines get the same.
+from llm_broker.shared.batchlines import decode_body as decode_body
+from llm_broker.shared.batchlines import decode_chat as decode_chat
+from llm_broker.shared.batchlines import decode_embeddings as decode_embeddings
+from llm_broker.shared.batchlines import load_json as load_json
 from llm_broker.shared.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-
-T = TypeVar("T")
-
-_PARAM_RE = re.compile(r"at `\$\.?([^`]*)`")
 
 
 def json_response(
@@ -47,50 +43,3 @@ async def read_json_body(request: web.Request, limit: int) -> bytes:
         raise too_large(limit) from e
     except RequestPayloadError as e:  # e.g. Content-Encoding: gzip on a plain body
         raise BadRequest(f"the request body cannot be read: {e}", code="invalid_body") from e
-
-
-def load_json(raw: bytes) -> Any:
-    """A request body decoded by the workers' own decoder (a body it would refuse
-    is never queued); a 400 if it is empty or cannot be carried."""
-    if not raw.strip():
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        return body.load(raw)
-    except body.InvalidBody as e:
-        raise BadRequest(str(e), code="invalid_json") from e
-
-
-def decode_body(
-    decoder: msgspec.json.Decoder[T],
-    raw: bytes,
-    what: str = "request",
-    required: tuple[str, ...] = (),
-) -> T:
-    """Decode a JSON request body; every way it can be wrong is a 400 naming the field."""
-    load_json(raw)
-    try:
-        return decoder.decode(raw)
-    except msgspec.ValidationError as e:
-        text = str(e)
-        found = _PARAM_RE.search(text)
-        param = found.group(1) if found and found.group(1) else None
-        for name in required:
-            if f"missing required field `{name}`" in text:
-                param = name
-        raise BadRequest(f"invalid {what}: {text}", param=param) from e
-    except (msgspec.DecodeError, RecursionError) as e:
-        raise BadRequest(f"malformed JSON body: {e}", code="invalid_json") from e
-
-
-def decode_chat(raw: bytes) -> m.ChatRequest:
-    req = decode_body(m.chat_request_decoder, raw, required=("model", "messages"))
-    if not req.messages:
-        raise BadRequest("'messages' must contain at least one message", param="messages")
-    return req
-
-
-def decode_embeddings(raw: bytes) -> m.EmbeddingsRequest:
-    req = decode_body(m.embeddings_request_decoder, raw, required=("model", "input"))
-    if req.input == "" or req.input == []:
-        raise BadRequest("'input' must not be empty", param="input")
-    return req

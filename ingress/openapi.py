@@ -134,6 +134,35 @@ class JobList(msgspec.Struct):
     has_more: bool
 
 
+class FileObject(msgspec.Struct):
+    """A file of the Files API."""
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    #: When the file is deleted (Unix seconds, ``files.retention_s`` after its upload).
+    expires_at: int | None
+    filename: str
+    purpose: str
+    status: Literal["processed"]
+    status_details: str | None
+
+
+class FileList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(msgspec.Struct):
+    id: str
+    object: Literal["file"]
+    deleted: Literal[True]
+
+
 class Status(msgspec.Struct, omit_defaults=True):
     status: str
     detail: str | None = None
@@ -403,6 +432,9 @@ _TYPES: tuple[Any, ...] = (
     Job,
     JobList,
     Status,
+    FileObject,
+    FileList,
+    FileDeleted,
     AnthropicMessage,
     a.TenantInput,
     a.TenantPatch,
@@ -625,6 +657,7 @@ _PARAMETERS: dict[str, Any] = {
         "schema": {"enum": list(PRIORITIES)},
     },
     "JobId": {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
+    "FileId": {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}},
     "TenantName": {
         "name": "name",
         "in": "path",
@@ -857,6 +890,120 @@ def _admin_paths() -> dict[str, Any]:
     }
 
 
+#: The answers of the Files API.
+_FILE_ERRORS = {
+    **_ERRORS,
+    400: "The form or a parameter is invalid, or a line of the file is not a request the "
+    "broker would admit: the message names the line (`line 3: ...`), `param` the field, "
+    "`code` is `invalid_batch_line` (or `too_many_lines`, `empty_file`).",
+    404: "No such file (another tenant's files are not found either).",
+    413: "The file exceeds `files.max_bytes`.",
+    415: "The body is not `multipart/form-data`.",
+    503: "Redis is unavailable.",
+}
+
+_UPLOAD = {
+    "type": "object",
+    "required": ["purpose", "file"],
+    "properties": {
+        "purpose": {"enum": ["batch"], "description": "Only `batch` is accepted."},
+        "file": {
+            "type": "string",
+            "contentMediaType": "application/jsonl",
+            "description": "A batch input file, JSON Lines: one request a line, "
+            '`{"custom_id", "method": "POST", "url": "/v1/chat/completions" or '
+            '"/v1/embeddings", "body"}`, each `custom_id` unique, the body a request the '
+            "endpoint would admit; at most `files.max_lines` lines and `files.max_bytes` "
+            "bytes. The part's filename is kept.",
+        },
+    },
+}
+
+
+def _files_op(
+    summary: str,
+    answer: dict[str, Any],
+    statuses: tuple[int, ...],
+    *params: str,
+    query: tuple[dict[str, Any], ...] = (),
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary}
+    if params or query:
+        op["parameters"] = [*_params(*params), *query]
+    op["responses"] = {
+        "200": answer,
+        **_errors(tuple(sorted({401, 403, 503, *statuses})), why=_FILE_ERRORS),
+    }
+    return op
+
+
+def _files_paths() -> dict[str, Any]:
+    upload = _files_op(
+        "Upload a batch's input file (checked line by line as it streams in).",
+        {"description": "The file.", "content": _json("FileObject")},
+        (400, 413, 415),
+    )
+    upload["requestBody"] = {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": _UPLOAD}},
+    }
+    file_answer = {"description": "The file.", "content": _json("FileObject")}
+    return {
+        "/v1/files": {
+            "post": upload,
+            "get": _files_op(
+                "The caller's files, newest first.",
+                {"description": "A page of files.", "content": _json("FileList")},
+                (400,),
+                query=(
+                    {
+                        "name": "purpose",
+                        "in": "query",
+                        "description": "Only the files of this purpose.",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "description": "Default 10000.",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                    },
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "description": "The `last_id` of the previous page.",
+                        "schema": {"type": "string"},
+                    },
+                ),
+            ),
+        },
+        "/v1/files/{file_id}": {
+            "get": _files_op("A file.", file_answer, (404,), "FileId"),
+            "delete": _files_op(
+                "Delete a file and its contents.",
+                {"description": "Deleted.", "content": _json("FileDeleted")},
+                (404,),
+                "FileId",
+            ),
+        },
+        "/v1/files/{file_id}/content": {
+            "get": _files_op(
+                "The file's contents, as uploaded.",
+                {
+                    "description": "The file's bytes.",
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"description": "The bytes of the file."}
+                        }
+                    },
+                },
+                (404,),
+                "FileId",
+            )
+        },
+    }
+
+
 def _paths() -> dict[str, Any]:
     chat = _call(
         "Create a chat completion (OpenAI); SSE with `stream: true`.",
@@ -958,6 +1105,7 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        **_files_paths(),
         **_admin_paths(),
         "/health": {"get": _public("Liveness.", _json("Status"))},
         "/ready": {

@@ -17,6 +17,7 @@ from llm_broker.ingress.replies import ReplyRouter
 from llm_broker.ingress.routing import Chooser
 from llm_broker.shared.accounts import AccountKeys, AccountStore
 from llm_broker.shared.config import Config, Router
+from llm_broker.shared.files import Files
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import IngressMetrics
 from llm_broker.shared.redisio import Batcher
@@ -44,6 +45,8 @@ class State:
     probe: RedisProbe
     accounts: AccountStore
     account_keys: AccountKeys
+    #: The Files API's files (records in Redis, contents in the file store).
+    files: Files
     #: Networks webhook URLs may point to although they are not public.
     webhook_allow: tuple[Network, ...] = ()
     draining: bool = False
