@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from llm_broker.ingress import admin, calls, openapi
+from llm_broker.ingress import admin, batches, calls, openapi
 from llm_broker.ingress import files as files_api
 from llm_broker.ingress import messages as messages_api
 from llm_broker.ingress.access import AccessLog
@@ -276,6 +276,7 @@ def create_app(config: Config, pod: str) -> web.Application:
     app.router.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
     admin.add_routes(app)
     files_api.add_routes(app)
+    batches.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     # /metrics is served on its own port when ingress.metrics_port is set (ingress/main.py).

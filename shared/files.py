@@ -95,10 +95,11 @@ class DirStore:
     async def delete(self, name: str) -> None:
         path = self._path(name)
         await asyncio.to_thread(path.unlink, True)
-        try:  # a segmented file's folder, once empty
-            await asyncio.to_thread(path.parent.rmdir)
-        except OSError:
-            pass
+        if name.count("/") >= 2:  # a segment: its file's own folder goes once empty
+            try:
+                await asyncio.to_thread(path.parent.rmdir)
+            except OSError:
+                pass
 
     async def close(self) -> None:
         return None

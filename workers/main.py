@@ -15,11 +15,14 @@ from redis.exceptions import ResponseError
 
 from llm_broker.shared import logs
 from llm_broker.shared.config import PRIORITIES, Config
+from llm_broker.shared.files import Files, open_store
 from llm_broker.shared.health import serve_health
 from llm_broker.shared.keys import GROUP, Keys
 from llm_broker.shared.metrics import WorkerMetrics
 from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, raise_if_cancelling
+from llm_broker.shared.store import JobStore
 from llm_broker.shared.tracing import Tracing
+from llm_broker.workers.batches import BatchDriver
 from llm_broker.workers.pool import ProviderPool
 from llm_broker.workers.upstream import make_upstream
 
@@ -157,6 +160,16 @@ async def serve(
     tasks = [loop.create_task(pool.consumer.read_loop()) for pool in pools]
     tasks += [loop.create_task(pool.consumer.maintain_loop()) for pool in pools]
     cancels = loop.create_task(listen_for_cancels(config, pools))
+    # Every worker process drives batches (workers/batches.py); leases share them out.
+    file_store = open_store(config.files)
+    driver = BatchDriver(
+        config,
+        redis,
+        JobStore(config, batcher, redis),
+        Files(redis, config.redis.key_prefix, file_store, config.files),
+        consumer,
+    )
+    driving = loop.create_task(driver.run())
     if metrics_port is not None:
         tasks.append(loop.create_task(export_queues(config, providers, batcher, metrics)))
     if ready_line:
@@ -184,6 +197,14 @@ async def serve(
         log.warning("grace period over: abandoning unfinished jobs to other workers")
     for pool in pools:
         await pool.consumer.abandon()
+    driving.cancel()
+    await asyncio.gather(driving, return_exceptions=True)
+    try:
+        async with asyncio.timeout(config.redis.command_timeout_s * 4):
+            await driver.release()  # another process goes on with its batches now
+    except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
+        log.warning("could not release the batches' leases: %s", e)
+    await file_store.close()
     stopped.cancel()
     cancels.cancel()
     for t in tasks:

@@ -160,9 +160,10 @@ class JobStore:
         extra: AsyncFields,
         idempotency: Idempotency | None,
         acct: bytes = b"",
+        index: str | None = None,
     ) -> Submitted:
         """Admit an async job: the key check, its record, its place in the waiting
-        lists and the tenant's index, in one step."""
+        lists and the tenant's index (or ``index``: a batch's), in one step."""
         keys = self.keys
         fields = admission_fields(job)[2:]  # the tenant is an argument of its own
         if extra.metadata:
@@ -170,6 +171,8 @@ class JobStore:
         if extra.webhook_url is not None:
             fields += ["webhook_url", extra.webhook_url, "webhook_status", "pending"]
             fields += ["webhook_attempts", 0]
+        if extra.batch_stream is not None:
+            fields += ["batch", extra.batch_stream]
         idem_key = keys.job(job.id)
         request_hash = ""
         if idempotency is not None:
@@ -177,7 +180,7 @@ class JobStore:
             request_hash = idempotency.request_hash
             fields += ["idem_key", idem_key]
         command = scripts.SUBMIT.command(
-            (keys.job(job.id), idem_key, keys.tenant_jobs(job.tenant)),
+            (keys.job(job.id), idem_key, index or keys.tenant_jobs(job.tenant)),
             (
                 m.job_encoder.encode(job),
                 ttl_s,

@@ -65,12 +65,13 @@ end
 
 -- Makes a job final: status, finish time and more fields, and its TTL (the
 -- result is kept this long). The job's Idempotency-Key never outlives it, a job
--- with a webhook gets an entry on the webhook event stream, and its account is
--- closed (usage: the call's tokens, "<input> <output>", or nil).
+-- with a webhook gets an entry on the webhook event stream, a batch's line one on
+-- its batch's stream, and its account is closed (usage: the call's tokens,
+-- "<input> <output>", or nil).
 local function finish(job, events, id, status, now, ttl, usage, ...)
   redis.call('HSET', job, 'status', status, 'completed_at', now, ...)
   redis.call('EXPIRE', job, ttl)
-  local more = redis.call('HMGET', job, 'idem_key', 'webhook_url', 'acct')
+  local more = redis.call('HMGET', job, 'idem_key', 'webhook_url', 'acct', 'batch')
   if more[1] then
     local left = redis.call('TTL', more[1])
     if left > tonumber(ttl) then redis.call('EXPIRE', more[1], ttl) end
@@ -79,6 +80,8 @@ local function finish(job, events, id, status, now, ttl, usage, ...)
     redis.call('XADD', events, '*', 'i', id)
   end
   if more[3] and more[3] ~= '' then account_close(cjson.decode(more[3]), id, status, usage) end
+  -- A batch's line: its batch hears of it on the batch's stream of finished lines.
+  if more[4] then redis.call('XADD', more[4], '*', 'i', id) end
 end
 """
 

@@ -65,6 +65,8 @@ class AsyncFields(msgspec.Struct, kw_only=True):
 
     metadata: dict[str, str] | None = None
     webhook_url: str | None = None
+    #: A batch's line: the batch's stream of finished lines (shared/batches.py).
+    batch_stream: str | None = None
 
 
 class Idempotency(msgspec.Struct, kw_only=True):

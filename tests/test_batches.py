@@ -1,0 +1,273 @@
+"""Batches on the broker's queue, through the official SDKs: OpenAI Files + Batches
+and Anthropic Message Batches, run by real worker processes against the mock."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import orjson
+import pytest
+
+from tests.conftest import ConfigFactory, Procs, mock_stats
+from tests.helpers import eventually
+
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def _config(make_config: ConfigFactory, mock_url: str, tmp_path: Path, **files: Any) -> Path:
+    return make_config(
+        mock_url,
+        providers={
+            "mock-anthropic": {
+                "type": "anthropic",
+                "base_url": f"{mock_url}/v1",
+                "max_concurrency": 64,
+                "retry": {"max_retries": 0},
+                "circuit": {"failures": 1_000_000},
+            }
+        },
+        models={
+            "mock*": {"provider": "mock"},
+            "gpt-4o-mini": {"provider": "mock", "model": "mock"},
+            "claude-test": {"provider": "mock-anthropic", "model": "mock"},
+        },
+        files={"dir": str(tmp_path / "files"), **files},
+    )
+
+
+def _chat_line(cid: str, model: str, content: str) -> dict[str, Any]:
+    return {
+        "custom_id": cid,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": content}]},
+    }
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+
+def _parse(data: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+
+
+async def _openai(url: str, closing: contextlib.AsyncExitStack) -> openai.AsyncOpenAI:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    closing.push_async_callback(client.close)
+    return client
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[contextlib.AsyncExitStack]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield stack
+
+
+async def _until_final(client: openai.AsyncOpenAI, batch_id: str, timeout: float = 60) -> Any:
+    async def final() -> Any:
+        batch = await client.batches.retrieve(batch_id)
+        return batch if batch.status in TERMINAL else None
+
+    return await eventually(final, timeout, what=f"batch {batch_id} to end")
+
+
+async def test_a_chat_batch_through_the_openai_sdk(
+    procs: Procs,
+    make_config: ConfigFactory,
+    closing: contextlib.AsyncExitStack,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    _, mock_url = procs.mock()
+    config = _config(make_config, mock_url, tmp_path, window=32)
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    lines = []
+    for i in range(200):
+        model = "gpt-4o-mini"
+        if i % 20 == 3:
+            model = "no-such-model"
+        elif i % 20 == 7:
+            model = "mock-error-500"
+        lines.append(_chat_line(f"line-{i}", model, f"request number {i}"))
+    client = await _openai(url, closing)
+    uploaded = await client.files.create(file=("in.jsonl", _jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"run": "test"},
+    )
+    assert batch.status == "validating" and batch.metadata == {"run": "test"}
+    done = await _until_final(client, batch.id)
+    assert done.status == "completed", done
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed) == (200, 180)
+    assert done.request_counts.failed == 20
+    assert done.output_file_id and done.error_file_id
+    output = _parse((await client.files.content(done.output_file_id)).read())
+    errors = _parse((await client.files.content(done.error_file_id)).read())
+    ids = [o["custom_id"] for o in output + errors]
+    assert sorted(ids) == sorted(line["custom_id"] for line in lines)  # each exactly once
+    # The answers are the mock's: the same as a direct call with the same request.
+    async with http.post(
+        f"{mock_url}/v1/chat/completions",
+        json={"model": "mock", "messages": [{"role": "user", "content": "request number 0"}]},
+    ) as r:
+        direct = await r.json()
+    first = next(o for o in output if o["custom_id"] == "line-0")
+    assert first["response"]["status_code"] == 200 and first["error"] is None
+    assert first["id"].startswith("batch_req_") and first["response"]["request_id"]
+    body = first["response"]["body"]
+    assert body["choices"][0]["message"] == direct["choices"][0]["message"]
+    for o in output:
+        assert o["response"]["body"]["object"] == "chat.completion"
+    codes = {e["custom_id"]: e["response"]["status_code"] for e in errors}
+    assert {codes[f"line-{i}"] for i in range(3, 200, 20)} == {404}
+    # What a synchronous call gets for an upstream 500: 502 (upstream_error).
+    assert {codes[f"line-{i}"] for i in range(7, 200, 20)} == {502}
+    stats = await mock_stats(http, mock_url)
+    assert stats["completed"] >= 180 + 1
+    listed = await client.batches.list(limit=5)
+    assert [b.id for b in listed.data] == [batch.id]
+
+
+async def test_embeddings_lines_and_a_cancelled_batch(
+    procs: Procs,
+    make_config: ConfigFactory,
+    closing: contextlib.AsyncExitStack,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    _, mock_url = procs.mock()
+    config = _config(make_config, mock_url, tmp_path, window=4)
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    client = await _openai(url, closing)
+    lines = [
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "gpt-4o-mini", "input": f"text {i}"},
+        }
+        for i in range(20)
+    ]
+    uploaded = await client.files.create(file=("e.jsonl", _jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    done = await _until_final(client, batch.id)
+    assert done.status == "completed" and done.request_counts is not None
+    assert done.request_counts.completed == 20 and done.error_file_id is None
+    assert done.output_file_id is not None
+    output = _parse((await client.files.content(done.output_file_id)).read())
+    assert sorted(o["custom_id"] for o in output) == sorted(f"e{i}" for i in range(20))
+    assert all(len(o["response"]["body"]["data"][0]["embedding"]) == 8 for o in output)
+
+    # A slow batch cancelled while it runs keeps the lines that finished.
+    slow = [_chat_line(f"s{i}", "mock-latency-400", f"slow {i}") for i in range(40)]
+    uploaded = await client.files.create(file=("s.jsonl", _jsonl(slow)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    async def some_done() -> bool:
+        got = await client.batches.retrieve(batch.id)
+        return bool(got.request_counts and got.request_counts.completed >= 4)
+
+    await eventually(some_done, 30, what="a few lines to finish")
+    cancelling = await client.batches.cancel(batch.id)
+    assert cancelling.status == "cancelling"
+    done = await _until_final(client, batch.id)
+    assert done.status == "cancelled" and done.request_counts is not None
+    assert 4 <= done.request_counts.completed < 40
+    assert done.output_file_id is not None
+    output = _parse((await client.files.content(done.output_file_id)).read())
+    assert len(output) == done.request_counts.completed
+    assert len({o["custom_id"] for o in output}) == len(output)
+
+
+async def test_message_batches_through_the_anthropic_sdk(
+    procs: Procs, make_config: ConfigFactory, closing: contextlib.AsyncExitStack, tmp_path: Path
+) -> None:
+    _, mock_url = procs.mock()
+    config = _config(make_config, mock_url, tmp_path, window=50)
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+    closing.push_async_callback(client.close)
+    requests: list[Any] = [
+        {
+            "custom_id": f"r{i}",
+            "params": {
+                "model": "claude-test",
+                "max_tokens": 64,
+                "messages": [{"role": "user", "content": f"hello {i}"}],
+            },
+        }
+        for i in range(100)
+    ]
+    batch = await client.messages.batches.create(requests=requests)
+    assert batch.processing_status == "in_progress" and batch.type == "message_batch"
+
+    async def ended() -> Any:
+        got = await client.messages.batches.retrieve(batch.id)
+        return got if got.processing_status == "ended" else None
+
+    done = await eventually(ended, 60, what="the message batch to end")
+    assert done.request_counts.succeeded == 100 and done.request_counts.errored == 0
+    results = [r async for r in await client.messages.batches.results(batch.id)]
+    assert sorted(r.custom_id for r in results) == sorted(f"r{i}" for i in range(100))
+    for r in results:
+        assert r.result.type == "succeeded"
+        assert r.result.message.role == "assistant" and r.result.message.content
+    listed = await client.messages.batches.list()
+    assert [b.id for b in listed.data] == [batch.id]
+    deleted = await client.messages.batches.delete(batch.id)
+    assert deleted.type == "message_batch_deleted"
+
+
+async def test_a_batch_survives_a_killed_worker_and_a_restarted_ingress(
+    procs: Procs,
+    make_config: ConfigFactory,
+    closing: contextlib.AsyncExitStack,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    _, mock_url = procs.mock()
+    config = _config(make_config, mock_url, tmp_path, window=8)
+    worker = procs.worker(config)
+    ingress, url = procs.ingress(config)
+    client = await _openai(url, closing)
+    lines = [_chat_line(f"k{i}", "mock-latency-100", f"kill {i}") for i in range(120)]
+    uploaded = await client.files.create(file=("k.jsonl", _jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    async def progressed() -> bool:
+        got = await client.batches.retrieve(batch.id)
+        return bool(got.request_counts and got.request_counts.completed >= 20)
+
+    await eventually(progressed, 30, what="a part of the batch to finish")
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait()
+    ingress.stop(timeout=10)
+    procs.worker(config)  # a new worker takes the batch over once the lease lapses
+    _, url = procs.ingress(config)
+    client = await _openai(url, closing)
+    done = await _until_final(client, batch.id, timeout=90)
+    assert done.status == "completed" and done.request_counts is not None
+    assert done.request_counts.completed == 120
+    assert done.output_file_id is not None
+    output = _parse((await client.files.content(done.output_file_id)).read())
+    assert sorted(o["custom_id"] for o in output) == sorted(f"k{i}" for i in range(120))
