@@ -15,10 +15,10 @@ from aiohttp import web
 from llm_broker.ingress.admission import identify, redis_call
 from llm_broker.ingress.bodies import decode_body, json_response, load_json, read_json_body
 from llm_broker.ingress.context import CONTEXT
+from llm_broker.ingress.jobs import check_webhook
 from llm_broker.ingress.state import STATE, State
-from llm_broker.shared import anthropic
+from llm_broker.shared import anthropic, batches
 from llm_broker.shared.batches import (
-    CANCELLING,
     ENDPOINTS,
     FINAL,
     MESSAGES,
@@ -42,6 +42,9 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
+    #: The broker's extension (``extra_body`` in the SDKs): a Standard Webhooks
+    #: event ``batch.<status>`` when the batch ends.
+    webhook_url: str | None = None
 
 
 _BATCH_REQUEST = msgspec.json.Decoder(BatchRequest)
@@ -68,8 +71,11 @@ async def _spec(
     endpoint: str,
     input_file_id: str,
     metadata: dict[str, str] | None,
+    webhook_url: str | None = None,
 ) -> Batch:
     principal = await identify(request, state)
+    if webhook_url is not None:
+        await check_webhook(state, principal.tenant, webhook_url)
     now = int(time.time())
     spec = Spec(
         id=new_batch_id("openai" if api == "openai" else "anthropic"),
@@ -81,6 +87,7 @@ async def _spec(
         metadata=metadata,
         created_at=now,
         expires_at=now + WINDOW_S,
+        webhook_url=webhook_url,
     )
     try:
         return await redis_call(
@@ -136,6 +143,7 @@ async def create_batch(request: web.Request) -> web.Response:
         endpoint=body.endpoint,
         input_file_id=rec.id,
         metadata=body.metadata,
+        webhook_url=body.webhook_url,
     )
     return json_response(openai_object(batch))
 
@@ -189,41 +197,12 @@ async def list_batches(request: web.Request) -> web.Response:
 
 
 def anthropic_object(request: web.Request, b: Batch) -> dict[str, Any]:
-    s = b.spec
-    ended = b.status in FINAL
-    dropped_as = "expired" if b.status == "expired" else "canceled"
-    counts = {
-        "processing": 0 if ended else max(0, b.total - b.finished),
-        "succeeded": b.completed,
-        "errored": b.failed,
-        "canceled": b.dropped if dropped_as == "canceled" else 0,
-        "expired": b.dropped if dropped_as == "expired" else 0,
-    }
-    if b.status == "failed":  # an input Anthropic would have refused up front
-        counts["errored"] = max(b.total, 1)
-    ended_at = b.completed_at or b.cancelled_at or b.expired_at or b.failed_at
-    status = "ended" if ended else ("canceling" if b.status == CANCELLING else "in_progress")
-    base = f"{request.scheme}://{request.host}"
-    return {
-        "id": s.id,
-        "type": "message_batch",
-        "processing_status": status,
-        "request_counts": counts,
-        "ended_at": _iso(ended_at),
-        "created_at": _iso(s.created_at),
-        "expires_at": _iso(s.expires_at),
-        "archived_at": None,
-        "cancel_initiated_at": _iso(b.cancelling_at),
-        "results_url": f"{base}/v1/messages/batches/{s.id}/results" if ended else None,
-    }
+    return batches.anthropic_object(b, f"{request.scheme}://{request.host}")
 
 
-def _iso(t: int | None) -> str | None:
-    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _anthropic_requests(raw: bytes) -> list[bytes]:
-    """The body's requests as input lines ({"custom_id", "params"}), checked."""
+def _anthropic_requests(raw: bytes) -> tuple[list[bytes], str | None]:
+    """The body's requests as input lines ({"custom_id", "params"}), checked, and
+    its ``webhook_url`` (the broker's extension)."""
     body = load_json(raw)
     if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
         raise BadRequest("requests: expected a list of {custom_id, params}", param="requests")
@@ -247,7 +226,13 @@ def _anthropic_requests(raw: bytes) -> list[bytes]:
         except anthropic.TranslationError as e:
             raise BadRequest(f"{where}.params: {e}", param=f"{where}.params") from e
         lines.append(orjson.dumps({"custom_id": cid, "params": item["params"]}))
-    return lines
+    webhook_url = body.get("webhook_url")
+    if webhook_url is not None and not isinstance(webhook_url, str):
+        raise BadRequest("webhook_url must be a string", param="webhook_url")
+    extra = set(body) - {"requests", "webhook_url"}
+    if extra:
+        raise BadRequest(f"unknown field {sorted(extra)[0]!r}", param=sorted(extra)[0])
+    return lines, webhook_url
 
 
 async def create_message_batch(request: web.Request) -> web.Response:
@@ -255,7 +240,7 @@ async def create_message_batch(request: web.Request) -> web.Response:
     state = request.app[STATE]
     principal = await identify(request, state)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
-    lines = _anthropic_requests(raw)
+    lines, webhook_url = _anthropic_requests(raw)
     data = b"".join(line + b"\n" for line in lines)
 
     async def chunks() -> Any:
@@ -275,7 +260,13 @@ async def create_message_batch(request: web.Request) -> web.Response:
         raise BadRequest(str(e), param="requests") from e
     await redis_call(state, "files", "", state.files.save(rec))
     batch = await _spec(
-        request, state, api="anthropic", endpoint=MESSAGES, input_file_id=rec.id, metadata=None
+        request,
+        state,
+        api="anthropic",
+        endpoint=MESSAGES,
+        input_file_id=rec.id,
+        metadata=None,
+        webhook_url=webhook_url,
     )
     return json_response(anthropic_object(request, batch))
 

@@ -81,7 +81,7 @@ def _check_metadata(metadata: dict[str, str]) -> None:
             )
 
 
-async def _check_webhook(state: State, tenant: str, url: str) -> None:
+async def check_webhook(state: State, tenant: str, url: str) -> None:
     if state.config.webhooks.secret_file_for(tenant) is None:
         raise BadRequest(
             "webhooks are not configured: no signing secret (webhooks.secret_file)",
@@ -156,7 +156,7 @@ async def submit(
     if metadata:
         _check_metadata(metadata)
     if webhook_url is not None:
-        await _check_webhook(state, tenant, webhook_url)
+        await check_webhook(state, tenant, webhook_url)
     jobs_cfg = state.config.jobs
     job.result_ttl = int(jobs_cfg.result_ttl_s)
     idempotency = None

@@ -293,3 +293,47 @@ def openai_object(b: Batch) -> dict[str, Any]:
 
 def _iso(t: int | None) -> str | None:
     return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def anthropic_object(b: Batch, base: str = "") -> dict[str, Any]:
+    """Anthropic's message batch object (``base``: the broker's URL, for results_url)."""
+    s = b.spec
+    ended = b.status in FINAL
+    dropped_as = "expired" if b.status == EXPIRED else "canceled"
+    counts = {
+        "processing": 0 if ended else max(0, b.total - b.finished),
+        "succeeded": b.completed,
+        "errored": b.failed,
+        "canceled": b.dropped if dropped_as == "canceled" else 0,
+        "expired": b.dropped if dropped_as == "expired" else 0,
+    }
+    if b.status == FAILED:  # an input Anthropic would have refused up front
+        counts["errored"] = max(b.total, 1)
+    ended_at = b.completed_at or b.cancelled_at or b.expired_at or b.failed_at
+    status = "ended" if ended else ("canceling" if b.status == CANCELLING else "in_progress")
+    return {
+        "id": s.id,
+        "type": "message_batch",
+        "processing_status": status,
+        "request_counts": counts,
+        "ended_at": _iso(ended_at),
+        "created_at": _iso(s.created_at),
+        "expires_at": _iso(s.expires_at),
+        "archived_at": None,
+        "cancel_initiated_at": _iso(b.cancelling_at),
+        "results_url": f"{base}/v1/messages/batches/{s.id}/results" if ended else None,
+    }
+
+
+def webhook_event(b: Batch) -> bytes:
+    """The Standard Webhooks event of a batch's end: ``batch.<status>`` with the
+    batch object of its API."""
+    data = openai_object(b) if b.spec.api == "openai" else anthropic_object(b)
+    at = b.completed_at or b.failed_at or b.expired_at or b.cancelled_at or int(time.time())
+    return msgspec.json.encode(
+        {
+            "type": f"batch.{b.status}",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
+            "data": data,
+        }
+    )

@@ -66,7 +66,10 @@ def job_object(job_id: str, rec: JobRecord) -> dict[str, Any]:
 
 
 def event_body(job_id: str, rec: JobRecord) -> bytes:
-    """A Standard Webhooks event for a finished job: ``{"type", "timestamp", "data"}``."""
+    """A Standard Webhooks event for a finished job: ``{"type", "timestamp", "data"}``
+    (a record holding a prepared event, a batch's, sends that)."""
+    if rec.event is not None:
+        return rec.event
     finished = rec.completed_at or 0.0
     return msgspec.json.encode(
         {

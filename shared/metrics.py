@@ -181,8 +181,35 @@ class IngressMetrics:
         children[1].observe(seconds)
 
 
+class BatchMetrics:
+    """The batch driver's (workers/batches.py); a batch's waiting lines are
+    llm_broker_queue_waiting{priority="batch"}."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.batches = Counter(
+            "llm_broker_batches",
+            "Batches that ended, by final status",
+            ["api", "status"],
+            registry=registry,
+        )
+        self.lines = Counter(
+            "llm_broker_batch_lines",
+            "Batch lines taken into a batch's results, by outcome (completed, failed, "
+            "expired, cancelled)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.running = Gauge(
+            "llm_broker_batches_running",
+            "Batches not ended (validating, in progress, cancelling), as the driver sees them",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
+
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.batch = BatchMetrics(registry)
         self.jobs = Counter(
             "llm_broker_worker_jobs",
             "Jobs finished by workers",

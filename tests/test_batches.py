@@ -14,14 +14,21 @@ import anthropic
 import openai
 import orjson
 import pytest
+from standardwebhooks.webhooks import Webhook
 
-from tests.conftest import ConfigFactory, Procs, mock_stats
-from tests.helpers import eventually
+from tests.conftest import ConfigFactory, Procs, Receiver, mock_stats
+from tests.helpers import eventually, loopback_webhooks
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
-def _config(make_config: ConfigFactory, mock_url: str, tmp_path: Path, **files: Any) -> Path:
+def _config(
+    make_config: ConfigFactory,
+    mock_url: str,
+    tmp_path: Path,
+    sections: dict[str, Any] | None = None,
+    **files: Any,
+) -> Path:
     return make_config(
         mock_url,
         providers={
@@ -39,6 +46,7 @@ def _config(make_config: ConfigFactory, mock_url: str, tmp_path: Path, **files: 
             "claude-test": {"provider": "mock-anthropic", "model": "mock"},
         },
         files={"dir": str(tmp_path / "files"), **files},
+        **(sections or {}),
     )
 
 
@@ -271,3 +279,35 @@ async def test_a_batch_survives_a_killed_worker_and_a_restarted_ingress(
     assert done.output_file_id is not None
     output = _parse((await client.files.content(done.output_file_id)).read())
     assert sorted(o["custom_id"] for o in output) == sorted(f"k{i}" for i in range(120))
+
+
+async def test_a_batch_end_is_a_signed_webhook_event(
+    procs: Procs,
+    make_config: ConfigFactory,
+    closing: contextlib.AsyncExitStack,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    _, mock_url = procs.mock()
+    webhooks = loopback_webhooks(tmp_path)
+    with open(webhooks["secret_file"]) as f:  # noqa: ASYNC230 (a small local file, once)
+        secret = f.read().strip()
+    config = _config(make_config, mock_url, tmp_path, {"webhooks": webhooks}, window=8)
+    procs.worker(config)
+    procs.webhooks(config)
+    _, url = procs.ingress(config)
+    client = await _openai(url, closing)
+    lines = [_chat_line(f"w{i}", "gpt-4o-mini", f"hook {i}") for i in range(5)]
+    uploaded = await client.files.create(file=("w.jsonl", _jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body={"webhook_url": f"{receiver.url}/batch"},
+    )
+    (delivery,) = await receiver.deliveries("batch", 1)
+    event = Webhook(secret).verify(delivery.body, delivery.headers)
+    assert event["type"] == "batch.completed"
+    assert event["data"]["id"] == batch.id and event["data"]["status"] == "completed"
+    assert event["data"]["request_counts"] == {"total": 5, "completed": 5, "failed": 0}
+    assert delivery.headers["webhook-id"] == f"msg_{batch.id}"

@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 
 from llm_broker.shared import accounts
 from llm_broker.shared import messages as m
@@ -52,10 +53,12 @@ from llm_broker.shared.batches import (
     Batch,
     BatchStore,
     line_job_id,
+    webhook_event,
 )
 from llm_broker.shared.batchlines import LineError, iter_lines, parse_line
 from llm_broker.shared.config import Config, Router
 from llm_broker.shared.files import FileRecord, Files
+from llm_broker.shared.metrics import BatchMetrics
 from llm_broker.shared.redisio import REDIS_DOWN, Script, execute, raise_if_cancelling
 from llm_broker.shared.store import (
     AsyncFields,
@@ -135,8 +138,15 @@ def _not_run(batch: Batch, job_id: str, cid: str, why: str) -> dict[str, Any]:
 
 class BatchDriver:
     def __init__(
-        self, config: Config, redis: aioredis.Redis, store: JobStore, files: Files, owner: str
+        self,
+        config: Config,
+        redis: aioredis.Redis,
+        store: JobStore,
+        files: Files,
+        owner: str,
+        metrics: BatchMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or BatchMetrics(CollectorRegistry())
         self.config = config
         self.cfg = config.files
         self.redis = redis
@@ -157,7 +167,9 @@ class BatchDriver:
             raise_if_cancelling()
             busy = False
             try:
-                for raw in await self.redis.zrange(self.k.active(), 0, -1):
+                active = await self.redis.zrange(self.k.active(), 0, -1)
+                self.metrics.running.set(len(active))
+                for raw in active:
                     batch_id = raw.decode()
                     if await self._hold(batch_id):
                         try:
@@ -301,6 +313,9 @@ class BatchDriver:
             },
         )
         await self.redis.zrem(self.k.active(), batch.spec.id)
+        self.metrics.batches.labels(batch.spec.api, FAILED).inc()
+        batch.status, batch.failed_at, batch.errors = FAILED, now, errors
+        await self._notify(batch)
         log.info("batch %s failed: %s", batch.spec.id, errors[0]["message"])
 
     # -------------------------------------------------------- collecting
@@ -353,6 +368,10 @@ class BatchDriver:
                     continue  # a cancelled batch keeps what finished; the rest is not run
                 line = _not_run(batch, job_id, cid, why)
                 (out if spec.api == "anthropic" else err).append(orjson.dumps(line))
+        lines = self.metrics.lines
+        lines.labels("completed").inc(completed)
+        lines.labels("failed").inc(failed)
+        lines.labels("expired" if ending == b"expired" else "cancelled").inc(dropped)
         changes: dict[str, Any] = {"done_id": entries[-1][0].decode()}
         if out:
             size = await self._segment(batch, "out", batch.out_segments, out)
@@ -518,6 +537,31 @@ class BatchDriver:
         if isinstance(result, Exception):
             raise result
 
+    async def _notify(self, batch: Batch) -> None:
+        """A batch created with a webhook URL: its end goes out as a Standard Webhooks
+        event, through the webhook deliverer (a record of its own, under the batch's
+        id, holding the prepared event; the same id if sent twice)."""
+        spec = batch.spec
+        if spec.webhook_url is None:
+            return
+        key = self.store.keys.job(spec.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                key,
+                mapping={
+                    "tenant": spec.tenant,
+                    "status": batch.status,
+                    "completed_at": time.time(),
+                    "webhook_url": spec.webhook_url,
+                    "webhook_status": "pending",
+                    "webhook_attempts": 0,
+                    "event": webhook_event(batch),
+                },
+            )
+            pipe.expire(key, int(self.cfg.retention_s))
+            pipe.xadd(self.store.keys.webhook_events(), {"i": spec.id})
+            await pipe.execute()
+
     # -------------------------------------------------------- ending
 
     async def _open(self, batch: Batch) -> list[str]:
@@ -578,6 +622,7 @@ class BatchDriver:
         if lines:
             await self._write_rest(batch, lines)
         dropped = batch.total - batch.submitted
+        self.metrics.lines.labels("expired").inc(dropped)
         key = self.k.batch(batch.spec.id)
         await self.redis.hset(key, mapping={"submitted": batch.total})  # type: ignore[misc]
         await self.redis.hincrby(key, "dropped", dropped)  # type: ignore[misc]
@@ -628,6 +673,12 @@ class BatchDriver:
         await self.redis.hset(key, mapping=changes)  # type: ignore[misc]
         await self.redis.zrem(self.k.active(), spec.id)
         await self.redis.delete(self.k.done(spec.id))
+        self.metrics.batches.labels(spec.api, final).inc()
+        batch.status = final
+        setattr(batch, f"{final}_at", now)  # the final status's time
+        batch.output_file_id = changes.get("output_file_id")
+        batch.error_file_id = changes.get("error_file_id")
+        await self._notify(batch)
         log.info(
             "batch %s %s: %d completed, %d failed, %d not run",
             spec.id,

@@ -168,6 +168,7 @@ async def serve(
         JobStore(config, batcher, redis),
         Files(redis, config.redis.key_prefix, file_store, config.files),
         consumer,
+        metrics.batch,
     )
     driving = loop.create_task(driver.run())
     if metrics_port is not None:

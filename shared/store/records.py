@@ -138,6 +138,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     idem_key: str | None = None
     #: The priority class it was admitted with.
     priority: str = ""
+    #: A prepared webhook event (a batch's end: shared/batches.py), sent as it is.
+    event: bytes | None = None
 
     @property
     def final(self) -> bool:
