@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import statistics
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -311,3 +313,72 @@ async def test_a_batch_end_is_a_signed_webhook_event(
     assert event["data"]["id"] == batch.id and event["data"]["status"] == "completed"
     assert event["data"]["request_counts"] == {"total": 5, "completed": 5, "failed": 0}
     assert delivery.headers["webhook-id"] == f"msg_{batch.id}"
+
+
+def _peak_kib(pid: int) -> int:
+    """Peak resident set size of process ``pid`` (``VmHWM``), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+@pytest.mark.scale
+@pytest.mark.timeout(600)
+async def test_a_50000_line_batch_keeps_memory_bounded_and_interactive_calls_fast(
+    procs: Procs,
+    make_config: ConfigFactory,
+    closing: contextlib.AsyncExitStack,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The issue's scale test: a 0 ms mock, 50,000 lines, interactive calls during it."""
+    _, mock_url = procs.mock()
+    config = _config(make_config, mock_url, tmp_path)
+    worker = procs.worker(config)
+    ingress, url = procs.ingress(config)
+    client = await _openai(url, closing)
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "quick"}]}
+
+    async def interactive(n: int) -> list[float]:
+        took = []
+        for _ in range(n):
+            started = time.perf_counter()
+            async with http.post(f"{url}/v1/chat/completions", json=chat) as r:
+                assert r.status == 200
+                await r.read()
+            took.append(time.perf_counter() - started)
+        return took
+
+    alone = statistics.median(await interactive(50))
+    total = 50_000
+    data = b"".join(
+        orjson.dumps(_chat_line(f"s{i}", "gpt-4o-mini", f"scale {i}")) + b"\n" for i in range(total)
+    )
+    uploaded = await client.files.create(file=("big.jsonl", data), purpose="batch")
+    del data
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    async def running() -> bool:
+        got = await client.batches.retrieve(batch.id)
+        return bool(got.request_counts and got.request_counts.completed >= 1000)
+
+    await eventually(running, 60, what="the batch to be well under way")
+    during = statistics.median(await interactive(50))
+    done = await _until_final(client, batch.id, timeout=400)
+    assert done.status == "completed" and done.request_counts is not None
+    assert done.request_counts.completed == total
+    peaks = {"ingress": _peak_kib(ingress.pid), "worker": _peak_kib(worker.pid)}
+    print(f"interactive p50 alone {alone * 1000:.1f} ms, during {during * 1000:.1f} ms; "
+          f"peak RSS KiB {peaks}")  # fmt: skip
+    # Interactive calls go first in the scheduler: the batch adds little to them.
+    assert during <= alone + 0.1, (alone, during)
+    assert all(kib < 250 * 1024 for kib in peaks.values()), peaks
+    assert done.output_file_id is not None
+    seen = 0
+    async with http.get(f"{url}/v1/files/{done.output_file_id}/content") as r:
+        async for chunk in r.content.iter_chunked(1 << 16):
+            seen += chunk.count(b"\n")
+    assert seen == total
