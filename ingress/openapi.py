@@ -1,25 +1,30 @@
 """The OpenAPI 3.1 description of the ingress, served at ``GET /openapi.json``.
 
 The request schemas are generated (``msgspec.json.schema_components``) from the
-structs the ingress decodes with (:mod:`llm_broker.shared.messages`, and
-:mod:`llm_broker.shared.accounts` for the admin API) and the error object
-from :mod:`llm_broker.shared.errors`. The structs below exist only to document what is
-built as plain dicts: the answers, and the Anthropic request (``/v1/messages``
-decodes a dict and checks it in :func:`shared.anthropic.messages_to_chat`).
+structs the ingress decodes with (:mod:`llm_broker.shared.messages`,
+:mod:`llm_broker.shared.accounts` for the admin API, ``BatchRequest`` of
+:mod:`llm_broker.ingress.batches`) and the error object from
+:mod:`llm_broker.shared.errors`. The structs below exist only to document what is
+built as plain dicts: the answers, the Anthropic request (``/v1/messages``
+decodes a dict and checks it in :func:`shared.anthropic.messages_to_chat`) and
+the message batch request, and the lines of a batch's results.
 The document is built once, when the app is created.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from importlib import metadata
 from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
 
+from llm_broker.ingress.batches import BatchRequest
 from llm_broker.shared import accounts as a
 from llm_broker.shared import messages as m
+from llm_broker.shared.batches import ENDPOINTS
 from llm_broker.shared.config import PRIORITIES, Priority
 from llm_broker.shared.errors import ErrorObject
 
@@ -292,6 +297,169 @@ class AnthropicError(msgspec.Struct):
     error: AnthropicErrorDetail
 
 
+# ---------------------------------------------------------------- batches (documentation only)
+
+BatchStatus = Literal[
+    "validating",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "failed",
+    "expired",
+    "cancelling",
+    "cancelled",
+]
+
+
+class BatchError(msgspec.Struct):
+    """Why a batch failed validation (``line``: the input line at fault, from 1)."""
+
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(msgspec.Struct):
+    object: Literal["list"]
+    data: list[BatchError]
+
+
+class BatchRequestCounts(msgspec.Struct):
+    total: int
+    completed: int
+    #: Lines that failed, and lines that ended without running (the window ended,
+    #: or the batch was cancelled while they were queued or running).
+    failed: int
+
+
+class OpenAIBatch(msgspec.Struct):
+    """An OpenAI batch (``/v1/batches``). Times are Unix seconds."""
+
+    id: str
+    object: Literal["batch"]
+    endpoint: Literal["/v1/chat/completions", "/v1/embeddings"]
+    #: Set when the batch failed validation.
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: Literal["24h"]
+    status: BatchStatus
+    #: The successful lines' results (JSONL), once the batch is final.
+    output_file_id: str | None
+    #: The failed lines, and those never run, once the batch is final.
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: BatchRequestCounts
+    metadata: dict[str, str] | None
+
+
+class OpenAIBatchList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[OpenAIBatch]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class BatchLineResponse(msgspec.Struct):
+    status_code: int
+    #: The line's job id.
+    request_id: str
+    #: The answer (``chat.completion``, embeddings list) or the error object.
+    body: dict[str, Any] | None
+
+
+class BatchLineError(msgspec.Struct):
+    code: Literal["batch_expired", "batch_cancelled"]
+    message: str
+
+
+class BatchOutputLine(msgspec.Struct):
+    """A line of a batch's output or error file (``GET /v1/files/{file_id}/content``)."""
+
+    id: str
+    custom_id: str
+    #: Null for a line that never ran.
+    response: BatchLineResponse | None
+    error: BatchLineError | None
+
+
+class MessageBatchRequest(msgspec.Struct):
+    custom_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    params: AnthropicRequest
+
+
+class MessageBatchCreate(msgspec.Struct, forbid_unknown_fields=True):
+    requests: Annotated[list[MessageBatchRequest], msgspec.Meta(min_length=1, max_length=100_000)]
+
+
+class MessageBatchRequestCounts(msgspec.Struct):
+    processing: int
+    succeeded: int
+    errored: int
+    canceled: int
+    expired: int
+
+
+class MessageBatch(msgspec.Struct):
+    """An Anthropic message batch (``/v1/messages/batches``). Times are RFC 3339, UTC."""
+
+    id: str
+    type: Literal["message_batch"]
+    processing_status: Literal["in_progress", "canceling", "ended"]
+    request_counts: MessageBatchRequestCounts
+    ended_at: datetime | None
+    created_at: datetime
+    expires_at: datetime
+    archived_at: datetime | None
+    cancel_initiated_at: datetime | None
+    #: ``GET /v1/messages/batches/{batch_id}/results`` on this broker, once ended.
+    results_url: str | None
+
+
+class MessageBatchList(msgspec.Struct):
+    data: list[MessageBatch]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class MessageBatchDeleted(msgspec.Struct):
+    id: str
+    type: Literal["message_batch_deleted"]
+
+
+class Succeeded(msgspec.Struct, tag_field="type", tag="succeeded"):
+    message: AnthropicMessage
+
+
+class Errored(msgspec.Struct, tag_field="type", tag="errored"):
+    error: AnthropicError
+
+
+class Canceled(msgspec.Struct, tag_field="type", tag="canceled"):
+    pass
+
+
+class Expired(msgspec.Struct, tag_field="type", tag="expired"):
+    pass
+
+
+class MessageBatchResult(msgspec.Struct):
+    """A line of ``GET /v1/messages/batches/{batch_id}/results``."""
+
+    custom_id: str
+    result: Succeeded | Errored | Canceled | Expired
+
+
 # ---------------------------------------------------------------- admin API (documentation only)
 
 
@@ -436,6 +604,15 @@ _TYPES: tuple[Any, ...] = (
     FileList,
     FileDeleted,
     AnthropicMessage,
+    BatchRequest,
+    OpenAIBatch,
+    OpenAIBatchList,
+    BatchOutputLine,
+    MessageBatchCreate,
+    MessageBatch,
+    MessageBatchList,
+    MessageBatchDeleted,
+    MessageBatchResult,
     a.TenantInput,
     a.TenantPatch,
     a.KeyInput,
@@ -474,6 +651,7 @@ def _schemas() -> dict[str, Any]:
         "description": "The job's priority class, lowered to the tenant's max_priority.",
     }
     _admin_checks(schemas)
+    _batch_checks(schemas)
     return dict(schemas)
 
 
@@ -532,6 +710,45 @@ def _admin_checks(schemas: dict[str, Any]) -> None:
         "description": "How long the current secret stays valid beside the new one "
         "(seconds; null: `accounts.rotation_grace_s`, 86400).",
     }
+
+
+def _batch_checks(schemas: dict[str, Any]) -> None:
+    """What ingress/batches.py checks beyond the types, in the batch request schemas."""
+    body = schemas["BatchRequest"]["properties"]
+    body["input_file_id"]["description"] = "A file of the caller's with purpose `batch`."
+    body["endpoint"] = {"enum": list(ENDPOINTS), "description": "The URL of every line."}
+    body["completion_window"] = {"enum": ["24h"], "description": "Only `24h`."}
+    body["metadata"] = {
+        "anyOf": [
+            {
+                "type": "object",
+                "maxProperties": 16,
+                "propertyNames": {"maxLength": 64},
+                "additionalProperties": {"type": "string", "maxLength": 512},
+            },
+            {"type": "null"},
+        ],
+        "description": "At most 16 keys of up to 64 characters, values up to 512.",
+    }
+    hook = (
+        "A Standard Webhooks event `batch.<status>` when the batch ends (webhooks must be "
+        "configured; the URL is checked as a job's `webhook_url` is): the broker's extension."
+    )
+    create = schemas["MessageBatchCreate"]
+    if "webhook_url" in body:  # both APIs take it (ingress/batches.py)
+        body["webhook_url"]["description"] = hook + " With the SDKs: `extra_body`."
+        create["properties"]["webhook_url"] = {
+            "anyOf": [{"type": "string"}, {"type": "null"}],
+            "description": hook,
+        }
+    create["properties"]["requests"]["description"] = (
+        "The requests, each `custom_id` unique in the batch."
+    )
+    params = schemas["MessageBatchRequest"]["properties"]["params"]
+    params["description"] = (
+        "A Messages request, checked as `POST /v1/messages` checks one; without `stream` "
+        "(a request with `stream: true` ends `errored`)."
+    )
 
 
 def _ref(name: str, kind: str = "schemas") -> dict[str, str]:
@@ -658,6 +875,13 @@ _PARAMETERS: dict[str, Any] = {
     },
     "JobId": {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
     "FileId": {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}},
+    "BatchId": {
+        "name": "batch_id",
+        "in": "path",
+        "required": True,
+        "description": "The batch's id (`batch_...` or `msgbatch_...`).",
+        "schema": {"type": "string"},
+    },
     "TenantName": {
         "name": "name",
         "in": "path",
@@ -1004,6 +1228,178 @@ def _files_paths() -> dict[str, Any]:
     }
 
 
+#: The answers of the batch APIs (an Anthropic batch's errors have Anthropic's shape).
+_BATCH_ERRORS = {
+    **_ERRORS,
+    400: "The body or a parameter is invalid (the error's `param` or message names it), or "
+    "`input_file_id` names no file of the caller's with purpose `batch` (`invalid_file`).",
+    403: "An admin key, which may call the admin API only (`admin_key`).",
+    404: "No such batch (`batch_not_found`): another tenant's batches, and those of the other "
+    "batch API, are not found either.",
+    413: "The body exceeds `ingress.max_body_bytes`.",
+    415: "The body is not `application/json`.",
+    429: "The tenant has `files.max_batches_in_progress` batches validating or in progress "
+    "(`too_many_batches`); `Retry-After` says when to try again.",
+    503: "Redis is unavailable.",
+}
+
+_MESSAGE_BATCH_ERRORS = {
+    **_BATCH_ERRORS,
+    400: "The body or a parameter is invalid: a request `POST /v1/messages` would refuse "
+    "(the message names it: `requests.<n>.params...`), a `custom_id` used twice; or the "
+    "batch's results, or its deletion, before it ended.",
+}
+
+_BATCH_RETRY_AFTER = {
+    "Retry-After": {
+        "required": True,
+        "description": "Seconds (60).",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
+}
+
+
+def _batch_op(
+    summary: str,
+    answer: dict[str, Any],
+    statuses: tuple[int, ...],
+    *params: str,
+    query: tuple[dict[str, Any], ...] = (),
+    body: str | None = None,
+    anthropic: bool = False,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary}
+    if params or query:
+        op["parameters"] = [*_params(*params), *query]
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": _json(body)}
+        statuses = (*statuses, 400, 413, 415, 429)
+    errors = _errors(
+        tuple(sorted({401, 403, 503, *statuses})),
+        "AnthropicError" if anthropic else "ErrorObject",
+        why=_MESSAGE_BATCH_ERRORS if anthropic else _BATCH_ERRORS,
+    )
+    if "429" in errors:
+        errors["429"]["headers"] = _BATCH_RETRY_AFTER
+    op["responses"] = {"200": answer, **errors}
+    return op
+
+
+def _limit_query(name: str, top: int) -> tuple[dict[str, Any], ...]:
+    return (
+        {
+            "name": "limit",
+            "in": "query",
+            "description": "Default 20.",
+            "schema": {"type": "integer", "minimum": 1, "maximum": top},
+        },
+        {
+            "name": name,
+            "in": "query",
+            "description": "The `last_id` of the previous page.",
+            "schema": {"type": "string"},
+        },
+    )
+
+
+def _batch_paths() -> dict[str, Any]:
+    batch = {"description": "The batch.", "content": _json("OpenAIBatch")}
+    message_batch = {"description": "The message batch.", "content": _json("MessageBatch")}
+    return {
+        "/v1/batches": {
+            "post": _batch_op(
+                "Create a batch (OpenAI) over an uploaded file: its lines run as async jobs of "
+                "class `batch`, at most `files.window` at once. Its results go to an output "
+                "file (successes) and an error file (failures, and lines never run), lines of "
+                "`BatchOutputLine`.",
+                batch,
+                (),
+                body="BatchRequest",
+            ),
+            "get": _batch_op(
+                "The caller's batches, newest first.",
+                {"description": "A page of batches.", "content": _json("OpenAIBatchList")},
+                (400,),
+                query=_limit_query("after", 100),
+            ),
+        },
+        "/v1/batches/{batch_id}": {
+            "get": _batch_op("A batch: status, counts, files.", batch, (404,), "BatchId")
+        },
+        "/v1/batches/{batch_id}/cancel": {
+            "post": _batch_op(
+                "Cancel a batch: no further line starts, the lines queued or running are "
+                "cancelled, those that finished are kept; `cancelling`, then `cancelled`. "
+                "A final batch is returned as is.",
+                batch,
+                (404,),
+                "BatchId",
+            )
+        },
+        "/v1/messages/batches": {
+            "post": _batch_op(
+                "Create a message batch (Anthropic): its requests run as async jobs of class "
+                "`batch`, at most `files.window` at once. Errors come in Anthropic's shape.",
+                message_batch,
+                (),
+                body="MessageBatchCreate",
+                anthropic=True,
+            ),
+            "get": _batch_op(
+                "The caller's message batches, newest first (`before_id` is not supported).",
+                {"description": "A page of message batches.", "content": _json("MessageBatchList")},
+                (400,),
+                query=_limit_query("after_id", 1000),
+                anthropic=True,
+            ),
+        },
+        "/v1/messages/batches/{batch_id}": {
+            "get": _batch_op(
+                "A message batch: processing status, counts, results URL.",
+                message_batch,
+                (404,),
+                "BatchId",
+                anthropic=True,
+            ),
+            "delete": _batch_op(
+                "Delete an ended message batch, its requests and its results.",
+                {"description": "Deleted.", "content": _json("MessageBatchDeleted")},
+                (400, 404),
+                "BatchId",
+                anthropic=True,
+            ),
+        },
+        "/v1/messages/batches/{batch_id}/cancel": {
+            "post": _batch_op(
+                "Cancel a message batch: requests not yet done end `canceled`; `canceling`, "
+                "then `ended`. An ended batch is returned as is.",
+                message_batch,
+                (404,),
+                "BatchId",
+                anthropic=True,
+            )
+        },
+        "/v1/messages/batches/{batch_id}/results": {
+            "get": _batch_op(
+                "An ended message batch's results: JSON Lines, one `MessageBatchResult` per "
+                "request (`succeeded`, `errored`, `canceled`, `expired`), in the order they "
+                "finished.",
+                {
+                    "description": "The results, JSON Lines.",
+                    "content": {
+                        "application/binary": {
+                            "schema": {"description": "One `MessageBatchResult` (JSON) a line."}
+                        }
+                    },
+                },
+                (400, 404),
+                "BatchId",
+                anthropic=True,
+            )
+        },
+    }
+
+
 def _paths() -> dict[str, Any]:
     chat = _call(
         "Create a chat completion (OpenAI); SSE with `stream: true`.",
@@ -1106,6 +1502,7 @@ def _paths() -> dict[str, Any]:
             }
         },
         **_files_paths(),
+        **_batch_paths(),
         **_admin_paths(),
         "/health": {"get": _public("Liveness.", _json("Status"))},
         "/ready": {
