@@ -32,8 +32,6 @@ from llm_broker.shared.batches import (
 from llm_broker.shared.errors import BadRequest, NotFound, QueueFull
 from llm_broker.shared.files import FileRecord, TooLarge, new_file_id
 
-#: OpenAI's only completion window, and Anthropic's fixed one.
-WINDOW_S = 24 * 3600
 MAX_REQUESTS = 100_000
 
 
@@ -86,7 +84,7 @@ async def _spec(
         input_file_id=input_file_id,
         metadata=metadata,
         created_at=now,
-        expires_at=now + WINDOW_S,
+        expires_at=now + int(state.config.files.completion_window_s),
         webhook_url=webhook_url,
     )
     try:

@@ -192,12 +192,17 @@ class FilesConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     max_batches_in_progress: int = 10
     #: Lines of one batch queued or running at once (a batch cannot fill the queue).
     window: int = 500
+    #: How long a batch may run: its lines not done by then are expired (both APIs
+    #: promise 24 hours; a deployment may keep batches shorter).
+    completion_window_s: float = 86400.0
 
     def __post_init__(self) -> None:
         if self.backend == "s3" and self.s3 is None:
             raise ValueError("files.backend s3 needs files.s3 (bucket, ...)")
         if self.max_bytes < 1 or self.max_lines < 1 or self.window < 1:
             raise ValueError("files.max_bytes, max_lines and window must be positive")
+        if not 1 <= self.completion_window_s <= 86400:
+            raise ValueError("files.completion_window_s must be from 1 to 86400 seconds")
         if self.retention_s <= 0 or self.max_batches_in_progress < 1:
             raise ValueError("files.retention_s and max_batches_in_progress must be positive")
 

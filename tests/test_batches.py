@@ -382,3 +382,41 @@ async def test_a_50000_line_batch_keeps_memory_bounded_and_interactive_calls_fas
         async for chunk in r.content.iter_chunked(1 << 16):
             seen += chunk.count(b"\n")
     assert seen == total
+
+
+async def test_lines_not_done_when_the_window_ends_are_expired_and_batches_are_limited(
+    procs: Procs,
+    make_config: ConfigFactory,
+    closing: contextlib.AsyncExitStack,
+    tmp_path: Path,
+) -> None:
+    _, mock_url = procs.mock()
+    config = _config(
+        make_config, mock_url, tmp_path, window=2, completion_window_s=3, max_batches_in_progress=1
+    )
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    client = await _openai(url, closing)
+    # Two lines at a time, 1 s each, for a 3 s window: about 6 of 30 finish.
+    lines = [_chat_line(f"x{i}", "mock-latency-1000", f"late {i}") for i in range(30)]
+    uploaded = await client.files.create(file=("x.jsonl", _jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    # One batch in progress per tenant here: a second one waits its turn.
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert refused.value.code == "too_many_batches"
+    done = await _until_final(client, batch.id, timeout=30)
+    assert done.status == "expired" and done.expired_at is not None
+    assert done.request_counts is not None
+    finished = done.request_counts.completed
+    assert 1 <= finished < 30 and done.request_counts.failed == 30 - finished
+    output = _parse((await client.files.content(done.output_file_id or "")).read())
+    assert done.error_file_id is not None
+    errors = _parse((await client.files.content(done.error_file_id)).read())
+    assert len(output) == finished
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert sorted(o["custom_id"] for o in output + errors) == sorted(f"x{i}" for i in range(30))

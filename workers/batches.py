@@ -340,6 +340,8 @@ class BatchDriver:
                 )
             records = await pipe.execute()
         ending = await self.redis.hget(self.k.batch(spec.id), "ending")  # type: ignore[misc]
+        # A line still running when the window ended failed at its deadline (504).
+        expiring = ending == b"expired" or _now() >= spec.expires_at
         out: list[bytes] = []
         err: list[bytes] = []
         completed = failed = dropped = 0
@@ -357,13 +359,13 @@ class BatchDriver:
             if state == m.COMPLETED:
                 completed += 1
                 out.append(orjson.dumps(self._success(batch, job_id, cid, result or b"{}")))
-            elif state == m.FAILED:
+            elif state == m.FAILED and not (expiring and http_status == b"504"):
                 failed += 1
                 line = _line_error(batch, job_id, cid, int(http_status or 500), error or b"")
                 (out if spec.api == "anthropic" else err).append(orjson.dumps(line))
-            else:  # cancelled or expired before it ran
+            else:  # cancelled or expired before it ran, or cut off by the window's end
                 dropped += 1
-                why = "expired" if state == m.EXPIRED or ending == b"expired" else "canceled"
+                why = "expired" if state != m.CANCELLED or expiring else "canceled"
                 if why == "canceled" and spec.api == "openai":
                     continue  # a cancelled batch keeps what finished; the rest is not run
                 line = _not_run(batch, job_id, cid, why)
