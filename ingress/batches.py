@@ -195,18 +195,22 @@ async def list_batches(request: web.Request) -> web.Response:
 
 
 def anthropic_object(request: web.Request, b: Batch) -> dict[str, Any]:
-    return batches.anthropic_object(b, f"{request.scheme}://{request.host}")
+    # results_url as the client reached the broker (a TLS proxy in front says so).
+    scheme = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
+    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+    return batches.anthropic_object(b, f"{scheme}://{host}")
 
 
-def _anthropic_requests(raw: bytes) -> tuple[list[bytes], str | None]:
+def _anthropic_requests(raw: bytes, max_lines: int) -> tuple[list[bytes], str | None]:
     """The body's requests as input lines ({"custom_id", "params"}), checked, and
     its ``webhook_url`` (the broker's extension)."""
     body = load_json(raw)
     if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
         raise BadRequest("requests: expected a list of {custom_id, params}", param="requests")
     requests: list[Any] = body["requests"]
-    if not 1 <= len(requests) <= MAX_REQUESTS:
-        raise BadRequest(f"requests holds 1 to {MAX_REQUESTS} requests", param="requests")
+    top = min(MAX_REQUESTS, max_lines)
+    if not 1 <= len(requests) <= top:
+        raise BadRequest(f"requests holds 1 to {top} requests", param="requests")
     seen: set[str] = set()
     lines = []
     for i, item in enumerate(requests):
@@ -219,6 +223,10 @@ def _anthropic_requests(raw: bytes) -> tuple[list[bytes], str | None]:
         if cid in seen:
             raise BadRequest(f"{where}.custom_id {cid!r} is used twice", param=f"{where}.custom_id")
         seen.add(cid)
+        if item["params"].get("stream") is not None and item["params"]["stream"] is not False:
+            raise BadRequest(
+                f"{where}.params.stream: a batch's requests do not stream", param=f"{where}.params"
+            )
         try:
             anthropic.messages_to_chat(item["params"])
         except anthropic.TranslationError as e:
@@ -238,7 +246,7 @@ async def create_message_batch(request: web.Request) -> web.Response:
     state = request.app[STATE]
     principal = await identify(request, state)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
-    lines, webhook_url = _anthropic_requests(raw)
+    lines, webhook_url = _anthropic_requests(raw, state.config.files.max_lines)
     data = b"".join(line + b"\n" for line in lines)
 
     async def chunks() -> Any:
@@ -266,6 +274,9 @@ async def create_message_batch(request: web.Request) -> web.Response:
         metadata=None,
         webhook_url=webhook_url,
     )
+    # Its requests are known now: all are processing until the driver counts them.
+    await redis_call(state, "batches", "", _store(state).set_total(batch.spec.id, len(lines)))
+    batch.total = len(lines)
     return json_response(anthropic_object(request, batch))
 
 

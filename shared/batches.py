@@ -247,6 +247,9 @@ class BatchStore:
                 except aioredis.WatchError:
                     continue
 
+    async def set_total(self, batch_id: str, total: int) -> None:
+        await self.redis.hset(self.k.batch(batch_id), "total", str(total))  # type: ignore[misc]
+
     async def delete(self, batch: Batch) -> None:
         """Forget a final batch (Anthropic's DELETE)."""
         spec = batch.spec

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from llm_broker.shared.config import new_key
 from tests.conftest import ConfigFactory, Procs, Receiver, mock_stats
 from tests.helpers import eventually, loopback_webhooks
 
@@ -46,6 +47,7 @@ def _config(
             "mock*": {"provider": "mock"},
             "gpt-4o-mini": {"provider": "mock", "model": "mock"},
             "claude-test": {"provider": "mock-anthropic", "model": "mock"},
+            "claude-slow": {"provider": "mock-anthropic", "model": "mock-latency-500"},
         },
         files={"dir": str(tmp_path / "files"), **files},
         **(sections or {}),
@@ -420,3 +422,79 @@ async def test_lines_not_done_when_the_window_ends_are_expired_and_batches_are_l
     assert len(output) == finished
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
     assert sorted(o["custom_id"] for o in output + errors) == sorted(f"x{i}" for i in range(30))
+
+
+async def test_message_batch_checks_and_a_cancel_that_answers_every_request(
+    procs: Procs, make_config: ConfigFactory, closing: contextlib.AsyncExitStack, tmp_path: Path
+) -> None:
+    _, mock_url = procs.mock()
+    config = _config(make_config, mock_url, tmp_path, window=2, max_lines=50)
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+    closing.push_async_callback(client.close)
+
+    def request(i: int, **extra: Any) -> Any:
+        params = {"model": "claude-test", "max_tokens": 16, **extra}
+        params["messages"] = [{"role": "user", "content": f"q {i}"}]
+        return {"custom_id": f"c{i}", "params": params}
+
+    for bad, why in (
+        ([request(0, stream=True)], "stream"),
+        ([request(i) for i in range(51)], "1 to 50"),
+        ([request(0), request(0)], "used twice"),
+    ):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await client.messages.batches.create(requests=bad)
+        assert why in str(refused.value)
+    slow = [request(i) | {"params": {**request(i)["params"], "model": "claude-slow"}}
+            for i in range(30)]  # fmt: skip
+    batch = await client.messages.batches.create(requests=slow)
+    assert batch.request_counts.processing == 30
+    await client.messages.batches.cancel(batch.id)
+
+    async def ended() -> Any:
+        got = await client.messages.batches.retrieve(batch.id)
+        return got if got.processing_status == "ended" else None
+
+    done = await eventually(ended, 30, what="the cancelled batch to end")
+    counts = done.request_counts
+    assert counts.canceled + counts.succeeded == 30 and counts.canceled > 0, counts
+    results = [r async for r in await client.messages.batches.results(batch.id)]
+    assert sorted(r.custom_id for r in results) == sorted(f"c{i}" for i in range(30))
+    assert {r.result.type for r in results} <= {"succeeded", "canceled"}
+
+
+async def test_a_batch_line_may_use_only_its_key_s_models(
+    procs: Procs, make_config: ConfigFactory, closing: contextlib.AsyncExitStack, tmp_path: Path
+) -> None:
+    _, mock_url = procs.mock()
+    admin_key, admin_sha = new_key()
+    config = _config(
+        make_config,
+        mock_url,
+        tmp_path,
+        {"auth": {"open": False, "admin_keys": [{"name": "ops", "sha256": admin_sha}]}},
+    )
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    async with aiohttp.ClientSession(headers=admin) as http:
+        async with http.post(f"{url}/admin/v1/tenants", json={"name": "acme"}) as r:
+            assert r.status == 201
+        async with http.post(
+            f"{url}/admin/v1/keys", json={"tenant": "acme", "models": ["gpt-4o-mini"]}
+        ) as r:
+            key = (await r.json())["key"]
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+    closing.push_async_callback(client.close)
+    lines = [_chat_line("ok", "gpt-4o-mini", "fine"), _chat_line("no", "mock-fast", "not mine")]
+    uploaded = await client.files.create(file=("m.jsonl", _jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = await _until_final(client, batch.id)
+    assert done.request_counts is not None and done.request_counts.completed == 1
+    errors = _parse((await client.files.content(done.error_file_id or "")).read())
+    assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("no", 403)]
+    assert errors[0]["response"]["body"]["error"]["code"] == "model_not_allowed"

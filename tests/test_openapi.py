@@ -98,7 +98,8 @@ def test_errors_are_the_openai_object_and_anthropic_on_messages() -> None:
                 if int(status) < 400 or path in ("/ready",):
                     continue
                 schema = response["content"]["application/json"]["schema"]["$ref"]
-                want = "AnthropicError" if path == "/v1/messages" else "ErrorObject"
+                anthropic = path == "/v1/messages" or path.startswith("/v1/messages/batches")
+                want = "AnthropicError" if anthropic else "ErrorObject"
                 assert schema.endswith("/" + want), (path, status)
     error = _validator(doc, "ErrorObject")
     assert error.is_valid(

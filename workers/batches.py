@@ -28,13 +28,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from llm_broker.shared import accounts
 from llm_broker.shared import messages as m
-from llm_broker.shared.accounts import AccountKeys, Principal
+from llm_broker.shared.accounts import AccountKeys, KeyRecord, Principal, principal_of
 from llm_broker.shared.anthropic import (
     TranslationError,
     chat_to_message,
@@ -157,6 +158,8 @@ class BatchDriver:
         self.owner = owner
         self.router = Router(config)
         self.account_keys = AccountKeys(config.redis.key_prefix)
+        #: The keys that created the batches of this round (None: gone or revoked).
+        self._keys: dict[str, Principal | None] = {}
 
     # -------------------------------------------------------- the loop
 
@@ -208,6 +211,7 @@ class BatchDriver:
 
     async def step(self, batch_id: str) -> bool:
         """One bounded round on a batch; True if it moved."""
+        self._keys.clear()
         batch = await self.batches.get(batch_id)
         if batch is None:
             await self.redis.zrem(self.k.active(), batch_id)
@@ -281,11 +285,21 @@ class BatchDriver:
         if errors:
             await self._fail(batch, errors)
             return
-        await self.redis.hset(  # type: ignore[misc]
-            self.k.batch(spec.id),
-            mapping={"status": IN_PROGRESS, "in_progress_at": _now(), "total": total},
-        )
-        log.info("batch %s: %d lines, in progress", spec.id, total)
+        # In progress, unless a cancel came meanwhile (then it ends cancelled).
+        key = self.k.batch(spec.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            status = await pipe.hget(key, "status")  # type: ignore[misc]
+            pipe.multi()  # type: ignore[no-untyped-call]
+            progress: dict[str, Any] = {"total": total}
+            if status == VALIDATING.encode():
+                progress |= {"status": IN_PROGRESS, "in_progress_at": _now()}
+            pipe.hset(key, mapping=progress)
+            try:
+                await pipe.execute()
+            except aioredis.WatchError:
+                return  # the next round looks again
+        log.info("batch %s: %d lines, %s", spec.id, total, progress.get("status", "cancelling"))
 
     def _parse(self, batch: Batch, raw: bytes, line_no: int) -> tuple[str, bytes, str]:
         """A line's custom_id, the job's chat or embeddings body, and its kind."""
@@ -466,7 +480,19 @@ class BatchDriver:
         model = request.model
         candidates = self.router.candidates(model)
         if candidates is None:
-            await self._fail_line(batch, job_id, cid, 404, f"the model {model!r} does not exist")
+            await self._fail_line(
+                batch, job_id, cid, 404, f"the model {model!r} does not exist", "model_not_found"
+            )
+            return True
+        if not await self._allowed(spec.key_id, model):
+            await self._fail_line(
+                batch,
+                job_id,
+                cid,
+                403,
+                f"the API key that created this batch may not use the model {model!r}",
+                "model_not_allowed",
+            )
             return True
         (target,) = random.choices(candidates.targets, candidates.weights)
         rest = [t for t in candidates.targets if t != target] if candidates.route.fallback else []
@@ -519,19 +545,26 @@ class BatchDriver:
         )
         return isinstance(answer, Admitted | Replayed)
 
+    async def _allowed(self, key_id: str, model: str) -> bool:
+        """Whether the key (kept in Redis) that created the batch may use ``model``;
+        its record is read once a round (a revoked or deleted key allows nothing)."""
+        if not key_id:
+            return True
+        if key_id not in self._keys:
+            raw = await self.redis.get(self.account_keys.key(key_id))
+            key = msgspec.json.decode(raw, type=KeyRecord) if raw else None
+            active = key is not None and key.status(time.time()) == "active"
+            self._keys[key_id] = principal_of(key, None) if key is not None and active else None
+        principal = self._keys[key_id]
+        return principal is not None and principal.allows(model)
+
     async def _fail_line(
-        self, batch: Batch, job_id: str, cid: str, status: int, message: str
+        self, batch: Batch, job_id: str, cid: str, status: int, message: str, code: str
     ) -> None:
         """Record a line that cannot become a job as finished, once."""
+        kind = "invalid_request_error" if status == 404 else "permission_error"
         body = orjson.dumps(
-            {
-                "error": {
-                    "message": message,
-                    "type": "invalid_request_error",
-                    "param": "model",
-                    "code": "model_not_found",
-                }
-            }
+            {"error": {"message": message, "type": kind, "param": "model", "code": code}}
         )
         keys = (self.k.done(batch.spec.id), f"{self.k.batch(batch.spec.id)}:f:{job_id}")
         args = (self.batches.retention_s, "i", job_id, "c", cid, "s", status, "e", body)
@@ -594,17 +627,20 @@ class BatchDriver:
         ending = await self.redis.hget(self.k.batch(spec.id), "ending")  # type: ignore[misc]
         if batch.status == CANCELLING:
             final = CANCELLED
+            if spec.api == "anthropic":  # every request has a result: canceled
+                await self._drop_rest(batch, "canceled")
         elif ending == b"expired" or (batch.submitted < batch.total and _now() >= spec.expires_at):
             final = EXPIRED
-            await self._expire_rest(batch)
+            await self._drop_rest(batch, "expired")
         elif batch.submitted >= batch.total:
             final = COMPLETED
         else:
             return
         await self._finalize(batch, final)
 
-    async def _expire_rest(self, batch: Batch) -> None:
-        """Write every line never submitted as expired (bounded segments)."""
+    async def _drop_rest(self, batch: Batch, why: str) -> None:
+        """Write every line never submitted as ``expired`` or ``canceled`` (in bounded
+        segments)."""
         if batch.submitted >= batch.total:
             return
         rec = await self._input(batch)
@@ -616,7 +652,7 @@ class BatchDriver:
                 cid = self._parse(batch, raw, line_no)[0]
             except LineError:
                 cid = ""
-            line = _not_run(batch, line_job_id(batch.spec.id, line_no), cid, "expired")
+            line = _not_run(batch, line_job_id(batch.spec.id, line_no), cid, why)
             lines.append(orjson.dumps(line))
             if len(lines) >= COLLECT:
                 await self._write_rest(batch, lines)
@@ -624,7 +660,7 @@ class BatchDriver:
         if lines:
             await self._write_rest(batch, lines)
         dropped = batch.total - batch.submitted
-        self.metrics.lines.labels("expired").inc(dropped)
+        self.metrics.lines.labels("expired" if why == "expired" else "cancelled").inc(dropped)
         key = self.k.batch(batch.spec.id)
         await self.redis.hset(key, mapping={"submitted": batch.total})  # type: ignore[misc]
         await self.redis.hincrby(key, "dropped", dropped)  # type: ignore[misc]
