@@ -29,7 +29,7 @@ README_MAX_LINES = 300
 README_COMMANDS = (
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && llm-broker dev",
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' "
-    "&& python -m pytest -q -m 'not chaos and not fuzz'",
+    "&& python -m pytest -q -m 'not chaos and not fuzz and not scale'",
 )
 
 #: How a path continues into a field that holds structs: the struct itself, a mapping
