@@ -71,11 +71,14 @@ ENV PATH=/opt/venv/bin:$PATH \
 # its folders are owned by it so that the named volumes mounted there (where
 # docker-compose.yml's `secrets` service writes the webhook signing secrets and
 # Grafana's admin password) are writable; Grafana (another uid) reads its file.
+# /var/lib/llm-broker/files likewise: the file store's directory (docker-compose.yml
+# shares one volume there between ingress and the workers).
 RUN groupadd --system --gid 10001 llmb \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin llmb \
  && install -d -o 10001 -g 10001 -m 0700 /secrets /secrets/webhooks \
- && install -d -o 10001 -g 10001 -m 0755 /secrets/grafana
+ && install -d -o 10001 -g 10001 -m 0755 /secrets/grafana \
+ && install -d -o 10001 -g 10001 -m 0700 /var/lib/llm-broker /var/lib/llm-broker/files
 
 COPY --from=build /opt/venv /opt/venv
 
