@@ -18,9 +18,11 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from llm_broker.dev import free_port
 from llm_broker.shared.config import new_key
 from tests.conftest import ConfigFactory, Procs, Receiver, mock_stats
 from tests.helpers import eventually, loopback_webhooks
+from tests.test_observability import scrape, value
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -48,6 +50,7 @@ def _config(
             "gpt-4o-mini": {"provider": "mock", "model": "mock"},
             "claude-test": {"provider": "mock-anthropic", "model": "mock"},
             "claude-slow": {"provider": "mock-anthropic", "model": "mock-latency-500"},
+            "claude-broken": {"provider": "mock-anthropic", "model": "mock-error-500"},
         },
         files={"dir": str(tmp_path / "files"), **files},
         **(sections or {}),
@@ -297,7 +300,8 @@ async def test_a_batch_end_is_a_signed_webhook_event(
     with open(webhooks["secret_file"]) as f:  # noqa: ASYNC230 (a small local file, once)
         secret = f.read().strip()
     config = _config(make_config, mock_url, tmp_path, {"webhooks": webhooks}, window=8)
-    procs.worker(config)
+    metrics_port = free_port()
+    procs.worker(config, "--metrics-port", str(metrics_port))
     procs.webhooks(config)
     _, url = procs.ingress(config)
     client = await _openai(url, closing)
@@ -315,6 +319,12 @@ async def test_a_batch_end_is_a_signed_webhook_event(
     assert event["data"]["id"] == batch.id and event["data"]["status"] == "completed"
     assert event["data"]["request_counts"] == {"total": 5, "completed": 5, "failed": 0}
     assert delivery.headers["webhook-id"] == f"msg_{batch.id}"
+    # The worker counts the batch and its lines.
+    async with aiohttp.ClientSession() as http:
+        samples, _ = await scrape(http, f"http://127.0.0.1:{metrics_port}/metrics")
+    assert value(samples, "llm_broker_batches_total", api="openai", status="completed") == 1
+    assert value(samples, "llm_broker_batch_lines_total", outcome="completed") == 5
+    assert value(samples, "llm_broker_batches_running") == 0
 
 
 def _peak_kib(pid: int) -> int:
@@ -498,3 +508,43 @@ async def test_a_batch_line_may_use_only_its_key_s_models(
     errors = _parse((await client.files.content(done.error_file_id or "")).read())
     assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("no", 403)]
     assert errors[0]["response"]["body"]["error"]["code"] == "model_not_allowed"
+
+
+async def test_message_batch_results_of_every_type(
+    procs: Procs, make_config: ConfigFactory, closing: contextlib.AsyncExitStack, tmp_path: Path
+) -> None:
+    """succeeded, errored (the upstream fails) and expired (the window ends first)."""
+    _, mock_url = procs.mock()
+    config = _config(make_config, mock_url, tmp_path, window=2, completion_window_s=3)
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+    closing.push_async_callback(client.close)
+    models = ["claude-test", "claude-broken"] + ["claude-slow"] * 20
+    requests: list[Any] = [
+        {
+            "custom_id": f"t{i}",
+            "params": {
+                "model": model,
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": f"t {i}"}],
+            },
+        }
+        for i, model in enumerate(models)
+    ]
+    batch = await client.messages.batches.create(requests=requests)
+
+    async def ended() -> Any:
+        got = await client.messages.batches.retrieve(batch.id)
+        return got if got.processing_status == "ended" else None
+
+    done = await eventually(ended, 30, what="the batch's window to end")
+    counts = done.request_counts
+    assert counts.errored == 1 and counts.expired > 0 and counts.canceled == 0, counts
+    assert counts.succeeded + counts.errored + counts.expired == len(models)
+    results = {r.custom_id: r.result async for r in await client.messages.batches.results(batch.id)}
+    assert len(results) == len(models)
+    assert results["t0"].type == "succeeded"
+    assert results["t1"].type == "errored"
+    assert results["t1"].error.error.type == "api_error"
+    assert {r.type for r in results.values()} == {"succeeded", "errored", "expired"}
