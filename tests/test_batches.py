@@ -172,9 +172,9 @@ async def test_embeddings_lines_and_a_cancelled_batch(
             "custom_id": f"e{i}",
             "method": "POST",
             "url": "/v1/embeddings",
-            "body": {"model": "gpt-4o-mini", "input": f"text {i}"},
+            "body": {"model": model, "input": f"text {i}"},
         }
-        for i in range(20)
+        for i, model in enumerate(["gpt-4o-mini"] * 20 + ["no-such-model", "mock-error-500"])
     ]
     uploaded = await client.files.create(file=("e.jsonl", _jsonl(lines)), purpose="batch")
     batch = await client.batches.create(
@@ -182,11 +182,16 @@ async def test_embeddings_lines_and_a_cancelled_batch(
     )
     done = await _until_final(client, batch.id)
     assert done.status == "completed" and done.request_counts is not None
-    assert done.request_counts.completed == 20 and done.error_file_id is None
-    assert done.output_file_id is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (20, 2)
+    assert done.output_file_id is not None and done.error_file_id is not None
     output = _parse((await client.files.content(done.output_file_id)).read())
     assert sorted(o["custom_id"] for o in output) == sorted(f"e{i}" for i in range(20))
     assert all(len(o["response"]["body"]["data"][0]["embedding"]) == 8 for o in output)
+    errors = _parse((await client.files.content(done.error_file_id)).read())
+    assert {e["custom_id"]: e["response"]["status_code"] for e in errors} == {
+        "e20": 404,
+        "e21": 502,
+    }
 
     # A slow batch cancelled while it runs keeps the lines that finished.
     slow = [_chat_line(f"s{i}", "mock-latency-400", f"slow {i}") for i in range(40)]
