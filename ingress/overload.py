@@ -31,6 +31,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import Gauge
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_broker.shared import anthropic
 from llm_broker.shared.config import OverloadConfig
@@ -122,6 +123,10 @@ class RedisProbe:
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._client.ping()
-        except REDIS_DOWN:
-            return False
+        except REDIS_DOWN as e:
+            # A PING that timed out while this process's event loop ran late says
+            # nothing of Redis (its answer may be waiting unread): only a refused or
+            # broken connection, or a timeout on a punctual loop, is Redis's doing.
+            timed_out = isinstance(e, TimeoutError | RedisTimeoutError)
+            return timed_out and self._batcher.lagging()
         return True

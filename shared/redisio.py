@@ -251,14 +251,15 @@ class Batcher:
         finally:
             self._runners -= 1
 
-    def _lagging(self) -> bool:
+    def lagging(self) -> bool:
+        """Whether this process's event loop runs late now (beyond the tolerance)."""
         return self._lag is not None and self._lag() > LAG_TOLERANCE_S
 
     async def _run(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any], float]]) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = batch[0][2] + self._timeout
-        if deadline <= now and self._lagging():
+        if deadline <= now and self.lagging():
             deadline = now + self._timeout  # the wait was this process's lateness
         try:
             if deadline <= now:
@@ -317,7 +318,7 @@ class _Guard:
 
     def _fire(self) -> None:
         now = asyncio.get_running_loop().time()
-        if now < self._cap and self._batcher._lagging():
+        if now < self._cap and self._batcher.lagging():
             self.arm(min(self._cap, now + self._batcher._timeout))
         else:
             self._timeout.reschedule(now)  # expires: the round trip is cancelled

@@ -5,6 +5,7 @@ have admitted a job names that job (real processes, on loopback)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -14,7 +15,8 @@ import aiohttp
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llm_broker.shared.redisio import NotSent, maybe_ran
+from llm_broker.ingress.overload import RedisProbe
+from llm_broker.shared.redisio import Batcher, NotSent, maybe_ran
 from tests.conftest import ConfigFactory, Procs, RedisServer, chat, mock_stats, wait_in_flight
 from tests.helpers import eventually
 from tests.test_observability import scrape, value
@@ -172,3 +174,27 @@ def test_only_a_command_that_left_may_have_run() -> None:
     assert not maybe_ran(RedisConnectionError("Error 111 connecting to 127.0.0.1:1. refused."))
     assert not maybe_ran(RedisTimeoutError("Timeout connecting to server"))
     assert not maybe_ran(RedisConnectionError("No connection available."))
+
+
+class _SilentRedis:
+    """A Redis client whose PING never answers (or is refused)."""
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse = refuse
+
+    async def ping(self) -> bool:
+        if self.refuse:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+        await asyncio.sleep(10)
+        return True
+
+
+async def test_a_ping_that_times_out_on_a_late_event_loop_does_not_blame_redis() -> None:
+    """Under a CPU-bound neighbour the probe's own PING can time out because this
+    process is late: that is overload, not Redis down. A refused connection, or a
+    timeout on a punctual loop, is Redis down."""
+    for refuse, lag, answers in ((False, 0.5, True), (False, 0.0, False), (True, 0.5, False)):
+        client: Any = _SilentRedis(refuse)
+        batcher = Batcher(client, timeout=1.0, lag=functools.partial(float, lag))
+        probe = RedisProbe(client, batcher, timeout_s=0.05)
+        assert await probe.answers(since=asyncio.get_running_loop().time()) is answers
