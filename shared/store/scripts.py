@@ -410,17 +410,11 @@ local function account_refuse(A, now)
       local wait = over_rate(s.b, s.rpm, s.tpm, A.k, now, 60)
       if wait then return {'account_limited', s.n, 'rate', tostring(wait)} end
     end
-    if s.mif > 0 then
-      redis.call('ZREMRANGEBYSCORE', s.b .. ':open', '-inf', now)
-      if redis.call('ZCARD', s.b .. ':open') >= s.mif then
-        return {'account_limited', s.n, 'in_flight', '1'}
-      end
+    if at_quota(s.b .. ':open', s.mif, now) then
+      return {'account_limited', s.n, 'in_flight', '1'}
     end
-    if s.mq > 0 then
-      redis.call('ZREMRANGEBYSCORE', s.b .. ':queued', '-inf', now)
-      if redis.call('ZCARD', s.b .. ':queued') >= s.mq then
-        return {'account_limited', s.n, 'queued', '1'}
-      end
+    if at_quota(s.b .. ':queued', s.mq, now) then
+      return {'account_limited', s.n, 'queued', '1'}
     end
     if s.bk and tonumber(redis.call('GET', s.bk) or '0') >= s.bl then
       return {'budget_exceeded', s.n, tostring(s.br)}
@@ -433,11 +427,7 @@ end
 local function account_enter(A, id, now, deadline)
   for _, s in ipairs(A.s) do
     if s.rpm > 0 or s.tpm > 0 then add_rate(s.b, s.rpm, s.tpm, A.k, now, 60, id) end
-    if s.mif > 0 then
-      redis.call('ZADD', s.b .. ':open', deadline, id)
-      redis.call('EXPIRE', s.b .. ':open', math.max(1, math.ceil(deadline - now)), 'GT')
-      redis.call('EXPIRE', s.b .. ':open', math.max(1, math.ceil(deadline - now)), 'NX')
-    end
+    if s.mif > 0 then hold(s.b .. ':open', id, deadline, now) end
     if s.bk and A.e > 0 then
       redis.call('INCRBY', s.bk, A.e)
       if s.bx > 0 then redis.call('EXPIRE', s.bk, s.bx, 'NX') end
@@ -449,12 +439,7 @@ end
 -- until dispatch sends it (pop).
 local function account_wait(A, id, deadline, now)
   for _, s in ipairs(A.s) do
-    if s.mq > 0 then
-      local set = s.b .. ':queued'
-      redis.call('ZADD', set, deadline, id)
-      redis.call('EXPIRE', set, math.max(1, math.ceil(deadline - now)), 'GT')
-      redis.call('EXPIRE', set, math.max(1, math.ceil(deadline - now)), 'NX')
-    end
+    if s.mq > 0 then hold(s.b .. ':queued', id, deadline, now) end
   end
 end
 
