@@ -111,6 +111,10 @@ class BatchLine(msgspec.Struct, frozen=True):
     url: str
     #: The request body, encoded again as JSON: a job's body as it is.
     body: bytes
+    #: What the batch driver needs of the body, read once here: its model, and the
+    #: most it may write (``max_completion_tokens`` or ``max_tokens``; None: unsaid).
+    model: str = ""
+    max_tokens: object = None
 
 
 def parse_line(raw: bytes, line_no: int, endpoint: str | None = None) -> BatchLine:
@@ -167,16 +171,25 @@ def parse_line(raw: bytes, line_no: int, endpoint: str | None = None) -> BatchLi
     except json_body.InvalidBody as e:
         raise LineError(f"'body' cannot be carried: {e}", line_no, "body") from e
     try:
+        max_tokens: object = None
         if url == CHAT_URL:
             chat = decode_chat(encoded)
             if chat.stream:
                 raise BadRequest("streaming is not supported in a batch", param="stream")
+            model, max_tokens = chat.model, chat.max_completion_tokens or chat.max_tokens
         else:
-            decode_embeddings(encoded)
+            model = decode_embeddings(encoded).model
     except BadRequest as e:
         param = f"body.{e.param}" if e.param else "body"
         raise LineError(f"'body' is not a valid request: {e.message}", line_no, param) from e
-    return BatchLine(custom_id=custom_id, method=method, url=url, body=encoded)
+    return BatchLine(
+        custom_id=custom_id,
+        method=method,
+        url=url,
+        body=encoded,
+        model=model,
+        max_tokens=max_tokens,
+    )
 
 
 def _kind(value: object) -> str:

@@ -56,7 +56,7 @@ from llm_broker.shared.batches import (
     line_job_id,
     webhook_event,
 )
-from llm_broker.shared.batchlines import LineError, iter_lines, parse_line
+from llm_broker.shared.batchlines import BatchLine, LineError, iter_lines, parse_line
 from llm_broker.shared.config import Config, Router
 from llm_broker.shared.files import FileRecord, Files
 from llm_broker.shared.metrics import BatchMetrics
@@ -257,7 +257,7 @@ class BatchDriver:
         async for line_no, raw, _ in iter_lines(self.files.content(rec), MAX_LINE):
             total = line_no
             try:
-                cid = self._parse(batch, raw, line_no)[0]
+                cid = self._parse(batch, raw, line_no).custom_id
                 if cid in seen:
                     raise LineError(f"custom_id {cid!r} is used twice", line_no, "custom_id")
                 seen.add(cid)
@@ -301,20 +301,25 @@ class BatchDriver:
                 return  # the next round looks again
         log.info("batch %s: %d lines, %s", spec.id, total, progress.get("status", "cancelling"))
 
-    def _parse(self, batch: Batch, raw: bytes, line_no: int) -> tuple[str, bytes, str]:
-        """A line's custom_id, the job's chat or embeddings body, and its kind."""
+    def _parse(self, batch: Batch, raw: bytes, line_no: int) -> BatchLine:
+        """A line checked: its custom_id, the job's chat or embeddings body, its model."""
         if batch.spec.api == "anthropic":
             try:
                 found = orjson.loads(raw)
-                cid, params = found["custom_id"], found["params"]
-                return cid, orjson.dumps(messages_to_chat(params)), m.CHAT
+                cid, chat = found["custom_id"], messages_to_chat(found["params"])
             except (orjson.JSONDecodeError, KeyError, TypeError) as e:
                 raise LineError(f"invalid request: {e}", line_no, None) from e
             except TranslationError as e:
                 raise LineError(str(e), line_no, e.param) from e
-        line = parse_line(raw, line_no, batch.spec.endpoint)
-        kind = m.EMBEDDINGS if line.url == "/v1/embeddings" else m.CHAT
-        return line.custom_id, line.body, kind
+            return BatchLine(
+                custom_id=cid,
+                method="POST",
+                url="/v1/chat/completions",
+                body=orjson.dumps(chat),
+                model=str(chat.get("model", "")),
+                max_tokens=chat.get("max_tokens"),
+            )
+        return parse_line(raw, line_no, batch.spec.endpoint)
 
     async def _fail(self, batch: Batch, errors: list[dict[str, Any]]) -> None:
         now = _now()
@@ -390,13 +395,9 @@ class BatchDriver:
         lines.labels("expired" if ending == b"expired" else "cancelled").inc(dropped)
         changes: dict[str, Any] = {"done_id": entries[-1][0].decode()}
         if out:
-            size = await self._segment(batch, "out", batch.out_segments, out)
-            changes["out_segments"] = batch.out_segments + 1
-            changes["out_bytes"] = batch.out_bytes + size
+            changes |= await self._append(batch, "out", out)
         if err:
-            size = await self._segment(batch, "err", batch.err_segments, err)
-            changes["err_segments"] = batch.err_segments + 1
-            changes["err_bytes"] = batch.err_bytes + size
+            changes |= await self._append(batch, "err", err)
         key = self.k.batch(spec.id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=changes)
@@ -405,11 +406,8 @@ class BatchDriver:
             pipe.hincrby(key, "dropped", dropped)
             pipe.zrem(self.k.jobs(spec.id), *ids)
             await pipe.execute()
-        batch.done_id = changes["done_id"]
-        batch.out_segments = changes.get("out_segments", batch.out_segments)
-        batch.out_bytes = changes.get("out_bytes", batch.out_bytes)
-        batch.err_segments = changes.get("err_segments", batch.err_segments)
-        batch.err_bytes = changes.get("err_bytes", batch.err_bytes)
+        for name, value in changes.items():
+            setattr(batch, name, value)
         batch.completed += completed
         batch.failed += failed
         batch.dropped += dropped
@@ -427,14 +425,21 @@ class BatchDriver:
             "error": None,
         }
 
-    async def _segment(self, batch: Batch, which: str, n: int, lines: list[bytes]) -> int:
+    async def _append(self, batch: Batch, which: str, lines: list[bytes]) -> dict[str, int]:
+        """Write ``lines`` as the next segment of the output (``which`` "out") or error
+        ("err") file; returns the batch fields to record once it is written."""
+        n: int = getattr(batch, f"{which}_segments")
         data = b"".join(line + b"\n" for line in lines)
 
         async def chunks() -> Any:
             yield data
 
         name = f"files/{self._file_id(batch, which)}/{n}"
-        return await self.files.store.write(name, chunks(), len(data))
+        size = await self.files.store.write(name, chunks(), len(data))
+        return {
+            f"{which}_segments": n + 1,
+            f"{which}_bytes": getattr(batch, f"{which}_bytes") + size,
+        }
 
     # -------------------------------------------------------- filling
 
@@ -471,13 +476,9 @@ class BatchDriver:
         """Submit one line as a job; False when it must wait (the queue is full)."""
         spec = batch.spec
         job_id = line_job_id(spec.id, line_no)
-        cid, body, kind = self._parse(batch, raw, line_no)
-        request = (
-            m.embeddings_request_decoder.decode(body)
-            if kind == m.EMBEDDINGS
-            else m.chat_request_decoder.decode(body)
-        )
-        model = request.model
+        line = self._parse(batch, raw, line_no)
+        cid, body, model = line.custom_id, line.body, line.model
+        kind = m.EMBEDDINGS if line.url == "/v1/embeddings" else m.CHAT
         candidates = self.router.candidates(model)
         if candidates is None:
             await self._fail_line(
@@ -516,16 +517,13 @@ class BatchDriver:
         pricing = self.config.pricing
         price = pricing.get(model) or pricing.get(candidates.name)
         cap = self.config.providers[target.provider].max_call_tokens
-        out = getattr(request, "max_completion_tokens", None) or getattr(
-            request, "max_tokens", None
-        )
         acct = accounts.account(
             Principal(tenant=spec.tenant, key_id=spec.key_id),
             self.account_keys,
             self.config.accounts,
             model=model,
             price=price,
-            est=accounts.estimate(price, len(body), out, cap),
+            est=accounts.estimate(price, len(body), line.max_tokens, cap),
             now=now,
         )
         keep = spec.expires_at - int(now) + int(self.cfg.retention_s)
@@ -649,7 +647,7 @@ class BatchDriver:
         async for _, raw, _ in iter_lines(self.files.content(rec, batch.cursor), MAX_LINE):
             line_no += 1
             try:
-                cid = self._parse(batch, raw, line_no)[0]
+                cid = self._parse(batch, raw, line_no).custom_id
             except LineError:
                 cid = ""
             line = _not_run(batch, line_job_id(batch.spec.id, line_no), cid, why)
@@ -669,19 +667,10 @@ class BatchDriver:
 
     async def _write_rest(self, batch: Batch, lines: list[bytes]) -> None:
         which = "out" if batch.spec.api == "anthropic" else "err"
-        n = batch.out_segments if which == "out" else batch.err_segments
-        size = await self._segment(batch, which, n, lines)
-        key = self.k.batch(batch.spec.id)
-        if which == "out":
-            batch.out_segments, batch.out_bytes = n + 1, batch.out_bytes + size
-            await self.redis.hset(  # type: ignore[misc]
-                key, mapping={"out_segments": n + 1, "out_bytes": batch.out_bytes}
-            )
-        else:
-            batch.err_segments, batch.err_bytes = n + 1, batch.err_bytes + size
-            await self.redis.hset(  # type: ignore[misc]
-                key, mapping={"err_segments": n + 1, "err_bytes": batch.err_bytes}
-            )
+        changes = await self._append(batch, which, lines)
+        await self.redis.hset(self.k.batch(batch.spec.id), mapping=changes)  # type: ignore[misc]
+        for name, value in changes.items():
+            setattr(batch, name, value)
 
     async def _finalize(self, batch: Batch, final: str) -> None:
         spec = batch.spec
