@@ -20,7 +20,7 @@ from aiohttp import web
 from redis.exceptions import ResponseError
 
 from llm_broker.ingress.admission import identify, redis_call
-from llm_broker.ingress.bodies import decode_body, json_response, read_json_body
+from llm_broker.ingress.bodies import decode_body, json_response, limit_query, read_json_body
 from llm_broker.ingress.state import STATE, State
 from llm_broker.shared.accounts import (
     AccountError,
@@ -49,7 +49,6 @@ _KEY_PATCH = msgspec.json.Decoder(KeyPatch)
 _ROTATION = msgspec.json.Decoder(Rotation)
 
 GROUPS = ("day", "tenant", "key", "model")
-_DIGITS = re.compile(r"[0-9]{1,9}")
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
@@ -209,18 +208,9 @@ async def rotate_key(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------ audit, usage
 
 
-def _int_param(request: web.Request, name: str, default: int, top: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= top:
-        raise BadRequest(f"{name} must be an integer from 1 to {top}", param=name)
-    return int(raw)
-
-
 async def audit_log(request: web.Request) -> web.Response:
     state, _ = await _admin(request)
-    limit = _int_param(request, "limit", 100, 1000)
+    limit = limit_query(request, 100, 1000)
     after = request.query.get("after")
     if after is not None and not _ENTRY_ID.fullmatch(after):
         raise BadRequest("after is an audit event id", param="after")

@@ -13,11 +13,18 @@ import orjson
 from aiohttp import web
 
 from llm_broker.ingress.admission import identify, redis_call
-from llm_broker.ingress.bodies import decode_body, json_response, load_json, read_json_body
+from llm_broker.ingress.bodies import (
+    decode_body,
+    json_response,
+    limit_query,
+    load_json,
+    read_json_body,
+)
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.jobs import check_webhook
 from llm_broker.ingress.state import STATE, State
 from llm_broker.shared import anthropic, batches
+from llm_broker.shared.accounts import Principal
 from llm_broker.shared.batches import (
     ENDPOINTS,
     FINAL,
@@ -52,18 +59,9 @@ def _store(state: State) -> BatchStore:
     return BatchStore(state.redis, state.config.redis.key_prefix, state.config.files.retention_s)
 
 
-def _limit(request: web.Request, default: int, top: int) -> int:
-    raw = request.query.get("limit")
-    if raw is None:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= top:
-        raise BadRequest(f"limit must be an integer from 1 to {top}", param="limit")
-    return int(raw)
-
-
 async def _spec(
-    request: web.Request,
     state: State,
+    principal: Principal,
     *,
     api: str,
     endpoint: str,
@@ -71,7 +69,6 @@ async def _spec(
     metadata: dict[str, str] | None,
     webhook_url: str | None = None,
 ) -> Batch:
-    principal = await identify(request, state)
     if webhook_url is not None:
         await check_webhook(state, principal.tenant, webhook_url)
     now = int(time.time())
@@ -135,8 +132,8 @@ async def create_batch(request: web.Request) -> web.Response:
             code="invalid_file",
         )
     batch = await _spec(
-        request,
         state,
+        principal,
         api="openai",
         endpoint=body.endpoint,
         input_file_id=rec.id,
@@ -172,7 +169,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
 async def list_batches(request: web.Request) -> web.Response:
     state = request.app[STATE]
     principal = await identify(request, state)
-    limit = _limit(request, 20, 100)
+    limit = limit_query(request, 20, 100)
     found, more = await redis_call(
         state,
         "batches",
@@ -266,8 +263,8 @@ async def create_message_batch(request: web.Request) -> web.Response:
         raise BadRequest(str(e), param="requests") from e
     await redis_call(state, "files", "", state.files.save(rec))
     batch = await _spec(
-        request,
         state,
+        principal,
         api="anthropic",
         endpoint=MESSAGES,
         input_file_id=rec.id,
@@ -300,7 +297,7 @@ async def list_message_batches(request: web.Request) -> web.Response:
     request[CONTEXT].api = "anthropic"
     state = request.app[STATE]
     principal = await identify(request, state)
-    limit = _limit(request, 20, 1000)
+    limit = limit_query(request, 20, 1000)
     found, more = await redis_call(
         state,
         "batches",

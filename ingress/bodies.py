@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -43,3 +45,16 @@ async def read_json_body(request: web.Request, limit: int) -> bytes:
         raise too_large(limit) from e
     except RequestPayloadError as e:  # e.g. Content-Encoding: gzip on a plain body
         raise BadRequest(f"the request body cannot be read: {e}", code="invalid_body") from e
+
+
+_DIGITS = re.compile(r"[0-9]{1,9}", re.ASCII)
+
+
+def limit_query(request: web.Request, default: int, top: int, name: str = "limit") -> int:
+    """A page size from the query (``limit``): ASCII digits from 1 to ``top``, else 400."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= top:
+        raise BadRequest(f"{name} must be an integer from 1 to {top}", param=name)
+    return int(raw)

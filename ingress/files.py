@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from llm_broker.ingress.admission import identify, redis_call
-from llm_broker.ingress.bodies import json_response
+from llm_broker.ingress.bodies import json_response, limit_query
 from llm_broker.ingress.state import STATE, State
 from llm_broker.shared.batchlines import MAX_LINE, LineError, iter_lines, parse_line
 from llm_broker.shared.errors import (
@@ -47,7 +46,6 @@ _MAX_PARTS = 32
 #: What a multipart body may hold beyond the file: boundaries, part headers, fields.
 _OVERHEAD = 1024 * 1024
 _MAX_FILENAME = 255
-_DIGITS = re.compile(r"[0-9]{1,9}", re.ASCII)
 #: What reading a multipart body raises when the body is malformed or ends early
 #: (the client went away: nobody reads the 400, but it is no server error).
 _READ_ERRORS = (ValueError, RequestPayloadError, HttpProcessingError, ConnectionResetError)
@@ -278,22 +276,12 @@ async def _file(request: web.Request, state: State) -> FileRecord:
     return rec
 
 
-def _limit(request: web.Request) -> int:
-    raw = request.query.get("limit")
-    if raw is None:
-        return MAX_LIST_LIMIT
-    limit = int(raw) if _DIGITS.fullmatch(raw) else 0
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise BadRequest(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}", param="limit")
-    return limit
-
-
 async def list_files(request: web.Request) -> web.Response:
     """``GET /v1/files``: the caller's files, newest first (``purpose``, ``limit``,
     ``after``: the last id of the previous page)."""
     state = request.app[STATE]
     tenant = (await identify(request, state)).tenant
-    limit = _limit(request)
+    limit = limit_query(request, MAX_LIST_LIMIT, MAX_LIST_LIMIT)
     purpose = request.query.get("purpose") or None
     after = request.query.get("after") or None
     files = state.files
