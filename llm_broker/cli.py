@@ -569,6 +569,20 @@ def _budget_change(
     return True, {"usd": amount, "period": period}
 
 
+def _with_limits_and_budget(
+    body: dict[str, Any], args: argparse.Namespace, current: Mapping[str, Any] | None = None
+) -> None:
+    """Add the limits and budget named on the command line to a request ``body``
+    (over ``current``'s, for an update)."""
+    current = current or {}
+    limits = _limits_change(args, current.get("limits"))
+    if limits is not None:
+        body["limits"] = limits
+    changed, budget = _budget_change(args, current.get("budget"))
+    if changed:
+        body["budget"] = budget
+
+
 def _merges(args: argparse.Namespace) -> bool:
     """Whether an update keeps part of what the record holds (limits not named, a
     budget's amount or period), so that the record is read first."""
@@ -607,12 +621,7 @@ def _keys_create(client: AdminClient, args: argparse.Namespace) -> None:
         spec["models"] = list(dict.fromkeys(args.model))
     if args.max_priority:
         spec["max_priority"] = args.max_priority
-    limits = _limits_change(args)
-    if limits is not None:
-        spec["limits"] = limits
-    changed, budget = _budget_change(args)
-    if changed:
-        spec["budget"] = budget
+    _with_limits_and_budget(spec, args)
     if args.admin:
         spec["admin"] = True
     created = client.create_key(spec)
@@ -664,12 +673,7 @@ def _keys_update(client: AdminClient, args: argparse.Namespace) -> None:
     elif args.no_max_priority:
         patch["max_priority"] = None
     current: Mapping[str, Any] = client.key(args.key_id) if _merges(args) else {}
-    limits = _limits_change(args, current.get("limits"))
-    if limits is not None:
-        patch["limits"] = limits
-    changed, budget = _budget_change(args, current.get("budget"))
-    if changed:
-        patch["budget"] = budget
+    _with_limits_and_budget(patch, args, current)
     if not patch:
         raise UsageError("nothing to change: name at least one option (see --help)")
     key = client.update_key(args.key_id, patch)
@@ -710,12 +714,7 @@ def _keys_rotate(client: AdminClient, args: argparse.Namespace) -> None:
 
 def _tenants_create(client: AdminClient, args: argparse.Namespace) -> None:
     spec: dict[str, Any] = {"name": args.tenant_name, "metadata": dict(args.metadata or [])}
-    limits = _limits_change(args)
-    if limits is not None:
-        spec["limits"] = limits
-    changed, budget = _budget_change(args)
-    if changed:
-        spec["budget"] = budget
+    _with_limits_and_budget(spec, args)
     tenant = client.create_tenant(spec)
     if args.json:
         _print_json(tenant)
@@ -748,12 +747,7 @@ def _tenants_update(client: AdminClient, args: argparse.Namespace) -> None:
         for name in args.remove_metadata or []:
             metadata.pop(name, None)
         patch["metadata"] = metadata
-    limits = _limits_change(args, current.get("limits"))
-    if limits is not None:
-        patch["limits"] = limits
-    changed, budget = _budget_change(args, current.get("budget"))
-    if changed:
-        patch["budget"] = budget
+    _with_limits_and_budget(patch, args, current)
     if not patch:
         raise UsageError("nothing to change: name at least one option (see --help)")
     tenant = client.update_tenant(args.tenant_name, patch)
