@@ -86,6 +86,18 @@ async def closing() -> AsyncIterator[contextlib.AsyncExitStack]:
         yield stack
 
 
+async def _until_completed(
+    client: openai.AsyncOpenAI, batch_id: str, count: int, timeout: float = 30
+) -> None:
+    """Wait until at least ``count`` of the batch's lines completed."""
+
+    async def done() -> bool:
+        got = await client.batches.retrieve(batch_id)
+        return bool(got.request_counts and got.request_counts.completed >= count)
+
+    await eventually(done, timeout, what=f"{count} lines of batch {batch_id} to complete")
+
+
 async def _until_final(client: openai.AsyncOpenAI, batch_id: str, timeout: float = 60) -> Any:
     async def final() -> Any:
         batch = await client.batches.retrieve(batch_id)
@@ -200,11 +212,7 @@ async def test_embeddings_lines_and_a_cancelled_batch(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
 
-    async def some_done() -> bool:
-        got = await client.batches.retrieve(batch.id)
-        return bool(got.request_counts and got.request_counts.completed >= 4)
-
-    await eventually(some_done, 30, what="a few lines to finish")
+    await _until_completed(client, batch.id, 4)
     cancelling = await client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling"
     done = await _until_final(client, batch.id)
@@ -274,11 +282,7 @@ async def test_a_batch_survives_a_killed_worker_and_a_restarted_ingress(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
 
-    async def progressed() -> bool:
-        got = await client.batches.retrieve(batch.id)
-        return bool(got.request_counts and got.request_counts.completed >= 20)
-
-    await eventually(progressed, 30, what="a part of the batch to finish")
+    await _until_completed(client, batch.id, 20)
     worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait()
     ingress.stop(timeout=10)
@@ -378,11 +382,7 @@ async def test_a_50000_line_batch_keeps_memory_bounded_and_interactive_calls_fas
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
 
-    async def running() -> bool:
-        got = await client.batches.retrieve(batch.id)
-        return bool(got.request_counts and got.request_counts.completed >= 1000)
-
-    await eventually(running, 60, what="the batch to be well under way")
+    await _until_completed(client, batch.id, 1000, timeout=60)
     during = statistics.median(await interactive(50))
     done = await _until_final(client, batch.id, timeout=400)
     assert done.status == "completed" and done.request_counts is not None
