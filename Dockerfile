@@ -53,12 +53,13 @@ COPY llm_broker ./llm_broker
 # pip byte-compiles what it installs, so nothing is compiled at run time.
 # With the `s3` extra (aiobotocore: pure-Python wheels but for wrapt's, which
 # ships wheels for both platforms), so the image can keep files in S3
-# (`files.backend: s3`). The wheel is named by a direct reference: `set --`
+# (`files.backend: s3`), and the `vertex` and `bedrock` extras (google-auth,
+# botocore) for those providers. The wheel is named by a direct reference: `set --`
 # expands the glob first (`/dist/*.whl[s3]` would be a bracket expression).
 RUN pip wheel --no-deps --wheel-dir /dist . \
  && python -m venv --without-pip /opt/venv \
  && set -- /dist/*.whl \
- && pip --python /opt/venv/bin/python install --only-binary=:all: "llm-broker[s3] @ file://$1"
+ && pip --python /opt/venv/bin/python install --only-binary=:all: "llm-broker[s3,vertex,bedrock] @ file://$1"
 
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime

@@ -212,7 +212,9 @@ class FilesConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
         return self.dir or str(Path(tempfile.gettempdir()) / "llm-broker-files")
 
 
-ProviderType = Literal["openai", "openai-compatible", "azure", "anthropic", "mock"]
+ProviderType = Literal[
+    "openai", "openai-compatible", "azure", "anthropic", "gemini", "bedrock", "mock"
+]
 
 #: The provider types whose upstream speaks the OpenAI wire format at ``base_url``.
 OPENAI_WIRE = frozenset(("openai", "openai-compatible", "mock"))
@@ -246,8 +248,11 @@ class CircuitConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True
 
 class ProviderConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     type: ProviderType
-    #: Base URL of the upstream API, e.g. https://api.openai.com/v1 or a vLLM server's /v1.
-    base_url: str
+    #: Base URL of the upstream API, e.g. https://api.openai.com/v1 or a vLLM server's /v1
+    #: (Gemini: https://generativelanguage.googleapis.com/v1beta, or Vertex AI's
+    #: https://{location}-aiplatform.googleapis.com/v1/projects/{project}/locations/{location}/publishers/google;
+    #: Bedrock: https://bedrock-runtime.{region}.amazonaws.com, the default from ``region``).
+    base_url: str = ""
     #: File holding the upstream API key (a mounted secret); never inline. Several
     #: keys (one per line) are used in turn. The file is re-read when it changes.
     api_key_file: str | None = None
@@ -276,6 +281,17 @@ class ProviderConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     max_call_tokens: int = 262_144
     #: Anthropic: ``max_tokens`` sent when the request has none.
     default_max_tokens: int = 4096
+    #: Gemini on Vertex AI: a service-account JSON key file; the worker mints (and
+    #: refreshes) OAuth access tokens from it. Without it, ``api_key_file`` holds a
+    #: Google AI Studio key.
+    vertex_credentials_file: str | None = None
+    #: Bedrock: the AWS region (also the SigV4 signing region).
+    region: str | None = None
+    #: Bedrock: files holding the AWS credentials; without them the standard AWS
+    #: credential chain (environment, shared files, container or instance role) applies.
+    aws_access_key_id_file: str | None = None
+    aws_secret_access_key_file: str | None = None
+    aws_session_token_file: str | None = None
     retry: RetryConfig = RetryConfig()
     circuit: CircuitConfig = CircuitConfig()
 
@@ -292,8 +308,18 @@ class ProviderConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
             raise ValueError("max_concurrency must be at least 1")
         if self.max_queue_depth < 1:
             raise ValueError("max_queue_depth must be at least 1")
-        if not self.base_url.startswith(("http://", "https://")):
+        if self.type == "bedrock" and not self.region:
+            raise ValueError("a bedrock provider needs region")
+        if (self.aws_access_key_id_file is None) != (self.aws_secret_access_key_file is None):
+            raise ValueError("aws_access_key_id_file and aws_secret_access_key_file go together")
+        if not self.endpoint().startswith(("http://", "https://")):
             raise ValueError(f"base_url must be http(s): {self.base_url!r}")
+
+    def endpoint(self) -> str:
+        """The upstream's base URL (Bedrock's default from its region)."""
+        if not self.base_url and self.type == "bedrock":
+            return f"https://bedrock-runtime.{self.region}.amazonaws.com"
+        return self.base_url
 
 
 def _check_limits(cap: int | None, rpm: int | None, tpm: int | None) -> None:

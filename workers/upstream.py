@@ -59,7 +59,7 @@ class Upstream:
     def __init__(self, name: str, cfg: ProviderConfig) -> None:
         self.name = name
         self.cfg = cfg
-        self._origin = Origin.parse(cfg.base_url)
+        self._origin = Origin.parse(cfg.endpoint())
         self._pool = ConnectionPool(
             self._origin, connect_timeout=cfg.connect_timeout_s, proxy_url=cfg.proxy_url
         )
