@@ -149,10 +149,23 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _ANTHROPIC_VERSION = b"anthropic-version"
 # Request headers recorded in the stats; credentials also go to auth_seen.
 _TRACEPARENT = b"traceparent"
-_CREDENTIAL_HEADERS = frozenset((b"authorization", b"x-api-key", b"api-key"))
-_CAPTURED_HEADERS = frozenset(
-    (b"authorization", b"x-api-key", b"api-key", _ANTHROPIC_VERSION, _TRACEPARENT)
+_CREDENTIAL_HEADERS = frozenset(
+    (b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key", b"x-amz-security-token")
 )
+#: Headers recorded for the API handlers (Bedrock's signature check reads the signed
+#: ones) but not counted as credentials.
+_PLAIN_HEADERS = frozenset(
+    (
+        _ANTHROPIC_VERSION,
+        _TRACEPARENT,
+        b"anthropic-beta",
+        b"host",
+        b"content-type",
+        b"x-amz-date",
+        b"x-amz-content-sha256",
+    )
+)
+_CAPTURED_HEADERS = _CREDENTIAL_HEADERS | _PLAIN_HEADERS
 
 _MODELS_BODY = orjson.dumps(
     {
@@ -236,6 +249,17 @@ class _App:
             if path.startswith(b"/openai/"):
                 query = url[q + 1 :] if q >= 0 else b""
                 return self.azure(path, query, body, keep_alive, captured)
+            if b":generateContent" in path or b":streamGenerateContent" in path or (
+                path == b"/token"
+            ):
+                from llm_broker.mock import gemini
+
+                query = url[q + 1 :] if q >= 0 else b""
+                return gemini.handle(self, path, query, body, keep_alive, captured)
+            if path.startswith(b"/model/"):
+                from llm_broker.mock import bedrock
+
+                return bedrock.handle(self, path, body, keep_alive, captured)
             if path == b"/mock/reset":
                 self.state.reset()
                 return _Plan(response(200, _EMPTY_BODY, keep_alive), counted=False)
@@ -674,7 +698,7 @@ class _Conn(asyncio.Protocol):
             if not self.url.startswith(b"/mock/"):
                 seen = self.app.state.auth_seen
                 for name, value in captured:
-                    if name != _ANTHROPIC_VERSION and name != _TRACEPARENT:
+                    if name in _CREDENTIAL_HEADERS:
                         seen.append(value)
         req: _Request = (
             self.parser.get_method(),

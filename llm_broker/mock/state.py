@@ -179,7 +179,7 @@ class MockState:
                     self.api_key_seen.append(value)
                 elif name == b"traceparent":
                     self.traceparent_seen.append(value)
-                else:
+                elif name == b"anthropic-version":
                     self.api_version_seen = value
 
     def arm(self, req: dict[str, Any] | None) -> bytes:
