@@ -249,8 +249,10 @@ class _App:
             if path.startswith(b"/openai/"):
                 query = url[q + 1 :] if q >= 0 else b""
                 return self.azure(path, query, body, keep_alive, captured)
-            if b":generateContent" in path or b":streamGenerateContent" in path or (
-                path == b"/token"
+            if (
+                b":generateContent" in path
+                or b":streamGenerateContent" in path
+                or (path == b"/token")
             ):
                 from llm_broker.mock import gemini
 
