@@ -293,4 +293,12 @@ def make_upstream(name: str, cfg: ProviderConfig) -> Upstream:
         return AzureUpstream(name, cfg)
     if cfg.type == "anthropic":
         return AnthropicUpstream(name, cfg)
+    if cfg.type == "gemini":
+        from llm_broker.workers.gemini import GeminiUpstream
+
+        return GeminiUpstream(name, cfg)
+    if cfg.type == "bedrock":
+        from llm_broker.workers.bedrock import BedrockUpstream
+
+        return BedrockUpstream(name, cfg)
     raise ValueError(f"provider {name!r}: unknown type {cfg.type!r}")
