@@ -29,8 +29,10 @@ __all__ = [
     "StreamToChunks",
     "TranslationError",
     "chat_to_gemini",
+    "chat_usage",
     "error_to_openai",
     "response_to_chat",
+    "retry_delay",
     "split_call_id",
 ]
 
@@ -654,3 +656,22 @@ def error_to_openai(payload: Any) -> Any:
         if status == "RESOURCE_EXHAUSTED":
             out["type"] = "rate_limit_error"
     return {"error": out}
+
+
+def retry_delay(payload: Any) -> str | None:
+    """The wait a Gemini error asks for in its ``google.rpc.RetryInfo`` detail
+    (``"retryDelay": "37s"``), in seconds as a ``Retry-After`` value; None if none."""
+    if isinstance(payload, list) and payload:
+        payload = payload[0]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    for detail in details if isinstance(details, list) else ():
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                seconds = float(delay[:-1])
+            except ValueError:
+                continue
+            if seconds >= 0:
+                return f"{seconds:g}"
+    return None
