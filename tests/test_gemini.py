@@ -9,7 +9,9 @@ signed and that the worker reuses its access token.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import datetime
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,7 +26,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from llm_broker.mock.server import start_server
 from llm_broker.shared import gemini
+from llm_broker.shared.errors import UpstreamCredentialsRejected
+from llm_broker.workers.gemini import REFRESH_MARGIN_S, VertexTokens, _usable_for
 from tests.conftest import Procs, RedisServer, mock_stats, write_config
 
 LOOKUP = {
@@ -378,6 +383,45 @@ def test_errors_translate_for_the_broker() -> None:
     assert gemini.retry_delay(body) == "37"
     assert gemini.retry_delay({"error": {"code": 500}}) is None
     assert gemini.error_to_openai("not json") == "not json"
+
+
+# ---------------------------------------------------------------- Vertex tokens
+
+
+def test_tokens_are_renewed_before_they_expire() -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    hour = (now + datetime.timedelta(hours=1)).replace(tzinfo=None)  # google-auth: naive UTC
+    assert 3600 - REFRESH_MARGIN_S - 5 < _usable_for(hour) <= 3600 - REFRESH_MARGIN_S
+    assert 25 < _usable_for(now + datetime.timedelta(seconds=60)) <= 30  # half a short life
+    assert _usable_for(now - datetime.timedelta(seconds=1)) == 0
+
+
+async def test_one_token_request_serves_concurrent_calls(tmp_path: Path) -> None:
+    server, state = await start_server("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    path, _, _ = _service_account(tmp_path, f"http://127.0.0.1:{port}/token")
+    tokens = VertexTokens("vx", str(path))
+    try:
+        first = await asyncio.gather(*(tokens.get() for _ in range(5)))
+        assert len(set(first)) == 1 and state.calls_by_path == {"/token": 1}
+        assert await tokens.get() == first[0]
+        tokens.invalidate(first[0])  # as after Google's 401
+        renewed = await tokens.get()
+        assert renewed != first[0] and state.calls_by_path == {"/token": 2}
+    finally:
+        tokens.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_unreadable_service_account_file_is_a_credentials_error(
+    tmp_path: Path,
+) -> None:
+    tokens = VertexTokens("vx", str(tmp_path / "missing.json"))
+    with pytest.raises(UpstreamCredentialsRejected) as caught:
+        await tokens.get()
+    assert caught.value.http_status == 502 and "missing.json" not in caught.value.message
+    tokens.close()
 
 
 # ---------------------------------------------------------------- end to end

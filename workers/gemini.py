@@ -81,6 +81,8 @@ class VertexTokens:
     def close(self) -> None:
         if self._refresh is not None:
             self._refresh.cancel()
+        if self._transport is not None:
+            self._transport.session.close()
 
     def _mint(self) -> tuple[str, float]:
         """Load the key file (once) and get a new token; runs in a thread."""
