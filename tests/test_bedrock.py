@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
+import msgspec
 import openai
 import orjson
 import pytest
@@ -30,7 +31,9 @@ from botocore.eventstream import ChecksumMismatch, EventStreamBuffer, EventStrea
 from llm_broker.mock.bedrock import event_message, signature_problem
 from llm_broker.procs import Child, python_cmd
 from llm_broker.shared import bedrock
+from llm_broker.shared.config import ProviderConfig
 from llm_broker.shared.errors import UpstreamCredentialsRejected, upstream_status_error
+from llm_broker.workers.bedrock import AwsCredentials
 from tests.conftest import Procs, RedisServer, mock_stats, write_config
 from tests.helpers import eventually
 
@@ -434,6 +437,43 @@ def test_signature_check_accepts_a_signed_request_and_rejects_a_tampered_one() -
     )
     no_token = _signed(body, "ASIAMOCKEXAMPLE", "secret-ASIAMOCKEXAMPLE")
     assert signature_problem(path, body, no_token) is not None
+
+
+# ---------------------------------------------------------------- credentials
+
+
+@pytest.mark.parametrize("profile", [None, "no-such-profile"])
+async def test_no_credentials_in_the_chain_is_the_credentials_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, profile: str | None
+) -> None:
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    if profile is not None:
+        monkeypatch.setenv("AWS_PROFILE", profile)  # botocore raises ProfileNotFound
+    cfg = msgspec.convert({"type": "bedrock", "region": "us-east-1"}, ProviderConfig)
+    credentials = AwsCredentials("br", cfg)
+    with pytest.raises(UpstreamCredentialsRejected) as caught:
+        await credentials.current()
+    assert caught.value.http_status == 502
+    assert caught.value.error_code == "upstream_auth_failed"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDMOCKEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-AKIDMOCKEXAMPLE")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with pytest.raises(UpstreamCredentialsRejected):
+        await credentials.current()  # not looked up again at once
+    assert (await AwsCredentials("br", cfg).current()).access_key == "AKIDMOCKEXAMPLE"
 
 
 # ---------------------------------------------------------------- end to end

@@ -26,6 +26,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCredentials
 from botocore.eventstream import EventStreamBuffer, ParserError
+from botocore.exceptions import BotoCoreError
 from botocore.session import get_session
 
 from llm_broker.shared import bedrock
@@ -35,6 +36,7 @@ from llm_broker.shared.errors import (
     BadRequest,
     UpstreamCredentialsRejected,
     UpstreamError,
+    redact,
     upstream_interrupted,
     upstream_status_error,
     upstream_timeout,
@@ -82,10 +84,16 @@ class AwsCredentials:
                 key_id.next(), secret.next(), token.next() if token else None
             )
         chain = self._chain or await self._look_up()
-        if isinstance(chain, RefreshableCredentials) and chain.refresh_needed():
-            # The refresh may call STS or the instance metadata service: not on the loop.
-            return await asyncio.to_thread(chain.get_frozen_credentials)
-        return chain.get_frozen_credentials()
+        try:
+            if isinstance(chain, RefreshableCredentials) and chain.refresh_needed():
+                # The refresh may call STS or the instance metadata service: not on the loop.
+                return await asyncio.to_thread(chain.get_frozen_credentials)
+            return chain.get_frozen_credentials()
+        except BotoCoreError as e:
+            log.error(
+                "provider %s: cannot refresh AWS credentials: %s", self.provider, redact(str(e))
+            )
+            raise self._none() from e
 
     async def _look_up(self) -> Credentials:
         async with self._lock:
@@ -93,19 +101,32 @@ class AwsCredentials:
                 return self._chain
             missing_at = self._chain_missing_at
             if missing_at is None or time.monotonic() - missing_at >= _CHAIN_RETRY_S:
-                # The chain may read files and ask the instance metadata service.
-                self._chain = await asyncio.to_thread(lambda: get_session().get_credentials())
-                if self._chain is not None:
-                    log.info("provider %s: AWS credentials from the standard chain", self.provider)
-                    return self._chain
+                try:
+                    # The chain may read files and ask the instance metadata service.
+                    self._chain = await asyncio.to_thread(lambda: get_session().get_credentials())
+                except BotoCoreError as e:
+                    log.error(
+                        "provider %s: the standard AWS credential chain failed: %s",
+                        self.provider,
+                        redact(str(e)),
+                    )
+                else:
+                    if self._chain is not None:
+                        log.info(
+                            "provider %s: AWS credentials from the standard chain", self.provider
+                        )
+                        return self._chain
+                    log.error(
+                        "provider %s: the standard AWS credential chain found none", self.provider
+                    )
                 self._chain_missing_at = time.monotonic()
-                log.error(
-                    "provider %s: the standard AWS credential chain found none", self.provider
-                )
-        raise UpstreamCredentialsRejected(
+        raise self._none()
+
+    def _none(self) -> UpstreamCredentialsRejected:
+        return UpstreamCredentialsRejected(
             502,
-            f"provider {self.provider!r} has no AWS credentials (no credential files, and "
-            "none in the environment, shared files or instance role)",
+            f"provider {self.provider!r} has no usable AWS credentials (no credential files, "
+            "and none from the environment, shared files or a role)",
             code="upstream_auth_failed",
         )
 
