@@ -362,12 +362,17 @@ def _tool_config(body: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str,
         tool_choice = {"tool": {"name": _string(function, "name", "tool_choice.function")}}
     elif choice is not None and choice != "none":
         raise _bad("tool_choice", "must be 'auto', 'none', 'required' or a named function")
+    # Converse refuses toolUse and toolResult blocks unless the tools are declared.
+    has_tool_blocks = any("toolUse" in b or "toolResult" in b for t in turns for b in t["content"])
     if not tools:
+        if has_tool_blocks:
+            raise _bad(
+                "tools", "Bedrock needs the tools declared when the conversation holds tool calls"
+            )
         return None
     if choice == "none":
-        # Converse has no "none": without the tools the model cannot call one, but a
-        # conversation that holds tool calls needs them declared.
-        if any("toolUse" in b or "toolResult" in b for t in turns for b in t["content"]):
+        # Converse has no "none": without the tools the model cannot call one.
+        if has_tool_blocks:
             raise _bad(
                 "tool_choice",
                 "Bedrock has no tool_choice 'none' for a conversation that holds tool calls",

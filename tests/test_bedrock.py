@@ -231,6 +231,19 @@ def test_chat_request_translates_to_converse() -> None:
             },
             "tool_choice",
         ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "c", "function": {"name": "lookup"}}],
+                    },
+                    {"role": "tool", "tool_call_id": "c", "content": "x"},
+                ]
+            },
+            "tools",
+        ),
     ],
 )
 def test_untranslatable_requests_name_their_field(change: dict[str, Any], param: str) -> None:
