@@ -13,14 +13,28 @@ from typing import TypeVar
 import msgspec
 from aiohttp import web
 
-from llm_broker.ingress.bodies import decode_chat, decode_embeddings
+from llm_broker.ingress.bodies import (
+    decode_chat,
+    decode_count_tokens,
+    decode_embeddings,
+    decode_messages,
+    decode_responses,
+    untranslatable,
+)
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.state import State
 from llm_broker.shared import accounts
 from llm_broker.shared import messages as m
 from llm_broker.shared.accounts import Principal
 from llm_broker.shared.body import estimate_tokens
-from llm_broker.shared.config import PRIORITIES, Candidates, ModelRoute, Priority
+from llm_broker.shared.config import (
+    NATIVE_KINDS,
+    PRIORITIES,
+    Candidates,
+    ModelRoute,
+    Priority,
+    Target,
+)
 from llm_broker.shared.errors import (
     BadRequest,
     BrokerError,
@@ -88,14 +102,28 @@ async def new_job(
     ctx = request[CONTEXT]
     tenant = principal.tenant
     out: object = 0
-    if kind == m.EMBEDDINGS:
-        model, stream, include_usage = decode_embeddings(raw).model, False, False
-    else:
+    include_usage = False
+    headers: dict[str, str] = {}
+    if kind == m.CHAT:
         req = decode_chat(raw)
         model, stream = req.model, req.stream
         ctx.temperature = req.temperature
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         out = req.max_completion_tokens or req.max_tokens
+    elif kind == m.EMBEDDINGS:
+        model, stream = decode_embeddings(raw).model, False
+    elif kind == m.RESPONSES:
+        head = decode_responses(raw)
+        model, stream, out = head.model, head.stream, head.max_output_tokens
+        ctx.temperature = head.temperature
+    else:
+        if kind == m.MESSAGES:
+            msg = decode_messages(raw)
+            model, stream, out = msg.model, msg.stream, msg.max_tokens
+            ctx.temperature = msg.temperature
+        else:
+            model, stream = decode_count_tokens(raw).model, False
+        headers = {k: v for k in _ANTHROPIC_HEADERS if (v := request.headers.get(k)) is not None}
     if not principal.allows(model):
         raise ModelNotAllowed(f"this API key may not use the model {model[:256]!r}", param="model")
     tcfg = state.config.tenant(tenant)
@@ -106,7 +134,7 @@ async def new_job(
     else:
         asked = request.headers.get("X-Priority", default)
         job_priority = _priority(ceiling, asked, "X-Priority")
-    candidates = _candidates(state, model, kind)
+    candidates = _candidates(state, model, kind, raw)
     if len(candidates.targets) == 1:
         targets = list(candidates.targets)
     else:
@@ -137,6 +165,7 @@ async def new_job(
         kind=kind,
         fallbacks=targets[1:] if candidates.route.fallback else [],
         priority=job_priority,
+        headers=headers,
     )
     ctx.job_id = job.id
     quota = tcfg.providers.get(first.provider)
@@ -166,18 +195,45 @@ def _priority(ceiling: Priority, asked: str, param: str) -> str:
     return PRIORITIES[max(PRIORITIES.index(asked), PRIORITIES.index(ceiling))]
 
 
-def _candidates(state: State, model: str, kind: str) -> Candidates:
-    """The deployments that may serve ``model``; for embeddings, those with an
-    embeddings API."""
+#: Client headers an Anthropic deployment gets with a Messages request.
+_ANTHROPIC_HEADERS = ("anthropic-beta", "anthropic-version")
+
+
+def _candidates(state: State, model: str, kind: str, raw: bytes) -> Candidates:
+    """The deployments that may serve ``model`` a request of ``kind``: embeddings and
+    token counts need a deployment with that API; a Messages or Responses request
+    goes to a deployment of another API only if it can be translated for it (the
+    translation's error names the field when no deployment is left)."""
     candidates = state.router.candidates(model)
     if candidates is None:
         raise ModelNotFound(f"the model {model!r} does not exist", param="model")
-    if kind != m.EMBEDDINGS:
+    if kind == m.CHAT:
         return candidates
     providers = state.config.providers
-    usable = tuple(t for t in candidates.targets if providers[t.provider].type != "anthropic")
-    if not usable:
-        raise BadRequest(f"the model {model!r} has no embeddings API", param="model")
+
+    def native(t: Target) -> bool:
+        return kind in NATIVE_KINDS[providers[t.provider].type]
+
+    if kind in (m.EMBEDDINGS, m.COUNT_TOKENS):
+        usable = tuple(t for t in candidates.targets if native(t))
+        if not usable:
+            what = "an embeddings API" if kind == m.EMBEDDINGS else "a token count API (anthropic)"
+            raise BadRequest(f"the model {model!r} has no deployment with {what}", param="model")
+    else:
+        if all(native(t) for t in candidates.targets):
+            return candidates
+        problem = untranslatable(kind, raw)
+        if problem is None:
+            return candidates
+        usable = tuple(t for t in candidates.targets if native(t))
+        if not usable:
+            other = providers[candidates.targets[0].provider].type
+            raise BadRequest(
+                f"{problem} (the model {model!r} is served by a {other} deployment, for "
+                "which the request must be translated)",
+                param=problem.param,
+                code="untranslatable",
+            )
     if len(usable) == len(candidates.targets):
         return candidates
     weights = tuple(

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from llm_broker.ingress import admin, batches, calls, openapi
 from llm_broker.ingress import files as files_api
 from llm_broker.ingress import messages as messages_api
+from llm_broker.ingress import responses as responses_api
 from llm_broker.ingress.access import AccessLog
 from llm_broker.ingress.admission import identify, new_job
 from llm_broker.ingress.auth import Authenticator
@@ -269,6 +270,8 @@ def create_app(config: Config, pod: str) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/messages", messages_api.create_message)
+    app.router.add_post("/v1/messages/count_tokens", messages_api.count_tokens)
+    responses_api.add_routes(app)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/jobs", post_job)
     app.router.add_get("/v1/jobs", list_jobs)

@@ -11,8 +11,12 @@ from aiohttp.web_protocol import RequestPayloadError
 # The checks of a request body live in shared code: a batch's lines get the same.
 from llm_broker.shared.batchlines import decode_body as decode_body
 from llm_broker.shared.batchlines import decode_chat as decode_chat
+from llm_broker.shared.batchlines import decode_count_tokens as decode_count_tokens
 from llm_broker.shared.batchlines import decode_embeddings as decode_embeddings
+from llm_broker.shared.batchlines import decode_messages as decode_messages
+from llm_broker.shared.batchlines import decode_responses as decode_responses
 from llm_broker.shared.batchlines import load_json as load_json
+from llm_broker.shared.batchlines import untranslatable as untranslatable
 from llm_broker.shared.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 

@@ -2,8 +2,8 @@
 
 A request's key is the SHA-256 of its normalized body (JSON with sorted keys,
 without ``stream`` and ``stream_options``, which change the delivery, not the
-answer), its kind (chat or embeddings), scoped to the tenant unless
-``cache.shared``. Chat requests are cached only when they do not sample
+answer), its kind (chat, embeddings, messages, count_tokens), scoped to the tenant unless
+``cache.shared``. Chat and Messages requests are cached only when they do not sample
 (``temperature`` given and 0), unless the model's route sets
 ``cache_sampling``. ``Cache-Control: no-cache`` skips the lookup (the answer is
 still stored), ``no-store`` skips both. Workers store the answer when the job
@@ -22,6 +22,9 @@ from aiohttp import web
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import CacheConfig, ModelRoute
 from llm_broker.shared.keys import Keys
+
+#: The kinds whose answer does not depend on sampling: cached at any temperature.
+DETERMINISTIC = frozenset((m.EMBEDDINGS, m.COUNT_TOKENS))
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,9 @@ def plan(
     }
     if "no-store" in directives:
         return None
-    if kind == m.CHAT and not route.cache_sampling:
+    if kind == m.RESPONSES:
+        return None  # a response has state of its own (its id, previous_response_id)
+    if kind not in DETERMINISTIC and not route.cache_sampling:
         temperature = body.get("temperature")
         if not isinstance(temperature, int | float) or temperature != 0:
             return None

@@ -58,6 +58,10 @@ class Renderer:
     def stream_error(self, data: bytes) -> bytes:
         return b"data: " + data + b"\n\n"
 
+    def replay(self, cached: bytes, include_usage: bool) -> tuple[bytes, bytes]:
+        """A cached answer as a stream: (its frames, the closing ones)."""
+        return cache.sse_replay(orjson.loads(cached), include_usage)
+
 
 async def run(
     request: web.Request, state: State, job: m.Job, route: ModelRoute, renderer: Renderer
@@ -79,7 +83,7 @@ async def _run(
     # A chat request at a temperature other than 0 is not cached unless its route
     # says so: known from the decoded request, without parsing the body again.
     if state.config.cache.enabled and (
-        job.kind != m.CHAT or route.cache_sampling or ctx.temperature == 0
+        job.kind in cache.DETERMINISTIC or route.cache_sampling or ctx.temperature == 0
     ):
         body = orjson.loads(job.body)
         plan = cache.plan(
@@ -145,7 +149,7 @@ async def _cached(
         return web.Response(
             body=renderer.result(cached), content_type="application/json", headers=headers
         )
-    chunks, closing = cache.sse_replay(orjson.loads(cached), job.include_usage)
+    chunks, closing = renderer.replay(cached, job.include_usage)
     response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
     await response.prepare(request)
     await response.write(renderer.chunks(chunks) + renderer.end(closing))
@@ -155,7 +159,7 @@ async def _cached(
 
 async def _enqueue(state: State, job: m.Job, acct: bytes) -> None:
     pcfg = state.config.providers[job.provider]
-    job.result_ttl = int(state.config.jobs.sync_result_ttl_s)
+    job.result_ttl = job.result_ttl or int(state.config.jobs.sync_result_ttl_s)
     ttl = int(job.deadline - job.created) + job.result_ttl
     admit = state.store.enqueue(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl, acct=acct)
     why = await redis_call(state, "enqueue", job.provider, admit, job_id=job.id)

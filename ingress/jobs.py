@@ -8,6 +8,7 @@ by webhook. A job belongs to its tenant; every other tenant gets 404.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -126,7 +127,7 @@ def _accepted(
         "X-Request-Id": job_id,
         "Retry-After": str(state.config.jobs.poll_after_s),
     }
-    if prefers_async(request) and request.path == "/v1/chat/completions":
+    if prefers_async(request) and request.path in ("/v1/chat/completions", "/v1/messages"):
         headers["Preference-Applied"] = "respond-async"
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -143,14 +144,49 @@ async def submit(
     webhook_url: str | None,
     metadata: dict[str, str] | None,
     priority: str | None = None,
+    kind: str = m.CHAT,
 ) -> web.Response:
     """Queue ``chat_body`` as an async job and answer 202 with the job object.
 
     ``raw`` is the whole request body, which an Idempotency-Key is bound to.
     """
-    job, _route = await new_job(
-        request, state, principal, chat_body, reply_to="", priority=priority
+    job_id, rec, replayed = await admit_async(
+        request,
+        state,
+        principal,
+        chat_body,
+        raw,
+        webhook_url=webhook_url,
+        metadata=metadata,
+        priority=priority,
+        kind=kind,
     )
+    return _accepted(state, request, job_id, rec, replayed)
+
+
+async def admit_async(
+    request: web.Request,
+    state: State,
+    principal: Principal,
+    body: bytes,
+    raw: bytes,
+    *,
+    webhook_url: str | None,
+    metadata: dict[str, str] | None,
+    priority: str | None = None,
+    kind: str = m.CHAT,
+    context: bytes = b"",
+    before: Callable[[m.Job], Awaitable[None]] | None = None,
+) -> tuple[str, JobRecord, bool]:
+    """Queue ``body`` as an async job of ``kind``: its id, its record and whether an
+    Idempotency-Key replayed an earlier job. ``before`` runs once the job is made,
+    before it is queued."""
+    job, _route = await new_job(
+        request, state, principal, body, reply_to="", priority=priority, kind=kind
+    )
+    job.context = context
+    if before is not None:
+        await before(job)
     tenant = principal.tenant
     idem = _idempotency_key(request)
     if metadata:
@@ -176,7 +212,7 @@ async def submit(
     )
     match await redis_call(state, "enqueue", job.provider, admit, job_id=job.id):
         case Admitted(record=rec):
-            return _accepted(state, request, job.id, rec)
+            return job.id, rec, False
         case (
             Full() | TenantQueueFull() | TenantRateLimited() | AccountLimited() | BudgetExceeded()
         ) as why:
@@ -185,7 +221,7 @@ async def submit(
             if idempotency is None or seen_hash != idempotency.request_hash:
                 raise _key_reused()
             request[CONTEXT].job_id = seen_id
-            return _accepted(state, request, seen_id, rec, replayed=True)
+            return seen_id, rec, True
         case _:  # the key's job is gone, or another tenant's
             raise _key_reused()
 
@@ -197,7 +233,7 @@ def _key_reused() -> IdempotencyMismatch:
     )
 
 
-async def _owned_record(state: State, tenant: str, job_id: str) -> JobRecord:
+async def owned_record(state: State, tenant: str, job_id: str) -> JobRecord:
     """The record of the caller's job ``job_id``; 404 for a missing or foreign job."""
     rec = await redis_call(state, "jobs", "", state.store.record(job_id))
     if rec is None or rec.tenant != tenant:
@@ -214,7 +250,7 @@ async def get_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
     tenant = (await identify(request, state)).tenant
     job_id = request.match_info["job_id"]
-    return _job_response(state, job_id, await _owned_record(state, tenant, job_id))
+    return _job_response(state, job_id, await owned_record(state, tenant, job_id))
 
 
 async def cancel_job(request: web.Request) -> web.Response:

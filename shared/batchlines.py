@@ -20,8 +20,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from llm_broker.shared import anthropic, responses
 from llm_broker.shared import body as json_body
 from llm_broker.shared import messages as m
+from llm_broker.shared.anthropic import TranslationError
 from llm_broker.shared.errors import BadRequest
 
 T = TypeVar("T")
@@ -79,6 +81,54 @@ def decode_chat(raw: bytes) -> m.ChatRequest:
     if not req.messages:
         raise BadRequest("'messages' must contain at least one message", param="messages")
     return req
+
+
+def decode_messages(raw: bytes) -> m.MessagesRequest:
+    """An Anthropic Messages request as the ingress admits it (a 400 otherwise)."""
+    req = decode_body(m.messages_request_decoder, raw, required=("model", "messages"))
+    _check_messages(req.messages)
+    if req.max_tokens < 1:
+        raise BadRequest("'max_tokens' must be at least 1", param="max_tokens")
+    return req
+
+
+def decode_count_tokens(raw: bytes) -> m.CountTokensRequest:
+    """A token count request (a Messages request without ``max_tokens``)."""
+    req = decode_body(m.count_tokens_request_decoder, raw, required=("model", "messages"))
+    _check_messages(req.messages)
+    return req
+
+
+def _check_messages(messages: list[m.AnthropicMessage]) -> None:
+    if not messages:
+        raise BadRequest("'messages' must contain at least one message", param="messages")
+
+
+def decode_responses(raw: bytes) -> m.ResponsesRequest:
+    """A Responses request as the ingress admits it (a 400 otherwise)."""
+    req = decode_body(m.responses_request_decoder, raw, required=("model",))
+    if req.input is None and req.previous_response_id is None:
+        raise BadRequest("'input' is required", param="input")
+    if req.input == "" or req.input == []:
+        raise BadRequest("'input' must not be empty", param="input")
+    if req.max_output_tokens is not None and req.max_output_tokens < 1:
+        raise BadRequest("'max_output_tokens' must be at least 1", param="max_output_tokens")
+    if req.background and req.store is False:
+        raise BadRequest("a background response is stored: 'store' cannot be false", param="store")
+    return req
+
+
+def untranslatable(kind: str, raw: bytes) -> TranslationError | None:
+    """Why a Messages or Responses request cannot be translated to chat, or None."""
+    body = load_json(raw)
+    try:
+        if kind == m.MESSAGES:
+            anthropic.messages_to_chat(body)
+        else:
+            responses.responses_to_chat(body, None)
+    except (anthropic.TranslationError, responses.TranslationError) as e:
+        return e
+    return None
 
 
 def decode_embeddings(raw: bytes) -> m.EmbeddingsRequest:

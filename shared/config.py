@@ -219,6 +219,19 @@ ProviderType = Literal[
 #: The provider types whose upstream speaks the OpenAI wire format at ``base_url``.
 OPENAI_WIRE = frozenset(("openai", "openai-compatible", "mock"))
 
+#: The job kinds (``shared.messages``) each provider type serves in their own API:
+#: their body goes upstream as it came. Others are translated through chat; an
+#: embeddings job needs a type listed here.
+NATIVE_KINDS: dict[str, frozenset[str]] = {
+    "openai": frozenset(("chat", "embeddings", "responses")),
+    "azure": frozenset(("chat", "embeddings", "responses")),
+    "mock": frozenset(("chat", "embeddings", "responses")),
+    "openai-compatible": frozenset(("chat", "embeddings")),
+    "anthropic": frozenset(("messages", "count_tokens")),
+    "gemini": frozenset(),
+    "bedrock": frozenset(),
+}
+
 
 class RetryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Retries of one upstream call on 429, 5xx, timeouts and connection errors."""

@@ -58,6 +58,11 @@ class Keys:
         """Hash holding one job's status, timestamps, tenant, result or error."""
         return f"{self.prefix}job:{job_id}"
 
+    def response(self, job_id: str) -> str:
+        """A stored Responses job's request (without its input) and input items, for
+        ``GET /v1/responses/{id}`` and ``previous_response_id``; expires with the job."""
+        return f"{self.prefix}resp:{job_id}"
+
     def reply(self, pod: str) -> str:
         """Stream of replies for the jobs whose client waits on one ingress process."""
         return f"{self.prefix}r:{pod}"

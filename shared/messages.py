@@ -88,9 +88,66 @@ class Attempt(msgspec.Struct, kw_only=True):
     seconds: float = 0.0
 
 
-#: Job kinds: a chat completion or an embeddings call.
+#: Job kinds: the API a job's body is in, and its answer must be in. A chat
+#: completion or an embeddings call (OpenAI), a message or a token count (Anthropic
+#: Messages), a response (OpenAI Responses). A deployment whose API is the job's
+#: gets the body as it came (``shared.config.native_kinds``); any other gets it
+#: translated through the chat format, and its answer translated back.
 CHAT = "chat"
 EMBEDDINGS = "embeddings"
+MESSAGES = "messages"
+COUNT_TOKENS = "count_tokens"
+RESPONSES = "responses"
+
+
+class AnthropicMessage(msgspec.Struct):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class MessagesRequest(msgspec.Struct):
+    """The fields of an Anthropic Messages request that the broker looks at (the
+    body travels as it came to an Anthropic deployment)."""
+
+    model: str
+    messages: list[AnthropicMessage]
+    max_tokens: int
+    system: str | list[dict[str, Any]] | None = None
+    stream: bool = False
+    temperature: float | None = None
+
+
+messages_request_decoder = msgspec.json.Decoder(MessagesRequest)
+
+
+class CountTokensRequest(msgspec.Struct):
+    """``POST /v1/messages/count_tokens``: a Messages request without ``max_tokens``."""
+
+    model: str
+    messages: list[AnthropicMessage]
+    system: str | list[dict[str, Any]] | None = None
+
+
+count_tokens_request_decoder = msgspec.json.Decoder(CountTokensRequest)
+
+
+class ResponsesRequest(msgspec.Struct):
+    """The fields of an OpenAI Responses request that the broker looks at."""
+
+    model: str
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+    stream: bool = False
+    #: Run as an async job of the broker's, polled with ``GET /v1/responses/{id}``.
+    background: bool = False
+    #: Keep the response for ``previous_response_id`` and ``GET`` (default true).
+    store: bool | None = None
+    previous_response_id: str | None = None
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+
+
+responses_request_decoder = msgspec.json.Decoder(ResponsesRequest)
 
 
 class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -132,6 +189,12 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Tokens its admission counted against its tenant's tpm quotas (an estimate;
     #: 0: none), corrected to the real usage when it settles.
     tokens: int = 0
+    #: Client headers a deployment of the job's own API gets (``anthropic-beta``,
+    #: ``anthropic-version``).
+    headers: dict[str, str] = {}
+    #: Responses: the items of the earlier turns (``previous_response_id``), a JSON
+    #: array the request's ``input`` follows.
+    context: bytes = b""
 
     @property
     def target(self) -> Target:

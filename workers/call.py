@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from llm_broker.shared.redisio import REDIS_DOWN, Observer
 from llm_broker.shared.store import JobStore, Verdict
 from llm_broker.shared.store.records import Chunks, Usage
 from llm_broker.shared.tracing import Tracing
-from llm_broker.workers import shaping
+from llm_broker.workers import native, shaping
 from llm_broker.workers.accumulate import StreamAccumulator
 from llm_broker.workers.limits import Lease, Limits
 from llm_broker.workers.policy import CallPolicy, Tries, deployment_name
@@ -158,6 +158,8 @@ class DeploymentCall:
         if job.kind == m.EMBEDDINGS:
             result = shaping.embeddings(job, await upstream.embed(body, model, timeout, headers))
             return orjson.dumps(result), None, shaping.usage_of(result)
+        if job.kind != m.CHAT:
+            return await native.answer(self, body, timeout, headers)
         if not job.stream:
             result = shaping.completion(job, await upstream.complete(body, model, timeout, headers))
             return orjson.dumps(result), None, shaping.usage_of(result)
@@ -170,22 +172,32 @@ class DeploymentCall:
         job = self.job
         rid = shaping.response_id(job)
         acc = StreamAccumulator()
-        sender = ChunkSender(self.pool.store, job, self.pool.coalesce_s)
-        try:
+
+        async def frames() -> AsyncIterator[bytes]:
             async for found in self.pool.upstream.stream(
                 body, job.upstream_model, timeout, headers
             ):
-                if not self.start.done():
-                    # No chunk reaches the client before the job has started.
-                    await asyncio.shield(self.start)
                 acc.add(found)
                 framed = shaping.chunk(job, found, rid)
                 if framed is not None:
-                    sender.add(framed)
-                    self.tries.sent = self.tries.sent or bool(job.reply_to)
+                    yield framed
+
+        await self.relay(frames())
+        return acc.result(rid, job.model, int(job.created))
+
+    async def relay(self, frames: AsyncIterator[bytes]) -> None:
+        """Send a stream's frames to the waiting client as they come."""
+        job = self.job
+        sender = ChunkSender(self.pool.store, job, self.pool.coalesce_s)
+        try:
+            async for framed in frames:
+                if not self.start.done():
+                    # No chunk reaches the client before the job has started.
+                    await asyncio.shield(self.start)
+                sender.add(framed)
+                self.tries.sent = self.tries.sent or bool(job.reply_to)
         finally:
             await sender.drain()
-        return acc.result(rid, job.model, int(job.created))
 
 
 class ChunkSender:

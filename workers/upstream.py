@@ -27,7 +27,7 @@ import orjson
 
 from llm_broker.shared import anthropic
 from llm_broker.shared import body as json_body
-from llm_broker.shared.config import OPENAI_WIRE, ProviderConfig
+from llm_broker.shared.config import NATIVE_KINDS, OPENAI_WIRE, ProviderConfig
 from llm_broker.shared.errors import (
     BadRequest,
     UpstreamError,
@@ -72,8 +72,15 @@ class Upstream:
     def _auth(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
 
+    #: The job kinds this upstream serves in its own API (``shared.config.NATIVE_KINDS``).
+    native: frozenset[str] = frozenset()
+
+    def native_path(self, kind: str, model: str) -> str:
+        """The path of a native kind's API."""
+        raise NotImplementedError
+
     async def _post(
-        self, path: str, payload: dict[str, Any], headers: dict[str, str] | None
+        self, path: str, payload: dict[str, Any] | bytes, headers: dict[str, str] | None
     ) -> Response:
         merged = dict(self._headers)
         key = self._keys.next() if self._keys else ""
@@ -81,10 +88,13 @@ class Upstream:
             merged.update(self._auth(key))
         if headers:
             merged.update(headers)
-        try:
-            data = json_body.dump(payload)
-        except json_body.InvalidBody as e:
-            raise BadRequest(str(e), code="invalid_json") from e
+        if isinstance(payload, bytes):
+            data = payload
+        else:
+            try:
+                data = json_body.dump(payload)
+            except json_body.InvalidBody as e:
+                raise BadRequest(str(e), code="invalid_json") from e
         request = build_request(self._origin, path, data, merged)
         resp = await self._pool.request(request)
         if resp.status >= 400:
@@ -104,8 +114,22 @@ class Upstream:
         return upstream_unreachable(e.reason)
 
     async def _json(
-        self, path: str, payload: dict[str, Any], timeout_s: float, headers: dict[str, str] | None
+        self,
+        path: str,
+        payload: dict[str, Any] | bytes,
+        timeout_s: float,
+        headers: dict[str, str] | None,
     ) -> dict[str, Any]:
+        return (await self.whole(path, payload, timeout_s, headers))[1]
+
+    async def whole(
+        self,
+        path: str,
+        payload: dict[str, Any] | bytes,
+        timeout_s: float,
+        headers: dict[str, str] | None,
+    ) -> tuple[bytes, dict[str, Any]]:
+        """A non-streaming call: the answer's bytes, as they came, and decoded."""
         try:
             async with asyncio.timeout(timeout_s):
                 raw = await (await self._post(path, payload, headers)).read()
@@ -122,20 +146,39 @@ class Upstream:
                 "upstream answered with something other than a JSON object",
                 code="upstream_bad_response",
             )
-        return result
+        return raw, result
 
     async def _events(
-        self, path: str, payload: dict[str, Any], timeout_s: float, headers: dict[str, str] | None
+        self,
+        path: str,
+        payload: dict[str, Any] | bytes,
+        timeout_s: float,
+        headers: dict[str, str] | None,
     ) -> AsyncIterator[Any]:
         """The decoded ``data:`` payloads of a streamed answer (``[DONE]`` ends it)."""
+        async for _, data in self.blocks(path, payload, timeout_s, headers):
+            if data is None:
+                return
+            yield data
+
+    async def blocks(
+        self,
+        path: str,
+        payload: dict[str, Any] | bytes,
+        timeout_s: float,
+        headers: dict[str, str] | None,
+    ) -> AsyncIterator[tuple[bytes, Any]]:
+        """The events of a streamed answer: each whole event's bytes, as they came, and
+        its ``data:`` payload decoded (None for ``[DONE]``, which ends it)."""
         try:
             async with asyncio.timeout(timeout_s):
                 resp = await self._post(path, payload, headers)
-                async for data in _sse_data(resp):
+                async for block, data in _sse_blocks(resp):
                     if data == b"[DONE]":
+                        yield block, None
                         return
                     try:
-                        yield orjson.loads(data)
+                        yield block, orjson.loads(data)
                     except orjson.JSONDecodeError as e:
                         raise UpstreamError(502, _BAD_STREAM, code="upstream_bad_response") from e
                 raise upstream_interrupted()
@@ -170,8 +213,15 @@ class Upstream:
 class OpenAIUpstream(Upstream):
     """Calls an OpenAI-compatible API at ``base_url``."""
 
+    def __init__(self, name: str, cfg: ProviderConfig) -> None:
+        super().__init__(name, cfg)
+        self.native = NATIVE_KINDS[cfg.type]
+
     def _path(self, model: str, what: str) -> str:
         return f"/{what}"
+
+    def native_path(self, kind: str, model: str) -> str:
+        return self._path(model, kind)
 
     async def complete(
         self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
@@ -206,11 +256,15 @@ class AzureUpstream(OpenAIUpstream):
 
     def _path(self, model: str, what: str) -> str:
         version = quote(self.cfg.api_version or "", safe="")
+        if what == "responses":  # the deployment is named in the body's model
+            return f"/openai/responses?api-version={version}"
         return f"/openai/deployments/{quote(model, safe='')}/{what}?api-version={version}"
 
 
 class AnthropicUpstream(Upstream):
     """The Anthropic Messages API, translated to and from the OpenAI chat format."""
+
+    native = NATIVE_KINDS["anthropic"]
 
     def __init__(self, name: str, cfg: ProviderConfig) -> None:
         super().__init__(name, cfg)
@@ -218,6 +272,9 @@ class AnthropicUpstream(Upstream):
 
     def _auth(self, key: str) -> dict[str, str]:
         return {"x-api-key": key}
+
+    def native_path(self, kind: str, model: str) -> str:
+        return "/messages/count_tokens" if kind == "count_tokens" else "/messages"
 
     def _request(self, body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
         try:
@@ -251,13 +308,7 @@ class AnthropicUpstream(Upstream):
             try:
                 chunks = events.feed(event)
             except anthropic.UpstreamStreamError as e:
-                raise UpstreamError(
-                    529 if e.error_type == "overloaded_error" else 502,
-                    upstream_message(str(e)),
-                    type=identifier(e.error_type),
-                    code="upstream_error",
-                    retryable=True,
-                ) from e
+                raise stream_error(e) from e
             except (KeyError, TypeError, ValueError) as e:
                 raise UpstreamError(502, _BAD_STREAM, code="upstream_bad_response") from e
             for chunk in chunks:
@@ -266,17 +317,50 @@ class AnthropicUpstream(Upstream):
                 return
 
 
-async def _sse_data(resp: Response) -> AsyncIterator[bytes]:
-    """The payloads of the ``data:`` lines of an event stream."""
+async def _sse_blocks(resp: Response) -> AsyncIterator[tuple[bytes, bytes]]:
+    """The events of an event stream: each one's bytes (its blank line included) and
+    its ``data:`` payload (an event without one is skipped: comments, pings without
+    data). A payload is one ``data:`` line, as every provider here sends."""
     pending = b""
     async for chunk in resp.chunks():
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
-    if pending.startswith(b"data:"):
-        yield pending[5:].strip()
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        pending += chunk
+        end = pending.find(b"\n\n")
+        while end >= 0:
+            block, pending = pending[: end + 2], pending[end + 2 :]
+            data = _data_of(block)
+            if data is not None:
+                yield block, data
+            end = pending.find(b"\n\n")
+    if pending.strip():
+        data = _data_of(pending)
+        if data is not None:
+            yield pending, data
+
+
+def _data_of(block: bytes) -> bytes | None:
+    at = block.find(b"data:")
+    if at < 0:
+        return None
+    if at and block[at - 1 : at] != b"\n":  # not at the start of a line
+        at = block.find(b"\ndata:")
+        if at < 0:
+            return None
+        at += 1
+    end = block.find(b"\n", at)
+    return block[at + 5 : end if end >= 0 else len(block)].strip()
+
+
+def stream_error(e: anthropic.UpstreamStreamError) -> UpstreamError:
+    """The error of an ``error`` event in an Anthropic stream."""
+    return UpstreamError(
+        529 if e.error_type == "overloaded_error" else 502,
+        upstream_message(str(e)),
+        type=identifier(e.error_type),
+        code="upstream_error",
+        retryable=True,
+    )
 
 
 def _json_or_none(raw: bytes) -> Any:
