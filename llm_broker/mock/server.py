@@ -11,6 +11,8 @@ Model calls (a trailing ``/`` and the query string are ignored, except Azure's):
     POST /v1/chat/completions   (or /chat/completions)   OpenAI chat
     POST /v1/embeddings         (or /embeddings)         OpenAI embeddings
     POST /v1/messages           (or /messages)           Anthropic Messages
+    POST /v1/messages/count_tokens                       Anthropic token count
+    POST /v1/responses          (or /responses)          OpenAI Responses (mock.responses)
     POST /openai/deployments/{deployment}/chat/completions?api-version=V   Azure chat
     POST /openai/deployments/{deployment}/embeddings?api-version=V         Azure embeddings
 
@@ -179,6 +181,8 @@ _EMPTY_BODY = b"{}"
 _CHAT_PATHS = frozenset((b"/v1/chat/completions", b"/chat/completions"))
 _EMBED_PATHS = frozenset((b"/v1/embeddings", b"/embeddings"))
 _MESSAGES_PATHS = frozenset((b"/v1/messages", b"/messages"))
+_COUNT_TOKENS_PATHS = frozenset((b"/v1/messages/count_tokens", b"/messages/count_tokens"))
+_RESPONSES_PATHS = frozenset((b"/v1/responses", b"/responses"))
 _TOOL_ROLES = frozenset(("tool", "function"))
 
 _A_TEXT_BLOCK: Final = {"type": "text", "text": ""}
@@ -238,13 +242,21 @@ class _App:
             path = path[:-1]
         if method == b"POST":
             if path in _CHAT_PATHS:
-                self.state.record_call(path, captured)
+                self.state.record_call(path, captured, body)
                 return self.chat(body, keep_alive)
             if path in _MESSAGES_PATHS:
-                self.state.record_call(path, captured)
+                self.state.record_call(path, captured, body)
                 return self.messages(body, keep_alive)
+            if path in _COUNT_TOKENS_PATHS:
+                self.state.record_call(path, captured, body)
+                return self.count_tokens(body, keep_alive)
+            if path in _RESPONSES_PATHS:
+                from llm_broker.mock import responses
+
+                self.state.record_call(path, captured, body)
+                return responses.handle(self, body, keep_alive)
             if path in _EMBED_PATHS:
-                self.state.record_call(path, captured)
+                self.state.record_call(path, captured, body)
                 return self.embeddings(body, keep_alive)
             if path.startswith(b"/openai/"):
                 query = url[q + 1 :] if q >= 0 else b""
@@ -272,6 +284,9 @@ class _App:
                 return _Plan(response(200, _HEALTH_BODY, keep_alive), counted=False)
             if path == b"/v1/models" or path == b"/models":
                 return _Plan(response(200, _MODELS_BODY, keep_alive), counted=False)
+            if path == b"/mock/requests":
+                body = orjson.dumps(self.state.requests())
+                return _Plan(response(200, body, keep_alive), counted=False)
             if path == b"/mock/stats":
                 body = orjson.dumps(self.state.snapshot())
                 return _Plan(response(200, body, keep_alive), counted=False)
@@ -540,6 +555,23 @@ class _App:
             ]
         head = stream_head(keep_alive) + anthropic_stream_start(rid, model, input_tokens, start)
         return self._stream(head, events, anthropic_stream_end(stop, n), p, latency)
+
+    def count_tokens(self, raw: bytes, keep_alive: bool) -> _Plan:
+        """``POST /v1/messages/count_tokens``: the words of the system prompt and of
+        every message's text."""
+        req = self._load(raw)
+        if self.state.failures_left:
+            return self._injected(ANTHROPIC, keep_alive)
+        messages = req.get("messages") if req is not None else None
+        if not isinstance(messages, list) or not messages:
+            msg = "messages: Field required"
+            return _Plan(error_response(ANTHROPIC, 400, msg, keep_alive))
+        tokens = word_count(content_text(req.get("system") if req else None))
+        for m in messages:
+            if isinstance(m, dict):
+                tokens += word_count(anthropic_text(m.get("content"))[0])
+        body = orjson.dumps({"input_tokens": max(tokens, 1)})
+        return _Plan(response(200, body, keep_alive))
 
     # -- Azure -----------------------------------------------------------------------
 

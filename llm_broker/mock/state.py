@@ -4,6 +4,7 @@
 code updates its counters directly::
 
     GET  /mock/stats    counters, JSON (below)
+    GET  /mock/requests the last 20 model calls: path, recorded headers, body (base64)
     POST /mock/reset    zero the counters, clear the recorded history and /mock/fail
     POST /mock/fail     {"status": 500, "times": 3, "retry_after": "2",
                          "retry_after_ms": 1500, "body": ..}  -> {"status", "failures_left"}
@@ -26,6 +27,7 @@ usage of every OpenAI chat completion it answered (or began to stream).
 
 from __future__ import annotations
 
+import base64
 import collections
 import math
 from time import time as _now
@@ -39,6 +41,7 @@ from llm_broker.mock.params import as_number
 __all__ = ["Captured", "ControlError", "MockState"]
 
 _AUTH_HISTORY = 100
+_REQUEST_HISTORY = 20
 _CALL_HISTORY = 1000
 _MAX_PATHS = 1000  # distinct calls_by_path keys; later new paths count under "<other>"
 _OTHER_PATH = b"<other>"
@@ -73,6 +76,7 @@ class MockState:
         "path_counts",
         "peak_in_flight",
         "prompt_tokens",
+        "requests_seen",
         "traceparent_seen",
         "x_api_key_seen",
     )
@@ -90,6 +94,10 @@ class MockState:
         self.api_key_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
         self.x_api_key_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
         self.api_version_seen: str | None = None
+        #: The last model calls as they came: (path, recorded headers, body).
+        self.requests_seen: collections.deque[tuple[bytes, Captured, bytes]] = collections.deque(
+            maxlen=_REQUEST_HISTORY
+        )
         self.traceparent_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
         self.models_seen: collections.deque[str] = collections.deque(maxlen=_AUTH_HISTORY)
         self.call_times: collections.deque[float] = collections.deque(maxlen=_CALL_HISTORY)
@@ -153,15 +161,17 @@ class MockState:
         self.api_key_seen.clear()
         self.x_api_key_seen.clear()
         self.api_version_seen = None
+        self.requests_seen.clear()
         self.traceparent_seen.clear()
         self.models_seen.clear()
         self.call_times.clear()
         self.path_counts.clear()
         self.clear_failure()
 
-    def record_call(self, path: bytes, captured: Captured | None) -> None:
-        """Record a model call: its time, its path and its credentials."""
+    def record_call(self, path: bytes, captured: Captured | None, body: bytes = b"") -> None:
+        """Record a model call: its time, its path, its credentials and its body."""
         self.call_times.append(_now())
+        self.requests_seen.append((path, captured or [], body))
         counts = self.path_counts
         if path in counts:
             counts[path] += 1
@@ -181,6 +191,18 @@ class MockState:
                     self.traceparent_seen.append(value)
                 elif name == b"anthropic-version":
                     self.api_version_seen = value
+
+    def requests(self) -> list[dict[str, Any]]:
+        """``GET /mock/requests``: the last model calls, oldest first, each with its
+        path, the recorded headers and the body exactly as it came (base64)."""
+        return [
+            {
+                "path": path.decode("latin-1"),
+                "headers": {n.decode("latin-1"): v for n, v in captured},
+                "body_b64": base64.b64encode(body).decode(),
+            }
+            for path, captured, body in self.requests_seen
+        ]
 
     def arm(self, req: dict[str, Any] | None) -> bytes:
         """``POST /mock/fail``: arm (or clear, ``times: 0``) failures of the next calls.
