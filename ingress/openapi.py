@@ -176,8 +176,13 @@ class Status(msgspec.Struct, omit_defaults=True):
 # ---------------------------------------------------------------- Anthropic Messages API
 
 
+#: Prompt caching's breakpoint on a block (Anthropic deployments; dropped in translation).
+CacheControl = dict[str, Any] | None
+
+
 class TextParam(msgspec.Struct, tag_field="type", tag="text"):
     text: str
+    cache_control: CacheControl = None
 
 
 class Base64Source(msgspec.Struct, tag_field="type", tag="base64"):
@@ -191,6 +196,28 @@ class UrlSource(msgspec.Struct, tag_field="type", tag="url"):
 
 class ImageParam(msgspec.Struct, tag_field="type", tag="image"):
     source: Base64Source | UrlSource
+    cache_control: CacheControl = None
+
+
+class DocumentParam(msgspec.Struct, tag_field="type", tag="document"):
+    """A PDF or text document: Anthropic deployments only."""
+
+    source: dict[str, Any]
+    title: str | None = None
+    context: str | None = None
+    citations: dict[str, Any] | None = None
+    cache_control: CacheControl = None
+
+
+class ThinkingParam(msgspec.Struct, tag_field="type", tag="thinking"):
+    """An earlier assistant turn's thinking: Anthropic deployments only."""
+
+    thinking: str
+    signature: str
+
+
+class RedactedThinkingParam(msgspec.Struct, tag_field="type", tag="redacted_thinking"):
+    data: str
 
 
 class ToolUseParam(msgspec.Struct, tag_field="type", tag="tool_use"):
@@ -199,6 +226,7 @@ class ToolUseParam(msgspec.Struct, tag_field="type", tag="tool_use"):
     id: str
     name: str
     input: dict[str, Any]
+    cache_control: CacheControl = None
 
 
 class ToolResultParam(msgspec.Struct, tag_field="type", tag="tool_result"):
@@ -207,6 +235,7 @@ class ToolResultParam(msgspec.Struct, tag_field="type", tag="tool_result"):
     tool_use_id: str
     content: str | list[TextParam | ImageParam] | None = None
     is_error: bool | None = None
+    cache_control: CacheControl = None
 
 
 class AnthropicMessageParam(msgspec.Struct):
@@ -214,7 +243,15 @@ class AnthropicMessageParam(msgspec.Struct):
     content: (
         str
         | Annotated[
-            list[TextParam | ImageParam | ToolUseParam | ToolResultParam],
+            list[
+                TextParam
+                | ImageParam
+                | DocumentParam
+                | ThinkingParam
+                | RedactedThinkingParam
+                | ToolUseParam
+                | ToolResultParam
+            ],
             msgspec.Meta(min_length=1),
         ]
     )
@@ -245,7 +282,9 @@ class ToolChoiceTool(msgspec.Struct, tag_field="type", tag="tool"):
 
 
 class AnthropicRequest(msgspec.Struct):
-    """The fields of an Anthropic Messages request that the broker translates."""
+    """An Anthropic Messages request: sent as it came to an Anthropic deployment (its
+    other fields too), translated for any other (a field that cannot be translated is
+    a 400 naming it)."""
 
     model: Annotated[str, msgspec.Meta(min_length=1)]
     max_tokens: Annotated[int, msgspec.Meta(ge=1)]
@@ -258,6 +297,21 @@ class AnthropicRequest(msgspec.Struct):
     tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoiceAuto | ToolChoiceAny | ToolChoiceNone | ToolChoiceTool | None = None
     metadata: dict[str, Any] | None = None
+    #: Extended thinking (``{"type": "enabled", "budget_tokens": N}``): Anthropic only.
+    thinking: dict[str, Any] | None = None
+
+
+class CountTokensRequest(msgspec.Struct):
+    """``POST /v1/messages/count_tokens``: an Anthropic deployment counts."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    messages: Annotated[list[AnthropicMessageParam], msgspec.Meta(min_length=1)]
+    system: str | list[TextParam] | None = None
+    tools: list[AnthropicTool] | None = None
+
+
+class TokenCount(msgspec.Struct):
+    input_tokens: int
 
 
 class TextBlock(msgspec.Struct, tag_field="type", tag="text"):
@@ -276,12 +330,21 @@ class AnthropicUsage(msgspec.Struct):
     cache_read_input_tokens: int = 0
 
 
+class ThinkingBlock(msgspec.Struct, tag_field="type", tag="thinking"):
+    thinking: str
+    signature: str
+
+
+class RedactedThinkingBlock(msgspec.Struct, tag_field="type", tag="redacted_thinking"):
+    data: str
+
+
 class AnthropicMessage(msgspec.Struct):
     id: str
     type: Literal["message"]
     role: Literal["assistant"]
     model: str
-    content: list[TextBlock | ToolUseBlock]
+    content: list[TextBlock | ToolUseBlock | ThinkingBlock | RedactedThinkingBlock]
     stop_reason: str | None
     stop_sequence: str | None
     usage: AnthropicUsage
@@ -295,6 +358,54 @@ class AnthropicErrorDetail(msgspec.Struct):
 class AnthropicError(msgspec.Struct):
     type: Literal["error"]
     error: AnthropicErrorDetail
+
+
+# ---------------------------------------------------------------- Responses API
+
+
+class ResponsesRequest(msgspec.Struct):
+    """An OpenAI Responses request: sent as it came to an OpenAI or Azure deployment,
+    translated through chat for any other (built-in tools cannot be: 400)."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    input: (
+        Annotated[str, msgspec.Meta(min_length=1)]
+        | Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1)]
+    )
+    instructions: str | None = None
+    stream: bool | None = None
+    #: Run as an async job of the broker's: answered ``queued``, polled with GET.
+    background: bool | None = None
+    store: bool | None = None
+    #: A stored response of the caller's whose turns come before ``input``.
+    previous_response_id: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_output_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class ResponseObject(msgspec.Struct):
+    """A response (OpenAI's object); ``output`` holds message and function_call items."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+    model: str
+    output: list[dict[str, Any]]
+    error: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+
+
+class ResponseItemList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 # ---------------------------------------------------------------- batches (documentation only)
@@ -592,6 +703,11 @@ _TYPES: tuple[Any, ...] = (
     m.EmbeddingsRequest,
     m.JobSubmission,
     AnthropicRequest,
+    CountTokensRequest,
+    TokenCount,
+    ResponsesRequest,
+    ResponseObject,
+    ResponseItemList,
     ErrorObject,
     AnthropicError,
     ChatCompletion,
@@ -628,7 +744,15 @@ _TYPES: tuple[Any, ...] = (
 )
 
 #: Bodies whose unknown fields travel upstream untouched.
-_PASSED_THROUGH = ("ChatRequest", "ChatMessage", "EmbeddingsRequest", "AnthropicRequest")
+_PASSED_THROUGH = (
+    "ChatRequest",
+    "ChatMessage",
+    "EmbeddingsRequest",
+    "AnthropicRequest",
+    "CountTokensRequest",
+    "ResponsesRequest",
+    "ResponseObject",
+)
 #: Structs encoded with every field present although some have defaults.
 _ALL_FIELDS_WRITTEN = ("ErrorBody", "Job", "JobWebhook")
 
@@ -874,6 +998,13 @@ _PARAMETERS: dict[str, Any] = {
         "schema": {"enum": list(PRIORITIES)},
     },
     "JobId": {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
+    "ResponseId": {
+        "name": "response_id",
+        "in": "path",
+        "required": True,
+        "description": "The response's id (`resp_...`).",
+        "schema": {"type": "string"},
+    },
     "FileId": {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}},
     "BatchId": {
         "name": "batch_id",
@@ -1441,6 +1572,56 @@ def _paths() -> dict[str, Any]:
                 },
                 _errors(_CALL_ERRORS, "AnthropicError"),
             )
+        },
+        "/v1/messages/count_tokens": {
+            "post": _call(
+                "Count a Messages request's input tokens (an Anthropic deployment counts).",
+                "CountTokensRequest",
+                {"description": "The count.", "content": _json("TokenCount")},
+                _errors(_CALL_ERRORS, "AnthropicError"),
+            )
+        },
+        "/v1/responses": {
+            "post": _call(
+                "Create a response (OpenAI Responses); SSE with `stream: true`; an async "
+                "job of the broker's with `background: true` (answered `queued`).",
+                "ResponsesRequest",
+                {
+                    "description": "The response.",
+                    "content": {**_json("ResponseObject"), **_STREAM},
+                },
+                _errors(_CALL_ERRORS),
+            )
+        },
+        "/v1/responses/{response_id}": {
+            "get": {
+                "summary": "A stored response: its status, and its output once completed.",
+                "parameters": _params("ResponseId"),
+                "responses": {
+                    "200": {"description": "The response.", "content": _json("ResponseObject")},
+                    **_errors((400, *_JOB_ERRORS)),
+                },
+            }
+        },
+        "/v1/responses/{response_id}/cancel": {
+            "post": {
+                "summary": "Cancel a background response that has not finished.",
+                "parameters": _params("ResponseId"),
+                "responses": {
+                    "200": {"description": "The response.", "content": _json("ResponseObject")},
+                    **_errors((400, *_JOB_ERRORS)),
+                },
+            }
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "get": {
+                "summary": "A stored response's input items, earlier turns included.",
+                "parameters": _params("ResponseId"),
+                "responses": {
+                    "200": {"description": "The items.", "content": _json("ResponseItemList")},
+                    **_errors(_JOB_ERRORS),
+                },
+            }
         },
         "/v1/models": {
             "get": {

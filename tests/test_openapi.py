@@ -98,7 +98,7 @@ def test_errors_are_the_openai_object_and_anthropic_on_messages() -> None:
                 if int(status) < 400 or path in ("/ready",):
                     continue
                 schema = response["content"]["application/json"]["schema"]["$ref"]
-                anthropic = path == "/v1/messages" or path.startswith("/v1/messages/batches")
+                anthropic = path == "/v1/messages" or path.startswith("/v1/messages/")
                 want = "AnthropicError" if anthropic else "ErrorObject"
                 assert schema.endswith("/" + want), (path, status)
     error = _validator(doc, "ErrorObject")

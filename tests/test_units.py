@@ -341,7 +341,7 @@ def test_the_shipped_configs_load(path: str) -> None:
         (PROVIDERS, {"m": {"provider": "p1", "strategy": "fastest"}}, "strategy"),
         ({"p1": {**PROVIDERS["p1"], "rpm": 0}}, {}, "rpm"),
         (PROVIDERS, {"m*": {"deployments": [{"provider": "p1", "rpm": 5}]}}, "needs a model"),
-        ({"p1": {**PROVIDERS["p1"], "type": "bedrock"}}, {}, "type"),
+        ({"p1": {**PROVIDERS["p1"], "type": "watsonx"}}, {}, "type"),
     ],
 )
 def test_routing_config_errors_name_the_field(
