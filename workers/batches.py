@@ -36,12 +36,7 @@ from prometheus_client import CollectorRegistry
 from llm_broker.shared import accounts
 from llm_broker.shared import messages as m
 from llm_broker.shared.accounts import AccountKeys, KeyRecord, Principal, principal_of
-from llm_broker.shared.anthropic import (
-    TranslationError,
-    chat_to_message,
-    error_object,
-    messages_to_chat,
-)
+from llm_broker.shared.anthropic import error_object
 from llm_broker.shared.batches import (
     CANCELLED,
     CANCELLING,
@@ -56,8 +51,15 @@ from llm_broker.shared.batches import (
     line_job_id,
     webhook_event,
 )
-from llm_broker.shared.batchlines import BatchLine, LineError, iter_lines, parse_line
+from llm_broker.shared.batchlines import (
+    BatchLine,
+    LineError,
+    decode_messages,
+    iter_lines,
+    parse_line,
+)
 from llm_broker.shared.config import Config, Router
+from llm_broker.shared.errors import BadRequest
 from llm_broker.shared.files import FileRecord, Files
 from llm_broker.shared.metrics import BatchMetrics
 from llm_broker.shared.redisio import REDIS_DOWN, Script, execute, raise_if_cancelling
@@ -90,6 +92,10 @@ end
 return 1
 """
 )
+
+
+#: The job kind of each endpoint a batch line may call.
+_KINDS = {"/v1/embeddings": m.EMBEDDINGS, "/v1/messages": m.MESSAGES}
 
 
 def _now() -> int:
@@ -304,20 +310,26 @@ class BatchDriver:
     def _parse(self, batch: Batch, raw: bytes, line_no: int) -> BatchLine:
         """A line checked: its custom_id, the job's chat or embeddings body, its model."""
         if batch.spec.api == "anthropic":
+            # A Messages request, kept as it is: an Anthropic deployment gets it as it
+            # came (prompt caching and all), another one translated (workers/native.py).
             try:
                 found = orjson.loads(raw)
-                cid, chat = found["custom_id"], messages_to_chat(found["params"])
+                cid, params = found["custom_id"], orjson.dumps(found["params"])
+                if not isinstance(cid, str):
+                    raise TypeError("custom_id must be a string")
             except (orjson.JSONDecodeError, KeyError, TypeError) as e:
                 raise LineError(f"invalid request: {e}", line_no, None) from e
-            except TranslationError as e:
-                raise LineError(str(e), line_no, e.param) from e
+            try:
+                request = decode_messages(params)
+            except BadRequest as e:
+                raise LineError(e.message, line_no, e.param and f"params.{e.param}") from e
             return BatchLine(
                 custom_id=cid,
                 method="POST",
-                url="/v1/chat/completions",
-                body=orjson.dumps(chat),
-                model=str(chat.get("model", "")),
-                max_tokens=chat.get("max_tokens"),
+                url="/v1/messages",
+                body=params,
+                model=request.model,
+                max_tokens=request.max_tokens,
             )
         return parse_line(raw, line_no, batch.spec.endpoint)
 
@@ -415,8 +427,7 @@ class BatchDriver:
 
     def _success(self, batch: Batch, job_id: str, cid: str, result: bytes) -> dict[str, Any]:
         if batch.spec.api == "anthropic":
-            completion = orjson.loads(result)
-            message = chat_to_message(completion, str(completion.get("model", "")))
+            message = orjson.Fragment(result)  # a message already, native or translated
             return {"custom_id": cid, "result": {"type": "succeeded", "message": message}}
         return {
             "id": f"batch_req_{job_id}",
@@ -478,7 +489,7 @@ class BatchDriver:
         job_id = line_job_id(spec.id, line_no)
         line = self._parse(batch, raw, line_no)
         cid, body, model = line.custom_id, line.body, line.model
-        kind = m.EMBEDDINGS if line.url == "/v1/embeddings" else m.CHAT
+        kind = _KINDS.get(line.url, m.CHAT)
         candidates = self.router.candidates(model)
         if candidates is None:
             await self._fail_line(
