@@ -30,7 +30,6 @@ from botocore.exceptions import BotoCoreError
 from botocore.session import get_session
 
 from llm_broker.shared import bedrock
-from llm_broker.shared import body as json_body
 from llm_broker.shared.config import ProviderConfig
 from llm_broker.shared.errors import (
     BadRequest,
@@ -39,16 +38,12 @@ from llm_broker.shared.errors import (
     redact,
     upstream_interrupted,
     upstream_status_error,
-    upstream_timeout,
 )
 from llm_broker.workers.credentials import KeyRing
 from llm_broker.workers.http import (
-    HTTPClientError,
     Response,
-    ResponseInterrupted,
-    build_request,
 )
-from llm_broker.workers.upstream import Upstream, _json_or_none
+from llm_broker.workers.upstream import Upstream, json_or_none
 
 log = logging.getLogger("llm_broker.worker.bedrock")
 
@@ -157,16 +152,9 @@ class BedrockUpstream(Upstream):
         except bedrock.TranslationError as e:
             raise BadRequest(str(e), param=e.param) from e
 
-    async def _send(
-        self, path: str, payload: dict[str, Any] | bytes, headers: dict[str, str] | None
-    ) -> tuple[Response, tuple[str, ...]]:
-        """Sign and send; the response (a success) and the secrets the call was made with."""
+    async def _authorize(self, path: str, data: bytes, headers: dict[str, str]) -> tuple[str, ...]:
+        """Sign the call with SigV4 (botocore's signer, over the bytes sent)."""
         creds = await self._credentials.current()
-        secrets = tuple(s for s in (creds.secret_key, creds.token, creds.access_key) if s)
-        try:
-            data = payload if isinstance(payload, bytes) else json_body.dump(payload)
-        except json_body.InvalidBody as e:
-            raise BadRequest(str(e), code="invalid_json") from e
         signed = AWSRequest(
             method="POST",
             url=self._url + path,
@@ -174,47 +162,36 @@ class BedrockUpstream(Upstream):
             headers={"Host": self._origin.host_header, "Content-Type": "application/json"},
         )
         SigV4Auth(creds, _SERVICE, self._region).add_auth(signed)
-        merged = {**self._headers, **(headers or {})}
-        merged.update((k, v) for k, v in signed.headers.items() if k.lower() != "host")
-        resp = await self._pool.request(build_request(self._origin, path, data, merged))
-        if resp.status >= 400:
-            raw = await resp.read()
-            etype = bedrock.error_type(resp.headers.get("x-amzn-errortype"))
-            raise upstream_status_error(
-                bedrock.error_status(resp.status, etype),
-                bedrock.error_payload(_json_or_none(raw), etype),
-                resp.headers.get("retry-after"),
-                resp.headers.get("retry-after-ms"),
-                secrets=secrets,
-            )
-        return resp, secrets
+        headers.update((k, v) for k, v in signed.headers.items() if k.lower() != "host")
+        return tuple(s for s in (creds.secret_key, creds.token, creds.access_key) if s)
 
-    async def _post(
-        self, path: str, payload: dict[str, Any] | bytes, headers: dict[str, str] | None
-    ) -> Response:
-        return (await self._send(path, payload, headers))[0]
+    def _status_error(
+        self, resp: Response, payload: Any, secrets: tuple[str, ...]
+    ) -> UpstreamError:
+        etype = bedrock.error_type(resp.headers.get("x-amzn-errortype"))
+        return upstream_status_error(
+            bedrock.error_status(resp.status, etype),
+            bedrock.error_payload(payload, etype),
+            resp.headers.get("retry-after"),
+            resp.headers.get("retry-after-ms"),
+            secrets=secrets,
+        )
 
     async def _messages(
         self, path: str, payload: dict[str, Any], timeout_s: float, headers: dict[str, str] | None
     ) -> AsyncGenerator[tuple[dict[str, Any], bytes, tuple[str, ...]]]:
         """The event-stream messages of a streamed answer: headers, payload, and the
         secrets the call was made with."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                resp, secrets = await self._send(path, payload, headers)
-                buffer = EventStreamBuffer()
-                async for data in resp.chunks():
-                    buffer.add_data(data)
-                    for message in buffer:
-                        yield cast(dict[str, Any], message.headers), message.payload, secrets
-        except TimeoutError as e:
-            raise upstream_timeout(timeout_s) from e
-        except ResponseInterrupted as e:
-            raise upstream_interrupted() from e
-        except HTTPClientError as e:
-            raise self._unreachable(e) from e
-        except ParserError as e:
-            raise UpstreamError(502, _BAD_STREAM, code="upstream_bad_response") from e
+        buffer = EventStreamBuffer()
+        async with contextlib.aclosing(self.chunks(path, payload, timeout_s, headers)) as body:
+            async for data, secrets in body:
+                buffer.add_data(data)
+                try:
+                    found = list(buffer)
+                except ParserError as e:
+                    raise UpstreamError(502, _BAD_STREAM, code="upstream_bad_response") from e
+                for message in found:
+                    yield cast(dict[str, Any], message.headers), message.payload, secrets
 
     async def complete(
         self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
@@ -264,5 +241,5 @@ class BedrockUpstream(Upstream):
 def _stream_exception(kind: str, data: bytes, secrets: tuple[str, ...]) -> UpstreamError:
     """An exception message inside a ConverseStream as the error it stands for."""
     status = bedrock.STREAM_EXCEPTION_STATUS.get(kind, 502)
-    payload = bedrock.error_payload(_json_or_none(data), kind)
+    payload = bedrock.error_payload(json_or_none(data), kind)
     return upstream_status_error(status, payload, secrets=secrets)

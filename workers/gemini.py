@@ -16,6 +16,7 @@ credential problem (502). The key or token of the call never reaches an error me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import time
@@ -23,9 +24,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
-import orjson
-
-from llm_broker.shared import body as json_body
 from llm_broker.shared import gemini
 from llm_broker.shared.config import ProviderConfig
 from llm_broker.shared.errors import (
@@ -34,10 +32,9 @@ from llm_broker.shared.errors import (
     UpstreamError,
     upstream_interrupted,
     upstream_status_error,
-    upstream_timeout,
     upstream_unreachable,
 )
-from llm_broker.workers.http import HTTPClientError, Response, ResponseInterrupted, build_request
+from llm_broker.workers.http import Response
 from llm_broker.workers.upstream import Upstream
 
 log = logging.getLogger("llm_broker.worker.gemini")
@@ -168,46 +165,25 @@ class GeminiUpstream(Upstream):
         name = model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
         return f"/{quote(name, safe='/')}:{method}"
 
-    async def _post(
-        self, path: str, payload: dict[str, Any] | bytes, headers: dict[str, str] | None
-    ) -> Response:
-        return (await self._send(path, payload, headers))[0]
+    async def _authorize(self, path: str, data: bytes, headers: dict[str, str]) -> tuple[str, ...]:
+        if self._tokens is None:
+            return await super()._authorize(path, data, headers)
+        token = await self._tokens.get()
+        headers["Authorization"] = f"Bearer {token}"
+        return (token,)
 
-    async def _send(
-        self, path: str, payload: dict[str, Any] | bytes, headers: dict[str, str] | None
-    ) -> tuple[Response, tuple[str, ...]]:
-        """The response (its status below 400) and the credentials it was sent with."""
-        merged = dict(self._headers)
-        token = ""
-        if self._tokens is not None:
-            token = await self._tokens.get()
-            merged["Authorization"] = f"Bearer {token}"
-            secrets: tuple[str, ...] = (token,)
-        elif self._keys:
-            key = self._keys.next()
-            merged.update(self._auth(key))
-            secrets = (key,)
-        else:
-            secrets = ()
-        if headers:
-            merged.update(headers)
-        try:
-            data = payload if isinstance(payload, bytes) else json_body.dump(payload)
-        except json_body.InvalidBody as e:
-            raise BadRequest(str(e), code="invalid_json") from e
-        resp = await self._pool.request(build_request(self._origin, path, data, merged))
-        if resp.status >= 400:
-            found = _json_or_none(await resp.read())
-            if resp.status == 401 and self._tokens is not None:
-                self._tokens.invalidate(token)
-            raise upstream_status_error(
-                resp.status,
-                gemini.error_to_openai(found),
-                resp.headers.get("retry-after") or gemini.retry_delay(found),
-                resp.headers.get("retry-after-ms"),
-                secrets=secrets,
-            )
-        return resp, secrets
+    def _status_error(
+        self, resp: Response, payload: Any, secrets: tuple[str, ...]
+    ) -> UpstreamError:
+        if resp.status == 401 and self._tokens is not None and secrets:
+            self._tokens.invalidate(secrets[0])
+        return upstream_status_error(
+            resp.status,
+            gemini.error_to_openai(payload),
+            resp.headers.get("retry-after") or gemini.retry_delay(payload),
+            resp.headers.get("retry-after-ms"),
+            secrets=secrets,
+        )
 
     @staticmethod
     def _request(body: dict[str, Any]) -> dict[str, Any]:
@@ -232,55 +208,23 @@ class GeminiUpstream(Upstream):
         payload = self._request(body)
         path = self._path(model, "streamGenerateContent") + "?alt=sse"
         chunks = gemini.StreamToChunks("", model, 0)
+        # Gemini's stream ends with the connection, no [DONE]: its last chunk says so.
+        events = self.blocks(path, payload, timeout_s, headers, eof_ends=True)
+        async with contextlib.aclosing(events):
+            async for _, event, secrets in events:
+                for chunk in _feed(chunks, event, secrets):
+                    yield chunk
         try:
-            async with asyncio.timeout(timeout_s):
-                resp, secrets = await self._send(path, payload, headers)
-                async for data in _sse_payloads(resp):
-                    for chunk in _feed(chunks, data, secrets):
-                        yield chunk
-                try:
-                    last = chunks.end()
-                except ValueError as e:
-                    raise upstream_interrupted() from e
-                yield last
-        except TimeoutError as e:
-            raise upstream_timeout(timeout_s) from e
-        except ResponseInterrupted as e:
+            last = chunks.end()
+        except ValueError as e:
             raise upstream_interrupted() from e
-        except HTTPClientError as e:
-            raise self._unreachable(e) from e
-
-
-async def _sse_payloads(resp: Response) -> AsyncIterator[bytes]:
-    """The payloads of the ``data:`` lines of an event stream (Gemini's end with EOF)."""
-    pending = b""
-    async for chunk in resp.chunks():
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
-    if pending.startswith(b"data:"):
-        yield pending[5:].strip()
-
-
-def _json_or_none(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
+        yield last
 
 
 def _feed(
-    chunks: gemini.StreamToChunks, data: bytes, secrets: tuple[str, ...]
+    chunks: gemini.StreamToChunks, event: Any, secrets: tuple[str, ...]
 ) -> list[dict[str, Any]]:
-    """The chat chunks of one ``data:`` payload of the stream."""
-    if not data:
-        return []
-    try:
-        event = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
-        raise UpstreamError(502, _BAD_STREAM, code="upstream_bad_response") from e
+    """The chat chunks of one event of the stream."""
     if not isinstance(event, dict):
         raise UpstreamError(502, _BAD_STREAM, code="upstream_bad_response")
     if isinstance(event.get("error"), dict) and "candidates" not in event:

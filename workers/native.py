@@ -64,12 +64,13 @@ async def _native_message(
     acc = MessageAccumulator()
 
     async def frames() -> AsyncIterator[bytes]:
-        async for block, event in upstream.blocks(path, data, timeout, headers):
+        blocks = upstream.blocks(path, data, timeout, headers, eof_ends=True)
+        async for block, event, _ in blocks:
+            if acc.done:
+                continue  # read on to the end: the connection is reused
             if isinstance(event, dict):
                 acc.add(event)  # an error event raises
             yield block
-            if acc.done:
-                return
 
     await call.relay(frames())
     if not acc.done:
@@ -175,9 +176,10 @@ async def _native_response(
 
     async def frames() -> AsyncIterator[bytes]:
         nonlocal final
-        async for _, event in upstream.blocks(path, payload, timeout, headers):
-            if not isinstance(event, dict):
-                continue
+        blocks = upstream.blocks(path, payload, timeout, headers, eof_ends=True)
+        async for _, event, _ in blocks:
+            if not isinstance(event, dict) or final is not None:
+                continue  # after the last event, read on to the end: the connection is reused
             kind = str(event.get("type") or "")
             if kind == "error":
                 raise UpstreamError(
@@ -194,8 +196,6 @@ async def _native_response(
                 if kind in ("response.completed", "response.incomplete"):
                     final = found
             yield responses.sse_event(kind, event)
-            if final is not None:
-                return
 
     await call.relay(frames())
     if final is None:

@@ -18,8 +18,9 @@ should see, marked retryable where another try may succeed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -79,15 +80,31 @@ class Upstream:
         """The path of a native kind's API."""
         raise NotImplementedError
 
-    async def _post(
-        self, path: str, payload: dict[str, Any] | bytes, headers: dict[str, str] | None
-    ) -> Response:
-        merged = dict(self._headers)
+    async def _authorize(self, path: str, data: bytes, headers: dict[str, str]) -> tuple[str, ...]:
+        """Add a call's credentials to its ``headers`` (the next key of the provider's
+        files); the secrets that must never appear in an error."""
         key = self._keys.next() if self._keys else ""
-        if key:
-            merged.update(self._auth(key))
-        if headers:
-            merged.update(headers)
+        if not key:
+            return ()
+        headers.update(self._auth(key))
+        return (key,)
+
+    def _status_error(
+        self, resp: Response, payload: Any, secrets: tuple[str, ...]
+    ) -> UpstreamError:
+        """The error of an upstream's error answer (``payload``: its decoded body)."""
+        return upstream_status_error(
+            resp.status,
+            payload,
+            resp.headers.get("retry-after"),
+            resp.headers.get("retry-after-ms"),
+            secrets=secrets,
+        )
+
+    async def _send(
+        self, path: str, payload: dict[str, Any] | bytes, headers: dict[str, str] | None
+    ) -> tuple[Response, tuple[str, ...]]:
+        """Send a call; its answer (a success) and the secrets it was made with."""
         if isinstance(payload, bytes):
             data = payload
         else:
@@ -95,18 +112,19 @@ class Upstream:
                 data = json_body.dump(payload)
             except json_body.InvalidBody as e:
                 raise BadRequest(str(e), code="invalid_json") from e
-        request = build_request(self._origin, path, data, merged)
-        resp = await self._pool.request(request)
+        merged = dict(self._headers)
+        if headers:
+            merged.update(headers)
+        secrets = await self._authorize(path, data, merged)
+        resp = await self._pool.request(build_request(self._origin, path, data, merged))
         if resp.status >= 400:
-            raw = await resp.read()
-            raise upstream_status_error(
-                resp.status,
-                _json_or_none(raw),
-                resp.headers.get("retry-after"),
-                resp.headers.get("retry-after-ms"),
-                secrets=(key,) if key else (),
-            )
-        return resp
+            raise self._status_error(resp, json_or_none(await resp.read()), secrets)
+        return resp, secrets
+
+    async def _post(
+        self, path: str, payload: dict[str, Any] | bytes, headers: dict[str, str] | None
+    ) -> Response:
+        return (await self._send(path, payload, headers))[0]
 
     def _unreachable(self, e: HTTPClientError) -> UpstreamError:
         """The client's error for a failed exchange: what failed, not where (that is logged)."""
@@ -139,7 +157,7 @@ class Upstream:
             raise upstream_interrupted() from e
         except HTTPClientError as e:
             raise self._unreachable(e) from e
-        result = _json_or_none(raw)
+        result = json_or_none(raw)
         if not isinstance(result, dict):
             raise UpstreamError(
                 502,
@@ -156,10 +174,31 @@ class Upstream:
         headers: dict[str, str] | None,
     ) -> AsyncIterator[Any]:
         """The decoded ``data:`` payloads of a streamed answer (``[DONE]`` ends it)."""
-        async for _, data in self.blocks(path, payload, timeout_s, headers):
+        async for _, data, _ in self.blocks(path, payload, timeout_s, headers):
             if data is None:
                 return
             yield data
+
+    async def chunks(
+        self,
+        path: str,
+        payload: dict[str, Any] | bytes,
+        timeout_s: float,
+        headers: dict[str, str] | None,
+    ) -> AsyncGenerator[tuple[bytes, tuple[str, ...]]]:
+        """The body of a streamed answer as it comes, with the secrets the call was made
+        with; within ``timeout_s``, the transport's failures mapped to errors."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                resp, secrets = await self._send(path, payload, headers)
+                async for chunk in resp.chunks():
+                    yield chunk, secrets
+        except TimeoutError as e:
+            raise upstream_timeout(timeout_s) from e
+        except ResponseInterrupted as e:
+            raise upstream_interrupted() from e
+        except HTTPClientError as e:
+            raise self._unreachable(e) from e
 
     async def blocks(
         self,
@@ -167,27 +206,26 @@ class Upstream:
         payload: dict[str, Any] | bytes,
         timeout_s: float,
         headers: dict[str, str] | None,
-    ) -> AsyncIterator[tuple[bytes, Any]]:
-        """The events of a streamed answer: each whole event's bytes, as they came, and
-        its ``data:`` payload decoded (None for ``[DONE]``, which ends it)."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                resp = await self._post(path, payload, headers)
-                async for block, data in _sse_blocks(resp):
+        *,
+        eof_ends: bool = False,
+    ) -> AsyncGenerator[tuple[bytes, Any, tuple[str, ...]]]:
+        """The events of a streamed answer: each whole event's bytes, as they came, its
+        ``data:`` payload decoded (None for ``[DONE]``, which ends it) and the call's
+        secrets. A stream that ends without ``[DONE]`` is interrupted, unless
+        ``eof_ends`` (APIs without it: the caller knows its last event)."""
+        secrets: tuple[str, ...] = ()
+        async with contextlib.aclosing(self.chunks(path, payload, timeout_s, headers)) as body:
+            splitter = _SSEBlocks()
+            async for chunk, secrets in body:
+                for block, data in splitter.feed(chunk):
                     if data == b"[DONE]":
-                        yield block, None
+                        yield block, None, secrets
                         return
-                    try:
-                        yield block, orjson.loads(data)
-                    except orjson.JSONDecodeError as e:
-                        raise UpstreamError(502, _BAD_STREAM, code="upstream_bad_response") from e
-                raise upstream_interrupted()
-        except TimeoutError as e:
-            raise upstream_timeout(timeout_s) from e
-        except ResponseInterrupted as e:
-            raise upstream_interrupted() from e
-        except HTTPClientError as e:
-            raise self._unreachable(e) from e
+                    yield block, _event(data), secrets
+            for block, data in splitter.end():
+                yield block, _event(data), secrets
+        if not eof_ends:
+            raise upstream_interrupted()
 
     async def complete(
         self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
@@ -317,26 +355,40 @@ class AnthropicUpstream(Upstream):
                 return
 
 
-async def _sse_blocks(resp: Response) -> AsyncIterator[tuple[bytes, bytes]]:
-    """The events of an event stream: each one's bytes (its blank line included) and
-    its ``data:`` payload (an event without one is skipped: comments, pings without
-    data). A payload is one ``data:`` line, as every provider here sends."""
-    pending = b""
-    async for chunk in resp.chunks():
+class _SSEBlocks:
+    """Splits an event stream into its events: each one's bytes (its blank line
+    included) and its ``data:`` payload (an event without one is skipped: comments,
+    pings without data). A payload is one ``data:`` line, as every provider here sends."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n")
-        pending += chunk
+        pending = self._pending + chunk
+        found: list[tuple[bytes, bytes]] = []
         end = pending.find(b"\n\n")
         while end >= 0:
             block, pending = pending[: end + 2], pending[end + 2 :]
             data = _data_of(block)
             if data is not None:
-                yield block, data
+                found.append((block, data))
             end = pending.find(b"\n\n")
-    if pending.strip():
-        data = _data_of(pending)
-        if data is not None:
-            yield pending, data
+        self._pending = pending
+        return found
+
+    def end(self) -> list[tuple[bytes, bytes]]:
+        """The last event, when the stream ended without its blank line."""
+        data = _data_of(self._pending) if self._pending.strip() else None
+        return [] if data is None else [(self._pending, data)]
+
+
+def _event(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise UpstreamError(502, _BAD_STREAM, code="upstream_bad_response") from e
 
 
 def _data_of(block: bytes) -> bytes | None:
@@ -363,7 +415,7 @@ def stream_error(e: anthropic.UpstreamStreamError) -> UpstreamError:
     )
 
 
-def _json_or_none(raw: bytes) -> Any:
+def json_or_none(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
