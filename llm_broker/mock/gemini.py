@@ -53,8 +53,8 @@ answers ``{"access_token": "mock-token-<n>", "expires_in": 3600, "token_type":
 are OAuth's ``{"error": "invalid_grant", "error_description": ...}`` (400). Token
 requests are recorded in ``calls_by_path`` (``/token``) but are not model calls.
 ``POST /token?mock=assertions`` answers ``{"assertions": [{"assertion", "header",
-"claims"}, ...], "tokens_issued": n}`` (the last 100 assertions); ``/mock/reset`` does
-not clear them.
+"claims"}, ...], "tokens_issued": n}`` (the last 100 assertions); ``/mock/reset``
+clears them, and forgets the tokens it issued.
 """
 
 from __future__ import annotations
@@ -178,12 +178,9 @@ class _Book:
     )
 
 
-# Keyed by the server's _App (its fixed __slots__ leave no room for this book).
-_books: dict[int, _Book] = {}
-
-
 def _book(app: _App) -> _Book:
-    return _books.setdefault(id(app), _Book())
+    book: _Book = app.apis.setdefault("gemini", _Book())
+    return book
 
 
 # --------------------------------------------------------------------------- errors

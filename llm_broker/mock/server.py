@@ -220,13 +220,16 @@ class _Plan:
 
 
 class _App:
-    __slots__ = ("captured", "conns", "defaults", "ids", "state")
+    __slots__ = ("apis", "captured", "conns", "defaults", "ids", "state")
 
     def __init__(self, defaults: MockDefaults) -> None:
         self.defaults = defaults
         self.state = MockState()
         self.ids = itertools.count(1)
         self.conns: set[_Conn] = set()
+        #: What the handlers of an API in a module of their own keep (by API name:
+        #: Gemini's issued tokens); ``/mock/reset`` clears it.
+        self.apis: dict[str, Any] = {}
         #: The recorded headers of the request being dispatched.
         self.captured: Captured | None = None
 
@@ -276,6 +279,7 @@ class _App:
                 return bedrock.handle(self, path, body, keep_alive, captured)
             if path == b"/mock/reset":
                 self.state.reset()
+                self.apis.clear()
                 return _Plan(response(200, _EMPTY_BODY, keep_alive), counted=False)
             if path == b"/mock/fail":
                 return self.fail(body, keep_alive)
