@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, TypeGuard
+from typing import Any
 
 import orjson
 
-from llm_broker.shared.anthropic import TranslationError
+from llm_broker.shared.translate import TranslationError
+from llm_broker.shared.translate import as_object as _object
+from llm_broker.shared.translate import bad as _bad
+from llm_broker.shared.translate import chat_text as _text
+from llm_broker.shared.translate import is_int as _is_int
+from llm_broker.shared.translate import is_number as _is_number
+from llm_broker.shared.translate import part_type as _part_type
+from llm_broker.shared.translate import string as _string
 
 __all__ = [
     "STREAM_EXCEPTION_STATUS",
@@ -75,38 +82,6 @@ STREAM_EXCEPTION_STATUS = {
     "serviceUnavailableException": 503,
     "modelStreamErrorException": 502,
 }
-
-
-def _bad(param: str, what: str) -> TranslationError:
-    return TranslationError(f"{param}: {what}", param)
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _object(value: Any, param: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _bad(param, "an object is required")
-    return value
-
-
-def _string(obj: dict[str, Any], key: str, param: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise _bad(f"{param}.{key}", "a string is required")
-    return value
-
-
-def _part_type(part: Any, param: str) -> str:
-    kind = _object(part, param).get("type")
-    if not isinstance(kind, str):
-        raise _bad(f"{param}.type", "a string is required")
-    return kind
 
 
 # ---------------------------------------------------------------- requests
@@ -179,22 +154,6 @@ def _refuse_untranslatable(body: dict[str, Any]) -> None:
             "Bedrock's Converse API has no JSON mode; describe the format in the prompt "
             "or use a tool",
         )
-
-
-def _text(content: Any, param: str) -> str:
-    """Text-only content (system, developer and tool messages) as one string."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise _bad(param, "a string or a list of parts is required")
-    texts = []
-    for j, part in enumerate(content):
-        if _part_type(part, f"{param}.{j}") != "text":
-            raise _bad(f"{param}.{j}.type", "only text parts are allowed here")
-        texts.append(_string(part, "text", f"{param}.{j}"))
-    return "\n".join(texts)
 
 
 def _user_blocks(content: Any, param: str) -> list[dict[str, Any]]:

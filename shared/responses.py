@@ -53,15 +53,14 @@ from typing import Any
 import orjson
 
 from llm_broker.shared.anthropic.common import (
-    Event,
-    TranslationError,
-    _bad,
     _int,
-    _is_int,
-    _is_number,
-    _object,
-    _string,
 )
+from llm_broker.shared.translate import Event, TranslationError
+from llm_broker.shared.translate import as_object as _object
+from llm_broker.shared.translate import bad as _bad
+from llm_broker.shared.translate import is_int as _is_int
+from llm_broker.shared.translate import is_number as _is_number
+from llm_broker.shared.translate import string as _string
 
 __all__ = [
     "ChunksToResponseEvents",

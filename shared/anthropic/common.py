@@ -7,26 +7,17 @@ stop reasons, usage counts, tool-call arguments and sampling parameters.
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard
+from typing import Any
 
 import orjson
 
+from llm_broker.shared.translate import Event as Event
+from llm_broker.shared.translate import TranslationError as TranslationError
+from llm_broker.shared.translate import bad as _bad
+from llm_broker.shared.translate import is_int as _is_int
+from llm_broker.shared.translate import is_number as _is_number
+
 DEFAULT_MAX_TOKENS: int = 4096
-
-Event = tuple[str, dict[str, Any]]
-
-
-class TranslationError(ValueError):
-    """The request cannot be translated; ``param`` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-def _bad(param: str, what: str) -> TranslationError:
-    return TranslationError(f"{param}: {what}", param)
 
 
 class UpstreamStreamError(Exception):
@@ -45,29 +36,8 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _int(value: Any) -> int:
     return value if _is_int(value) else 0
-
-
-def _object(value: Any, param: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _bad(param, "an object is required")
-    return value
-
-
-def _string(obj: dict[str, Any], key: str, param: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise _bad(f"{param}.{key}", "a string is required")
-    return value
 
 
 def _messages(body: dict[str, Any]) -> list[Any]:
@@ -75,13 +45,6 @@ def _messages(body: dict[str, Any]) -> list[Any]:
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "a non-empty list is required")
     return messages
-
-
-def _block_type(block: Any, param: str) -> str:
-    kind = _object(block, param).get("type")
-    if not isinstance(kind, str):
-        raise _bad(f"{param}.type", "a string is required")
-    return kind
 
 
 # Anthropic stop_reason -> OpenAI finish_reason.

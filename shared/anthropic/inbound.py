@@ -13,19 +13,19 @@ from typing import Any
 import orjson
 
 from llm_broker.shared.anthropic.common import (
-    Event,
     _anthropic_usage,
-    _bad,
-    _block_type,
-    _is_int,
     _json,
     _messages,
-    _object,
     _sampling,
     _stop_reason,
-    _string,
     _tool_input,
 )
+from llm_broker.shared.translate import Event
+from llm_broker.shared.translate import as_object as _object
+from llm_broker.shared.translate import bad as _bad
+from llm_broker.shared.translate import is_int as _is_int
+from llm_broker.shared.translate import part_type as _block_type
+from llm_broker.shared.translate import string as _string
 
 # ---------------------------------------------------------------- ingress: requests
 

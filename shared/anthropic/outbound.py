@@ -15,18 +15,19 @@ import orjson
 from llm_broker.shared.anthropic.common import (
     DEFAULT_MAX_TOKENS,
     UpstreamStreamError,
-    _bad,
-    _block_type,
     _chat_usage,
     _finish_reason,
-    _is_int,
     _json,
     _messages,
-    _object,
     _parse_arguments,
     _sampling,
-    _string,
 )
+from llm_broker.shared.translate import as_object as _object
+from llm_broker.shared.translate import bad as _bad
+from llm_broker.shared.translate import chat_text as _chat_text
+from llm_broker.shared.translate import is_int as _is_int
+from llm_broker.shared.translate import part_type as _block_type
+from llm_broker.shared.translate import string as _string
 
 # ---------------------------------------------------------------- worker: requests
 
@@ -108,22 +109,6 @@ def _max_tokens(body: dict[str, Any], default: int) -> int:
                 raise _bad(key, "a positive integer is required")
             return int(value)
     return default
-
-
-def _chat_text(content: Any, param: str) -> str:
-    """Text-only OpenAI content (system, developer and tool messages) as one string."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise _bad(param, "a string or a list of parts is required")
-    texts = []
-    for j, part in enumerate(content):
-        if _block_type(part, f"{param}.{j}") != "text":
-            raise _bad(f"{param}.{j}.type", "only text parts are allowed here")
-        texts.append(_string(part, "text", f"{param}.{j}"))
-    return "\n".join(texts)
 
 
 def _user_blocks(content: Any, param: str) -> list[dict[str, Any]]:
