@@ -176,8 +176,14 @@ class Status(msgspec.Struct, omit_defaults=True):
 # ---------------------------------------------------------------- Anthropic Messages API
 
 
-#: Prompt caching's breakpoint on a block (Anthropic deployments; dropped in translation).
-CacheControl = dict[str, Any] | None
+class Ephemeral(msgspec.Struct, tag_field="type", tag="ephemeral"):
+    """Prompt caching's breakpoint on a block (Anthropic deployments; dropped in
+    translation)."""
+
+    ttl: Literal["5m", "1h"] | None = None
+
+
+CacheControl = Ephemeral | None
 
 
 class TextParam(msgspec.Struct, tag_field="type", tag="text"):
@@ -199,13 +205,22 @@ class ImageParam(msgspec.Struct, tag_field="type", tag="image"):
     cache_control: CacheControl = None
 
 
-class DocumentParam(msgspec.Struct, tag_field="type", tag="document"):
-    """A PDF or text document: Anthropic deployments only."""
+class TextSource(msgspec.Struct, tag_field="type", tag="text"):
+    media_type: Literal["text/plain"]
+    data: str
 
-    source: dict[str, Any]
+
+class Citations(msgspec.Struct):
+    enabled: bool
+
+
+class DocumentParam(msgspec.Struct, tag_field="type", tag="document"):
+    """A PDF (base64 or URL) or text document: Anthropic deployments only."""
+
+    source: Base64Source | UrlSource | TextSource
     title: str | None = None
     context: str | None = None
-    citations: dict[str, Any] | None = None
+    citations: Citations | None = None
     cache_control: CacheControl = None
 
 
@@ -281,6 +296,14 @@ class ToolChoiceTool(msgspec.Struct, tag_field="type", tag="tool"):
     disable_parallel_tool_use: bool | None = None
 
 
+class ThinkingEnabled(msgspec.Struct, tag_field="type", tag="enabled"):
+    budget_tokens: Annotated[int, msgspec.Meta(ge=1024)]
+
+
+class ThinkingDisabled(msgspec.Struct, tag_field="type", tag="disabled"):
+    pass
+
+
 class AnthropicRequest(msgspec.Struct):
     """An Anthropic Messages request: sent as it came to an Anthropic deployment (its
     other fields too), translated for any other (a field that cannot be translated is
@@ -297,8 +320,8 @@ class AnthropicRequest(msgspec.Struct):
     tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoiceAuto | ToolChoiceAny | ToolChoiceNone | ToolChoiceTool | None = None
     metadata: dict[str, Any] | None = None
-    #: Extended thinking (``{"type": "enabled", "budget_tokens": N}``): Anthropic only.
-    thinking: dict[str, Any] | None = None
+    #: Extended thinking: Anthropic only.
+    thinking: ThinkingEnabled | ThinkingDisabled | None = None
 
 
 class CountTokensRequest(msgspec.Struct):

@@ -121,7 +121,11 @@ def _strategies(
     operation: Operation, examples: int, found: Findings
 ) -> list[tuple[str, SearchStrategy[AnyCase], int]]:
     """What to generate for one operation: valid requests, invalid ones and, for the
-    operations on one job, valid requests about the jobs the fuzzer created."""
+    operations on one job, valid requests about the jobs the fuzzer created. A batch of
+    Messages requests gets a tenth as many: each case holds many requests of the
+    ``/v1/messages`` schema, fuzzed in full there, and costs seconds to generate."""
+    if operation.path == "/v1/messages/batches" and operation.method.upper() == "POST":
+        examples = max(10, examples // 10)
     plans = [
         ("valid", operation.as_strategy(GenerationMode.POSITIVE), examples),
         ("invalid", operation.as_strategy(GenerationMode.NEGATIVE), examples // 2),
