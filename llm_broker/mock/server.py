@@ -154,20 +154,13 @@ _TRACEPARENT = b"traceparent"
 _CREDENTIAL_HEADERS = frozenset(
     (b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key", b"x-amz-security-token")
 )
-#: Headers recorded for the API handlers (Bedrock's signature check reads the signed
-#: ones) but not counted as credentials.
-_PLAIN_HEADERS = frozenset(
-    (
-        _ANTHROPIC_VERSION,
-        _TRACEPARENT,
-        b"anthropic-beta",
-        b"host",
-        b"content-type",
-        b"x-amz-date",
-        b"x-amz-content-sha256",
-    )
-)
+#: Headers recorded for the API handlers but not counted as credentials.
+_PLAIN_HEADERS = frozenset((_ANTHROPIC_VERSION, _TRACEPARENT, b"anthropic-beta"))
 _CAPTURED_HEADERS = _CREDENTIAL_HEADERS | _PLAIN_HEADERS
+#: Also recorded on Bedrock's paths (``/model/...``): what its signature check reads.
+_SIGNED_HEADERS = _CAPTURED_HEADERS | frozenset(
+    (b"host", b"content-type", b"x-amz-date", b"x-amz-content-sha256")
+)
 
 _MODELS_BODY = orjson.dumps(
     {
@@ -714,7 +707,9 @@ class _Conn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
-        if lname in _CAPTURED_HEADERS:
+        if lname in _CAPTURED_HEADERS or (
+            lname in _SIGNED_HEADERS and self.url.startswith(b"/model/")
+        ):
             if self.captured is None:
                 self.captured = [(lname, value.decode("latin-1"))]
             else:
