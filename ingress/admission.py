@@ -94,10 +94,12 @@ async def new_job(
     reply_to: str,
     kind: str = m.CHAT,
     priority: str | None = None,
+    context: bytes = b"",
 ) -> tuple[m.Job, ModelRoute]:
     """Validate a request body and make it a job for the deployment it routes to;
     the other deployments of its model become its fallbacks. ``priority``: the
-    class the body asks for (the ``X-Priority`` header otherwise). The job's account
+    class the body asks for (the ``X-Priority`` header otherwise); ``context``: a
+    Responses request's earlier turns (``previous_response_id``). The job's account
     (limits, budgets and usage of the key and its tenant) goes to ``ctx.acct``."""
     ctx = request[CONTEXT]
     tenant = principal.tenant
@@ -134,7 +136,7 @@ async def new_job(
     else:
         asked = request.headers.get("X-Priority", default)
         job_priority = _priority(ceiling, asked, "X-Priority")
-    candidates = _candidates(state, model, kind, raw)
+    candidates = _candidates(state, model, kind, raw, context)
     if len(candidates.targets) == 1:
         targets = list(candidates.targets)
     else:
@@ -166,6 +168,7 @@ async def new_job(
         fallbacks=targets[1:] if candidates.route.fallback else [],
         priority=job_priority,
         headers=headers,
+        context=context,
     )
     ctx.job_id = job.id
     quota = tcfg.providers.get(first.provider)
@@ -199,7 +202,7 @@ def _priority(ceiling: Priority, asked: str, param: str) -> str:
 _ANTHROPIC_HEADERS = ("anthropic-beta", "anthropic-version")
 
 
-def _candidates(state: State, model: str, kind: str, raw: bytes) -> Candidates:
+def _candidates(state: State, model: str, kind: str, raw: bytes, context: bytes) -> Candidates:
     """The deployments that may serve ``model`` a request of ``kind``: embeddings and
     token counts need a deployment with that API; a Messages or Responses request
     goes to a deployment of another API only if it can be translated for it (the
@@ -222,7 +225,7 @@ def _candidates(state: State, model: str, kind: str, raw: bytes) -> Candidates:
     else:
         if all(native(t) for t in candidates.targets):
             return candidates
-        problem = untranslatable(kind, raw)
+        problem = untranslatable(kind, raw, context)
         if problem is None:
             return candidates
         usable = tuple(t for t in candidates.targets if native(t))

@@ -15,6 +15,7 @@ from aiohttp import web
 from llm_broker.ingress.admission import identify, redis_call
 from llm_broker.ingress.bodies import (
     decode_body,
+    decode_messages,
     json_response,
     limit_query,
     load_json,
@@ -23,7 +24,7 @@ from llm_broker.ingress.bodies import (
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.jobs import check_webhook
 from llm_broker.ingress.state import STATE, State
-from llm_broker.shared import anthropic, batches
+from llm_broker.shared import batches
 from llm_broker.shared.accounts import Principal
 from llm_broker.shared.batches import (
     ENDPOINTS,
@@ -224,11 +225,13 @@ def _anthropic_requests(raw: bytes, max_lines: int) -> tuple[list[bytes], str | 
             raise BadRequest(
                 f"{where}.params.stream: a batch's requests do not stream", param=f"{where}.params"
             )
+        params = orjson.dumps(item["params"])
         try:
-            anthropic.messages_to_chat(item["params"])
-        except anthropic.TranslationError as e:
-            raise BadRequest(f"{where}.params: {e}", param=f"{where}.params") from e
-        lines.append(orjson.dumps({"custom_id": cid, "params": item["params"]}))
+            decode_messages(params)  # run as it is on an Anthropic deployment
+        except BadRequest as e:
+            field = f"{where}.params" + (f".{e.param}" if e.param else "")
+            raise BadRequest(f"{where}.params: {e.message}", param=field) from e
+        lines.append(orjson.dumps({"custom_id": cid, "params": orjson.Fragment(params)}))
     webhook_url = body.get("webhook_url")
     if webhook_url is not None and not isinstance(webhook_url, str):
         raise BadRequest("webhook_url must be a string", param="webhook_url")

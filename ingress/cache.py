@@ -2,7 +2,8 @@
 
 A request's key is the SHA-256 of its normalized body (JSON with sorted keys,
 without ``stream`` and ``stream_options``, which change the delivery, not the
-answer), its kind (chat, embeddings, messages, count_tokens), scoped to the tenant unless
+answer; a Messages request's with its ``anthropic-beta`` and ``anthropic-version``
+headers), its kind (chat, embeddings, messages, count_tokens), scoped to the tenant unless
 ``cache.shared``. Chat and Messages requests are cached only when they do not sample
 (``temperature`` given and 0), unless the model's route sets
 ``cache_sampling``. ``Cache-Control: no-cache`` skips the lookup (the answer is
@@ -25,6 +26,10 @@ from llm_broker.shared.keys import Keys
 
 #: The kinds whose answer does not depend on sampling: cached at any temperature.
 DETERMINISTIC = frozenset((m.EMBEDDINGS, m.COUNT_TOKENS))
+
+
+_ANTHROPIC = frozenset((m.MESSAGES, m.COUNT_TOKENS))
+_ANTHROPIC_HEADERS = ("anthropic-beta", "anthropic-version")
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,15 @@ def plan(
         if not isinstance(temperature, int | float) or temperature != 0:
             return None
     normal = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    # The Anthropic headers an answer depends on (a beta feature, the API version).
+    versions = (
+        [request.headers.get(h, "") for h in _ANTHROPIC_HEADERS] if kind in _ANTHROPIC else []
+    )
     digest = hashlib.sha256(
-        kind.encode() + b"\n" + orjson.dumps(normal, option=orjson.OPT_SORT_KEYS)
+        kind.encode()
+        + b"\n"
+        + orjson.dumps(normal, option=orjson.OPT_SORT_KEYS)
+        + orjson.dumps(versions)
     ).hexdigest()
     return Plan(keys.cache("*" if cfg.shared else tenant, digest), "no-cache" not in directives)
 

@@ -182,9 +182,8 @@ async def admit_async(
     Idempotency-Key replayed an earlier job. ``before`` runs once the job is made,
     before it is queued."""
     job, _route = await new_job(
-        request, state, principal, body, reply_to="", priority=priority, kind=kind
+        request, state, principal, body, reply_to="", priority=priority, kind=kind, context=context
     )
-    job.context = context
     if before is not None:
         await before(job)
     tenant = principal.tenant

@@ -82,7 +82,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             return
         job.result_ttl = int(state.config.jobs.result_ttl_s)
         kept = {k: v for k, v in body.items() if k != "input"}
-        items = [*(orjson.loads(context) if context else ()), *_input_items(body)]
+        items = [*(orjson.loads(context) if context else ()), *responses.input_items(body)]
         value = orjson.dumps({"request": kept, "input": items})
         ttl = int(job.deadline - job.created) + job.result_ttl
         set_state = state.batcher.call("SET", state.keys.response(job.id), value, "EX", ttl)
@@ -103,18 +103,16 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         )
         return json_response(_shell(job_id, rec, body))
     job, route = await new_job(
-        request, state, principal, raw, reply_to=state.replies.stream, kind=m.RESPONSES
+        request,
+        state,
+        principal,
+        raw,
+        reply_to=state.replies.stream,
+        kind=m.RESPONSES,
+        context=context,
     )
-    job.context = context
     await keep(job)
     return await calls.run(request, state, job, route, RESPONSES)
-
-
-def _input_items(body: dict[str, Any]) -> list[Any]:
-    found = body.get("input")
-    if isinstance(found, str):
-        return [{"role": "user", "content": found}]
-    return list(found) if isinstance(found, list) else []
 
 
 def _job_id(response_id: str) -> str:
@@ -216,10 +214,7 @@ async def input_items(request: web.Request) -> web.Response:
     tenant = (await identify(request, state)).tenant
     response_id = request.match_info["response_id"]
     _, kept = await _stored(state, tenant, response_id)
-    items = [
-        {"id": item.get("id") or f"item_{i}", **item} if isinstance(item, dict) else item
-        for i, item in enumerate(kept["input"])
-    ]
+    items = [{**item, "id": item.get("id") or f"item_{i}"} for i, item in enumerate(kept["input"])]
     return json_response(
         {
             "object": "list",

@@ -118,14 +118,15 @@ def decode_responses(raw: bytes) -> m.ResponsesRequest:
     return req
 
 
-def untranslatable(kind: str, raw: bytes) -> TranslationError | None:
-    """Why a Messages or Responses request cannot be translated to chat, or None."""
+def untranslatable(kind: str, raw: bytes, context: bytes = b"") -> TranslationError | None:
+    """Why a Messages or Responses request (after the earlier turns of ``context``)
+    cannot be translated to chat, or None."""
     body = load_json(raw)
     try:
         if kind == m.MESSAGES:
             anthropic.messages_to_chat(body)
         else:
-            responses.responses_to_chat(body, None)
+            responses.responses_to_chat(body, json_body.load(context) if context else None)
     except (anthropic.TranslationError, responses.TranslationError) as e:
         return e
     return None

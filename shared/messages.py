@@ -135,7 +135,8 @@ class ResponsesRequest(msgspec.Struct):
     """The fields of an OpenAI Responses request that the broker looks at."""
 
     model: str
-    input: str | list[Any] | None = None
+    #: A string, or items (objects: messages, function calls and their outputs...).
+    input: str | list[dict[str, Any]] | None = None
     instructions: str | None = None
     stream: bool = False
     #: Run as an async job of the broker's, polled with ``GET /v1/responses/{id}``.

@@ -68,6 +68,7 @@ __all__ = [
     "TranslationError",
     "chat_to_response",
     "failure_error",
+    "input_items",
     "output_text",
     "response_shell",
     "responses_to_chat",
@@ -491,6 +492,14 @@ def response_shell(
 
 # Response error codes the SDK knows for a failed response, by HTTP status.
 _FAILURE_CODES = {400: "invalid_prompt", 413: "invalid_prompt", 429: "rate_limit_exceeded"}
+
+
+def input_items(body: dict[str, Any]) -> list[Any]:
+    """A Responses request's ``input`` as a list of items (a string is one user message)."""
+    found = body.get("input")
+    if isinstance(found, str):
+        return [{"role": "user", "content": found}]
+    return list(found) if isinstance(found, list) else []
 
 
 def failure_error(status: int, message: str) -> dict[str, Any]:

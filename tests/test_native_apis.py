@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import base64
 import re
+import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import anthropic
+import msgspec
 import openai
 import orjson
 import pytest
 
-from llm_broker.shared.config import new_key
+from llm_broker.shared.config import Target, new_key
+from llm_broker.shared.errors import BadRequest
+from llm_broker.shared.rawjson import set_member
+from llm_broker.workers.policy import CallPolicy, Tries
+from llm_broker.workers.upstream import SSEBlocks
 from tests.conftest import Procs, RedisServer, write_config
-from tests.helpers import eventually
+from tests.helpers import eventually, make_job
 
 KEY, HASH = new_key()
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -73,8 +80,17 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
                 "gpt-n": {"provider": "oai", "model": "gpt-upstream"},
                 "gpt-slow": {"provider": "oai", "model": "mock-latency-3000"},
                 "chat-only": {"provider": "compat", "model": "mock"},
+                # A chat-only deployment first, an Anthropic one behind it.
+                "mixed": {
+                    "fallback": True,
+                    "deployments": [
+                        {"provider": "compat", "model": "mock", "weight": 1},
+                        {"provider": "anth", "model": "claude-upstream", "weight": 0},
+                    ],
+                },
             },
-            cache={"enabled": False},
+            cache={"enabled": True, "ttl_s": 60},
+            files={"dir": str(tmp / "files")},
         )
         procs.worker(config, providers=["mock", "anth", "oai", "compat"])
         _, url = procs.ingress(config)
@@ -393,6 +409,7 @@ async def test_responses_bad_input(stack: Stack, http: aiohttp.ClientSession) ->
         ),
         ({"model": "chat-only", "input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"model": "gpt-n", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"model": "gpt-n", "input": [1]}, "input[0]"),
     ]
     for body, param in cases:
         async with http.post(f"{stack.url}/v1/responses", json=body, headers=AUTH) as resp:
@@ -401,3 +418,102 @@ async def test_responses_bad_input(stack: Stack, http: aiohttp.ClientSession) ->
         assert found["error"]["param"] == param, (body, found)
     async with http.get(f"{stack.url}/v1/responses/resp_unknown", headers=AUTH) as resp:
         assert resp.status == 404
+
+
+async def test_a_route_leaves_out_a_deployment_that_cannot_take_the_request(
+    stack: Stack, http: aiohttp.ClientSession, claude: anthropic.AsyncAnthropic
+) -> None:
+    """A document block cannot go to the chat-only deployment that the route tries
+    first: the Anthropic one behind it serves the request, as it came."""
+    message = await claude.messages.create(model="mixed", max_tokens=32, messages=rich_messages())
+    assert message.content[0].type == "text"
+    [call] = await seen(http, stack)
+    assert call["path"] == "/v1/messages"
+    assert b'"document"' in call["body"]
+
+
+async def test_the_cache_tells_anthropic_betas_apart(
+    stack: Stack, http: aiohttp.ClientSession, claude: anthropic.AsyncAnthropic
+) -> None:
+    """A token count is cached, but an answer under one beta is not another's."""
+    messages: Any = [{"role": "user", "content": "one two three " + secrets.token_hex(4)}]
+    for beta in ("beta-a", "beta-b", "beta-a"):
+        counted = await claude.messages.count_tokens(
+            model="claude-n", messages=messages, extra_headers={"anthropic-beta": beta}
+        )
+        assert counted.input_tokens == 4
+    calls = [c for c in await seen(http, stack) if c["path"] == "/v1/messages/count_tokens"]
+    assert [c["headers"]["anthropic-beta"] for c in calls] == ["beta-a", "beta-b"]
+
+
+async def test_a_message_batch_keeps_what_only_anthropic_carries(
+    stack: Stack, http: aiohttp.ClientSession, claude: anthropic.AsyncAnthropic
+) -> None:
+    params: Any = {
+        "model": "claude-n",
+        "max_tokens": 32,
+        "system": SYSTEM,
+        "messages": rich_messages(),
+    }
+    batch = await claude.messages.batches.create(requests=[{"custom_id": "doc", "params": params}])
+
+    async def ended() -> bool:
+        found = await claude.messages.batches.retrieve(batch.id)
+        return found.processing_status == "ended"
+
+    await eventually(ended, timeout=60)
+    [result] = [r async for r in await claude.messages.batches.results(batch.id)]
+    assert result.custom_id == "doc" and result.result.type == "succeeded"
+    [call] = [c for c in await seen(http, stack) if c["path"] == "/v1/messages"]
+    sent = orjson.loads(call["body"])
+    assert sent["model"] == "claude-upstream"
+    assert sent["messages"] == rich_messages() and sent["system"] == SYSTEM
+
+
+# ---------------------------------------------------------------- pieces
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"model": "a", "x": [1, {"model": 2}]}', b'{"model": "up", "x": [1, {"model": 2}]}'),
+        (b'{"m":[{"c":"model,}\\""}],"model":"a"}', b'{"m":[{"c":"model,}\\""}],"model":"up"}'),
+        (b" { } ", b' { "model":"up"} '),
+        (b'{"a":1.50}', b'{"a":1.50,"model":"up"}'),
+        (b'{"model" : "x" ,"b":2}', b'{"model" : "up" ,"b":2}'),
+        # Repeated: decoders keep the last; an upstream may read any.
+        (b'{"model":"a","b":[[]],"model":"b"}', b'{"model":"up","b":[[]],"model":"up"}'),
+        (b'{"mod\\u0065l":"a"}', b'{"mod\\u0065l":"up"}'),
+    ],
+)
+def test_set_member_keeps_every_other_byte(raw: bytes, expected: bytes) -> None:
+    assert set_member(raw, "model", "up") == expected
+    assert orjson.loads(expected)["model"] == "up"
+
+
+def test_set_member_scans_a_large_body_quickly() -> None:
+    image = base64.b64encode(secrets.token_bytes(3_000_000))
+    raw = b'{"messages":[{"data":"' + image + b'","n":[' + b",".join([b"1"] * 300_000)
+    raw += b']}],"model":"a"}'
+    started = time.process_time()
+    out = set_member(raw, "model", "up")
+    assert out.endswith(b'"model":"up"}') and len(out) == len(raw) + 1
+    assert time.process_time() - started < 1.0  # a regex step per byte took seconds
+
+
+def test_sse_events_split_inside_a_crlf_are_all_read() -> None:
+    """Gemini frames events with CRLF; a chunk may end between the CR and the LF."""
+    splitter = SSEBlocks()
+    found = splitter.feed(b'data: {"a":1}\r\n\r') + splitter.feed(b'\ndata: {"b":2}\r\n\r\n')
+    assert [data for _, data in found] == [b'{"a":1}', b'{"b":2}']
+    assert splitter.end() == []
+
+
+def test_a_deployment_that_cannot_take_a_request_falls_back() -> None:
+    """A request that one deployment's API cannot carry (a worker's translation
+    refuses it) moves on to the next deployment; another 400 ends the job."""
+    job = msgspec.structs.replace(make_job(), fallbacks=[Target("anth", "claude-upstream")])
+    tries = Tries(time.time())
+    untranslatable = BadRequest("tools.0.type: not translatable", code="untranslatable")
+    assert CallPolicy.may_fall_back(job, untranslatable, tries)
+    assert not CallPolicy.may_fall_back(job, BadRequest("max_tokens: too large"), tries)

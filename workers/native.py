@@ -12,6 +12,7 @@ translated back; a field that cannot be translated is a 400 naming it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -65,12 +66,13 @@ async def _native_message(
 
     async def frames() -> AsyncIterator[bytes]:
         blocks = upstream.blocks(path, data, timeout, headers, eof_ends=True)
-        async for block, event, _ in blocks:
-            if acc.done:
-                continue  # read on to the end: the connection is reused
-            if isinstance(event, dict):
-                acc.add(event)  # an error event raises
-            yield block
+        async with contextlib.aclosing(blocks):
+            async for block, event, _ in blocks:
+                if isinstance(event, dict):
+                    acc.add(event)  # an error event raises
+                yield block
+                if acc.done:
+                    return
 
     await call.relay(frames())
     if not acc.done:
@@ -157,15 +159,15 @@ async def _native_response(
 ) -> Answer:
     """A Responses job on an OpenAI or Azure deployment. The broker keeps the state
     (``previous_response_id`` becomes the earlier turns' items in ``input``; a
-    background job is the broker's own), so those fields do not go upstream; the
+    background job is the broker's own), so those fields do not go upstream; ``store``
+    goes as asked (a stored reasoning item is what a later turn refers to by id); the
     answer carries the broker's response id."""
     job, upstream = call.job, call.pool.upstream
     path = upstream.native_path(job.kind, job.upstream_model)
     payload = {k: v for k, v in body.items() if k not in _BROKER_FIELDS}
     payload["model"] = job.upstream_model
-    payload["store"] = False
     if job.context:
-        payload["input"] = [*orjson.loads(job.context), *input_items(body)]
+        payload["input"] = [*orjson.loads(job.context), *responses.input_items(body)]
     rid = response_id(job)
     if not job.stream:
         _, found = await upstream.whole(path, payload, timeout, headers)
@@ -177,38 +179,18 @@ async def _native_response(
     async def frames() -> AsyncIterator[bytes]:
         nonlocal final
         blocks = upstream.blocks(path, payload, timeout, headers, eof_ends=True)
-        async for _, event, _ in blocks:
-            if not isinstance(event, dict) or final is not None:
-                continue  # after the last event, read on to the end: the connection is reused
-            kind = str(event.get("type") or "")
-            if kind == "error":
-                raise UpstreamError(
-                    502,
-                    upstream_message(str(event.get("message") or "upstream stream error")),
-                    code="upstream_error",
-                    retryable=True,
-                )
-            found = event.get("response")
-            if isinstance(found, dict):
-                _own(found, rid, body)
-                if kind == "response.failed":
-                    _check_failed(found)
-                if kind in ("response.completed", "response.incomplete"):
-                    final = found
-            yield responses.sse_event(kind, event)
+        async with contextlib.aclosing(blocks):
+            async for _, event, _ in blocks:
+                if isinstance(event, dict):
+                    yield _response_event(event, rid, body)
+                    if event.get("type") in _LAST_EVENTS:
+                        final = event["response"]
+                        return
 
     await call.relay(frames())
     if final is None:
         raise upstream_interrupted()
     return orjson.dumps(final), b"", response_usage(final)
-
-
-def input_items(body: dict[str, Any]) -> list[Any]:
-    """A Responses request's ``input`` as a list of items."""
-    found = body.get("input")
-    if isinstance(found, str):
-        return [{"role": "user", "content": found}]
-    return list(found) if isinstance(found, list) else []
 
 
 #: Request fields of the broker's own (its state and its background jobs).
@@ -217,6 +199,28 @@ _BROKER_FIELDS = frozenset(("previous_response_id", "background", "stream_option
 
 def response_id(job: m.Job) -> str:
     return f"resp_{job.id}"
+
+
+#: The events that end a Responses stream with a response.
+_LAST_EVENTS = frozenset(("response.completed", "response.incomplete"))
+
+
+def _response_event(event: dict[str, Any], rid: str, request: dict[str, Any]) -> bytes:
+    """An upstream Responses event, framed, with the broker's response id; an error
+    event, or a failed response, raises its error."""
+    kind = str(event.get("type") or "")
+    if kind == "error":
+        raise UpstreamError(
+            502,
+            upstream_message(str(event.get("message") or "upstream stream error")),
+            code="upstream_error",
+            retryable=True,
+        )
+    found = event.get("response")
+    if isinstance(found, dict):
+        _own(found, rid, request)
+        _check_failed(found)
+    return responses.sse_event(kind, event)
 
 
 def _own(found: dict[str, Any], rid: str, request: dict[str, Any]) -> None:

@@ -115,8 +115,8 @@ class CallPolicy:
         """Whether the job moves on to its next deployment after ``e``."""
         if not job.fallbacks or tries.sent or job.deadline <= time.time():
             return False
-        if isinstance(e, CircuitOpen):
-            return True
+        if isinstance(e, CircuitOpen) or e.error_code == "untranslatable":
+            return True  # a deployment of another API may take what this one cannot
         return isinstance(e, UpstreamError) and e.deployment_fault
 
 

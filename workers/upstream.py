@@ -215,7 +215,7 @@ class Upstream:
         ``eof_ends`` (APIs without it: the caller knows its last event)."""
         secrets: tuple[str, ...] = ()
         async with contextlib.aclosing(self.chunks(path, payload, timeout_s, headers)) as body:
-            splitter = _SSEBlocks()
+            splitter = SSEBlocks()
             async for chunk, secrets in body:
                 for block, data in splitter.feed(chunk):
                     if data == b"[DONE]":
@@ -355,7 +355,7 @@ class AnthropicUpstream(Upstream):
                 return
 
 
-class _SSEBlocks:
+class SSEBlocks:
     """Splits an event stream into its events: each one's bytes (its blank line
     included) and its ``data:`` payload (an event without one is skipped: comments,
     pings without data). A payload is one ``data:`` line, as every provider here sends."""
@@ -364,9 +364,9 @@ class _SSEBlocks:
         self._pending = b""
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
         pending = self._pending + chunk
+        if b"\r" in pending:  # after joining: a CRLF may be split between two chunks
+            pending = pending.replace(b"\r\n", b"\n")
         found: list[tuple[bytes, bytes]] = []
         end = pending.find(b"\n\n")
         while end >= 0:
