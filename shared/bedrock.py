@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from llm_broker.shared.translate import TranslationError
+from llm_broker.shared.translate import TranslationError, base64_data_url, function_tools
 from llm_broker.shared.translate import as_object as _object
 from llm_broker.shared.translate import bad as _bad
 from llm_broker.shared.translate import chat_text as _text
@@ -195,11 +195,8 @@ def _image(part: dict[str, Any], param: str) -> dict[str, Any]:
         )
     if not url.startswith("data:"):
         raise _bad(uparam, "a base64 data: URL is required")
-    header, comma, data = url[5:].partition(",")
-    media_type, *options = header.split(";")
-    if not comma or options[-1:] != ["base64"]:
-        raise _bad(uparam, "only base64 data: URLs are supported")
-    fmt = _IMAGE_FORMATS.get(media_type.strip().lower())
+    media_type, data = base64_data_url(url, uparam)
+    fmt = _IMAGE_FORMATS.get(media_type)
     if fmt is None:
         raise _bad(uparam, f"image type {media_type!r} is not supported (png, jpeg, gif, webp are)")
     try:
@@ -292,23 +289,17 @@ def _inference(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tool_config(body: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any] | None:
-    raw_tools = body.get("tools")
-    if raw_tools is not None and not isinstance(raw_tools, list):
-        raise _bad("tools", "a list is required")
     tools = []
-    for i, tool in enumerate(raw_tools or ()):
-        if _object(tool, f"tools.{i}").get("type") != "function":
-            raise _bad(f"tools.{i}.type", "only function tools are supported")
-        function = _object(tool.get("function"), f"tools.{i}.function")
-        schema = function.get("parameters")
+    for tool in function_tools(body):
+        schema = tool.parameters
         spec: dict[str, Any] = {
-            "name": _string(function, "name", f"tools.{i}.function"),
+            "name": tool.name,
             "inputSchema": {
                 "json": schema if isinstance(schema, dict) else {"type": "object", "properties": {}}
             },
         }
-        if isinstance(function.get("description"), str) and function["description"]:
-            spec["description"] = function["description"]
+        if tool.description:
+            spec["description"] = tool.description
         tools.append({"toolSpec": spec})
     choice = body.get("tool_choice")
     tool_choice: dict[str, Any] | None = None

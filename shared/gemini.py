@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from llm_broker.shared.translate import TranslationError
+from llm_broker.shared.translate import TranslationError, base64_data_url, function_tools
 from llm_broker.shared.translate import as_object as _object
 from llm_broker.shared.translate import bad as _bad
 from llm_broker.shared.translate import chat_text as _text_only
@@ -193,11 +193,8 @@ def _data_url(url: Any, param: str) -> dict[str, Any]:
         )
     if not url.startswith("data:"):
         raise _bad(param, "a base64 data: URL is required")
-    header, comma, data = url[5:].partition(",")
-    media_type, *options = header.split(";")
-    if not comma or not media_type or options[-1:] != ["base64"]:
-        raise _bad(param, "only base64 data: URLs (data:<type>;base64,...) are supported")
-    return {"inlineData": {"mimeType": media_type.lower(), "data": _base64(data, param)}}
+    media_type, data = base64_data_url(url, param)
+    return {"inlineData": {"mimeType": media_type, "data": _base64(data, param)}}
 
 
 def _base64(data: Any, param: str) -> str:
@@ -344,21 +341,16 @@ def _response_format(value: Any, config: dict[str, Any]) -> None:
 
 
 def _tools(body: dict[str, Any], out: dict[str, Any]) -> None:
-    raw = body.get("tools")
-    if raw is not None and not isinstance(raw, list):
-        raise _bad("tools", "a list is required")
     declarations = []
-    for i, tool in enumerate(raw or ()):
-        if _object(tool, f"tools.{i}").get("type") != "function":
-            raise _bad(f"tools.{i}.type", "only function tools are supported")
-        function = _object(tool.get("function"), f"tools.{i}.function")
-        declaration: dict[str, Any] = {"name": _string(function, "name", f"tools.{i}.function")}
-        if isinstance(function.get("description"), str):
-            declaration["description"] = function["description"]
-        schema = function.get("parameters")
-        if schema is not None:
+    for i, tool in enumerate(function_tools(body)):
+        declaration: dict[str, Any] = {"name": tool.name}
+        if tool.description is not None:
+            declaration["description"] = tool.description
+        if tool.parameters is not None:
             # JSON Schema as OpenAI has it (``parameters`` takes only an OpenAPI subset).
-            declaration["parametersJsonSchema"] = _object(schema, f"tools.{i}.function.parameters")
+            declaration["parametersJsonSchema"] = _object(
+                tool.parameters, f"tools.{i}.function.parameters"
+            )
         declarations.append(declaration)
 
     choice = body.get("tool_choice")

@@ -5,7 +5,7 @@ the field's dotted path (``messages.0.content.1.type``)."""
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 #: A stream event: its name and its data.
 Event = tuple[str, dict[str, Any]]
@@ -67,3 +67,43 @@ def chat_text(content: Any, param: str) -> str:
             raise bad(f"{param}.{j}.type", "only text parts are allowed here")
         texts.append(string(part, "text", f"{param}.{j}"))
     return "\n".join(texts)
+
+
+def base64_data_url(url: str, param: str) -> tuple[str, str]:
+    """The media type (lower case) and the base64 data of a ``data:<type>;base64,<data>``
+    URL (``url`` starts with ``data:``)."""
+    header, comma, data = url[5:].partition(",")
+    media_type, *options = header.split(";")
+    if not comma or not media_type.strip() or options[-1:] != ["base64"]:
+        raise bad(param, "only base64 data: URLs are supported")
+    return media_type.strip().lower(), data
+
+
+class FunctionTool(NamedTuple):
+    """A chat request's function tool: its name, description (None: none) and
+    ``parameters`` as given (None: none)."""
+
+    name: str
+    description: str | None
+    parameters: Any
+
+
+def function_tools(body: dict[str, Any]) -> list[FunctionTool]:
+    """The function tools of a chat request's ``tools``; other tool types are refused."""
+    raw = body.get("tools")
+    if raw is not None and not isinstance(raw, list):
+        raise bad("tools", "a list is required")
+    found = []
+    for i, tool in enumerate(raw or ()):
+        if as_object(tool, f"tools.{i}").get("type") != "function":
+            raise bad(f"tools.{i}.type", "only function tools are supported")
+        function = as_object(tool.get("function"), f"tools.{i}.function")
+        description = function.get("description")
+        found.append(
+            FunctionTool(
+                string(function, "name", f"tools.{i}.function"),
+                description if isinstance(description, str) else None,
+                function.get("parameters"),
+            )
+        )
+    return found

@@ -24,6 +24,7 @@ from llm_broker.shared.anthropic.common import (
 )
 from llm_broker.shared.translate import as_object as _object
 from llm_broker.shared.translate import bad as _bad
+from llm_broker.shared.translate import base64_data_url, function_tools
 from llm_broker.shared.translate import chat_text as _chat_text
 from llm_broker.shared.translate import is_int as _is_int
 from llm_broker.shared.translate import part_type as _block_type
@@ -139,11 +140,8 @@ def _image_block(part: dict[str, Any], param: str) -> dict[str, Any]:
     if not isinstance(url, str):
         raise _bad(f"{param}.image_url.url", "a string is required")
     if url.startswith("data:"):
-        header, comma, data = url[5:].partition(",")
-        media_type, *options = header.split(";")
-        if not comma or not media_type or options[-1:] != ["base64"]:
-            raise _bad(f"{param}.image_url.url", "only base64 data URLs are supported")
-        source = {"type": "base64", "media_type": media_type.lower(), "data": data}
+        media_type, data = base64_data_url(url, f"{param}.image_url.url")
+        source = {"type": "base64", "media_type": media_type, "data": data}
         return {"type": "image", "source": source}
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
@@ -202,18 +200,12 @@ def _tool_result_block(message: dict[str, Any], param: str) -> dict[str, Any]:
 
 
 def _chat_tools(body: dict[str, Any], out: dict[str, Any]) -> None:
-    raw_tools = body.get("tools")
-    if raw_tools is not None and not isinstance(raw_tools, list):
-        raise _bad("tools", "a list is required")
     tools = []
-    for i, tool in enumerate(raw_tools or ()):
-        if _object(tool, f"tools.{i}").get("type") != "function":
-            raise _bad(f"tools.{i}.type", "only function tools are supported")
-        function = _object(tool.get("function"), f"tools.{i}.function")
-        converted: dict[str, Any] = {"name": _string(function, "name", f"tools.{i}.function")}
-        if isinstance(function.get("description"), str):
-            converted["description"] = function["description"]
-        schema = function.get("parameters")
+    for tool in function_tools(body):
+        converted: dict[str, Any] = {"name": tool.name}
+        if tool.description is not None:
+            converted["description"] = tool.description
+        schema = tool.parameters
         converted["input_schema"] = (
             schema if isinstance(schema, dict) else {"type": "object", "properties": {}}
         )
