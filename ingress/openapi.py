@@ -111,7 +111,9 @@ JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled",
 
 
 class Job(msgspec.Struct):
-    """An async job (``POST /v1/jobs``, or a chat call with ``Prefer: respond-async``)."""
+    """An async job (``POST /v1/jobs``, a chat or Messages call with ``Prefer:
+    respond-async``, or a background response); ``result`` is the answer in the API
+    the request came in."""
 
     id: str
     object: Literal["job"]
@@ -790,6 +792,15 @@ def _schemas() -> dict[str, Any]:
     schemas["ChatRequest"]["properties"]["messages"]["minItems"] = 1
     for option in schemas["EmbeddingsRequest"]["properties"]["input"]["anyOf"]:
         option["minLength" if option["type"] == "string" else "minItems"] = 1
+    # The answer in the request's API: a chat completion, a message, or a response.
+    schemas["Job"]["properties"]["result"] = {
+        "anyOf": [
+            _ref("ChatCompletion"),
+            _ref("AnthropicMessage"),
+            _ref("ResponseObject"),
+            {"type": "null"},
+        ]
+    }
     # Decoded as raw JSON, then validated as a chat request.
     schemas["JobSubmission"]["properties"]["request"] = _ref("ChatRequest")
     # Checked by ingress (admission.py), not by the decoder: its error names the field.
