@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from llm_broker.shared.translate import TranslationError, base64_data_url, function_tools
+from llm_broker.shared.translate import TranslationError, function_tools, inline_data
 from llm_broker.shared.translate import as_object as _object
 from llm_broker.shared.translate import bad as _bad
 from llm_broker.shared.translate import chat_text as _text
@@ -185,17 +185,12 @@ def _image(part: dict[str, Any], param: str) -> dict[str, Any]:
     image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else image
     uparam = f"{param}.image_url.url"
-    if not isinstance(url, str):
-        raise _bad(uparam, "a string is required")
-    if url.startswith(("http://", "https://")):
-        raise _bad(
-            uparam,
-            "Bedrock takes an image's bytes, not its URL (the broker does not fetch URLs); "
-            "send the image as a base64 data: URL",
-        )
-    if not url.startswith("data:"):
-        raise _bad(uparam, "a base64 data: URL is required")
-    media_type, data = base64_data_url(url, uparam)
+    media_type, data = inline_data(
+        url,
+        uparam,
+        "Bedrock takes an image's bytes, not its URL (the broker does not fetch URLs); "
+        "send the image as a base64 data: URL",
+    )
     fmt = _IMAGE_FORMATS.get(media_type)
     if fmt is None:
         raise _bad(uparam, f"image type {media_type!r} is not supported (png, jpeg, gif, webp are)")

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from llm_broker.shared.translate import TranslationError, base64_data_url, function_tools
+from llm_broker.shared.translate import TranslationError, function_tools, inline_data
 from llm_broker.shared.translate import as_object as _object
 from llm_broker.shared.translate import bad as _bad
 from llm_broker.shared.translate import chat_text as _text_only
@@ -183,17 +183,12 @@ def _user_parts(content: Any, param: str) -> list[dict[str, Any]]:
 
 def _data_url(url: Any, param: str) -> dict[str, Any]:
     """A ``data:<type>;base64,<data>`` URL -> an ``inlineData`` part."""
-    if not isinstance(url, str):
-        raise _bad(param, "a string is required")
-    if url.startswith(("http://", "https://")):
-        raise _bad(
-            param,
-            "Gemini cannot fetch http(s) URLs (it reads only files in its own storage); "
-            "send the data as a base64 data: URL",
-        )
-    if not url.startswith("data:"):
-        raise _bad(param, "a base64 data: URL is required")
-    media_type, data = base64_data_url(url, param)
+    media_type, data = inline_data(
+        url,
+        param,
+        "Gemini cannot fetch http(s) URLs (it reads only files in its own storage); "
+        "send the data as a base64 data: URL",
+    )
     return {"inlineData": {"mimeType": media_type, "data": _base64(data, param)}}
 
 

@@ -79,6 +79,19 @@ def base64_data_url(url: str, param: str) -> tuple[str, str]:
     return media_type.strip().lower(), data
 
 
+def inline_data(url: Any, param: str, why_no_url: str) -> tuple[str, str]:
+    """The media type and base64 data of a ``data:`` URL, for an API that takes the
+    bytes themselves (an http(s) URL is refused with ``why_no_url``: the broker does
+    not fetch URLs)."""
+    if not isinstance(url, str):
+        raise bad(param, "a string is required")
+    if url.startswith(("http://", "https://")):
+        raise bad(param, why_no_url)
+    if not url.startswith("data:"):
+        raise bad(param, "a base64 data: URL is required")
+    return base64_data_url(url, param)
+
+
 class FunctionTool(NamedTuple):
     """A chat request's function tool: its name, description (None: none) and
     ``parameters`` as given (None: none)."""
