@@ -220,13 +220,16 @@ async def test_jobs_and_calls_survive_a_worker_killed_every_few_seconds(
     sync_ids = [c.job_id for c in calls if c.job_id]
     sync_found = await records(rclient, prefix, sync_ids)
     repeated = {j: a for j, (_, a, _) in {**found, **sync_found}.items() if a > 1}
-    redelivered = [c for c in calls if c.job_id and sync_found[c.job_id][1] > 1]
-    latencies = sorted(c.seconds for c in redelivered)
+    # A sync call a killed worker held runs again on another (its first delivery,
+    # run without the start function, does not count as an attempt: see settle).
+    redelivered = [c for c in calls if c.job_id and held[c.job_id]]
+    latencies = sorted(c.seconds for c in redelivered if held[c.job_id] == 1)
+    caught_again = max((c.seconds for c in redelivered if held[c.job_id] > 1), default=0.0)
     print(
         f"\nworker chaos: {kills} kills in {chaos_s:.1f}s, killed workers held {held.total()} "
         f"entries, {len(repeated)} jobs delivered more than once, upstream calls {stats['calls']} "
         f"for {len(job_ids)} async jobs + {len(sync_ids)} sync calls; "
-        f"sync statuses {sorted({c.status for c in calls})}; redelivered sync calls: "
+        f"sync statuses {sorted({c.status for c in calls})}; sync calls caught by one kill: "
         f"{len(latencies)}, latency "
         + (
             f"min {latencies[0]:.2f}s median {statistics.median(latencies):.2f}s "
@@ -234,6 +237,7 @@ async def test_jobs_and_calls_survive_a_worker_killed_every_few_seconds(
             if latencies
             else "n/a"
         )
+        + f"; by more: {len(redelivered) - len(latencies)}, max {caught_again:.2f}s"
     )
     assert kills >= 3
     # Every async job reached one final state, completed, with its result recorded.
@@ -252,9 +256,11 @@ async def test_jobs_and_calls_survive_a_worker_killed_every_few_seconds(
     assert 0 <= extra_calls <= held.total(), (extra_calls, held.total())
     not_held = {j: a for j, a in repeated.items() if a - 1 > held[j]}
     assert not not_held, f"jobs run again more often than a killed worker held them: {not_held}"
-    # A redelivered sync call waits about one lease (plus a reclaim interval).
+    # A redelivered sync call waits about one lease (plus a reclaim interval) for
+    # every kill that caught it.
+    assert redelivered, "no sync call was caught by a kill: the bound below proves nothing"
     for call in redelivered:
-        assert call.seconds <= lease * 2 + 3, call
+        assert call.seconds <= held[call.job_id] * lease * 2 + 3, (held[call.job_id], call)
     assert await rclient.xlen(queue) == 0
 
 

@@ -2,9 +2,10 @@
 
 It reads the provider's stream with the consumer group, pulling only as many
 entries as there are free slots, and hands each delivery to a handler task.
-Entries left pending by a dead worker are reclaimed once idle past the lease;
-the consumer keeps its own entries' idle time fresh so a long call is never
-stolen, and removes the group's consumers of dead workers.
+Entries left pending by a dead worker are reclaimed once idle past the lease,
+before new entries are read; the consumer keeps its own entries' idle time
+fresh so a long call is never stolen, and removes the group's consumers of dead
+workers.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class StreamConsumer:
         self._in_flight = metrics.in_flight.labels(provider)
         #: When this consumer's entries last had their leases refreshed (monotonic).
         self._refreshed_at = 0.0
+        #: When the read loop next looks for entries to reclaim (monotonic).
+        self._next_reclaim = 0.0
 
     # ------------------------------------------------------------ slots
 
@@ -145,6 +148,8 @@ class StreamConsumer:
                         await self._ensure_group()
                         await self._offer()
                         need_group = False
+                    if time.monotonic() >= self._next_reclaim and await self._reclaim(free):
+                        continue  # what a dead worker left goes before new entries
                     deliveries = await self._queues.read(
                         reader, self.provider, self.name, count=free, block_ms=self._wcfg.block_ms
                     )
@@ -172,7 +177,7 @@ class StreamConsumer:
             await reader.aclose()
 
     async def maintain_loop(self) -> None:
-        """Reclaim stale entries of dead workers and keep this consumer's leases fresh."""
+        """Keep this consumer's leases fresh and remove the group's dead consumers."""
         next_forget = 0.0
         while not self._stopping.is_set():
             try:
@@ -180,7 +185,6 @@ class StreamConsumer:
                     await self._refresh()
                     await self._offer()
                     await self._upkeep()
-                    await self._reclaim()
                     if time.monotonic() >= next_forget:
                         await self._forget_dead_consumers()
                         next_forget = time.monotonic() + min(
@@ -231,14 +235,14 @@ class StreamConsumer:
             await self._queues.refresh(self.provider, self.name, set(self._tasks))
         self._refreshed_at = began
 
-    async def _reclaim(self) -> None:
-        free = self.free_slots
-        if free <= 0:
-            return
+    async def _reclaim(self, free: int) -> bool:
+        """Take up to ``free`` entries a dead worker left idle past the lease; True
+        if any. Run by the read loop between its reads, at most once an interval,
+        so that these entries go before new ones and slots are never overbooked."""
+        self._next_reclaim = time.monotonic() + self._interval
         lease_ms = int(self._wcfg.lease_s * 1000)
-        for delivery in await self._queues.reclaim(
-            self.provider, self.name, idle_ms=lease_ms, count=free
-        ):
+        claimed = await self._queues.reclaim(self.provider, self.name, idle_ms=lease_ms, count=free)
+        for delivery in claimed:
             self._metrics.reclaimed.labels(self.provider).inc()
             log.info(
                 "provider %s: reclaimed %s (delivery %d)",
@@ -247,6 +251,9 @@ class StreamConsumer:
                 delivery.deliveries,
             )
             self._spawn(delivery)
+        if len(claimed) >= free:
+            self._next_reclaim = 0.0  # more may be left: look again at the next free slot
+        return bool(claimed)
 
     async def _forget_dead_consumers(self) -> None:
         """Remove consumers of dead workers once they hold nothing and sat idle long enough.
