@@ -104,6 +104,13 @@ async def _run(
         job.cache_key, job.cache_ttl = plan.key, state.config.cache.ttl_s
     timeout = job.deadline - job.created
     loop_deadline = asyncio.get_running_loop().time() + timeout
+    if not state.replies.stream_exists:
+        await redis_call(
+            state,
+            "replies",
+            job.provider,
+            state.replies.stream_ready(state.config.redis.command_timeout_s),
+        )
     replies = state.replies.register(job.id)
     answered = False
     try:

@@ -54,6 +54,19 @@ class ReplyRouter:
         self._waiters: dict[bytes, Waiter] = {}
         self._last_id = b"0-0"
         self.healthy = False
+        #: Set while the reply stream is known to exist: workers never create it
+        #: (their replies to a missing stream are dropped), so a call waits for it.
+        self._stream_ready = asyncio.Event()
+
+    @property
+    def stream_exists(self) -> bool:
+        return self._stream_ready.is_set()
+
+    async def stream_ready(self, timeout: float) -> None:
+        """Return once the reply stream exists (at once, but for the first moments
+        of the process and while Redis is unreachable); TimeoutError after ``timeout``."""
+        async with asyncio.timeout(timeout):
+            await self._stream_ready.wait()
 
     def register(self, job_id: str) -> Waiter:
         waiter = Waiter()
@@ -102,6 +115,7 @@ class ReplyRouter:
                     now = time.monotonic()
                     if now >= next_refresh:
                         await self._ensure_stream(client)
+                        self._stream_ready.set()
                         next_refresh = now + self.TTL_S / 4
                     if now >= next_trim:
                         # Entries up to the last one read are done with.
@@ -117,6 +131,7 @@ class ReplyRouter:
                     if self.healthy:
                         log.warning("reply reader: Redis unreachable: %s", e)
                     self.healthy = False
+                    self._stream_ready.clear()  # Redis may come back without it
                     next_refresh = 0.0
                     await asyncio.sleep(backoff)  # back off while Redis is unreachable
                     backoff = min(backoff * 2, 1.0)

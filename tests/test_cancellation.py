@@ -1,18 +1,24 @@
-"""A loop that runs until cancelled stops even when a cancellation is lost inside
-a Redis call (Python 3.11's asyncio.timeout and redis-py can turn one into a
-timeout or swallow it): otherwise a shutdown waits for it forever."""
+"""The reply reader: a loop that runs until cancelled stops even when a
+cancellation is lost inside a Redis call (Python 3.11's asyncio.timeout and
+redis-py can turn one into a timeout or swallow it), and no call waits on a reply
+stream that does not exist yet."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
 
+from llm_broker.ingress.app import create_app
 from llm_broker.ingress.replies import ReplyRouter
 from llm_broker.shared.config import parse_config
 from llm_broker.shared.store import JobStore
-from tests.conftest import RedisServer
+from tests.conftest import ConfigFactory, Procs, RedisServer, chat, mock_stats
 
 
 async def test_the_reply_reader_stops_when_a_cancellation_is_swallowed(
@@ -43,3 +49,40 @@ async def test_the_reply_reader_stops_when_a_cancellation_is_swallowed(
         await asyncio.wait([reader])
     assert swallowed.is_set()
     assert reader.cancelled()
+
+
+async def test_a_sync_call_waits_for_the_reply_stream_instead_of_losing_its_reply(
+    procs: Procs,
+    make_config: ConfigFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers drop a reply to a reply stream that does not exist (yet): ingress
+    creates it first thing, and until it has, a synchronous call is not admitted
+    (a fast 503 that says so) instead of running and then waiting out its deadline."""
+    _, mock_url = procs.mock()
+    config = parse_config(yaml.safe_load(make_config(mock_url).read_text()), {})
+    procs.worker(make_config(mock_url))
+    gate = asyncio.Event()
+    create = ReplyRouter._ensure_stream
+
+    async def gated(self: ReplyRouter, client: aioredis.Redis) -> None:
+        await gate.wait()  # the reply stream is not there yet
+        await create(self, client)
+
+    monkeypatch.setattr(ReplyRouter, "_ensure_stream", gated)
+    app = create_app(config, "gated")
+    async with TestClient(TestServer(app)) as client:
+        body = chat("mock", "hello")
+        started = time.monotonic()
+        resp = await client.post(
+            "/v1/chat/completions", json=body, headers={"X-Request-Timeout": "5"}
+        )
+        refused = await resp.json()
+        assert resp.status == 503, refused
+        assert "was not admitted" in refused["error"]["message"]
+        assert time.monotonic() - started < 2 * config.redis.command_timeout_s + 1
+        assert (await mock_stats(http, mock_url))["calls"] == 0  # it never ran
+        gate.set()
+        resp = await client.post("/v1/chat/completions", json=body)
+        assert resp.status == 200, await resp.text()
