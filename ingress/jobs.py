@@ -20,7 +20,7 @@ from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.state import STATE, State
 from llm_broker.shared import messages as m
 from llm_broker.shared.accounts import Principal
-from llm_broker.shared.errors import BadRequest, IdempotencyMismatch, NotFound
+from llm_broker.shared.errors import BadRequest, IdempotencyMismatch, NotFound, Unavailable
 from llm_broker.shared.jobs import job_object
 from llm_broker.shared.ssrf import BlockedURL, Ports, check_url
 from llm_broker.shared.store import (
@@ -30,6 +30,7 @@ from llm_broker.shared.store import (
     BudgetExceeded,
     Full,
     Idempotency,
+    NotReplicated,
     Replayed,
     TenantQueueFull,
     TenantRateLimited,
@@ -208,10 +209,21 @@ async def admit_async(
         extra=AsyncFields(metadata=metadata or None, webhook_url=webhook_url),
         idempotency=idempotency,
         acct=request[CONTEXT].acct,
+        replicas=state.config.redis.min_replicas_acked,
     )
     match await redis_call(state, "enqueue", job.provider, admit, job_id=job.id):
         case Admitted(record=rec):
             return job.id, rec, False
+        case NotReplicated(acked=acked, wanted=wanted):
+            state.metrics.redis_errors.labels("replicate").inc()
+            err = Unavailable(
+                f"the job was admitted but only {acked} of {wanted} Redis replicas confirmed it "
+                f"in time, so a failover could lose it; it may still run as job {job.id}: "
+                f"GET /v1/jobs/{job.id} gives its status and result (404: it was lost)",
+                headers={"Retry-After": "1"},
+            )
+            err.job_id = job.id
+            raise err
         case (
             Full() | TenantQueueFull() | TenantRateLimited() | AccountLimited() | BudgetExceeded()
         ) as why:

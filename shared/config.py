@@ -33,13 +33,67 @@ class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     pass
 
 
+class SentinelConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Find the Redis primary through Redis Sentinel (docs/operations.md, "Redis
+    failover"): every process asks the sentinels for the primary of
+    ``service_name`` when it connects, and again after the primary fails over."""
+
+    #: The sentinels, each "host:port".
+    addresses: tuple[str, ...]
+    #: The name the sentinels monitor the primary under.
+    service_name: str = "mymaster"
+    #: The sentinels' own credentials (``requirepass`` in sentinel.conf), if any.
+    username: str | None = None
+    password_file: str | None = None
+    #: TLS to the sentinels (the data nodes use TLS when ``redis.url`` is rediss://).
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            raise ValueError("redis.sentinel.addresses must name at least one sentinel")
+        for address in self.addresses:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"redis.sentinel.addresses: {address!r} is not host:port")
+
+    def hosts(self) -> list[tuple[str, int]]:
+        return [
+            (a.rpartition(":")[0].strip("[]"), int(a.rpartition(":")[2])) for a in self.addresses
+        ]
+
+
 class RedisConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    #: The Redis primary; with ``sentinel``, only its scheme (redis/rediss), user,
+    #: password and database count: the sentinels name the host.
     url: str = "redis://127.0.0.1:6379/0"
+    #: The data nodes' password, read from this file on every new connection (a
+    #: rotated secret is used from the next connection on); overrides the URL's.
+    password_file: str | None = None
+    sentinel: SentinelConfig | None = None
+    #: Replicas that must hold an async job's admission before the client gets its
+    #: 202 (Redis WAIT), so that an acknowledged job survives a failover; 0: none.
+    min_replicas_acked: int = 0
+    #: How long admission waits for those replicas; if fewer confirm in time the
+    #: client gets 503 with the job id (the job may still run).
+    min_replicas_timeout_ms: int = 500
     #: Every key this deployment writes starts with this prefix.
     key_prefix: str = "llmb:"
     #: Timeout of one Redis command on the request path; keeps "Redis down" fast.
     command_timeout_s: float = 0.75
     connect_timeout_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.min_replicas_acked < 0:
+            raise ValueError("redis.min_replicas_acked must be 0 or more")
+        if self.min_replicas_timeout_ms < 1:
+            raise ValueError("redis.min_replicas_timeout_ms must be at least 1")
+        if (
+            self.min_replicas_acked
+            and self.min_replicas_timeout_ms >= self.command_timeout_s * 1000
+        ):
+            raise ValueError(
+                "redis.min_replicas_timeout_ms must be shorter than redis.command_timeout_s"
+            )
 
 
 class OverloadConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -11,10 +11,19 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
+from redis.credentials import CredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -88,9 +97,9 @@ def _unknown(result: object) -> bool:
 
 
 def _with_text(command: Sequence[Any]) -> tuple[Any, ...]:
-    """The EVAL form of an EVALSHA command of one of this module's scripts (an
-    FCALL stays as it is: its library is loaded first)."""
-    if command[0] == "FCALL":
+    """The EVAL form of an EVALSHA command of one of this module's scripts (any
+    other, such as an FCALL whose library is loaded first, stays as it is)."""
+    if command[0] != "EVALSHA":
         return tuple(command)
     return ("EVAL", _SCRIPTS[command[1]].text, *command[2:])
 
@@ -163,32 +172,126 @@ class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
     pass
 
 
+class _SentinelConnection(_HiredisPacking, SentinelManagedConnection):
+    pass
+
+
+class _SentinelSSLConnection(_HiredisPacking, SentinelManagedSSLConnection):
+    pass
+
+
+class _SentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """A pool whose connections go to the primary the sentinels name (asked on
+    every new connection; a connection to a demoted primary is dropped), and that
+    waits for a free connection as :class:`BlockingConnectionPool` does."""
+
+    def __init__(self, sentinels: Sentinel, service_name: str, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinels, **kwargs)  # type: ignore[no-untyped-call]
+        self._sentinels = sentinels
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # the client closes: so do its sentinel connections
+            for sentinel in self._sentinels.sentinels:
+                await sentinel.connection_pool.disconnect()
+
+
+class FilePassword(CredentialProvider):
+    """A password read from a file each time a connection authenticates, so that a
+    rotated secret is used from the next connection on."""
+
+    def __init__(self, path: str, username: str | None = None) -> None:
+        self._path = path
+        self._username = username
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        password = Path(self._path).read_text().strip()
+        return (self._username, password) if self._username else (password,)
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return self.get_credentials()
+
+
 def connect(
     cfg: RedisConfig, *, socket_timeout: float | None = None, max_connections: int = 64
 ) -> aioredis.Redis:
-    """A client whose connections fail fast when Redis is unreachable.
+    """A client whose connections fail fast when Redis is unreachable: to
+    ``redis.url``, or to the primary that ``redis.sentinel`` names.
 
     Without ``socket_timeout`` a read has no timer of its own (redis-py would
     arm one per command); callers bound their calls instead, as the
     :class:`Batcher` does for each batch.
     """
-    scheme = cfg.url.split("://", 1)[0]
-    extra: dict[str, Any] = {}
-    if scheme == "redis":
-        extra["connection_class"] = _Connection
-    elif scheme == "rediss":
-        extra["connection_class"] = _SSLConnection
-    pool = aioredis.BlockingConnectionPool.from_url(
-        cfg.url,
-        max_connections=max_connections,
-        timeout=cfg.command_timeout_s,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=cfg.connect_timeout_s,
-        health_check_interval=0,
-        **extra,
-    )
     # The client owns its pool: closing the client closes its connections.
-    return aioredis.Redis.from_pool(pool)
+    return aioredis.Redis.from_pool(
+        connection_pool(cfg, socket_timeout=socket_timeout, max_connections=max_connections)
+    )
+
+
+def connection_pool(
+    cfg: RedisConfig, *, socket_timeout: float | None = None, max_connections: int = 64
+) -> aioredis.ConnectionPool:
+    """The pool of :func:`connect`'s client, for a client of another class."""
+    url = urlsplit(cfg.url)
+    tls = url.scheme == "rediss"
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "timeout": cfg.command_timeout_s,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": cfg.connect_timeout_s,
+        "health_check_interval": 0,
+    }
+    if cfg.password_file:
+        options["credential_provider"] = FilePassword(
+            cfg.password_file, unquote(url.username) if url.username else None
+        )
+    if cfg.sentinel is None:
+        options["connection_class"] = _SSLConnection if tls else _Connection
+        if cfg.password_file:  # the file's password, not the URL's
+            url = url._replace(netloc=url.netloc.rpartition("@")[2])
+        pool: aioredis.ConnectionPool = aioredis.BlockingConnectionPool.from_url(
+            urlunsplit(url), **options
+        )
+    else:
+        pool = _SentinelPool(
+            _sentinels(cfg), cfg.sentinel.service_name, **_node(cfg, url), **options
+        )
+    return pool
+
+
+def _node(cfg: RedisConfig, url: SplitResult) -> dict[str, Any]:
+    """What a connection to a data node takes from ``redis.url`` besides its address."""
+    tls = url.scheme == "rediss"
+    query = parse_qs(url.query)
+    node: dict[str, Any] = {
+        "connection_class": _SentinelSSLConnection if tls else _SentinelConnection,
+        "db": int(url.path.lstrip("/") or query.get("db", ["0"])[0]),
+    }
+    if not cfg.password_file:
+        if url.username:
+            node["username"] = unquote(url.username)
+        if url.password:
+            node["password"] = unquote(url.password)
+    if tls:
+        node["ssl_cert_reqs"] = query.get("ssl_cert_reqs", ["required"])[0]
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            if name in query:
+                node[name] = query[name][0]
+    return node
+
+
+def _sentinels(cfg: RedisConfig) -> Sentinel:
+    assert cfg.sentinel is not None
+    sc = cfg.sentinel
+    own: dict[str, Any] = {
+        "socket_timeout": cfg.command_timeout_s,
+        "socket_connect_timeout": cfg.connect_timeout_s,
+    }
+    if sc.password_file:
+        own["credential_provider"] = FilePassword(sc.password_file, sc.username)
+    if sc.tls:
+        own["ssl"] = True
+    return Sentinel(sc.hosts(), sentinel_kwargs=own)  # type: ignore[no-untyped-call]
 
 
 class Observer(Protocol):
@@ -339,6 +442,10 @@ async def execute(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> 
     missing = [i for i, r in enumerate(results) if _unknown(r)]
     if not missing:
         return results
+    # WAIT counts the writes made before it on its connection: one that followed
+    # a command sent again follows it again.
+    missing += [i for i in range(missing[0] + 1, len(commands)) if commands[i][0] == "WAIT"]
+    missing.sort()
     libraries = list(
         {_LIBRARIES[commands[i][1]].text: None for i in missing if commands[i][0] == "FCALL"}
     )

@@ -59,13 +59,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class RedisServer:
     """A ``redis-server`` process that tests may stop, kill and restart."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary
         self.port = free_port()
         self.dir = workdir
+        #: More options, after the defaults (e.g. ``--replicaof``).
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -90,12 +92,16 @@ class RedisServer:
                 "always",
                 "--logfile",
                 str(self.dir / "redis.log"),
+                *self.args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        password = None
+        if "--requirepass" in self.args:
+            password = self.args[self.args.index("--requirepass") + 1]
+        client = redis.Redis(port=self.port, password=password, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
         while True:
             try:

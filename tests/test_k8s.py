@@ -717,6 +717,34 @@ def test_network_policy_patches_in_the_readme_apply(tmp_path: Path) -> None:
     assert "10.96.0.0/12" in v4["except"] and "169.254.0.0/16" in v4["except"]
 
 
+def test_sentinel_patches_in_the_readme_apply(tmp_path: Path) -> None:
+    text = README.read_text()
+    section = text[text.index("## Redis with Sentinel") :]
+    match = re.search(r"```yaml\n(patches:\n.*?)```", section, re.S)
+    assert match, "README.md: no patches block under 'Redis with Sentinel'"
+    patches = match.group(1).removeprefix("patches:\n")
+
+    def add_patches(overlay: str) -> str:
+        return overlay.replace("\npatches:\n", "\npatches:\n" + patches, 1)
+
+    docs = tuple(edited_overlay(tmp_path, "prod", add_patches))
+    deployments = of_kind(docs, "Deployment")
+    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in deployments} == {
+        "ingress",
+        "worker",
+        "webhooks",
+    }
+    for dep in deployments:
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        egress = _policy_rules(docs, labels, "egress")
+        assert _allows(egress, 26379) and _allows(egress, 6379), dep["metadata"]["name"]
+        pod = dep["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "redis-auth"]
+        assert volume["secret"]["secretName"] == "llm-broker-redis-auth"
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "redis-auth"]
+        assert mount["mountPath"] == "/var/run/secrets/llm-broker/redis" and "subPath" not in mount
+
+
 # ---------------------------------------------------------------- secrets
 
 

@@ -40,7 +40,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from arq.worker import Worker, func
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
@@ -54,6 +54,7 @@ from llm_broker.shared.redisio import (
     REDIS_DOWN,
     Batcher,
     connect,
+    connection_pool,
     ensure_group,
     raise_if_cancelling,
 )
@@ -395,14 +396,15 @@ async def serve(config: Config, *, metrics_port: int | None = None) -> None:
         health = await serve_health(registry, "webhooks", metrics_port)
         log.info("webhooks /metrics and /health on :%d", health.addresses[0][1])
     keys = Keys(config.redis.key_prefix)
-    settings = RedisSettings.from_dsn(config.redis.url)
-    settings.conn_timeout = max(1, int(config.redis.connect_timeout_s))
-    arq_pool = await create_pool(
-        settings,
+    # arq's queue on the broker's own connection (Sentinel, password files, hiredis
+    # packing), with a connection for each delivery it may run at once.
+    arq_pool = ArqRedis(
+        connection_pool(config.redis, max_connections=config.webhooks.max_concurrency + 8),
         job_serializer=serialize,
         job_deserializer=deserialize,
         default_queue_name=keys.webhook_queue(),
     )
+    arq_pool.auto_close_connection_pool = True  # closing the client closes its pool
     redis = connect(config.redis, max_connections=16)
     deliverer = Deliverer(config, redis, arq_pool, metrics)
     worker = Worker(

@@ -37,6 +37,7 @@ from llm_broker.shared.store.values import (
     Full,
     Idempotency,
     KeyConflict,
+    NotReplicated,
     Outcome,
     Refused,
     Replayed,
@@ -161,9 +162,12 @@ class JobStore:
         idempotency: Idempotency | None,
         acct: bytes = b"",
         index: str | None = None,
+        replicas: int = 0,
     ) -> Submitted:
         """Admit an async job: the key check, its record, its place in the waiting
-        lists and the tenant's index (or ``index``: a batch's), in one step."""
+        lists and the tenant's index (or ``index``: a batch's), in one step.
+        ``replicas``: how many replicas must hold the admission (WAIT, on the same
+        connection right after it) before it counts as :class:`Admitted`."""
         keys = self.keys
         fields = admission_fields(job)[2:]  # the tenant is an argument of its own
         if extra.metadata:
@@ -195,12 +199,13 @@ class JobStore:
                 *fields,
             ),
         )
-        answer = await self._batcher.call(*command)
+        answer, acked = await self._admit_replicated(command, replicas)
         match answer[0]:
             case b"ok":
-                return Admitted(
-                    _record_of(["tenant", job.tenant, "priority", job.priority, *fields])
-                )
+                rec = _record_of(["tenant", job.tenant, "priority", job.priority, *fields])
+                if acked < replicas:
+                    return NotReplicated(rec, acked, replicas)
+                return Admitted(rec)
             case b"dup":
                 seen_hash, _, seen_id = answer[1].decode().partition(" ")
                 return Replayed(seen_id, seen_hash, JobRecord.from_pairs(answer[2]))
@@ -208,6 +213,19 @@ class JobStore:
                 return KeyConflict()
             case _:
                 return _refusal(answer)
+
+    async def _admit_replicated(self, command: tuple[Any, ...], replicas: int) -> tuple[Any, int]:
+        """``command``'s answer and, with ``replicas``, how many replicas confirmed it.
+
+        Both calls are made in one step, so the batcher sends them in one pipeline
+        on one connection: WAIT counts the writes made on its own connection."""
+        if not replicas:
+            return await self._batcher.call(*command), 0
+        answer, acked = await asyncio.gather(
+            self._batcher.call(*command),
+            self._batcher.call("WAIT", replicas, self._config.redis.min_replicas_timeout_ms),
+        )
+        return answer, int(acked)
 
     async def register(self, provider: str, consumer: str, slots: int, ttl_s: float) -> int:
         """Offer a worker's ``slots`` for ``provider`` until ``ttl_s`` from now (0:

@@ -131,10 +131,20 @@ class BudgetExceeded(msgspec.Struct, tag="budget_exceeded"):
     reset_at: float
 
 
+class NotReplicated(msgspec.Struct, tag="not_replicated"):
+    """The job was admitted on the primary, but fewer replicas than asked confirmed
+    it in time (Redis WAIT): a failover now could lose it."""
+
+    record: JobRecord
+    acked: int
+    wanted: int
+
+
 Refused = Full | TenantQueueFull | TenantRateLimited | AccountLimited | BudgetExceeded
 
 Submitted = (
     Admitted
+    | NotReplicated
     | Full
     | Replayed
     | KeyConflict

@@ -1,0 +1,121 @@
+"""The Redis connection settings: passwords from files (rotated without a restart),
+the Sentinel settings' checks, and WAIT sent after the write it waits for; an
+admission no replica confirmed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from llm_broker.shared.config import ConfigError, parse_config
+from llm_broker.shared.redisio import Script, connect, execute
+from tests.conftest import ConfigFactory, Procs, RedisServer, chat
+from tests.helpers import eventually
+
+
+@pytest.fixture
+def protected(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test alone that wants a password."""
+    server = RedisServer(tmp_path, ("--requirepass", "first"))
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_the_password_file_is_read_at_each_new_connection(
+    protected: RedisServer, tmp_path: Path
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("first\n")
+    config = parse_config(
+        {
+            "redis": {
+                "url": f"redis://:wrong@127.0.0.1:{protected.port}/0",
+                "password_file": str(secret),
+            }
+        }
+    )
+    client = connect(config.redis)
+    try:
+        assert await client.ping()  # the file's password, not the URL's
+        # The password rotates: Redis takes the new one, the file is updated.
+        admin = aioredis.Redis(port=protected.port, password="first")
+        await admin.config_set("requirepass", "second")
+        await admin.aclose()
+        secret.write_text("second\n")
+        await client.connection_pool.disconnect()  # the next command opens a new connection
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("redis", "says"),
+    [
+        ({"sentinel": {"addresses": []}}, "at least one sentinel"),
+        ({"sentinel": {"addresses": ["sentinel-0"]}}, "is not host:port"),
+        ({"sentinel": {"addresses": ["sentinel-0:port"]}}, "is not host:port"),
+        ({"min_replicas_acked": -1}, "0 or more"),
+        ({"min_replicas_acked": 1, "min_replicas_timeout_ms": 750}, "shorter than"),
+    ],
+)
+def test_bad_redis_settings_are_refused_with_the_reason(
+    redis: dict[str, object], says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says):
+        parse_config({"redis": redis})
+
+
+def test_sentinel_addresses_are_hosts_and_ports() -> None:
+    config = parse_config({"redis": {"sentinel": {"addresses": ["s0.redis:26379", "[::1]:26380"]}}})
+    assert config.redis.sentinel is not None
+    assert config.redis.sentinel.hosts() == [("s0.redis", 26379), ("::1", 26380)]
+    assert config.redis.sentinel.service_name == "mymaster"
+
+
+async def test_a_wait_is_sent_again_after_the_script_it_followed(
+    redis_up: RedisServer, prefix: str
+) -> None:
+    """A script Redis does not know yet is sent again with its text, in a second round
+    trip: the WAIT behind it must follow it there, or it would count nothing."""
+    client = aioredis.Redis.from_url(redis_up.url)
+    try:
+        script = Script(f"-- {prefix}\nreturn redis.call('INCR', KEYS[1])")
+        before = await client.info("commandstats")
+        results = await execute(client, [script.command([f"{prefix}n"], []), ("WAIT", 0, 0)])
+        after = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    assert results == [1, 0]
+    waits = after["cmdstat_wait"]["calls"] - before.get("cmdstat_wait", {"calls": 0})["calls"]
+    assert waits == 2  # once after the unknown script, once after it ran
+
+
+async def test_an_admission_no_replica_confirmed_names_its_job(
+    procs: Procs, make_config: ConfigFactory, http: aiohttp.ClientSession
+) -> None:
+    """``min_replicas_acked`` on a Redis without replicas: the job is admitted on the
+    primary but not acknowledged; the 503 says so and names it, and it runs."""
+    _, mock_url = procs.mock()
+    config = make_config(mock_url, redis={"min_replicas_acked": 1, "min_replicas_timeout_ms": 50})
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    async with http.post(f"{url}/v1/jobs", json={"request": chat("mock", "hi")}) as resp:
+        body = await resp.json()
+        assert resp.status == 503, body
+        assert resp.headers["Retry-After"] == "1"
+    job_id = body["error"]["job_id"]
+    assert f"GET /v1/jobs/{job_id}" in body["error"]["message"]
+
+    async def done() -> dict[str, Any] | None:
+        async with http.get(f"{url}/v1/jobs/{job_id}") as resp:
+            assert resp.status == 200
+            job: dict[str, Any] = await resp.json()
+            return job if job["status"] == "completed" else None
+
+    assert (await eventually(done, what="the unacknowledged job to complete"))["result"]
