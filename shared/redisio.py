@@ -18,14 +18,15 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import (
+    MasterNotFoundError,
     Sentinel,
     SentinelConnectionPool,
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
 from redis.credentials import CredentialProvider
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_broker.shared.config import RedisConfig
@@ -122,11 +123,14 @@ def maybe_ran(error: BaseException) -> bool:
     timed out or lost its connection after it was sent. A command that never left
     (no connection could be made or taken from the pool, or it timed out waiting
     to be sent) did not run."""
-    if isinstance(error, NotSent):
-        return False
+    if isinstance(error, NotSent | MasterNotFoundError | AuthenticationError):
+        return False  # never sent, or sent to no primary
     if isinstance(error, RedisConnectionError | RedisTimeoutError):
         text = str(error)
-        return "connecting to" not in text and "No connection available" not in text
+        return not any(
+            words in text
+            for words in ("connecting to", "No connection available", "master is now a slave")
+        )
     return not isinstance(error, ConnectionRefusedError)
 
 
@@ -205,7 +209,13 @@ class FilePassword(CredentialProvider):
         self._username = username
 
     def get_credentials(self) -> tuple[str] | tuple[str, str]:
-        password = Path(self._path).read_text().strip()
+        try:
+            password = Path(self._path).read_text().strip()
+        except OSError as e:  # the connection closes; nothing was sent on it
+            raise RedisConnectionError(
+                f"Error connecting to Redis: cannot read the password file {self._path}: "
+                f"{e.strerror}"
+            ) from e
         return (self._username, password) if self._username else (password,)
 
     async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
@@ -265,7 +275,7 @@ def _node(cfg: RedisConfig, url: SplitResult) -> dict[str, Any]:
     query = parse_qs(url.query)
     node: dict[str, Any] = {
         "connection_class": _SentinelSSLConnection if tls else _SentinelConnection,
-        "db": int(url.path.lstrip("/") or query.get("db", ["0"])[0]),
+        "db": int(query.get("db", [url.path.lstrip("/") or "0"])[0]),
     }
     if not cfg.password_file:
         if url.username:
@@ -273,11 +283,17 @@ def _node(cfg: RedisConfig, url: SplitResult) -> dict[str, Any]:
         if url.password:
             node["password"] = unquote(url.password)
     if tls:
-        node["ssl_cert_reqs"] = query.get("ssl_cert_reqs", ["required"])[0]
-        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
-            if name in query:
-                node[name] = query[name][0]
+        node.update(_tls_options(query))
     return node
+
+
+def _tls_options(query: dict[str, list[str]]) -> dict[str, Any]:
+    """The TLS options of a rediss:// URL's query (its CA, client certificate)."""
+    options: dict[str, Any] = {"ssl_cert_reqs": query.get("ssl_cert_reqs", ["required"])[0]}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in query:
+            options[name] = query[name][0]
+    return options
 
 
 def _sentinels(cfg: RedisConfig) -> Sentinel:
@@ -289,8 +305,8 @@ def _sentinels(cfg: RedisConfig) -> Sentinel:
     }
     if sc.password_file:
         own["credential_provider"] = FilePassword(sc.password_file, sc.username)
-    if sc.tls:
-        own["ssl"] = True
+    if sc.tls:  # with the same CA and client certificate as the data nodes
+        own.update(ssl=True, **_tls_options(parse_qs(urlsplit(cfg.url).query)))
     return Sentinel(sc.hosts(), sentinel_kwargs=own)  # type: ignore[no-untyped-call]
 
 

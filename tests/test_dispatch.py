@@ -188,7 +188,7 @@ async def test_a_fallback_moves_once_keeping_class_and_tenant(
     assert await store.start(delivery, result_ttl=60) is not None
     # The same entry, reclaimed by another worker while this one stalled: the
     # stalled worker's fallback moves nothing, and leaves the entry to its owner.
-    (again,) = await store.queues.reclaim("mock", "worker-b", idle_ms=0, count=10)
+    _, (again,) = await store.queues.reclaim("mock", "worker-b", idle_ms=0, count=10)
     moved = msgspec.structs.replace(original, provider="other")
     assert await store.move(delivery, moved, consumer=WORKER) is False
     assert await rclient.xlen(store.keys.queue("mock")) == 1

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llm_broker.shared.config import ConfigError, parse_config
 from llm_broker.shared.redisio import Script, connect, execute
@@ -49,6 +50,23 @@ async def test_the_password_file_is_read_at_each_new_connection(
         await admin.aclose()
         secret.write_text("second\n")
         await client.connection_pool.disconnect()  # the next command opens a new connection
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_an_unreadable_password_file_is_a_connection_error_then_heals(
+    protected: RedisServer, tmp_path: Path
+) -> None:
+    secret = tmp_path / "not-yet"
+    config = parse_config(
+        {"redis": {"url": f"redis://127.0.0.1:{protected.port}/0", "password_file": str(secret)}}
+    )
+    client = connect(config.redis, max_connections=1)
+    try:
+        with pytest.raises(RedisConnectionError, match="cannot read the password file"):
+            await client.ping()
+        secret.write_text("first")  # the Secret is mounted: the next connection works
         assert await client.ping()
     finally:
         await client.aclose()

@@ -363,13 +363,43 @@ async def test_reclaim_takes_over_an_idle_entry_and_refresh_keeps_it(
     while time.monotonic() - idle_since < 0.06:  # noqa: ASYNC110 - idle time must pass
         await asyncio.sleep(0.02)
     await store.queues.refresh("mock", CONSUMER, {first[0].entry_id})
-    taken = await store.queues.reclaim("mock", "worker-b", idle_ms=50, count=10)
+    _, taken = await store.queues.reclaim("mock", "worker-b", idle_ms=50, count=10)
     assert [(d.job, d.deliveries) for d in taken] == [(lost, 2)]
     # The consumer that lost its only entry holds nothing, and goes when idle.
     await store.settle(taken[0], Outcome(), consumer="worker-b")
     assert await store.queues.forget_consumers("mock", "worker-b", idle_ms=0) == []
     await rclient.xgroup_createconsumer(store.keys.queue("mock"), "workers", "idle-one")
     assert await store.queues.forget_consumers("mock", "worker-b", idle_ms=-1) == ["idle-one"]
+
+
+async def test_reclaim_walks_past_long_calls_of_live_workers(
+    store: JobStore, rclient: aioredis.Redis
+) -> None:
+    """Redis looks at ten pending entries per entry asked for: a dead worker's entry
+    behind many long calls of live ones is reached by going on from the cursor."""
+    jobs = [make_job() for _ in range(31)]
+    await store.queues.ensure_group("mock")
+    for job in jobs:
+        await store.enqueue(job, max_depth=100, ttl_s=600)
+    live = await store.queues.read(rclient, "mock", CONSUMER, count=30, block_ms=100)
+    (dead,) = await store.queues.read(rclient, "mock", "dead-worker", count=1, block_ms=100)
+    idle_since = time.monotonic()
+    while time.monotonic() - idle_since < 0.06:  # noqa: ASYNC110 - idle time must pass
+        await asyncio.sleep(0.02)
+    await store.queues.refresh("mock", CONSUMER, {d.entry_id for d in live})  # alive
+    # From the start every time: the first ten entries only, never the dead one.
+    for _ in range(5):
+        start, taken = await store.queues.reclaim("mock", "worker-b", idle_ms=50, count=1)
+        assert taken == [] and start != b"0-0"
+    # Going on from the cursor reaches it.
+    start, found = b"0-0", list[Delivery]()
+    for _ in range(4):
+        start, found = await store.queues.reclaim(
+            "mock", "worker-b", idle_ms=50, count=1, start=start
+        )
+        if found:
+            break
+    assert [d.entry_id for d in found] == [dead.entry_id]
 
 
 async def test_webhook_attempts_are_recorded_only_while_the_job_exists(store: JobStore) -> None:

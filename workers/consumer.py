@@ -61,8 +61,10 @@ class StreamConsumer:
         self._in_flight = metrics.in_flight.labels(provider)
         #: When this consumer's entries last had their leases refreshed (monotonic).
         self._refreshed_at = 0.0
-        #: When the read loop next looks for entries to reclaim (monotonic).
+        #: When the read loop next looks for entries to reclaim (monotonic), and the
+        #: pending entry it looks from (long calls of live workers may come first).
         self._next_reclaim = 0.0
+        self._reclaim_from = b"0-0"
 
     # ------------------------------------------------------------ slots
 
@@ -241,7 +243,10 @@ class StreamConsumer:
         so that these entries go before new ones and slots are never overbooked."""
         self._next_reclaim = time.monotonic() + self._interval
         lease_ms = int(self._wcfg.lease_s * 1000)
-        claimed = await self._queues.reclaim(self.provider, self.name, idle_ms=lease_ms, count=free)
+        async with asyncio.timeout(self._cfg.redis.command_timeout_s * 4):
+            self._reclaim_from, claimed = await self._queues.reclaim(
+                self.provider, self.name, idle_ms=lease_ms, count=free, start=self._reclaim_from
+            )
         for delivery in claimed:
             self._metrics.reclaimed.labels(self.provider).inc()
             log.info(
@@ -251,7 +256,7 @@ class StreamConsumer:
                 delivery.deliveries,
             )
             self._spawn(delivery)
-        if len(claimed) >= free:
+        if len(claimed) >= free or self._reclaim_from != b"0-0":
             self._next_reclaim = 0.0  # more may be left: look again at the next free slot
         return bool(claimed)
 

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import Config, Quota
 from llm_broker.shared.keys import GROUP, Keys
-from llm_broker.shared.redisio import Batcher
+from llm_broker.shared.redisio import Batcher, execute
 from llm_broker.shared.store import scripts
 from llm_broker.shared.store.queues import Queues
 from llm_broker.shared.store.records import (
@@ -217,14 +217,21 @@ class JobStore:
     async def _admit_replicated(self, command: tuple[Any, ...], replicas: int) -> tuple[Any, int]:
         """``command``'s answer and, with ``replicas``, how many replicas confirmed it.
 
-        Both calls are made in one step, so the batcher sends them in one pipeline
-        on one connection: WAIT counts the writes made on its own connection."""
+        With replicas, the admission and its WAIT go together on a connection of
+        their own (WAIT counts the writes made on its connection), not through the
+        batcher, whose other callers would wait for the replicas too. A WAIT that
+        fails (an ACL without it, say) counts as no replica."""
         if not replicas:
             return await self._batcher.call(*command), 0
-        answer, acked = await asyncio.gather(
-            self._batcher.call(*command),
-            self._batcher.call("WAIT", replicas, self._config.redis.min_replicas_timeout_ms),
-        )
+        cfg = self._config.redis
+        wait = ("WAIT", replicas, cfg.min_replicas_timeout_ms)
+        async with asyncio.timeout(cfg.command_timeout_s):
+            answer, acked = await execute(self._redis, [command, wait])
+        if isinstance(answer, Exception):
+            raise answer
+        if isinstance(acked, Exception):
+            log.warning("WAIT failed after an admission: %s", acked)
+            return answer, 0
         return answer, int(acked)
 
     async def register(self, provider: str, consumer: str, slots: int, ttl_s: float) -> int:

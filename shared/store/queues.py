@@ -37,21 +37,23 @@ class Queues:
         ]
 
     async def reclaim(
-        self, provider: str, consumer: str, *, idle_ms: int, count: int
-    ) -> list[Delivery]:
-        """Entries idle longer than ``idle_ms`` (their worker died), now ``consumer``'s."""
+        self, provider: str, consumer: str, *, idle_ms: int, count: int, start: bytes = b"0-0"
+    ) -> tuple[bytes, list[Delivery]]:
+        """Entries idle longer than ``idle_ms`` (their worker died), now ``consumer``'s,
+        looked for from ``start`` on; and where the next look starts (``0-0`` once
+        the pending entries were all seen: Redis looks at ten per entry asked for)."""
         queue = self.keys.queue(provider)
-        _next, claimed, _deleted = await self._redis.xautoclaim(
-            queue, GROUP, consumer, idle_ms, "0-0", count=count
+        after, claimed, _deleted = await self._redis.xautoclaim(
+            queue, GROUP, consumer, idle_ms, start, count=count
         )
         if not claimed:
-            return []
+            return after, []
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry_id, _ in claimed:
                 pipe.xpending_range(queue, GROUP, entry_id, entry_id, 1)
             pending = await pipe.execute()
         too_many = self._max_deliveries + 1
-        return [
+        return after, [
             _delivery(
                 provider, entry_id, fields or {}, info[0]["times_delivered"] if info else too_many
             )
