@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ class Sentinels:
 
     def stop(self) -> None:
         for proc in self.procs:
-            proc.terminate()
+            proc.kill()
         for proc in self.procs:
             proc.wait(10)
 
@@ -143,8 +144,10 @@ def start_topology(directory: Path, replicas: int) -> Topology:
 
 def stop_topology(topology: Topology) -> None:
     topology.sentinels.stop()
+    # Killed: a primary told to stop waits up to 10 s for lagging replicas, and
+    # nothing they hold is needed any more.
     for server in (*topology.replicas, topology.primary):
-        server.stop()
+        server.stop(signal.SIGKILL)
 
 
 @dataclass
