@@ -256,12 +256,15 @@ def connection_pool(
             cfg.password_file, unquote(url.username) if url.username else None
         )
     if cfg.sentinel is None:
-        options["connection_class"] = _SSLConnection if tls else _Connection
         if cfg.password_file:  # the file's password, not the URL's
             url = url._replace(netloc=url.netloc.rpartition("@")[2])
         pool: aioredis.ConnectionPool = aioredis.BlockingConnectionPool.from_url(
             urlunsplit(url), **options
         )
+        # After from_url, which sets the class from the scheme (its TLS one would
+        # lose the hiredis packing); a unix:// URL keeps redis-py's.
+        if url.scheme in ("redis", "rediss"):
+            pool.connection_class = _SSLConnection if tls else _Connection
     else:
         pool = _SentinelPool(
             _sentinels(cfg), cfg.sentinel.service_name, **_node(cfg, url), **options

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llm_broker.shared.config import ConfigError, parse_config
-from llm_broker.shared.redisio import Script, connect, execute
+from llm_broker.shared.redisio import Script, _HiredisPacking, connect, execute
 from tests.conftest import ConfigFactory, Procs, RedisServer, chat
 from tests.helpers import eventually
 
@@ -70,6 +70,14 @@ async def test_an_unreadable_password_file_is_a_connection_error_then_heals(
         assert await client.ping()
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_commands_are_packed_by_hiredis_with_and_without_tls(scheme: str) -> None:
+    config = parse_config({"redis": {"url": f"{scheme}://127.0.0.1:6390/0"}})
+    pool = connect(config.redis).connection_pool
+    assert issubclass(pool.connection_class, _HiredisPacking)
+    assert issubclass(pool.connection_class, aioredis.SSLConnection) == (scheme == "rediss")
 
 
 @pytest.mark.parametrize(
