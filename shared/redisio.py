@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
 from redis.asyncio.sentinel import (
     MasterNotFoundError,
     Sentinel,
@@ -242,64 +242,33 @@ def connection_pool(
     cfg: RedisConfig, *, socket_timeout: float | None = None, max_connections: int = 64
 ) -> aioredis.ConnectionPool:
     """The pool of :func:`connect`'s client, for a client of another class."""
-    url = urlsplit(cfg.url)
-    tls = url.scheme == "rediss"
-    options: dict[str, Any] = {
+    # What redis-py reads from a URL: address, database, credentials, TLS options
+    # (which win over the defaults below, as with from_url).
+    node: dict[str, Any] = {
         "max_connections": max_connections,
         "timeout": cfg.command_timeout_s,
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": cfg.connect_timeout_s,
         "health_check_interval": 0,
+        **parse_url(cfg.url),
     }
-    if cfg.password_file:
-        options["credential_provider"] = FilePassword(
-            cfg.password_file, unquote(url.username) if url.username else None
-        )
+    tls = cfg.url.startswith("rediss:")
+    if cfg.password_file:  # the file's password, not the URL's
+        node.pop("password", None)
+        node["credential_provider"] = FilePassword(cfg.password_file, node.pop("username", None))
     if cfg.sentinel is None:
-        if cfg.password_file:  # the file's password, not the URL's
-            url = url._replace(netloc=url.netloc.rpartition("@")[2])
-        pool: aioredis.ConnectionPool = aioredis.BlockingConnectionPool.from_url(
-            urlunsplit(url), **options
-        )
-        # After from_url, which sets the class from the scheme (its TLS one would
-        # lose the hiredis packing); a unix:// URL keeps redis-py's.
-        if url.scheme in ("redis", "rediss"):
-            pool.connection_class = _SSLConnection if tls else _Connection
-    else:
-        pool = _SentinelPool(
-            _sentinels(cfg), cfg.sentinel.service_name, **_node(cfg, url), **options
-        )
-    return pool
+        if node.get("connection_class") is not UnixDomainSocketConnection:
+            node["connection_class"] = _SSLConnection if tls else _Connection
+        return aioredis.BlockingConnectionPool(**node)
+    node.pop("host", None)  # the sentinels name the primary
+    node.pop("port", None)
+    node["connection_class"] = _SentinelSSLConnection if tls else _SentinelConnection
+    sentinels = _sentinels(cfg, {k: v for k, v in node.items() if k.startswith("ssl_")})
+    return _SentinelPool(sentinels, cfg.sentinel.service_name, **node)
 
 
-def _node(cfg: RedisConfig, url: SplitResult) -> dict[str, Any]:
-    """What a connection to a data node takes from ``redis.url`` besides its address."""
-    tls = url.scheme == "rediss"
-    query = parse_qs(url.query)
-    node: dict[str, Any] = {
-        "connection_class": _SentinelSSLConnection if tls else _SentinelConnection,
-        "db": int(query.get("db", [url.path.lstrip("/") or "0"])[0]),
-    }
-    if not cfg.password_file:
-        if url.username:
-            node["username"] = unquote(url.username)
-        if url.password:
-            node["password"] = unquote(url.password)
-    if tls:
-        node.update(_tls_options(query))
-    return node
-
-
-def _tls_options(query: dict[str, list[str]]) -> dict[str, Any]:
-    """The TLS options of a rediss:// URL's query (its CA, client certificate)."""
-    options: dict[str, Any] = {"ssl_cert_reqs": query.get("ssl_cert_reqs", ["required"])[0]}
-    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
-        if name in query:
-            options[name] = query[name][0]
-    return options
-
-
-def _sentinels(cfg: RedisConfig) -> Sentinel:
+def _sentinels(cfg: RedisConfig, tls_options: dict[str, Any]) -> Sentinel:
+    """The sentinels' client; with TLS, the data nodes' CA and client certificate."""
     assert cfg.sentinel is not None
     sc = cfg.sentinel
     own: dict[str, Any] = {
@@ -308,8 +277,8 @@ def _sentinels(cfg: RedisConfig) -> Sentinel:
     }
     if sc.password_file:
         own["credential_provider"] = FilePassword(sc.password_file, sc.username)
-    if sc.tls:  # with the same CA and client certificate as the data nodes
-        own.update(ssl=True, **_tls_options(parse_qs(urlsplit(cfg.url).query)))
+    if sc.tls:
+        own.update(ssl=True, **tls_options)
     return Sentinel(sc.hosts(), sentinel_kwargs=own)  # type: ignore[no-untyped-call]
 
 

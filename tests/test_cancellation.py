@@ -61,8 +61,9 @@ async def test_a_sync_call_waits_for_the_reply_stream_instead_of_losing_its_repl
     creates it first thing, and until it has, a synchronous call is not admitted
     (a fast 503 that says so) instead of running and then waiting out its deadline."""
     _, mock_url = procs.mock()
-    config = parse_config(yaml.safe_load(make_config(mock_url).read_text()), {})
-    procs.worker(make_config(mock_url))
+    path = make_config(mock_url)
+    config = parse_config(yaml.safe_load(path.read_text()), {})
+    procs.worker(path)
     gate = asyncio.Event()
     create = ReplyRouter._ensure_stream
 

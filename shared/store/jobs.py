@@ -202,10 +202,11 @@ class JobStore:
         answer, acked = await self._admit_replicated(command, replicas)
         match answer[0]:
             case b"ok":
-                rec = _record_of(["tenant", job.tenant, "priority", job.priority, *fields])
                 if acked < replicas:
-                    return NotReplicated(rec, acked, replicas)
-                return Admitted(rec)
+                    return NotReplicated(acked, replicas)
+                return Admitted(
+                    _record_of(["tenant", job.tenant, "priority", job.priority, *fields])
+                )
             case b"dup":
                 seen_hash, _, seen_id = answer[1].decode().partition(" ")
                 return Replayed(seen_id, seen_hash, JobRecord.from_pairs(answer[2]))

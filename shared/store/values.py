@@ -135,7 +135,6 @@ class NotReplicated(msgspec.Struct, tag="not_replicated"):
     """The job was admitted on the primary, but fewer replicas than asked confirmed
     it in time (Redis WAIT): a failover now could lose it."""
 
-    record: JobRecord
     acked: int
     wanted: int
 
