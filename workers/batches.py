@@ -207,6 +207,12 @@ class BatchDriver:
             return True
         return False
 
+    async def _retire(self, batch_id: str) -> None:
+        """Take an ended batch out of the active set; the running gauge follows at once
+        (it is set from the set at the start of a round), before any webhook says it ended."""
+        if await self.redis.zrem(self.k.active(), batch_id):
+            self.metrics.running.dec()
+
     async def release(self) -> None:
         """Give up every lease this process holds (shutdown): another driver goes on."""
         for raw in await self.redis.zrange(self.k.active(), 0, -1):
@@ -220,14 +226,14 @@ class BatchDriver:
         self._keys.clear()
         batch = await self.batches.get(batch_id)
         if batch is None:
-            await self.redis.zrem(self.k.active(), batch_id)
+            await self._retire(batch_id)
             return False
         try:
             if batch.status == VALIDATING:
                 await self._validate(batch)
                 return True
             if batch.status not in (IN_PROGRESS, CANCELLING, FINALIZING):
-                await self.redis.zrem(self.k.active(), batch_id)
+                await self._retire(batch_id)
                 return False
             moved = await self._collect(batch)
             if batch.status == CANCELLING:
@@ -343,7 +349,7 @@ class BatchDriver:
                 "errors": orjson.dumps(errors),
             },
         )
-        await self.redis.zrem(self.k.active(), batch.spec.id)
+        await self._retire(batch.spec.id)
         self.metrics.batches.labels(batch.spec.api, FAILED).inc()
         batch.status, batch.failed_at, batch.errors = FAILED, now, errors
         await self._notify(batch)
@@ -709,7 +715,7 @@ class BatchDriver:
             await self.files.save(rec)
             changes[field] = rec.id
         await self.redis.hset(key, mapping=changes)  # type: ignore[misc]
-        await self.redis.zrem(self.k.active(), spec.id)
+        await self._retire(spec.id)
         await self.redis.delete(self.k.done(spec.id))
         self.metrics.batches.labels(spec.api, final).inc()
         batch.status = final
