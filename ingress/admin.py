@@ -19,6 +19,7 @@ import msgspec
 from aiohttp import web
 from redis.exceptions import ResponseError
 
+from llm_broker.ingress import console
 from llm_broker.ingress.admission import identify, redis_call
 from llm_broker.ingress.bodies import decode_body, json_response, limit_query, read_json_body
 from llm_broker.ingress.state import STATE, State
@@ -67,10 +68,10 @@ async def _call(state: State, call: Awaitable[T]) -> T:
 
 
 async def _admin(request: web.Request) -> tuple[State, str]:
-    """The state and the calling admin's name for the audit log."""
+    """The state and the calling admin's name for the audit log: an admin key, or
+    a console session (whose changes carry its CSRF token)."""
     state = request.app[STATE]
-    principal = await redis_call(state, "auth", "", state.auth.admin(request.headers))
-    return state, principal.key_id or f"config:{principal.name}"
+    return state, await console.operator(request, state)
 
 
 async def _body(request: web.Request, state: State, decoder: msgspec.json.Decoder[T]) -> T:

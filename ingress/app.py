@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from llm_broker.ingress import admin, batches, calls, openapi
+from llm_broker.ingress import admin, batches, calls, console, openapi
 from llm_broker.ingress import files as files_api
 from llm_broker.ingress import messages as messages_api
 from llm_broker.ingress import responses as responses_api
@@ -278,6 +278,7 @@ def create_app(config: Config, pod: str) -> web.Application:
     app.router.add_get("/v1/jobs/{job_id}", get_job)
     app.router.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
     admin.add_routes(app)
+    console.add_routes(app)
     files_api.add_routes(app)
     batches.add_routes(app)
     app.router.add_get("/health", health)

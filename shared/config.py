@@ -559,6 +559,24 @@ class CacheConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("cache.ttl_s must be at least 1")
 
 
+class ConsoleConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The operator's console at ``/admin/`` (ingress/console.py)."""
+
+    enabled: bool = True
+    #: A login session lasts this long, then the operator logs in again.
+    session_ttl_s: float = 28800.0
+    #: Whether an operator may ask to see a job's request body (a dead letter's, a
+    #: stored Responses request's); never shown unasked.
+    show_prompts: bool = False
+    #: The session cookie's ``Secure`` flag: null sets it when the request came over
+    #: HTTPS (``X-Forwarded-Proto: https`` from a proxy counts only with ``true``).
+    secure_cookie: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.session_ttl_s <= 30 * 86400:
+            raise ValueError("console.session_ttl_s must be from 1 s to 30 days")
+
+
 class WorkerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: An entry pending this long without a refresh is reclaimed by another worker.
     lease_s: float = 30.0
@@ -580,6 +598,13 @@ class WorkerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
     dead_letter_ttl_s: float = 7 * 86_400.0
     #: At most this many dead-letter entries per provider.
     dead_letter_maxlen: int = 10_000
+    #: How often a worker process writes its heartbeat (the console's worker list and
+    #: per-minute counts); it counts as gone three heartbeats after its last.
+    heartbeat_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.heartbeat_s <= 300:
+            raise ValueError("worker.heartbeat_s must be from 0.1 to 300")
 
 
 class JobsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -666,6 +691,7 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     ingress: IngressConfig = IngressConfig()
     auth: AuthConfig = AuthConfig()
     accounts: AccountsConfig = AccountsConfig()
+    console: ConsoleConfig = ConsoleConfig()
     files: FilesConfig = FilesConfig()
     providers: dict[str, ProviderConfig] = {}
     #: Model name → route. A name ending in ``*`` matches every model with that prefix.

@@ -107,6 +107,29 @@ class Keys:
         """Hash: deployment name → moving average of its call latency (seconds)."""
         return f"{self.prefix}lat"
 
+    def worker(self, consumer: str) -> str:
+        """Hash: one live worker process's heartbeat (host, pid, version, its
+        providers' slots and jobs held, its circuits); expires three beats after."""
+        return f"{self.prefix}wk:{consumer}"
+
+    def live_workers(self) -> str:
+        """Sorted set of worker processes (member: consumer name, score: when its
+        heartbeat lapses)."""
+        return f"{self.prefix}wk:live"
+
+    def minute_counts(self, minute: int) -> str:
+        """Hash of one minute's finished jobs (``<provider>|<outcome>`` → count), from
+        the workers' heartbeats, kept two hours (the console's charts)."""
+        return f"{self.prefix}st:{minute}"
+
+    def console_session(self, digest: str) -> str:
+        """Hash: a console login session (by the SHA-256 of its cookie)."""
+        return f"{self.prefix}console:s:{digest}"
+
+    def dead_letter_replays(self, provider: str) -> str:
+        """Hash: dead-letter entry id → the job id its replay made."""
+        return f"{self.prefix}dlq:{{{provider}}}:replayed"
+
     def cache(self, scope: str, digest: str) -> str:
         """A cached response, per tenant (or ``*`` when shared)."""
         return f"{self.prefix}cache:{scope}:{digest}"

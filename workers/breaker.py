@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge
 from llm_broker.shared.config import CircuitConfig
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
 
 
 class Breaker:

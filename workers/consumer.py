@@ -69,6 +69,10 @@ class StreamConsumer:
     # ------------------------------------------------------------ slots
 
     @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
     def free_slots(self) -> int:
         return self._capacity - len(self._tasks)
 

@@ -23,6 +23,7 @@ from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, raise_if_can
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.tracing import Tracing
 from llm_broker.workers.batches import BatchDriver
+from llm_broker.workers.heartbeat import Heartbeat
 from llm_broker.workers.pool import ProviderPool
 from llm_broker.workers.upstream import make_upstream
 
@@ -159,6 +160,8 @@ async def serve(
     ]
     tasks = [loop.create_task(pool.consumer.read_loop()) for pool in pools]
     tasks += [loop.create_task(pool.consumer.maintain_loop()) for pool in pools]
+    heartbeat = Heartbeat(config, redis, consumer, pools)
+    beating = loop.create_task(heartbeat.run())
     cancels = loop.create_task(listen_for_cancels(config, pools))
     # Every worker process drives batches (workers/batches.py); leases share them out.
     file_store = open_store(config.files)
@@ -199,7 +202,9 @@ async def serve(
     for pool in pools:
         await pool.consumer.abandon()
     driving.cancel()
-    await asyncio.gather(driving, return_exceptions=True)
+    beating.cancel()
+    await asyncio.gather(driving, beating, return_exceptions=True)
+    await heartbeat.stop()
     try:
         async with asyncio.timeout(config.redis.command_timeout_s * 4):
             await driver.release()  # another process goes on with its batches now

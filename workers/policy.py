@@ -19,7 +19,7 @@ from llm_broker.shared.errors import (
     UpstreamTimeout,
 )
 from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.workers.breaker import Breaker
+from llm_broker.workers.breaker import STATE_NAMES, Breaker
 
 
 class Tries:
@@ -66,6 +66,10 @@ class CallPolicy:
                 self._metrics.circuit_opened.labels(deployment),
             )
         return found
+
+    def circuits(self) -> dict[str, str]:
+        """Each deployment this process has called, and its circuit's state here."""
+        return {name: STATE_NAMES[b.state] for name, b in self._breakers.items()}
 
     def call_timeout(self, job: m.Job) -> float:
         """The call's timeout: the provider's, or what is left of the job's deadline."""

@@ -68,6 +68,9 @@ class ProviderPool:
             if d.provider == provider
         }
         self._bookkeeping: set[asyncio.Future[Any]] = set()
+        self.policy = CallPolicy(config.providers[provider], metrics)
+        #: Jobs finished by outcome since the process started (the heartbeat's counts).
+        self.counts: dict[str, int] = dict.fromkeys(_OUTCOMES, 0)
         store = JobStore(config, batcher, redis)
         self.limits = Limits(config, provider, batcher, metrics)
         self.consumer = StreamConsumer(
@@ -89,7 +92,7 @@ class ProviderPool:
             coalesce_s=config.worker.coalesce_ms / 1000,
             store=store,
             upstream=upstream,
-            policy=CallPolicy(config.providers[provider], metrics),
+            policy=self.policy,
             limits=self.limits,
             accounting=shaping.Accounting(config, provider, metrics),
             metrics=metrics,
@@ -116,6 +119,13 @@ class ProviderPool:
             )
             return settle(self._pool, delivery, Outcome(dead_letter=True))
         return JobRun(self._pool, delivery, delivery.job, self._result_ttl).handle()
+
+    def slots(self) -> tuple[int, int]:
+        """This process's slots for the provider, and how many are free."""
+        return self.consumer.capacity, self.consumer.free_slots
+
+    def circuits(self) -> dict[str, str]:
+        return self.policy.circuits()
 
     def cancel(self, job_id: str) -> bool:
         """Abort the upstream call of ``job_id`` if this pool runs it."""
@@ -147,6 +157,7 @@ class ProviderPool:
 
     def _count(self, outcome: str) -> None:
         self._outcomes[outcome].inc()
+        self.counts[outcome] += 1
 
     def _observe_latency(self, deployment: str, seconds: float) -> None:
         average = self._latency.get(deployment)

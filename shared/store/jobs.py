@@ -378,6 +378,7 @@ class JobStore:
         fields: list[Any] = ["entry", delivery.entry_id, "consumer", consumer, "at", time.time()]
         if job is not None:
             fields += ["job", job.id, "tenant", job.tenant, "model", job.model]
+            fields += ["kind", job.kind, "priority", job.priority]
         fields += ["error", error[:2048], "entry_bytes", len(raw), "body_bytes", len(body)]
         fields += ["body", body[:limit], "body_truncated", int(len(body) > limit)]
         ttl = int(wcfg.dead_letter_ttl_s)
