@@ -645,12 +645,18 @@ async def test_a_job_past_its_ttl_answers_404_and_leaves_no_keys(
     await eventually(gone, what="the job to expire")
     keys = Keys(prefix)
     # What stays belongs to the processes, not to the job: the provider's queue,
-    # its scheduler's state and the reply streams; and the day's usage, which is
-    # kept for accounts.usage_retention_days.
+    # its scheduler's state, the reply streams and the workers' heartbeats with
+    # their per-minute counts; and the day's usage, which is kept for
+    # accounts.usage_retention_days.
     provider = ("mock",)
     own = {
         f(*provider).encode() for f in (keys.queue, keys.scheduler, keys.capacity, keys.workers)
-    } | {keys.reply("").encode(), AccountKeys(prefix).usage("").encode()}
+    } | {
+        keys.reply("").encode(),
+        AccountKeys(prefix).usage("").encode(),
+        keys.worker("").encode(),
+        f"{prefix}st:".encode(),
+    }
 
     async def no_keys() -> list[bytes] | None:
         left = [k async for k in rclient.scan_iter(match=f"{prefix}*")]
