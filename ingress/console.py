@@ -603,14 +603,18 @@ async def job_detail(request: web.Request, state: State, actor: str) -> Any:
         prompt=None,
     )
     if request.query.get("prompt") == "1":
-        if not state.config.console.show_prompts:
-            raise Forbidden(
-                "request bodies are not shown (console.show_prompts is false)",
-                code="prompts_hidden",
-            )
+        _may_see_prompts(state)
         out["prompt"] = await _redis(state, _prompt(state, job_id, rec))
         await _redis(state, state.accounts.audit(actor, "console.prompt", job_id, {}))
     return out
+
+
+def _may_see_prompts(state: State) -> None:
+    if not state.config.console.show_prompts:
+        raise Forbidden(
+            "request bodies are not shown (console.show_prompts is false)",
+            code="prompts_hidden",
+        )
 
 
 async def _prompt(state: State, job_id: str, rec: JobRecord) -> dict[str, Any]:
@@ -738,11 +742,7 @@ async def dead_letter(request: web.Request, state: State, actor: str) -> Any:
     letter, raw = await _one_letter(state, provider, entry)
     letter["body"] = None
     if request.query.get("prompt") == "1":
-        if not state.config.console.show_prompts:
-            raise Forbidden(
-                "request bodies are not shown (console.show_prompts is false)",
-                code="prompts_hidden",
-            )
+        _may_see_prompts(state)
         body = _pairs(raw).get("body")
         letter["body"] = body.decode(errors="replace") if body else None
         await _redis(
