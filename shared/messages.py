@@ -146,6 +146,8 @@ class ResponsesRequest(msgspec.Struct):
     previous_response_id: str | None = None
     temperature: float | None = None
     max_output_tokens: int | None = None
+    #: Tools (objects); their shape is the deployment's to judge.
+    tools: list[dict[str, Any]] | None = None
 
 
 responses_request_decoder = msgspec.json.Decoder(ResponsesRequest)

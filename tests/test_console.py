@@ -198,11 +198,19 @@ async def test_workers_appear_with_their_slots_and_a_dead_one_disappears_within_
         assert w["providers"] == [{"name": "mock", "slots": 64, "free": 64, "held": 0}]
         assert w["version"] and w["started_at"] <= w["beat_at"]
     # Traffic: the overview and the hour's series count it.
+    request_ids = []
     for n in range(5):
         async with http.post(
             f"{url}/v1/chat/completions", json=chat("mock", f"n{n}"), headers=USER
         ) as r:
             assert r.status == 200
+            request_ids.append(r.headers["X-Request-Id"])
+    # A synchronous call is found by its X-Request-Id.
+    async with http.get(f"{url}/admin/api/jobs/{request_ids[0]}", headers=ADMIN) as r:
+        call = await r.json()
+    assert call["status"] == "completed" and call["tenant"] == "acme"
+    assert call["priority"] == "interactive" and call["http_status"] == 200
+    assert call["timings"]["total_s"] is not None and call["prompt"] is None
 
     async def counted() -> dict[str, Any] | None:
         async with http.get(f"{url}/admin/api/series", headers=ADMIN) as r:

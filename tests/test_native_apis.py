@@ -410,6 +410,9 @@ async def test_responses_bad_input(stack: Stack, http: aiohttp.ClientSession) ->
         ({"model": "chat-only", "input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"model": "gpt-n", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ({"model": "gpt-n", "input": [1]}, "input[0]"),
+        # Found by the fuzzer: a background response's answer echoes its tools.
+        ({"model": "gpt-n", "input": "x", "background": True, "tools": True}, "tools"),
+        ({"model": "gpt-n", "input": "x", "tools": [1]}, "tools[0]"),
     ]
     for body, param in cases:
         async with http.post(f"{stack.url}/v1/responses", json=body, headers=AUTH) as resp:

@@ -63,6 +63,8 @@ class Heartbeat:
         self._redis = redis
         self._keys = Keys(config.redis.key_prefix)
         self._every = config.worker.heartbeat_s
+        #: A shutdown waits at most this long for Redis (as the worker's other last words).
+        self._last_words_s = config.redis.command_timeout_s * 4
         self._consumer = consumer
         self._pools = pools
         self._started = time.time()
@@ -134,7 +136,7 @@ class Heartbeat:
     async def stop(self) -> None:
         """Leave the list at once (a clean shutdown), counting the last jobs first."""
         try:
-            async with asyncio.timeout(self._every * 2):
+            async with asyncio.timeout(self._last_words_s):
                 await self.beat()
                 pipe = self._redis.pipeline(transaction=False)
                 pipe.delete(self._keys.worker(self._consumer))
