@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import html
 import logging
 import secrets
 import time
@@ -42,6 +43,7 @@ from llm_broker.shared.batches import IN_PROGRESS, VALIDATING, Batch, BatchStore
 from llm_broker.shared.config import PRIORITIES
 from llm_broker.shared.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from llm_broker.shared.keys import GROUP
+from llm_broker.shared.metrics import JOB_OUTCOMES, version
 from llm_broker.shared.store.records import JobRecord
 
 log = logging.getLogger("llm_broker.ingress.console")
@@ -74,8 +76,6 @@ OVERVIEW_CACHE_S = 2.0
 SERIES_CACHE_S = 2.0
 #: The hour of per-minute counts the charts draw.
 SERIES_MINUTES = 60
-#: Outcomes of the per-minute counts (workers/pool.py).
-OUTCOMES = ("completed", "failed", "expired", "cancelled", "dead_lettered", "fell_back")
 #: A job's request body is looked for among this many of its provider's newest
 #: dead letters (only when an operator asks to see it).
 PROMPT_SEARCH = 1000
@@ -86,6 +86,10 @@ class Session(msgspec.Struct, frozen=True):
     actor: str
     csrf: str
     expires_at: float
+
+
+#: The console session a request came with (set by :func:`operator`).
+SESSION = web.RequestKey("console_session", Session)
 
 
 def _digest(sid: str) -> str:
@@ -125,13 +129,18 @@ def _same_origin(request: web.Request) -> bool:
     return origin in (f"http://{host}", f"https://{host}")
 
 
+def _actor(principal: Principal) -> str:
+    """An admin's name in the audit log."""
+    return principal.key_id or f"config:{principal.name}"
+
+
 async def operator(request: web.Request, state: State) -> str:
     """The operator behind an admin request, for the audit log: an admin key in
     ``Authorization`` (or ``x-api-key``), else a console session, whose actions
     (any method but GET) must carry its CSRF token and come from this origin."""
     if presented_key(request.headers) is not None:
         principal = await redis_call(state, "auth", "", state.auth.admin(request.headers))
-        return principal.key_id or f"config:{principal.name}"
+        return _actor(principal)
     session = await session_of(request, state) if state.config.console.enabled else None
     if session is None:
         raise Unauthorized(
@@ -143,16 +152,17 @@ async def operator(request: web.Request, state: State) -> str:
             raise Forbidden("missing or wrong X-CSRF-Token", code="csrf_failed")
         if not _same_origin(request):
             raise Forbidden("a cross-origin request", code="csrf_failed")
+    request[SESSION] = session
     return session.actor
 
 
 def _page(name: str, status: int, error: str = "") -> web.Response:
-    html = (ASSETS / name).read_text()
+    page = (ASSETS / name).read_text()
     if error:
-        message = error.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        html = html.replace("<!--error-->", f'<p class="error" role="alert">{message}</p>')
+        alert = f'<p class="error" role="alert">{html.escape(error)}</p>'
+        page = page.replace("<!--error-->", alert)
     return web.Response(
-        text=html, status=status, content_type="text/html", headers=SECURITY_HEADERS
+        text=page, status=status, content_type="text/html", headers=SECURITY_HEADERS
     )
 
 
@@ -204,7 +214,7 @@ async def login(request: web.Request) -> web.Response:
         )
     except (Unauthorized, Forbidden, BadRequest):
         return _page("login.html", 401, "That key is not an admin key.")
-    actor = principal.key_id or f"config:{principal.name}"
+    actor = _actor(principal)
     sid = secrets.token_urlsafe(32)
     ttl = state.config.console.session_ttl_s
     session = Session(actor, secrets.token_urlsafe(32), time.time() + ttl)
@@ -257,20 +267,14 @@ def _api(
 
 
 async def session_info(request: web.Request, state: State, actor: str) -> dict[str, Any]:
-    session = await session_of(request, state)
+    session: Session | None = request.get(SESSION)  # None: an admin key, no session
     return {
         "user": actor,
         "csrf": session.csrf if session is not None else None,
         "expires_at": session.expires_at if session is not None else None,
         "show_prompts": state.config.console.show_prompts,
-        "version": _version(),
+        "version": version(),
     }
-
-
-def _version() -> str:
-    from llm_broker.workers.heartbeat import version
-
-    return version()
 
 
 # ------------------------------------------------------------------ overview
@@ -301,14 +305,17 @@ class _Cached:
         return await asyncio.shield(self._running)
 
 
-_CACHES: dict[tuple[int, str], _Cached] = {}
+class _Memory:
+    """What one ingress process keeps for its consoles."""
+
+    def __init__(self) -> None:
+        self.overview = _Cached(OVERVIEW_CACHE_S)
+        self.series = _Cached(SERIES_CACHE_S)
+        #: The counts of minutes that no heartbeat adds to any more.
+        self.minutes: dict[int, dict[bytes, bytes]] = {}
 
 
-def _cache(state: State, what: str, ttl: float) -> _Cached:
-    found = _CACHES.get((id(state), what))
-    if found is None:
-        found = _CACHES[(id(state), what)] = _Cached(ttl)
-    return found
+MEMORY = web.AppKey("console_memory", _Memory)
 
 
 async def live_workers(state: State) -> list[dict[str, Any]]:
@@ -453,15 +460,11 @@ async def _overview(state: State) -> dict[str, Any]:
 
 
 async def overview(request: web.Request, state: State, actor: str) -> Any:
-    cache = _cache(state, "overview", OVERVIEW_CACHE_S)
+    cache = request.app[MEMORY].overview
     return await cache.get(lambda: _redis(state, _overview(state)))
 
 
-#: Per ingress process: the counts of minutes that no heartbeat adds to any more.
-_MINUTES: dict[int, dict[int, dict[bytes, bytes]]] = {}
-
-
-async def _series(state: State) -> dict[str, Any]:
+async def _series(state: State, known: dict[int, dict[bytes, bytes]]) -> dict[str, Any]:
     """The hour's per-minute outcome counts. A minute is read from Redis until the
     last heartbeat that may add to it is past, then kept here: a refresh reads the
     last minute or two (and each a console process has not seen)."""
@@ -469,7 +472,6 @@ async def _series(state: State) -> dict[str, Any]:
     now_minute = int(now // 60) * 60
     start = now_minute - (SERIES_MINUTES - 1) * 60
     minutes = [start + 60 * i for i in range(SERIES_MINUTES)]
-    known = _MINUTES.setdefault(id(state), {})
     settled = now - 60 - 2 * state.config.worker.heartbeat_s
     wanted = [t for t in minutes if t not in known]
     found = await asyncio.gather(
@@ -482,7 +484,7 @@ async def _series(state: State) -> dict[str, Any]:
         del known[t]
     fresh = dict(zip(wanted, found, strict=True))
     providers: dict[str, dict[str, list[int]]] = {
-        p: {o: [0] * SERIES_MINUTES for o in OUTCOMES} for p in state.config.providers
+        p: {o: [0] * SERIES_MINUTES for o in JOB_OUTCOMES} for p in state.config.providers
     }
     for i, t in enumerate(minutes):
         counts = fresh[t] if t in fresh else known[t]
@@ -495,8 +497,8 @@ async def _series(state: State) -> dict[str, Any]:
 
 
 async def series(request: web.Request, state: State, actor: str) -> Any:
-    cache = _cache(state, "series", SERIES_CACHE_S)
-    return await cache.get(lambda: _redis(state, _series(state)))
+    memory = request.app[MEMORY]
+    return await memory.series.get(lambda: _redis(state, _series(state, memory.minutes)))
 
 
 async def workers(request: web.Request, state: State, actor: str) -> Any:
@@ -875,6 +877,7 @@ def is_console_path(path: str) -> bool:
 
 
 def add_routes(app: web.Application) -> None:
+    app[MEMORY] = _Memory()
     r = app.router
     r.add_get("/admin", shell)
     r.add_get("/admin/", shell)

@@ -6,6 +6,7 @@ Buckets resolve p50/p95/p99 from 5 ms to 10 minutes.
 from __future__ import annotations
 
 import os
+from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -205,6 +206,19 @@ class BatchMetrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+
+
+#: How a worker's job ends: the ``outcome`` label of ``llm_broker_worker_jobs`` and
+#: the fields of the workers' per-minute counts (workers/heartbeat.py).
+JOB_OUTCOMES = ("completed", "failed", "expired", "cancelled", "dead_lettered", "fell_back")
+
+
+def version() -> str:
+    """The installed llm-broker's version (``unknown`` in a source tree not installed)."""
+    try:
+        return metadata.version("llm-broker")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class WorkerMetrics:

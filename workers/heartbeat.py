@@ -18,7 +18,6 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any, Protocol
 
 import orjson
@@ -26,6 +25,7 @@ import redis.asyncio as aioredis
 
 from llm_broker.shared.config import Config
 from llm_broker.shared.keys import Keys
+from llm_broker.shared.metrics import version
 from llm_broker.shared.redisio import REDIS_DOWN, raise_if_cancelling
 
 log = logging.getLogger("llm_broker.worker")
@@ -34,13 +34,6 @@ log = logging.getLogger("llm_broker.worker")
 MISSED_BEATS = 3
 #: How long a minute's counts are kept.
 MINUTES_KEPT_S = 2 * 3600
-
-
-def version() -> str:
-    try:
-        return metadata.version("llm-broker")
-    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        return "unknown"
 
 
 class Beating(Protocol):

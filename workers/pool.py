@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import Config
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.metrics import WorkerMetrics
+from llm_broker.shared.metrics import JOB_OUTCOMES, WorkerMetrics
 from llm_broker.shared.redisio import Batcher
 from llm_broker.shared.store import Delivery, JobStore, Outcome
 from llm_broker.shared.tracing import Tracing
@@ -36,8 +36,6 @@ log = logging.getLogger("llm_broker.worker")
 
 #: A deployment's latency average is written to Redis at most this often.
 LATENCY_PUBLISH_S = 1.0
-
-_OUTCOMES = ("completed", "failed", "expired", "cancelled", "dead_lettered", "fell_back")
 
 
 class ProviderPool:
@@ -58,7 +56,7 @@ class ProviderPool:
         self._batcher = batcher
         self._latency_key = Keys(config.redis.key_prefix).latency()
         self._result_ttl = int(config.jobs.result_ttl_s)
-        self._outcomes = {o: metrics.jobs.labels(provider, o) for o in _OUTCOMES}
+        self._outcomes = {o: metrics.jobs.labels(provider, o) for o in JOB_OUTCOMES}
         #: Latency averages of the deployments that a lowest-latency route may pick.
         self._latency = {
             f"{provider}/{d.model or name}": LatencyAverage()
@@ -70,7 +68,7 @@ class ProviderPool:
         self._bookkeeping: set[asyncio.Future[Any]] = set()
         self.policy = CallPolicy(config.providers[provider], metrics)
         #: Jobs finished by outcome since the process started (the heartbeat's counts).
-        self.counts: dict[str, int] = dict.fromkeys(_OUTCOMES, 0)
+        self.counts: dict[str, int] = dict.fromkeys(JOB_OUTCOMES, 0)
         store = JobStore(config, batcher, redis)
         self.limits = Limits(config, provider, batcher, metrics)
         self.consumer = StreamConsumer(
