@@ -40,10 +40,9 @@ from llm_broker.ingress.state import STATE, State
 from llm_broker.shared import messages as m
 from llm_broker.shared.accounts import Principal
 from llm_broker.shared.batches import IN_PROGRESS, VALIDATING, Batch, BatchStore, openai_object
-from llm_broker.shared.config import PRIORITIES
 from llm_broker.shared.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from llm_broker.shared.keys import GROUP
 from llm_broker.shared.metrics import JOB_OUTCOMES, version
+from llm_broker.shared.store.queues import backlog
 from llm_broker.shared.store.records import JobRecord
 
 log = logging.getLogger("llm_broker.ingress.console")
@@ -357,40 +356,20 @@ def _text(value: Any) -> str:
 
 
 async def _provider(state: State, provider: str) -> dict[str, Any]:
-    keys = state.keys
-    queue = keys.queue(provider)
-    indexes = [keys.waiting_index(provider, c) for c in PRIORITIES]
-    call = state.batcher.call
-    groups, dead, *waiting = await asyncio.gather(
-        call("XINFO", "GROUPS", queue),
-        call("XLEN", keys.dead_letter(provider)),
-        *(call("ZCARD", i) for i in indexes),
-        *(call("ZRANGE", i, 0, 0, "WITHSCORES") for i in indexes),
-        return_exceptions=True,
+    found, dead = await asyncio.gather(
+        backlog(state.batcher, state.keys, provider, time.time()),
+        state.batcher.call("XLEN", state.keys.dead_letter(provider)),
     )
-    pending = lag = 0
-    if not isinstance(groups, BaseException):
-        for group in groups:
-            info = _pairs(group)
-            if _text(info.get("name")) == GROUP:
-                pending = int(info.get("pending") or 0)
-                lag = int(info.get("lag") or 0)
-    counts = waiting[: len(PRIORITIES)]
-    oldest = waiting[len(PRIORITIES) :]
-    now = time.time()
-    classes: list[dict[str, Any]] = []
-    for priority, count, first in zip(PRIORITIES, counts, oldest, strict=True):
-        queued = 0 if isinstance(count, BaseException) else int(count)
-        age = 0.0
-        if not isinstance(first, BaseException) and first:
-            age = max(0.0, now - float(first[1]))
-        classes.append({"priority": priority, "queued": queued, "oldest_wait_s": age})
+    classes = [
+        {"priority": w.priority, "queued": w.count, "oldest_wait_s": w.oldest_s}
+        for w in found.waiting
+    ]
     return {
         "name": provider,
-        "queued": sum(c["queued"] for c in classes) + lag,
-        "in_flight": pending,
+        "queued": sum(w.count for w in found.waiting) + found.lag,
+        "in_flight": found.pending,
         "classes": classes,
-        "dead_letters": 0 if isinstance(dead, BaseException) else int(dead),
+        "dead_letters": int(dead),
     }
 
 

@@ -14,13 +14,14 @@ from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
 from llm_broker.shared import logs
-from llm_broker.shared.config import PRIORITIES, Config
+from llm_broker.shared.config import Config
 from llm_broker.shared.files import Files, open_store
 from llm_broker.shared.health import serve_health
-from llm_broker.shared.keys import GROUP, Keys
+from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import WorkerMetrics
 from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, raise_if_cancelling
 from llm_broker.shared.store import JobStore
+from llm_broker.shared.store.queues import backlog
 from llm_broker.shared.tracing import Tracing
 from llm_broker.workers.batches import BatchDriver
 from llm_broker.workers.heartbeat import Heartbeat
@@ -75,42 +76,19 @@ async def export_queues(
     while True:
         raise_if_cancelling()
         for provider in providers:
-            queue = keys.queue(provider)
-            indexes = [keys.waiting_index(provider, c) for c in PRIORITIES]
             try:
-                depth, groups, *waiting = await asyncio.gather(
-                    batcher.call("XLEN", queue),
-                    batcher.call("XINFO", "GROUPS", queue),
-                    *(batcher.call("ZCARD", i) for i in indexes),
-                    *(batcher.call("ZRANGE", i, 0, 0, "WITHSCORES") for i in indexes),
-                )
+                found = await backlog(batcher, keys, provider, time.time())
             except (*REDIS_DOWN, ResponseError) as e:  # type: ignore[misc]
                 raise_if_cancelling()
                 log.debug("queue metrics for %s unavailable: %s", provider, e)
                 continue
-            counts, oldest = waiting[: len(PRIORITIES)], waiting[len(PRIORITIES) :]
-            now = time.time()
-            for priority, count, first in zip(PRIORITIES, counts, oldest, strict=True):
-                metrics.queue_waiting.labels(provider, priority).set(count)
-                # (a flat [member, score] pair: the command was sent as it is)
-                age = now - float(first[1]) if first else 0.0
-                metrics.queue_oldest_age.labels(provider, priority).set(max(0.0, age))
-            metrics.queue_depth.labels(provider).set(depth + sum(counts))
-            for group in groups:
-                pairs = (
-                    group.items()
-                    if isinstance(group, dict)
-                    else zip(group[::2], group[1::2], strict=True)
-                )
-                info = {_text(k): _text(v) for k, v in pairs}
-                if info.get("name") == GROUP:
-                    metrics.queue_pending.labels(provider).set(float(info.get("pending") or 0))
-                    metrics.queue_lag.labels(provider).set(float(info.get("lag") or 0))
+            for w in found.waiting:
+                metrics.queue_waiting.labels(provider, w.priority).set(w.count)
+                metrics.queue_oldest_age.labels(provider, w.priority).set(w.oldest_s)
+            metrics.queue_depth.labels(provider).set(found.depth)
+            metrics.queue_pending.labels(provider).set(found.pending)
+            metrics.queue_lag.labels(provider).set(found.lag)
         await asyncio.sleep(QUEUE_EXPORT_EVERY_S)  # export period
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def consumer_name() -> str:

@@ -3,12 +3,17 @@ and hold (the entries' leases), and the group's consumers."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from llm_broker.shared import messages as m
+from llm_broker.shared.config import PRIORITIES
 from llm_broker.shared.keys import GROUP, Keys
-from llm_broker.shared.redisio import ensure_group
+from llm_broker.shared.redisio import Batcher, ensure_group
 from llm_broker.shared.store.values import Delivery
 
 
@@ -108,3 +113,65 @@ def _delivery(
     return Delivery(
         provider=provider, entry_id=entry_id.decode(), job=job, raw=raw, deliveries=deliveries
     )
+
+
+class Waiting(msgspec.Struct, frozen=True):
+    """One priority class of a provider: the jobs waiting, and the oldest one's age."""
+
+    priority: str
+    count: int
+    oldest_s: float
+
+
+class Backlog(msgspec.Struct, frozen=True):
+    """A provider's backlog: the stream's length, its entries held by workers
+    (pending) and not yet read (lag), and what waits per class."""
+
+    stream: int
+    pending: int
+    lag: int
+    waiting: list[Waiting]
+
+    @property
+    def depth(self) -> int:
+        """Everything admitted and not finished: waiting, in the stream or running."""
+        return self.stream + sum(w.count for w in self.waiting)
+
+
+async def backlog(batcher: Batcher, keys: Keys, provider: str, now: float) -> Backlog:
+    """Read a provider's backlog (a few commands, pipelined by the batcher)."""
+    queue = keys.queue(provider)
+
+    async def groups() -> Any:
+        try:
+            return await batcher.call("XINFO", "GROUPS", queue)
+        except ResponseError:  # no stream yet
+            return []
+
+    indexes = [keys.waiting_index(provider, c) for c in PRIORITIES]
+    length, found, *waiting = await asyncio.gather(
+        batcher.call("XLEN", queue),
+        groups(),
+        *(batcher.call("ZCARD", i) for i in indexes),
+        *(batcher.call("ZRANGE", i, 0, 0, "WITHSCORES") for i in indexes),
+    )
+    pending = lag = 0
+    for group in found:
+        pairs = (
+            group.items() if isinstance(group, dict) else zip(group[::2], group[1::2], strict=True)
+        )
+        info = {_text(k): v for k, v in pairs}
+        if _text(info.get("name")) == GROUP:
+            pending = int(info.get("pending") or 0)
+            lag = int(info.get("lag") or 0)
+    counts, oldest = waiting[: len(PRIORITIES)], waiting[len(PRIORITIES) :]
+    classes = [
+        # (a flat [member, score] pair: the command was sent as it is)
+        Waiting(priority, int(count), max(0.0, now - float(first[1])) if first else 0.0)
+        for priority, count, first in zip(PRIORITIES, counts, oldest, strict=True)
+    ]
+    return Backlog(int(length), pending, lag, classes)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
