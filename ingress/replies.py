@@ -9,12 +9,11 @@ import time
 from collections import deque
 
 import msgspec
-import redis.asyncio as aioredis
 
 from llm_broker.shared.config import Config
 from llm_broker.shared.errors import Unavailable
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.redisio import REDIS_DOWN, connect, raise_if_cancelling
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, raise_if_cancelling
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.store.records import Failure, Reply
 
@@ -92,20 +91,19 @@ class ReplyRouter:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def _ensure_stream(self, client: aioredis.Redis) -> None:
+    async def _ensure_stream(self, reader: Batcher) -> None:
         """Create the reply stream (workers never create it) and refresh its TTL."""
-        if not await client.expire(self.stream, self.TTL_S):
-            await client.xadd(self.stream, {"k": "init"})
-            await client.expire(self.stream, self.TTL_S)
+        if not await reader.call("EXPIRE", self.stream, self.TTL_S):
+            await reader.call("XADD", self.stream, "*", "k", "init")
+            await reader.call("EXPIRE", self.stream, self.TTL_S)
             log.info("reply stream %s created", self.stream)
 
     async def run(self) -> None:
         block_ms = 1000
-        client = connect(
-            self._cfg.redis,
-            max_connections=1,
-            socket_timeout=block_ms / 1000 + self._cfg.redis.command_timeout_s,
-        )
+        # A connection of its own, read as replies arrive (see Batcher): an answer
+        # reaches its caller in the step that reads it.
+        client = connect(self._cfg.redis, max_connections=1)
+        reader = Batcher(client, timeout=block_ms / 1000 + self._cfg.redis.command_timeout_s)
         next_refresh = next_trim = 0.0
         backoff = 0.05
         try:
@@ -114,15 +112,15 @@ class ReplyRouter:
                 try:
                     now = time.monotonic()
                     if now >= next_refresh:
-                        await self._ensure_stream(client)
+                        await self._ensure_stream(reader)
                         self._stream_ready.set()
                         next_refresh = now + self.TTL_S / 4
                     if now >= next_trim:
                         # Entries up to the last one read are done with.
-                        await client.xtrim(self.stream, minid=self._last_id, approximate=True)
+                        await reader.call("XTRIM", self.stream, "MINID", "~", self._last_id)
                         next_trim = now + 1.0
                     found = await JobStore.read_replies(
-                        client, self.stream, self._last_id, block_ms=block_ms
+                        reader, self.stream, self._last_id, block_ms=block_ms
                     )
                     self.healthy = True
                     backoff = 0.05
@@ -142,4 +140,5 @@ class ReplyRouter:
                     if waiter is not None:
                         waiter.put(reply)
         finally:
+            await reader.close(wait=False)
             await client.aclose()

@@ -181,3 +181,13 @@ def loopback_webhooks(directory: Path) -> dict[str, Any]:
         "poll_delay_s": 0.05,
         "retry_schedule_s": [0, 0.2, 0.2],
     }
+
+
+async def read_once(client: aioredis.Redis, read: Callable[[Batcher], Awaitable[T]]) -> T:
+    """``read`` on a reader connection of its own (as ingress and workers read
+    streams), closed afterwards."""
+    reader = Batcher(client, timeout=5.0)
+    try:
+        return await read(reader)
+    finally:
+        await reader.close(wait=False)

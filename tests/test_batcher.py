@@ -1,114 +1,162 @@
-"""The Redis command batcher: pipelining under load, bounded waits when Redis hangs."""
+"""The Redis command batcher: pipelining under load, bounded waits when Redis hangs.
+
+Against the session's real Redis: a Redis that "hangs" is one stopped with
+SIGSTOP (it accepts the bytes and answers nothing until SIGCONT).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
-from typing import Any, cast
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from llm_broker.shared.redisio import Batcher
+from llm_broker.shared.redisio import Batcher, NotSent, maybe_ran
+from tests.conftest import RedisServer
 
 
-class HeldRedis:
-    """Stands in for a Redis client: records each round trip (one write of packed
-    commands on a connection), holds its replies until released."""
+class RoundTrips:
+    """Counts round trips (the batcher's round-trip observer)."""
 
     def __init__(self) -> None:
-        self.response_callbacks: dict[str, Any] = {}
-        self.round_trips: list[list[tuple[Any, ...]]] = []
-        self.release = asyncio.Event()
-        self.connection_pool = _Pool(self)
+        self.count = 0
+
+    def observe(self, amount: float) -> None:
+        self.count += 1
 
 
-class _Pool:
-    def __init__(self, owner: HeldRedis) -> None:
-        self._owner = owner
-
-    async def get_connection(self) -> _Connection:
-        return _Connection(self._owner)
-
-    async def release(self, _conn: _Connection) -> None:
-        return None
-
-
-class _Connection:
-    def __init__(self, owner: HeldRedis) -> None:
-        self._owner = owner
-        self._replies: list[Any] = []
-
-    def pack_commands(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        return list(commands)
-
-    async def send_packed_command(self, commands: list[tuple[Any, ...]], **_: Any) -> None:
-        self._owner.round_trips.append(commands)
-        self._replies = [c[1] for c in commands]  # "ECHO x" answers x
-
-    async def read_response(self) -> Any:
-        await self._owner.release.wait()
-        return self._replies.pop(0)
-
-    async def disconnect(self, nowait: bool = False) -> None:
-        return None
+@contextmanager
+def stopped(server: RedisServer) -> Iterator[None]:
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
 
 
-async def test_commands_issued_during_a_round_trip_share_the_next_one() -> None:
-    fake = HeldRedis()
-    batcher = Batcher(cast(aioredis.Redis, fake), timeout=5)
-    first = batcher.call("ECHO", "a")
-    for _ in range(10):  # let the runner task take its first steps (no wall-clock wait)
-        if fake.round_trips:
-            break
+@pytest.fixture
+async def client(redis_up: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    found = aioredis.Redis.from_url(redis_up.url)
+    yield found
+    await found.aclose()
+
+
+async def turns(n: int = 10) -> None:
+    """Let the event loop take ``n`` turns (no wall-clock wait)."""
+    for _ in range(n):
         await asyncio.sleep(0)
-    assert fake.round_trips == [[("ECHO", "a")]]  # "a" went out alone: nothing else waited
-    later = [batcher.call("ECHO", str(i)) for i in range(50)]
-    fake.release.set()
-    assert await first == "a"
-    assert await asyncio.gather(*later) == [str(i) for i in range(50)]
-    assert len(fake.round_trips) == 2
-    assert len(fake.round_trips[1]) == 50
+
+
+async def test_commands_issued_during_a_round_trip_share_the_next_one(
+    client: aioredis.Redis, redis_up: RedisServer
+) -> None:
+    trips = RoundTrips()
+    batcher = Batcher(client, timeout=5, round_trip=trips)
+    assert await batcher.call("PING") is True  # connected
+    with stopped(redis_up):
+        first = batcher.call("ECHO", "a")
+        await turns()  # "a" is on the wire, alone: nothing else was called
+        later = [batcher.call("ECHO", str(i)) for i in range(50)]
+        await turns()
+        assert not first.done()
+    assert await first == b"a"
+    assert await asyncio.gather(*later) == [str(i).encode() for i in range(50)]
+    assert trips.count == 3  # PING, "a", then the 50 together
     await batcher.close()
 
 
-async def test_every_call_fails_within_its_timeout_when_redis_hangs() -> None:
-    fake = HeldRedis()  # never released: Redis accepts commands and never answers
-    batcher = Batcher(cast(aioredis.Redis, fake), timeout=0.3)
-    started = time.monotonic()
-    first = batcher.call("ECHO", "a")
-    await asyncio.sleep(0.2)
-    second = batcher.call("ECHO", "b")  # waits behind the hung round trip
-    with pytest.raises(TimeoutError):
-        await first
-    with pytest.raises(TimeoutError):
-        await second
-    # The second call gave up 0.3 s after it was made, not 0.3 s after the first failed.
-    assert time.monotonic() - started < 0.2 + 0.3 + 0.15
+async def test_every_call_fails_within_its_timeout_when_redis_hangs(
+    client: aioredis.Redis, redis_up: RedisServer
+) -> None:
+    batcher = Batcher(client, timeout=0.3)
+    await batcher.call("PING")
+    with stopped(redis_up):
+        started = time.monotonic()
+        first = batcher.call("ECHO", "a")
+        await asyncio.sleep(0.2)  # the stimulus: a second call while the first hangs
+        second = batcher.call("ECHO", "b")  # waits behind the hung round trip
+        with pytest.raises(TimeoutError) as sent:
+            await first
+        with pytest.raises(NotSent) as waited:
+            await second
+        # The second call gave up 0.3 s after it was made, not 0.3 s after the first failed.
+        assert time.monotonic() - started < 0.2 + 0.3 + 0.15
+    assert maybe_ran(sent.value)  # it left: Redis may have run it
+    assert not maybe_ran(waited.value)  # it never left
+    # Redis is back: the batcher makes a new connection and goes on.
+    assert await batcher.call("ECHO", "c") == b"c"
     await batcher.close()
 
 
-async def test_a_late_event_loop_does_not_make_a_round_trip_time_out() -> None:
+async def test_a_late_event_loop_does_not_make_a_round_trip_time_out(
+    client: aioredis.Redis, redis_up: RedisServer
+) -> None:
     """While the process's own event loop is late, a round trip past its timeout
     waits on (its reply may be sitting unread); once the loop is on time again, or
     after ten timeouts, it times out."""
-    fake = HeldRedis()
     lag = {"s": 1.0}
-    batcher = Batcher(cast(aioredis.Redis, fake), timeout=0.1, lag=lambda: lag["s"])
-    call = batcher.call("ECHO", "a")
+    batcher = Batcher(client, timeout=0.1, lag=lambda: lag["s"])
+    await batcher.call("PING")
+    ok_before = batcher.last_ok
     loop = asyncio.get_running_loop()
+    assert redis_up.proc is not None
+    redis_up.proc.send_signal(signal.SIGSTOP)
     # Held well past its 0.1 s timeout while the loop says it is 1 s late.
-    loop.call_later(0.35, fake.release.set)
-    assert await call == "a"
-    assert batcher.last_ok > 0
+    loop.call_later(0.35, redis_up.proc.send_signal, signal.SIGCONT)
+    assert await batcher.call("ECHO", "a") == b"a"
+    assert batcher.last_ok > ok_before
 
-    hung = HeldRedis()  # never answers
-    lag["s"] = 1.0
-    batcher = Batcher(cast(aioredis.Redis, hung), timeout=0.1, lag=lambda: lag["s"])
-    started = time.monotonic()
-    call = batcher.call("ECHO", "b")
-    loop.call_later(0.25, lag.update, {"s": 0.0})  # the loop catches up
-    with pytest.raises(TimeoutError):
-        await call
-    assert 0.25 <= time.monotonic() - started < 0.25 + 0.1 + 0.15
+    with stopped(redis_up):
+        started = time.monotonic()
+        call = batcher.call("ECHO", "b")
+        loop.call_later(0.25, lag.update, {"s": 0.0})  # the loop catches up
+        with pytest.raises(TimeoutError):
+            await call
+        assert 0.25 <= time.monotonic() - started < 0.25 + 0.1 + 0.15
     await batcher.close()
+
+
+async def test_a_lost_connection_fails_what_was_sent_and_the_next_call_reconnects(
+    client: aioredis.Redis, redis_up: RedisServer
+) -> None:
+    """Redis killed under a round trip: its callers hear of a lost connection (which
+    may have run); once Redis is back, the next call succeeds on a new connection."""
+    batcher = Batcher(client, timeout=5)
+    await batcher.call("PING")
+    assert redis_up.proc is not None
+    redis_up.proc.send_signal(signal.SIGSTOP)
+    call = batcher.call("ECHO", "a")
+    await turns()  # on the wire
+    redis_up.stop(signal.SIGKILL)
+    with pytest.raises(RedisConnectionError) as lost:
+        await call
+    assert maybe_ran(lost.value)
+    with pytest.raises(RedisConnectionError) as refused:
+        await batcher.call("ECHO", "b")  # Redis is down: nothing was sent
+    assert not maybe_ran(refused.value)
+    redis_up.start()
+    assert await batcher.call("ECHO", "c") == b"c"
+    await batcher.close()
+
+
+async def test_closing_waits_for_the_round_trip_on_the_wire(
+    client: aioredis.Redis, redis_up: RedisServer
+) -> None:
+    batcher = Batcher(client, timeout=5)
+    await batcher.call("PING")
+    with stopped(redis_up):
+        call = batcher.call("ECHO", "a")
+        await turns()
+        closing = asyncio.ensure_future(batcher.close())
+        await turns()
+        assert not closing.done()
+    await closing
+    assert call.result() == b"a"
+    with pytest.raises(ConnectionError):
+        await batcher.call("PING")  # closed

@@ -10,13 +10,13 @@ import time
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from llm_broker.ingress.app import create_app
 from llm_broker.ingress.replies import ReplyRouter
 from llm_broker.shared.config import parse_config
+from llm_broker.shared.redisio import Batcher
 from llm_broker.shared.store import JobStore
 from tests.conftest import ConfigFactory, Procs, RedisServer, chat, mock_stats
 
@@ -28,7 +28,7 @@ async def test_the_reply_reader_stops_when_a_cancellation_is_swallowed(
     reading = asyncio.Event()
 
     async def swallowing(
-        client: aioredis.Redis, stream: str, after: bytes, *, block_ms: int
+        reader: Batcher, stream: str, after: bytes, *, block_ms: int
     ) -> list[object]:
         """A blocking read that loses the cancellation and returns as if timed out."""
         reading.set()
@@ -67,9 +67,9 @@ async def test_a_sync_call_waits_for_the_reply_stream_instead_of_losing_its_repl
     gate = asyncio.Event()
     create = ReplyRouter._ensure_stream
 
-    async def gated(self: ReplyRouter, client: aioredis.Redis) -> None:
+    async def gated(self: ReplyRouter, reader: Batcher) -> None:
         await gate.wait()  # the reply stream is not there yet
-        await create(self, client)
+        await create(self, reader)
 
     monkeypatch.setattr(ReplyRouter, "_ensure_stream", gated)
     app = create_app(config, "gated")

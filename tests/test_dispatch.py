@@ -24,7 +24,7 @@ from llm_broker.shared.store import (
     TenantRateLimited,
 )
 from llm_broker.shared.store.records import Usage
-from tests.helpers import make_job
+from tests.helpers import make_job, read_once
 
 WORKER = "worker-a"
 
@@ -65,7 +65,9 @@ async def admit(store: JobStore, *jobs: m.Job) -> None:
 
 
 async def read(store: JobStore, rclient: aioredis.Redis, provider: str = "mock") -> list[Delivery]:
-    return await store.queues.read(rclient, provider, WORKER, count=1000, block_ms=10)
+    return await read_once(
+        rclient, lambda r: store.queues.read(r, provider, WORKER, count=1000, block_ms=10)
+    )
 
 
 async def run_all(store: JobStore, rclient: aioredis.Redis, slots: int) -> list[m.Job]:

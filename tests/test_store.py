@@ -27,7 +27,7 @@ from llm_broker.shared.store import (
     Verdict,
 )
 from llm_broker.shared.store.records import Chunks, Failure, JobRecord, Result, Usage
-from tests.helpers import make_job
+from tests.helpers import make_job, read_once
 
 CONSUMER = "worker-a"
 
@@ -58,7 +58,9 @@ async def delivered(store: JobStore, rclient: aioredis.Redis, job: m.Job) -> Del
     """``job`` admitted and read by CONSUMER."""
     await store.queues.ensure_group(job.provider)
     assert await store.enqueue(job, max_depth=100, ttl_s=600) is None
-    (delivery,) = await store.queues.read(rclient, job.provider, CONSUMER, count=10, block_ms=100)
+    (delivery,) = await read_once(
+        rclient, lambda r: store.queues.read(r, job.provider, CONSUMER, count=10, block_ms=100)
+    )
     assert delivery.job == job and delivery.deliveries == 1
     return delivery
 
@@ -225,7 +227,9 @@ async def test_settle_records_replies_and_acknowledges_in_one_step(
     assert (rec.status, rec.result, rec.http_status) == ("completed", b'{"ok":true}', 200)
     assert msgspec.json.decode(rec.history or b"")[0]["deployment"] == "mock/a"
     assert 0 < await rclient.ttl(store.keys.job(job.id)) <= 60
-    found = await JobStore.read_replies(rclient, replies, b"0-0", block_ms=10)
+    found = await read_once(
+        rclient, lambda r: JobStore.read_replies(r, replies, b"0-0", block_ms=10)
+    )
     assert [(job_id, reply) for _, job_id, reply in found if job_id] == [
         (job.id.encode(), Chunks(b"data: 1\n\n")),
         (job.id.encode(), Result(b'{"ok":true}', Usage(3, 4))),
@@ -265,7 +269,9 @@ async def test_a_failure_replies_with_its_status_and_is_dead_lettered_when_asked
         dead_letter=True,
     )
     await store.settle(delivery, outcome, consumer=CONSUMER)
-    found = await JobStore.read_replies(rclient, replies, b"0-0", block_ms=10)
+    found = await read_once(
+        rclient, lambda r: JobStore.read_replies(r, replies, b"0-0", block_ms=10)
+    )
     assert found[-1][2] == Failure(429, b'{"error":{}}', "7")
     rec = await record(store, job.id)
     assert (rec.status, rec.error, rec.http_status) == ("failed", b'{"error":{}}', 429)
@@ -279,7 +285,9 @@ async def test_an_entry_that_is_no_job_is_read_and_dead_lettered(
 ) -> None:
     await store.queues.ensure_group("mock")
     await rclient.xadd(store.keys.queue("mock"), {"j": b"\xc1 not msgpack"})
-    (delivery,) = await store.queues.read(rclient, "mock", CONSUMER, count=10, block_ms=100)
+    (delivery,) = await read_once(
+        rclient, lambda r: store.queues.read(r, "mock", CONSUMER, count=10, block_ms=100)
+    )
     assert delivery.job is None and delivery.raw == b"\xc1 not msgpack"
     await store.settle(delivery, Outcome(dead_letter=True), consumer=CONSUMER)
     [(_, fields)] = await rclient.xrange(store.keys.dead_letter("mock"))
@@ -303,7 +311,9 @@ async def test_move_sends_a_running_job_to_its_next_deployment(
     assert await store.move(delivery, moved, consumer=CONSUMER) is True
     assert await pending(rclient, store, "mock") == (0, 0)
     await store.queues.ensure_group("other")
-    (there,) = await store.queues.read(rclient, "other", CONSUMER, count=10, block_ms=100)
+    (there,) = await read_once(
+        rclient, lambda r: store.queues.read(r, "other", CONSUMER, count=10, block_ms=100)
+    )
     assert there.job == moved
     rec = await record(store, job.id)
     assert rec.provider == "other" and rec.history is not None
@@ -357,7 +367,9 @@ async def test_reclaim_takes_over_an_idle_entry_and_refresh_keeps_it(
     await store.queues.ensure_group("mock")
     for job in (kept, lost):
         await store.enqueue(job, max_depth=10, ttl_s=600)
-    first = await store.queues.read(rclient, "mock", CONSUMER, count=10, block_ms=100)
+    first = await read_once(
+        rclient, lambda r: store.queues.read(r, "mock", CONSUMER, count=10, block_ms=100)
+    )
     assert [d.job for d in first] == [kept, lost]
     idle_since = time.monotonic()
     while time.monotonic() - idle_since < 0.06:  # noqa: ASYNC110 - idle time must pass
@@ -381,8 +393,12 @@ async def test_reclaim_walks_past_long_calls_of_live_workers(
     await store.queues.ensure_group("mock")
     for job in jobs:
         await store.enqueue(job, max_depth=100, ttl_s=600)
-    live = await store.queues.read(rclient, "mock", CONSUMER, count=30, block_ms=100)
-    (dead,) = await store.queues.read(rclient, "mock", "dead-worker", count=1, block_ms=100)
+    live = await read_once(
+        rclient, lambda r: store.queues.read(r, "mock", CONSUMER, count=30, block_ms=100)
+    )
+    (dead,) = await read_once(
+        rclient, lambda r: store.queues.read(r, "mock", "dead-worker", count=1, block_ms=100)
+    )
     idle_since = time.monotonic()
     while time.monotonic() - idle_since < 0.06:  # noqa: ASYNC110 - idle time must pass
         await asyncio.sleep(0.02)
@@ -424,7 +440,9 @@ async def test_an_entry_too_deep_to_decode_costs_only_itself(
     packed += msgspec.msgpack.encode("unknown") + b"\x91" * 200_000 + b"\xc0"
     await store.queues.ensure_group("mock")
     await rclient.xadd(store.keys.queue("mock"), {"j": packed})
-    (delivery,) = await store.queues.read(rclient, "mock", CONSUMER, count=10, block_ms=100)
+    (delivery,) = await read_once(
+        rclient, lambda r: store.queues.read(r, "mock", CONSUMER, count=10, block_ms=100)
+    )
     assert delivery.job is None and delivery.raw == packed
 
 
@@ -434,7 +452,9 @@ async def test_a_reply_entry_that_cannot_be_read_fails_its_call_only(
     replies = f"{store.keys.prefix}r:pod"
     await rclient.xadd(replies, {"i": "a", "k": "e", "s": "not-a-status", "d": "x"})
     await rclient.xadd(replies, {"i": "b", "k": "c", "d": "data: 1\n\n"})
-    found = await JobStore.read_replies(rclient, replies, b"0-0", block_ms=10)
+    found = await read_once(
+        rclient, lambda r: JobStore.read_replies(r, replies, b"0-0", block_ms=10)
+    )
     (_, first, bad), (_, second, good) = found
     assert (first, second) == (b"a", b"b")
     assert isinstance(bad, Failure) and bad.status == 502

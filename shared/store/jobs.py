@@ -459,11 +459,13 @@ class JobStore:
 
     @staticmethod
     async def read_replies(
-        client: aioredis.Redis, stream: str, after: bytes, *, block_ms: int
+        reader: Batcher, stream: str, after: bytes, *, block_ms: int
     ) -> list[tuple[bytes, bytes, Reply]]:
         """The replies after entry ``after`` (blocking up to ``block_ms``), as
-        ``(entry id, job id, reply)``; ``client`` is the reader's own connection."""
-        batches = await client.xread({stream: after}, count=1000, block=block_ms)
+        ``(entry id, job id, reply)``; ``reader`` is the reader's own connection."""
+        batches = await reader.call(
+            "XREAD", "COUNT", 1000, "BLOCK", block_ms, "STREAMS", stream, after
+        )
         found: list[tuple[bytes, bytes, Reply]] = []
         for _stream, entries in batches or ():
             for entry_id, fields in entries:

@@ -28,13 +28,14 @@ class Queues:
         await ensure_group(self._redis, self.keys.queue(provider), GROUP)
 
     async def read(
-        self, client: aioredis.Redis, provider: str, consumer: str, *, count: int, block_ms: int
+        self, reader: Batcher, provider: str, consumer: str, *, count: int, block_ms: int
     ) -> list[Delivery]:
         """New entries for ``consumer`` (first deliveries), blocking up to ``block_ms``;
-        ``client`` is the reader's own connection."""
-        batches = await client.xreadgroup(
-            GROUP, consumer, {self.keys.queue(provider): ">"}, count=count, block=block_ms
-        )
+        ``reader`` is the reader's own connection."""
+        batches = await reader.call(
+            "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
+            "STREAMS", self.keys.queue(provider), ">",
+        )  # fmt: skip
         return [
             _delivery(provider, entry_id, fields, 1)
             for _stream, entries in batches or ()
