@@ -338,6 +338,8 @@ class Batcher:
         self._wire: _Wire | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Closing: no new connection; closed: nothing more is sent.
+        self._closing = False
         self._closed = False
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
@@ -364,7 +366,7 @@ class Batcher:
             return
         if self._closed:
             pending, self._pending = self._pending, []
-            _fail([p[1] for p in pending], ConnectionError("the batcher is closed"))
+            _fail([p[1] for p in pending], NotSent("the batcher is closed"))
             return
         wire = self._wire
         if wire is None or wire.closed:
@@ -455,7 +457,7 @@ class Batcher:
         return list(done)
 
     def _connect(self) -> None:
-        if self._connecting is None and not self._closed:
+        if self._connecting is None and not self._closing:
             self._connecting = asyncio.get_running_loop().create_task(self._open())
 
     async def _open(self) -> None:
@@ -466,16 +468,21 @@ class Batcher:
                 conn = await pool.get_connection()
         except (Exception, asyncio.CancelledError) as e:
             self._connecting = None
-            err = e if isinstance(e, Exception) else ConnectionError("connect cancelled")
+            err = e if isinstance(e, Exception) else NotSent("the batcher is closed")
             if not isinstance(err, NotSent) and isinstance(err, TimeoutError):
                 err = RedisConnectionError("Error connecting to Redis: no connection in time")
             pending, self._pending = self._pending, []
             _fail([p[1] for p in pending], err)
-            if isinstance(e, asyncio.CancelledError):
-                raise
+            # A handshake cut short leaves its connection in the pool looking
+            # connected, with the handshake's replies still to come: drop it.
+            try:
+                await pool.disconnect(inuse_connections=False)
+            finally:
+                if isinstance(e, asyncio.CancelledError):
+                    raise  # the cancellation goes on
             return
         self._connecting = None
-        if self._closed:
+        if self._closing:
             await pool.release(conn)
             return
         self._wire = _Wire(self, conn, self._timeout)
@@ -498,19 +505,23 @@ class Batcher:
         await self._client.connection_pool.release(conn)
 
     async def close(self, wait: bool = True) -> None:
-        """Wait for the round trips on the wire (each within its timeout; with
-        ``wait=False`` they fail at once, as a blocking read may), then give the
-        connection back."""
-        self._closed = True
-        if self._waiting_timer is not None:
-            self._waiting_timer.cancel()
+        """Send what was called and wait for the round trips on the wire (each
+        within its timeout), then give the connection back. With ``wait=False``
+        (a blocking read may be on the wire) they fail at once."""
+        self._closing = True
         if self._connecting is not None:
             self._connecting.cancel()
             await asyncio.gather(self._connecting, return_exceptions=True)
         wire = self._wire
         if wire is not None:
-            while wait and wire.batches and not wire.closed:
+            while wait and not wire.closed and (wire.batches or self._pending):
+                if not wire.batches:
+                    self._flush()
                 await wire.idle()
+        self._closed = True
+        if self._waiting_timer is not None:
+            self._waiting_timer.cancel()
+        if wire is not None:
             wire.close(ConnectionError("the batcher is closed"))
         self._flush()
         if self._tasks:
@@ -597,13 +608,18 @@ class _Wire(asyncio.Protocol):
             self.data_received(leftover)
 
     def send(self, commands: list[Sequence[Any]], answered: Answered, deadline: float) -> None:
+        try:
+            data = b"".join(_pack(c) for c in commands)
+        except Exception as e:  # an argument Redis's protocol cannot carry: nothing left
+            answered(e, time.perf_counter())
+            return
         callbacks = [self._callbacks.get(c[0]) for c in commands]
         loop = asyncio.get_running_loop()
         cap = loop.time() + MAX_EXTENSIONS * self._timeout
         trip = _RoundTrip(len(commands), callbacks, answered, deadline, cap)
         trip.timer = loop.call_at(deadline, self._expire, trip)
         self.batches.append(trip)
-        self._transport.write(b"".join(_pack(c) for c in commands))
+        self._transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)

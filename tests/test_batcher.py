@@ -153,10 +153,25 @@ async def test_closing_waits_for_the_round_trip_on_the_wire(
     with stopped(redis_up):
         call = batcher.call("ECHO", "a")
         await turns()
+        queued = batcher.call("ECHO", "b")  # waits for the round trip on the wire
         closing = asyncio.ensure_future(batcher.close())
         await turns()
         assert not closing.done()
     await closing
     assert call.result() == b"a"
-    with pytest.raises(ConnectionError):
-        await batcher.call("PING")  # closed
+    assert queued.result() == b"b"  # called before close: it left too
+    with pytest.raises(NotSent) as closed:
+        await batcher.call("PING")
+    assert not maybe_ran(closed.value)
+
+
+async def test_an_argument_redis_cannot_carry_fails_its_call_at_once(
+    client: aioredis.Redis,
+) -> None:
+    batcher = Batcher(client, timeout=5)
+    started = time.monotonic()
+    with pytest.raises(TypeError):
+        await batcher.call("ECHO", None)
+    assert time.monotonic() - started < 1
+    assert await batcher.call("ECHO", "a") == b"a"
+    await batcher.close()
