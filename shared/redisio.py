@@ -348,13 +348,6 @@ class Batcher:
     def _call(self, args: Sequence[Any], resend: bool) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        wire = self._wire
-        if wire is not None and not wire.batches and not self._pending and not self._closing:
-            # Nothing on the wire: the command leaves now, alone (one event-loop
-            # turn sooner); those called after it wait for its round trip.
-            answered = functools.partial(self._answered, [args], [fut], [resend])
-            wire.send([args], answered, loop.time() + self._timeout)
-            return fut
         self._pending.append((args, fut, loop.time(), resend))
         if not self._flush_soon:
             # The write comes on the next loop turn: every command issued until
