@@ -13,7 +13,7 @@ import msgspec
 from llm_broker.shared.config import Config
 from llm_broker.shared.errors import Unavailable
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, raise_if_cancelling
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher, raise_if_cancelling, stream_reader
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.store.records import Failure, Reply
 
@@ -100,10 +100,7 @@ class ReplyRouter:
 
     async def run(self) -> None:
         block_ms = 1000
-        # A connection of its own, read as replies arrive (see Batcher): an answer
-        # reaches its caller in the step that reads it.
-        client = connect(self._cfg.redis, max_connections=1)
-        reader = Batcher(client, timeout=block_ms / 1000 + self._cfg.redis.command_timeout_s)
+        reader = stream_reader(self._cfg.redis, block_ms)
         next_refresh = next_trim = 0.0
         backoff = 0.05
         try:
@@ -141,4 +138,3 @@ class ReplyRouter:
                         waiter.put(reply)
         finally:
             await reader.close(wait=False)
-            await client.aclose()

@@ -317,8 +317,11 @@ class Batcher:
         max_in_flight: int = 1,
         round_trip: Observer | None = None,
         lag: Callable[[], float] | None = None,
+        owns_client: bool = False,
     ) -> None:
         self._client = client
+        #: Close the client with the batcher (see :func:`stream_reader`).
+        self._owns_client = owns_client
         self._timeout = timeout
         #: The event loop's current lag (LoopLag.now_s): while it is late, a round
         #: trip's time is not all Redis's, and its timeout is extended.
@@ -349,12 +352,15 @@ class Batcher:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((args, fut, loop.time(), resend))
-        if not self._flush_soon:
-            # The write comes on the next loop turn: every command issued until
-            # then joins it.
-            self._flush_soon = True
-            loop.call_soon(self._flush)
+        self._flush_later()
         return fut
+
+    def _flush_later(self) -> None:
+        """Write what waits on the next loop turn: every command called until then
+        joins it."""
+        if self._pending and not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def lagging(self) -> bool:
         """Whether this process's event loop runs late now (beyond the tolerance)."""
@@ -435,9 +441,7 @@ class Batcher:
                 task.add_done_callback(self._tasks.discard)
             else:
                 _settle(futures, results)
-        if self._pending and not self._flush_soon:
-            self._flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._flush_later()
 
     async def _send_again(
         self, commands: list[Sequence[Any]], futures: list[asyncio.Future[Any]], results: list[Any]
@@ -485,7 +489,7 @@ class Batcher:
         if self._closing:
             await pool.release(conn)
             return
-        self._wire = _Wire(self, conn, self._timeout)
+        self._wire = _Wire(self, conn)
         self._flush()
 
     def _lost(self, wire: _Wire) -> None:
@@ -496,9 +500,7 @@ class Batcher:
         task = asyncio.get_running_loop().create_task(self._return(wire.conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if self._pending and not self._flush_soon:
-            self._flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._flush_later()
 
     async def _return(self, conn: Any) -> None:
         await conn.disconnect(nowait=True)
@@ -526,6 +528,17 @@ class Batcher:
         self._flush()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._owns_client:
+            await self._client.aclose()
+
+
+def stream_reader(cfg: RedisConfig, block_ms: int) -> Batcher:
+    """A batcher on a connection of its own, for blocking stream reads (``XREAD`` or
+    ``XREADGROUP ... BLOCK``): what arrives reaches the reader in the step that
+    reads it. A round trip may take the block plus ``command_timeout_s``. Close it
+    with ``close(wait=False)`` (a read may be blocking); that closes its client."""
+    client = connect(cfg, max_connections=1)
+    return Batcher(client, timeout=block_ms / 1000 + cfg.command_timeout_s, owns_client=True)
 
 
 def _fail(futures: Sequence[asyncio.Future[Any]], error: BaseException) -> None:
@@ -555,17 +568,16 @@ Answered = Callable[[list[Any] | BaseException, float], None]
 
 
 class _RoundTrip:
-    __slots__ = ("answered", "callbacks", "cap", "deadline", "results", "size", "started", "timer")
+    """Commands written together: a response callback each, the replies so far,
+    and the timer of their timeout (extended up to ``cap`` while the loop is late)."""
 
-    def __init__(
-        self, size: int, callbacks: list[Any], answered: Answered, deadline: float, cap: float
-    ) -> None:
-        self.size = size
+    __slots__ = ("answered", "callbacks", "cap", "results", "started", "timer")
+
+    def __init__(self, callbacks: list[Any], answered: Answered, cap: float) -> None:
         self.callbacks = callbacks
         self.answered = answered
         self.results: list[Any] = []
         self.started = time.perf_counter()
-        self.deadline = deadline
         self.cap = cap
         self.timer: asyncio.TimerHandle | None = None
 
@@ -584,9 +596,9 @@ class _Wire(asyncio.Protocol):
     timeout, up to ``MAX_EXTENSIONS`` timeouts in all.
     """
 
-    def __init__(self, batcher: Batcher, conn: Any, timeout: float) -> None:
+    def __init__(self, batcher: Batcher, conn: Any) -> None:
         self._batcher = batcher
-        self._timeout = timeout
+        self._timeout = batcher._timeout
         self.conn = conn
         self._callbacks = batcher._client.response_callbacks
         self.batches: deque[_RoundTrip] = deque()
@@ -616,7 +628,7 @@ class _Wire(asyncio.Protocol):
         callbacks = [self._callbacks.get(c[0]) for c in commands]
         loop = asyncio.get_running_loop()
         cap = loop.time() + MAX_EXTENSIONS * self._timeout
-        trip = _RoundTrip(len(commands), callbacks, answered, deadline, cap)
+        trip = _RoundTrip(callbacks, answered, cap)
         trip.timer = loop.call_at(deadline, self._expire, trip)
         self.batches.append(trip)
         self._transport.write(data)
@@ -642,7 +654,7 @@ class _Wire(asyncio.Protocol):
                 if callback is not None:
                     reply = callback(reply)
             trip.results.append(reply)
-            if len(trip.results) == trip.size:
+            if len(trip.results) == len(trip.callbacks):
                 batches.popleft()
                 if trip.timer is not None:
                     trip.timer.cancel()

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 
 from llm_broker.shared.config import Config
 from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, raise_if_cancelling
+from llm_broker.shared.redisio import REDIS_DOWN, raise_if_cancelling, stream_reader
 from llm_broker.shared.store import Delivery, Queues
 
 log = logging.getLogger("llm_broker.worker")
@@ -135,11 +135,7 @@ class StreamConsumer:
 
     async def read_loop(self) -> None:
         """Pull entries while there are free slots, until told to stop."""
-        # A connection of its own, read as entries arrive (see Batcher).
-        client = connect(self._cfg.redis, max_connections=1)
-        reader = Batcher(
-            client, timeout=self._wcfg.block_ms / 1000 + self._cfg.redis.command_timeout_s
-        )
+        reader = stream_reader(self._cfg.redis, self._wcfg.block_ms)
         backoff = 0.1
         need_group = True
         try:
@@ -181,7 +177,6 @@ class StreamConsumer:
                     self._spawn(delivery)
         finally:
             await reader.close(wait=False)
-            await client.aclose()
 
     async def maintain_loop(self) -> None:
         """Keep this consumer's leases fresh and remove the group's dead consumers."""
