@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -39,6 +40,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_broker.shared.config import RedisConfig
+
+log = logging.getLogger("llm_broker.redis")
 
 
 class Script:
@@ -188,18 +191,89 @@ class _SentinelSSLConnection(_HiredisPacking, SentinelManagedSSLConnection):
     pass
 
 
+class _Sentinels(Sentinel):
+    """The sentinels, asked together: the primary named under the highest
+    configuration epoch wins.
+
+    redis-py takes the first sentinel that answers. Just after a failover one that
+    has not heard of it yet, or that watches the old primary restarted (which calls
+    itself a primary until the sentinels make it a replica), names the old primary,
+    and what is written there is lost when it becomes a replica.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        answers = await asyncio.gather(
+            *(s.sentinel_masters() for s in self.sentinels), return_exceptions=True
+        )
+        best: dict[str, Any] | None = None
+        errors = []
+        for sentinel, answer in zip(self.sentinels, answers, strict=True):
+            if isinstance(answer, (RedisConnectionError, RedisTimeoutError)):
+                errors.append(f"{sentinel} - {answer!r}")
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            state = answer.get(service_name)
+            if not state or not self.check_master_state(state, service_name):
+                continue
+            if best is None or state.get("config-epoch", 0) > best.get("config-epoch", 0):
+                best = state
+        if best is None:
+            raise MasterNotFoundError(f"No master found for {service_name!r} : {', '.join(errors)}")
+        return best["ip"], best["port"]
+
+
+#: How often a pool in use asks the sentinels whether the primary has changed.
+WATCH_S = 1.0
+
+
 class _SentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
-    """A pool whose connections go to the primary the sentinels name (asked on
-    every new connection; a connection to a demoted primary is dropped), and that
-    waits for a free connection as :class:`BlockingConnectionPool` does."""
+    """A pool whose connections go to the primary the sentinels name, and that
+    waits for a free connection as :class:`BlockingConnectionPool` does.
+
+    redis-py asks the sentinels only when it makes a connection, and then drops
+    only the idle ones. The broker holds its connections (a batcher's, a blocking
+    reader's) for as long as they work, and a demoted primary that comes back as a
+    replica still answers reads. So while the pool is in use it asks the sentinels
+    every ``WATCH_S``, and when they name another primary it closes every
+    connection, in use or not: the next command connects to the new primary.
+    """
 
     def __init__(self, sentinels: Sentinel, service_name: str, **kwargs: Any) -> None:
         super().__init__(service_name, sentinels, **kwargs)  # type: ignore[no-untyped-call]
         self._sentinels = sentinels
+        self._watch: asyncio.Task[None] | None = None
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._follow())
+        return await super().get_connection(*args, **kwargs)
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                named = await self.sentinel_manager.discover_master(self.service_name)
+            except (MasterNotFoundError, RedisConnectionError, RedisTimeoutError):
+                continue  # no answer is no news: the connections' own errors tell
+            except Exception:
+                log.exception("asking the sentinels for the primary failed")
+                continue
+            if self.master_address is not None and named != self.master_address:
+                log.warning(
+                    "the sentinels name a new primary %s:%s (was %s:%s): reconnecting",
+                    *named,
+                    *self.master_address,
+                )
+                self.master_address = named
+                await aioredis.BlockingConnectionPool.disconnect(self, inuse_connections=True)
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         await super().disconnect(inuse_connections)
-        if inuse_connections:  # the client closes: so do its sentinel connections
+        if inuse_connections:  # the client closes: so do its watch and sentinel connections
+            if self._watch is not None:
+                self._watch.cancel()
+                self._watch = None
             for sentinel in self._sentinels.sentinels:
                 await sentinel.connection_pool.disconnect()
 
@@ -283,7 +357,7 @@ def _sentinels(cfg: RedisConfig, tls_options: dict[str, Any]) -> Sentinel:
         own["credential_provider"] = FilePassword(sc.password_file, sc.username)
     if sc.tls:
         own.update(ssl=True, **tls_options)
-    return Sentinel(sc.hosts(), sentinel_kwargs=own)  # type: ignore[no-untyped-call]
+    return _Sentinels(sc.hosts(), sentinel_kwargs=own)  # type: ignore[no-untyped-call]
 
 
 class Observer(Protocol):

@@ -216,11 +216,25 @@ class Procs:
             child.stop(timeout=10)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keeps each phase's report on the test, so that ``procs`` knows it failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
 def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
     p = Procs(tmp_path, request.config.getoption("--processes"))
     yield p
     p.stop_all()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:  # what the processes said, for the failure
+        for child in p.children:
+            tail = list(child.lines)[-80:]
+            print(f"\n----- {child.name} (pid {child.pid}), last {len(tail)} lines -----")
+            print("\n".join(tail))
 
 
 ConfigFactory = Callable[..., Path]

@@ -4,17 +4,22 @@ admission no replica confirmed."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from llm_broker.dev import free_port
 from llm_broker.shared.config import ConfigError, parse_config
-from llm_broker.shared.redisio import Script, _HiredisPacking, connect, execute
+from llm_broker.shared.redisio import Batcher, Script, _HiredisPacking, connect, execute
 from tests.conftest import ConfigFactory, Procs, RedisServer, chat
 from tests.helpers import eventually
 
@@ -145,3 +150,135 @@ async def test_an_admission_no_replica_confirmed_names_its_job(
             return job if job["status"] == "completed" else None
 
     assert (await eventually(done, what="the unacknowledged job to complete"))["result"]
+
+
+class NamingSentinels:
+    """``redis-server --sentinel`` processes, each naming a primary of its own under
+    a configuration epoch of its own: the views of sentinels that disagree, as just
+    after a failover."""
+
+    SERVICE = "svc"
+
+    def __init__(self, directory: Path, views: list[tuple[int, int]]) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self.ports = [free_port() for _ in views]
+        self.procs = []
+        for port, (primary, epoch) in zip(self.ports, views, strict=True):
+            home = directory / f"sentinel-{port}"
+            home.mkdir()
+            conf = home / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {home}\n"
+                f"logfile {home / 'sentinel.log'}\n"
+                f"sentinel monitor {self.SERVICE} 127.0.0.1 {primary} 1\n"
+                f"sentinel config-epoch {self.SERVICE} {epoch}\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} 60000\n"
+            )
+            self.procs.append(
+                subprocess.Popen(
+                    [binary, str(conf), "--sentinel"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for port in self.ports:
+            client = redis.Redis(port=port, socket_connect_timeout=0.2)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if client.sentinel_master(self.SERVICE):
+                        break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)  # poll until the sentinel accepts connections
+            client.close()
+
+    def config(self) -> Any:
+        addresses = [f"127.0.0.1:{p}" for p in self.ports]
+        return parse_config(
+            {
+                "redis": {
+                    "url": "redis://127.0.0.1:1/0",
+                    "sentinel": {"addresses": addresses, "service_name": self.SERVICE},
+                }
+            }
+        ).redis
+
+    def name(self, primary: int) -> None:
+        """Every sentinel now names ``primary`` (as after a failover)."""
+        for port in self.ports:
+            with redis.Redis(port=port) as client:
+                client.execute_command("SENTINEL", "REMOVE", self.SERVICE)
+                client.execute_command("SENTINEL", "MONITOR", self.SERVICE, "127.0.0.1", primary, 1)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def two_primaries(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        server = RedisServer(tmp_path / name)
+        server.start()
+        servers.append(server)
+    yield servers[0], servers[1]
+    for server in servers:
+        server.stop()
+
+
+async def test_the_primary_named_under_the_newest_epoch_wins(
+    two_primaries: tuple[RedisServer, RedisServer], tmp_path: Path
+) -> None:
+    old, new = two_primaries
+    # The first sentinel has not heard of the failover: it names the old primary.
+    sentinels = NamingSentinels(tmp_path, [(old.port, 1), (new.port, 2), (old.port, 1)])
+    client = connect(sentinels.config())
+    try:
+        await client.set("written", "here")
+    finally:
+        await client.aclose()
+        sentinels.stop()
+    assert await _holds(new, "written")
+    assert not await _holds(old, "written")
+
+
+async def test_a_held_connection_follows_a_new_primary(
+    two_primaries: tuple[RedisServer, RedisServer], tmp_path: Path
+) -> None:
+    """A batcher keeps its connection while it works, and a demoted primary may keep
+    answering: the pool asks the sentinels while in use and moves every
+    connection to the primary they name."""
+    old, new = two_primaries
+    sentinels = NamingSentinels(tmp_path, [(old.port, 1)])
+    client = connect(sentinels.config())
+    batcher = Batcher(client, timeout=2.0)
+    try:
+        await batcher.call("SET", "before", "1")
+        sentinels.name(new.port)
+        n = 0
+
+        async def written_on_the_new_primary() -> bool:
+            nonlocal n
+            n += 1
+            await batcher.call("SET", f"after{n}", "1")
+            return await _holds(new, f"after{n}")
+
+        await eventually(written_on_the_new_primary, timeout=10, what="a write to the new one")
+    finally:
+        await batcher.close()
+        await client.aclose()
+        sentinels.stop()
+    assert await _holds(old, "before")
+
+
+async def _holds(server: RedisServer, key: str) -> bool:
+    async with aioredis.Redis(port=server.port) as client:
+        return bool(await client.exists(key))

@@ -62,7 +62,7 @@ class Sentinels:
                 f"sentinel sentinel-pass {SENTINEL_PASSWORD}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n"
                 f"sentinel auth-pass {SERVICE} {NODE_PASSWORD}\n"
-                f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                f"sentinel down-after-milliseconds {SERVICE} 3000\n"
                 f"sentinel failover-timeout {SERVICE} 4000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
