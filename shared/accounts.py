@@ -365,6 +365,18 @@ def account(
     return orjson.dumps(out)
 
 
+def has_checks(acct: bytes) -> bool:
+    """Whether admission has anything to check in the account :func:`account`
+    made: a scope with limits or a budget. One that only counts usage is left to
+    ``finish`` (admission does not decode it)."""
+    return bool(acct) and not acct.startswith(_NO_SCOPES)
+
+
+#: How :func:`account`'s JSON begins when no scope has limits or a budget (orjson
+#: writes the keys in the order given).
+_NO_SCOPES = b'{"s":[]'
+
+
 # ------------------------------------------------------------------ the store
 
 

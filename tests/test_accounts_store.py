@@ -139,3 +139,17 @@ async def test_queued_and_in_flight_limits_count_until_dispatch_and_until_final(
     for d in deliveries:
         await store.settle(d, Outcome(status=m.COMPLETED), consumer=WORKER)
     assert await store.enqueue(_job(), max_depth=100, ttl_s=60, acct=acct) is None
+
+
+def test_an_account_that_only_counts_usage_has_no_checks() -> None:
+    """Admission decodes an account only when it has something to check: the JSON's
+    opening that has_checks looks for is what account() writes."""
+    counted = _acct("p:", Principal(tenant="acme", key_id="k1"))
+    assert counted and not accounts.has_checks(counted)
+    assert not accounts.has_checks(b"")
+    for p in (
+        Principal(tenant="acme", key_id="k1", key_limits=Limits(rpm=5)),
+        Principal(tenant="acme", tenant_budget=Budget(usd=1.0, period="daily")),
+    ):
+        assert accounts.has_checks(_acct("p:", p))
+        assert accounts.has_checks(_acct("p:", p, usage=False))

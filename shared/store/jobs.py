@@ -12,6 +12,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from llm_broker.shared import messages as m
+from llm_broker.shared.accounts import has_checks
 from llm_broker.shared.config import Config, Quota
 from llm_broker.shared.keys import GROUP, Keys
 from llm_broker.shared.redisio import Batcher, execute
@@ -94,7 +95,7 @@ class JobStore:
             stamp(time.time()),
             max_depth,
             stamp(job.deadline),
-            acct,
+            acct if has_checks(acct) else b"",
         )
 
     def _tenant_args(self, tenant: str, provider: str) -> tuple[str | int, ...]:
@@ -147,6 +148,7 @@ class JobStore:
                 stamp(job.created),
                 *self._admission(job, max_depth, acct),
                 *admission_fields(job),
+                *(("acct", acct) if acct else ()),
             ),
         )
         answer = await self._batcher.call(*command)
@@ -197,6 +199,7 @@ class JobStore:
                 job.tenant,
                 *self._admission(job, max_depth, acct),
                 *fields,
+                *(("acct", acct) if acct else ()),
             ),
         )
         answer, acked = await self._admit_replicated(command, replicas)

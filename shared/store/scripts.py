@@ -68,10 +68,11 @@ end
 -- with a webhook gets an entry on the webhook event stream, a batch's line one on
 -- its batch's stream, and its account is closed (usage: the call's tokens,
 -- "<input> <output>", or nil).
-local function finish(job, events, id, status, now, ttl, usage, ...)
+-- more: the record's idem_key, webhook_url, acct and batch, read by the caller
+-- (finish reads them).
+local function finish_read(job, events, id, status, now, ttl, usage, more, ...)
   redis.call('HSET', job, 'status', status, 'completed_at', now, ...)
   redis.call('EXPIRE', job, ttl)
-  local more = redis.call('HMGET', job, 'idem_key', 'webhook_url', 'acct', 'batch')
   if more[1] then
     local left = redis.call('TTL', more[1])
     if left > tonumber(ttl) then redis.call('EXPIRE', more[1], ttl) end
@@ -82,6 +83,11 @@ local function finish(job, events, id, status, now, ttl, usage, ...)
   if more[3] and more[3] ~= '' then account_close(cjson.decode(more[3]), id, status, usage) end
   -- A batch's line: its batch hears of it on the batch's stream of finished lines.
   if more[4] then redis.call('XADD', more[4], '*', 'i', id) end
+end
+
+local function finish(job, events, id, status, now, ttl, usage, ...)
+  local more = redis.call('HMGET', job, 'idem_key', 'webhook_url', 'acct', 'batch')
+  finish_read(job, events, id, status, now, ttl, usage, more, ...)
 end
 """
 
@@ -496,7 +502,8 @@ end
 -- The admission arguments from position i of ARGV: prefix, provider, class,
 -- weight, the in-flight quotas (provider, all), queued quotas (provider, all),
 -- rpm, tpm, rpm overall, tpm overall, estimated tokens, now, max depth, deadline,
--- the job's account ('' for none; see finish).
+-- the job's account when it has checks to make ('' otherwise: see finish; the record
+-- holds the account either way, for finish).
 local function admission(ARGV, i, tenant)
   local a = {unpack(ARGV, i, i + 16)}
   local q = {
@@ -519,10 +526,11 @@ _ENQUEUE = """
 local job = KEYS[1]
 local packed, ttl, id, tenant, created = unpack(ARGV, 1, 5)
 -- ARGV[6…22]: the admission arguments; ARGV[23…]: the record's field/value pairs
+-- (its account among them)
 local S, q = admission(ARGV, 6, tenant)
 local no = refuse(S, q)
 if no then return no end
-redis.call('HSET', job, 'priority', q.class, 'acct', ARGV[22], unpack(ARGV, 23))
+redis.call('HSET', job, 'priority', q.class, unpack(ARGV, 23))
 redis.call('EXPIRE', job, ttl)
 enter(S, q, id, tonumber(created), packed)
 return {'ok'}
@@ -538,6 +546,7 @@ local job, idem, index = KEYS[1], KEYS[2], KEYS[3]
 local packed, ttl, use_idem, idem_value, idem_ttl, id, score, job_prefix, tenant =
   unpack(ARGV, 1, 9)
 -- ARGV[10…26]: the admission arguments; ARGV[27…]: the record's other field/value pairs
+-- (its account among them)
 if use_idem == '1' then
   local seen = redis.call('GET', idem)
   if seen then
@@ -550,8 +559,7 @@ end
 local S, q = admission(ARGV, 10, tenant)
 local no = refuse(S, q)
 if no then return no end
-redis.call('HSET', job, 'tenant', tenant, 'priority', q.class, 'acct', ARGV[26],
-           unpack(ARGV, 27))
+redis.call('HSET', job, 'tenant', tenant, 'priority', q.class, unpack(ARGV, 27))
 redis.call('EXPIRE', job, ttl)
 if use_idem == '1' then redis.call('SET', idem, idem_value, 'EX', idem_ttl) end
 redis.call('ZADD', index, score, id)
@@ -600,18 +608,21 @@ local group, entry, id, status, now, field, payload, http_status, ttl, maxlen, h
 -- ARGV[19…]: the reply's field/value pairs (none: no reply)
 local made = 0
 if status ~= '' then
-  local st = redis.call('HGET', job, 'status')
-  if st == 'queued' or st == 'in_progress' then
-    if started ~= '' then
-      redis.call('HINCRBY', job, 'attempts', 1)
-      redis.call('HSET', job, 'started_at', started)
-    end
+  -- One read of what the record holds, one write of what changes.
+  local st = redis.call('HMGET', job, 'status', 'attempts', 'idem_key', 'webhook_url', 'acct',
+                        'batch')
+  if st[1] == 'queued' or st[1] == 'in_progress' then
+    local more = {st[3], st[4], st[5], st[6]}
+    local set = {field, payload, 'http_status', http_status}
     if history ~= '' then
-      finish(job, events, id, status, now, ttl, usage, field, payload,
-             'http_status', http_status, 'history', history)
-    else
-      finish(job, events, id, status, now, ttl, usage, field, payload, 'http_status', http_status)
+      set[5], set[6] = 'history', history
     end
+    if started ~= '' then
+      local n = #set
+      set[n + 1], set[n + 2] = 'attempts', (tonumber(st[2]) or 0) + 1
+      set[n + 3], set[n + 4] = 'started_at', started
+    end
+    finish_read(job, events, id, status, now, ttl, usage, more, unpack(set))
     made = 1
   end
 end
