@@ -3,7 +3,6 @@ and Redis errors on the way become answers."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
@@ -252,7 +251,7 @@ async def redis_call(
     becomes a 503: ``overloaded`` while Redis answers a PING (this process could not
     keep up), ``service_unavailable`` when it does not. ``job_id``: the job the call
     admits; when the call may have run on Redis all the same, the error names it."""
-    since = asyncio.get_running_loop().time()
+    since = state.loop().time()
     try:
         return await call
     except REDIS_DOWN as e:

@@ -27,6 +27,7 @@ from llm_broker.ingress.state import State
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import ModelRoute
 from llm_broker.shared.errors import DeadlineExceeded
+from llm_broker.shared.loop import Expiry
 from llm_broker.shared.redisio import REDIS_DOWN
 from llm_broker.shared.store.records import Chunks, Failure, Reply, Result
 
@@ -103,7 +104,7 @@ async def _run(
             state.metrics.cache.labels(job.route or job.model, "miss").inc()
         job.cache_key, job.cache_ttl = plan.key, state.config.cache.ttl_s
     timeout = job.deadline - job.created
-    loop_deadline = asyncio.get_running_loop().time() + timeout
+    loop_deadline = state.loop().time() + timeout
     if not state.replies.stream_exists:
         await redis_call(
             state,
@@ -191,7 +192,7 @@ def _reply(job: m.Job, renderer: Renderer, reply: Reply) -> web.Response:
 
 async def _next_reply(state: State, job: m.Job, replies: Waiter, loop_deadline: float) -> Reply:
     try:
-        async with asyncio.timeout_at(loop_deadline):
+        async with Expiry(state.loop(), loop_deadline):
             return await replies.get()
     except TimeoutError:
         await _expire(state, job)

@@ -13,6 +13,7 @@ import msgspec
 from llm_broker.shared.config import Config
 from llm_broker.shared.errors import Unavailable
 from llm_broker.shared.keys import Keys
+from llm_broker.shared.loop import LoopRef
 from llm_broker.shared.redisio import REDIS_DOWN, Batcher, raise_if_cancelling, stream_reader
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.store.records import Failure, Reply
@@ -23,9 +24,10 @@ log = logging.getLogger("llm_broker.ingress.replies")
 class Waiter:
     """The replies for one job, in order: a deque and a future to wake the reader."""
 
-    __slots__ = ("_items", "_wakeup")
+    __slots__ = ("_items", "_loop", "_wakeup")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._items: deque[Reply] = deque()
         self._wakeup: asyncio.Future[None] | None = None
 
@@ -36,7 +38,7 @@ class Waiter:
 
     async def get(self) -> Reply:
         while not self._items:
-            self._wakeup = asyncio.get_running_loop().create_future()
+            self._wakeup = self._loop.create_future()
             try:
                 await self._wakeup
             finally:
@@ -56,6 +58,8 @@ class ReplyRouter:
         #: Set while the reply stream is known to exist: workers never create it
         #: (their replies to a missing stream are dropped), so a call waits for it.
         self._stream_ready = asyncio.Event()
+        #: The event loop, kept from the first use.
+        self.loop = LoopRef()
 
     @property
     def stream_exists(self) -> bool:
@@ -68,7 +72,7 @@ class ReplyRouter:
             await self._stream_ready.wait()
 
     def register(self, job_id: str) -> Waiter:
-        waiter = Waiter()
+        waiter = Waiter(self.loop())
         self._waiters[job_id.encode()] = waiter
         return waiter
 

@@ -19,6 +19,7 @@ from llm_broker.shared.accounts import AccountKeys, AccountStore
 from llm_broker.shared.config import Config, Router
 from llm_broker.shared.files import Files
 from llm_broker.shared.keys import Keys
+from llm_broker.shared.loop import LoopRef
 from llm_broker.shared.metrics import IngressMetrics
 from llm_broker.shared.redisio import Batcher
 from llm_broker.shared.ssrf import Network
@@ -55,6 +56,8 @@ class State:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     ids: JobIds = field(default_factory=JobIds)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: The event loop, kept from the first use.
+    loop: LoopRef = field(default_factory=LoopRef)
 
 
 STATE = web.AppKey("state", State)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge
 
+from llm_broker.shared.loop import LoopRef
 from llm_broker.shared.metrics import exposition, loop_lag
 
 #: /health fails while the loop wakes a timer later than this.
@@ -30,19 +31,20 @@ class LoopLag:
         self._last_s = 0.0
         self._due = 0.0
         self._worst: list[tuple[float, float]] = []  # (when, lag), a lag above every later one
+        self._loop = LoopRef()
 
     def now_s(self) -> float:
         """The current lag: the last one measured, or longer if the next wake is overdue."""
-        overdue = asyncio.get_running_loop().time() - self._due if self._due else 0.0
+        overdue = self._loop().time() - self._due if self._due else 0.0
         return max(self._last_s, overdue)
 
     def max_s(self) -> float:
         """The worst lag of the last ``LAG_WINDOW_S`` seconds, the current one included."""
-        since = asyncio.get_running_loop().time() - LAG_WINDOW_S
+        since = self._loop().time() - LAG_WINDOW_S
         return max([lag for when, lag in self._worst if when >= since] + [self.now_s()])
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         while True:
             self._due = loop.time() + self.interval_s
             await asyncio.sleep(self.interval_s)  # the lag is how late this wakes

@@ -40,6 +40,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_broker.shared.config import RedisConfig
+from llm_broker.shared.loop import LoopRef
 
 log = logging.getLogger("llm_broker.redis")
 
@@ -203,7 +204,8 @@ class _Sentinels(Sentinel):
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
         answers = await asyncio.gather(
-            *(s.sentinel_masters() for s in self.sentinels), return_exceptions=True
+            *(s.sentinel_masters() for s in self.sentinels),  # type: ignore[no-untyped-call]
+            return_exceptions=True,
         )
         best: dict[str, Any] | None = None
         errors = []
@@ -418,12 +420,14 @@ class Batcher:
         #: Closing: no new connection; closed: nothing more is sent.
         self._closing = False
         self._closed = False
+        #: The event loop, kept from the first call.
+        self._loop = LoopRef()
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         return self._call(args, True)
 
     def _call(self, args: Sequence[Any], resend: bool) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((args, fut, loop.time(), resend))
         self._flush_later()
@@ -434,7 +438,7 @@ class Batcher:
         joins it."""
         if self._pending and not self._flush_soon:
             self._flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop().call_soon(self._flush)
 
     def lagging(self) -> bool:
         """Whether this process's event loop runs late now (beyond the tolerance)."""
@@ -457,8 +461,7 @@ class Batcher:
             self._watch_waiting()
             return  # leaves when a round trip ends
         batch, self._pending = self._pending, []
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._loop().time()
         deadline = batch[0][2] + self._timeout
         if deadline <= now and self.lagging():
             deadline = now + self._timeout  # the wait was this process's lateness
@@ -478,7 +481,7 @@ class Batcher:
             self._waiting_timer = None
         if not self._pending:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         now = loop.time()
         if self.lagging():
             when = now + self._timeout
@@ -504,13 +507,12 @@ class Batcher:
         if isinstance(results, BaseException):
             _fail(futures, results)
         else:
-            self.last_ok = asyncio.get_running_loop().time()
+            loop = self._loop()
+            self.last_ok = loop.time()
             if self._round_trip is not None:
                 self._round_trip.observe(time.perf_counter() - started)
             if any(again and _unknown(r) for again, r in zip(resend, results, strict=True)):
-                task = asyncio.get_running_loop().create_task(
-                    self._send_again(commands, futures, results)
-                )
+                task = loop.create_task(self._send_again(commands, futures, results))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             else:
@@ -536,7 +538,7 @@ class Batcher:
 
     def _connect(self) -> None:
         if self._connecting is None and not self._closing:
-            self._connecting = asyncio.get_running_loop().create_task(self._open())
+            self._connecting = self._loop().create_task(self._open())
 
     async def _open(self) -> None:
         """Take a connection from the client's pool and speak on it directly."""
@@ -571,7 +573,7 @@ class Batcher:
         back to the pool, disconnected, so that a new one is made on next use."""
         if self._wire is wire:
             self._wire = None
-        task = asyncio.get_running_loop().create_task(self._return(wire.conn))
+        task = self._loop().create_task(self._return(wire.conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._flush_later()
@@ -672,6 +674,7 @@ class _Wire(asyncio.Protocol):
 
     def __init__(self, batcher: Batcher, conn: Any) -> None:
         self._batcher = batcher
+        self._loop = batcher._loop()
         self._timeout = batcher._timeout
         self.conn = conn
         self._callbacks = batcher._client.response_callbacks
@@ -700,7 +703,7 @@ class _Wire(asyncio.Protocol):
             answered(e, time.perf_counter())
             return
         callbacks = [self._callbacks.get(c[0]) for c in commands]
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         cap = loop.time() + MAX_EXTENSIONS * self._timeout
         trip = _RoundTrip(callbacks, answered, cap)
         trip.timer = loop.call_at(deadline, self._expire, trip)
@@ -737,7 +740,7 @@ class _Wire(asyncio.Protocol):
                     self._idle.set_result(None)
 
     def _expire(self, trip: _RoundTrip) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         if now < trip.cap and self._batcher.lagging():
             trip.timer = loop.call_at(min(trip.cap, now + self._timeout), self._expire, trip)
@@ -768,7 +771,7 @@ class _Wire(asyncio.Protocol):
     async def idle(self) -> None:
         """Return when no round trip is on the wire."""
         if self.batches and not self.closed:
-            self._idle = asyncio.get_running_loop().create_future()
+            self._idle = self._loop.create_future()
             await self._idle
 
 

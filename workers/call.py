@@ -65,6 +65,8 @@ class Pool:
     upstream_seconds: Observer
     #: The upstream calls in progress, by job id (a cancellation aborts them).
     calls: dict[str, asyncio.Task[None]]
+    #: The event loop (on Python 3.11 asking for the running loop is a system call).
+    loop: asyncio.AbstractEventLoop
 
 
 class DeploymentCall:

@@ -57,6 +57,8 @@ class StreamConsumer:
         self._interval = min(max(0.05, self._wcfg.lease_s / 3), upkeep_every)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
+        #: Made in the loop it serves; asked once (on Python 3.11 asking is a system call).
+        self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self._in_flight = metrics.in_flight.labels(provider)
         #: When this consumer's entries last had their leases refreshed (monotonic).
@@ -111,7 +113,7 @@ class StreamConsumer:
         entry_id = delivery.entry_id
         if entry_id in self._tasks:
             return
-        task = asyncio.get_running_loop().create_task(self._run(delivery))
+        task = self._loop.create_task(self._run(delivery))
         self._tasks[entry_id] = task
         self._in_flight.inc()
         task.add_done_callback(lambda _t: self._done(entry_id))

@@ -34,6 +34,8 @@ from urllib.parse import unquote, urlsplit
 
 import httptools
 
+from llm_broker.shared.loop import LoopRef
+
 
 class HTTPClientError(Exception):
     """The exchange failed below HTTP: connect, reset, malformed response.
@@ -93,6 +95,9 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection; at most one exchange at a time."""
 
     def __init__(self) -> None:
+        #: Made in the loop it serves (a protocol factory); asked once, not per
+        #: exchange (on Python 3.11 asking is a system call).
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
@@ -167,8 +172,7 @@ class _Connection(asyncio.Protocol):
 
     async def send(self, request: bytes) -> tuple[int, dict[str, str]]:
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        self._head = loop.create_future()
+        self._head = self._loop.create_future()
         self._status, self._headers, self._complete, self._started = 0, {}, False, False
         self._body.clear()
         self._error = None
@@ -185,7 +189,7 @@ class _Connection(asyncio.Protocol):
                 return None
             if self._error is not None:
                 raise self._error
-            self._wakeup = asyncio.get_running_loop().create_future()
+            self._wakeup = self._loop.create_future()
             try:
                 await self._wakeup
             finally:
@@ -239,7 +243,17 @@ class Response:
         self._conn: _Connection | None = conn
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        """The whole body (without an async generator: it costs a loop look-up)."""
+        conn = self._conn
+        if conn is None:
+            return b""
+        parts = []
+        try:
+            while (chunk := await conn.next_chunk()) is not None:
+                parts.append(chunk)
+        finally:
+            self.release()
+        return b"".join(parts)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         conn = self._conn
@@ -289,6 +303,8 @@ class ConnectionPool:
         )
         self._idle: deque[_Connection] = deque()
         self._max_idle = max_idle
+        #: The event loop, kept from the first use.
+        self.loop = LoopRef()
 
     async def request(self, request: bytes) -> Response:
         """Send a complete request (head and body) and wait for the response head.

@@ -101,6 +101,7 @@ class ProviderPool:
             observe_latency=self._observe_latency,
             background=self._background,
             calls={},
+            loop=asyncio.get_running_loop(),
             queue_wait=metrics.queue_wait_seconds.labels(provider),
             upstream_seconds=metrics.upstream_seconds.labels(provider),
         )

@@ -56,7 +56,7 @@ class JobRun:
         self.began = began
         self.start: asyncio.Future[Verdict]
         if self.early:
-            self.start = asyncio.get_running_loop().create_future()
+            self.start = pool.loop.create_future()
             self.start.set_result(Verdict.RUN)
         else:
             self.start = asyncio.ensure_future(self._start())
@@ -158,7 +158,7 @@ class JobRun:
 
     def _begin_call(self) -> asyncio.Task[None]:
         job_id, calls = self.job.id, self.pool.calls
-        task = asyncio.get_running_loop().create_task(self.run())
+        task = self.pool.loop.create_task(self.run())
         self.call = calls[job_id] = task
         task.add_done_callback(lambda t: calls.pop(job_id) if calls.get(job_id) is t else None)
         return task

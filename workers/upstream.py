@@ -39,6 +39,7 @@ from llm_broker.shared.errors import (
     upstream_timeout,
     upstream_unreachable,
 )
+from llm_broker.shared.loop import Expiry
 from llm_broker.workers.credentials import KeyRing
 from llm_broker.workers.http import (
     ConnectionPool,
@@ -148,8 +149,9 @@ class Upstream:
         headers: dict[str, str] | None,
     ) -> tuple[bytes, dict[str, Any]]:
         """A non-streaming call: the answer's bytes, as they came, and decoded."""
+        loop = self._pool.loop()
         try:
-            async with asyncio.timeout(timeout_s):
+            async with Expiry(loop, loop.time() + timeout_s):
                 raw = await (await self._post(path, payload, headers)).read()
         except TimeoutError as e:
             raise upstream_timeout(timeout_s) from e
