@@ -95,7 +95,10 @@ async def test_an_operator_uses_the_console_in_a_browser(
     config = _config(
         make_config,
         mock_url,
-        worker={"lease_s": 0.5, "max_deliveries": 1, "heartbeat_s": 1},
+        # The poisoned job's lease runs out 2 s after the worker starts; a shorter one
+        # can lapse for a live call while the browser loads the machine, and that
+        # call, delivered again, would be one dead letter too many.
+        worker={"lease_s": 2, "max_deliveries": 1, "heartbeat_s": 1},
     )
     dead_job, _ = await _poison(rclient, prefix, "a poisoned request")
     port = free_port()
