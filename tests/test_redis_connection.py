@@ -189,7 +189,7 @@ class NamingSentinels:
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    if client.sentinel_master(self.SERVICE):
+                    if client.sentinel_master(self.SERVICE):  # type: ignore[no-untyped-call]
                         break
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:
