@@ -176,10 +176,8 @@ async def new_job(
         job.tokens = estimate_tokens({"max_tokens": out}, len(raw), cap)
     pricing = state.config.pricing
     price = pricing.get(model) or pricing.get(candidates.name)
-    ctx.acct = accounts.account(
+    ctx.acct = state.account_json(
         principal,
-        state.account_keys,
-        state.config.accounts,
         model=model,
         price=price,
         est=accounts.estimate(price, len(raw), out, cap),

@@ -27,7 +27,7 @@ from llm_broker.ingress.routing import Chooser
 from llm_broker.ingress.state import STATE, State
 from llm_broker.shared import anthropic
 from llm_broker.shared import messages as m
-from llm_broker.shared.accounts import AccountStore
+from llm_broker.shared.accounts import AccountJson, AccountStore
 from llm_broker.shared.config import Config, Router
 from llm_broker.shared.errors import BrokerError, MethodNotAllowed, NotFound
 from llm_broker.shared.files import Files, open_store
@@ -260,7 +260,7 @@ def create_app(config: Config, pod: str) -> web.Application:
         probe=RedisProbe(redis, batcher, max(2.0, 2 * config.redis.command_timeout_s)),
         webhook_allow=networks(config.webhooks.allow_cidrs),
         accounts=accounts,
-        account_keys=accounts.k,
+        account_json=AccountJson(accounts.k, config.accounts),
         files=Files(redis, config.redis.key_prefix, open_store(config.files), config.files),
     )
     app = web.Application(

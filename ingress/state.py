@@ -15,7 +15,7 @@ from llm_broker.ingress.ids import JobIds
 from llm_broker.ingress.overload import LoadMonitor, RedisProbe
 from llm_broker.ingress.replies import ReplyRouter
 from llm_broker.ingress.routing import Chooser
-from llm_broker.shared.accounts import AccountKeys, AccountStore
+from llm_broker.shared.accounts import AccountJson, AccountStore
 from llm_broker.shared.config import Config, Router
 from llm_broker.shared.files import Files
 from llm_broker.shared.keys import Keys
@@ -45,7 +45,8 @@ class State:
     load: LoadMonitor
     probe: RedisProbe
     accounts: AccountStore
-    account_keys: AccountKeys
+    #: The job's account JSON (shared/accounts.py).
+    account_json: AccountJson
     #: The Files API's files (records in Redis, contents in the file store).
     files: Files
     #: Networks webhook URLs may point to although they are not public.

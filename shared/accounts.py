@@ -324,6 +324,53 @@ def account(
 ) -> bytes:
     """The job's account (see the scripts' ``finish``), JSON; ``b""`` when there is
     nothing to enforce or count."""
+    head = _account_head(p, akeys, cfg, model, price, now)
+    return b"" if head is None else _with_estimate(head, est)
+
+
+class AccountJson:
+    """:func:`account`, with the part that does not depend on the request's estimate
+    kept per principal, model and price for the current minute (budget periods and
+    days begin on a minute; a spend key's retention may be a minute long)."""
+
+    #: At most this many kept at once (a client may name many models).
+    MAX_KEPT = 10_000
+
+    def __init__(self, akeys: AccountKeys, cfg: AccountsConfig) -> None:
+        self._akeys = akeys
+        self._cfg = cfg
+        self._minute = -1
+        self._heads: dict[tuple[Principal, str, Price | None], bytes | None] = {}
+
+    def __call__(
+        self, p: Principal, *, model: str, price: Price | None, est: Estimate, now: float
+    ) -> bytes:
+        minute = int(now // 60)
+        if minute != self._minute or len(self._heads) >= self.MAX_KEPT:
+            self._heads.clear()
+            self._minute = minute
+        key = (p, model, price)
+        try:
+            head = self._heads[key]
+        except KeyError:
+            head = self._heads[key] = _account_head(p, self._akeys, self._cfg, model, price, now)
+        return b"" if head is None else _with_estimate(head, est)
+
+
+def _with_estimate(head: bytes, est: Estimate) -> bytes:
+    return head + b',"e":%d,"k":%d}' % (est.cost, est.tokens)
+
+
+def _account_head(
+    p: Principal,
+    akeys: AccountKeys,
+    cfg: AccountsConfig,
+    model: str,
+    price: Price | None,
+    now: float,
+) -> bytes | None:
+    """The account's JSON without the estimate and the closing brace; None for no
+    account."""
     scopes: list[dict[str, Any]] = []
     for scope, name, limits, budget in (
         ("k", p.key_id, p.key_limits, p.key_budget),
@@ -348,11 +395,9 @@ def account(
             s["bx"] = int(reset - now) + 8 * 86400 if reset else 0
         scopes.append(s)
     if not scopes and not cfg.usage:
-        return b""
+        return None
     out: dict[str, Any] = {
         "s": scopes,
-        "e": est.cost,
-        "k": est.tokens,
         "pi": price.input_usd_per_million * 1000 if price is not None else 0,
         "po": price.output_usd_per_million * 1000 if price is not None else 0,
     }
@@ -362,7 +407,7 @@ def account(
         out["u"] = akeys.usage(day_of(now))
         out["f"] = _SEP.join((p.tenant, p.key_id, model, ""))
         out["ux"] = int(cfg.usage_retention_days * 86400)
-    return orjson.dumps(out)
+    return orjson.dumps(out)[:-1]
 
 
 def has_checks(acct: bytes) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import msgspec
+import orjson
 import redis.asyncio as aioredis
 
 from llm_broker.shared import accounts
@@ -153,3 +154,28 @@ def test_an_account_that_only_counts_usage_has_no_checks() -> None:
     ):
         assert accounts.has_checks(_acct("p:", p))
         assert accounts.has_checks(_acct("p:", p, usage=False))
+
+
+def test_the_kept_account_is_the_account_of_each_request() -> None:
+    """AccountJson keeps what does not depend on the estimate for the minute: each
+    request still gets its own estimate, and a new day its own usage hash."""
+    cfg = AccountsConfig(usage=True)
+    keys = AccountKeys("p:")
+    kept = accounts.AccountJson(keys, cfg)
+    p = Principal(tenant="acme", key_id="k1", tenant_budget=Budget(usd=1.0, period="daily"))
+    before_midnight = 86400 * 20_000 - 1.5
+    for now, est in (
+        (before_midnight - 30, EST),
+        (before_midnight, accounts.Estimate(tokens=7, cost=11)),
+        (before_midnight + 2, EST),  # the next day
+    ):
+        made = orjson.loads(kept(p, model="m", price=PRICE, est=est, now=now))
+        fresh = orjson.loads(
+            accounts.account(p, keys, cfg, model="m", price=PRICE, est=est, now=now)
+        )
+        # The spend key's retention may be as old as the minute: the rest is the same.
+        assert 0 <= made["s"][0].pop("bx") - fresh["s"][0].pop("bx") < 60
+        assert made == fresh
+        assert made["e"] == est.cost and made["k"] == est.tokens
+    assert made["u"] == keys.usage(accounts.day_of(before_midnight + 2))
+    assert made["s"][0]["bk"].endswith(accounts.day_of(before_midnight + 2))
