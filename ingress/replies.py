@@ -108,8 +108,9 @@ class ReplyRouter:
         next_refresh = next_trim = 0.0
         backoff = 0.05
         try:
+            loop = self.loop()
             while True:
-                raise_if_cancelling()
+                raise_if_cancelling(loop)
                 try:
                     now = time.monotonic()
                     if now >= next_refresh:

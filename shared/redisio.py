@@ -147,7 +147,7 @@ def maybe_ran(error: BaseException) -> bool:
     return not isinstance(error, ConnectionRefusedError)
 
 
-def raise_if_cancelling() -> None:
+def raise_if_cancelling(loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Raise a cancellation that was requested but did not arrive.
 
     A cancellation that lands inside a Redis call can be lost on the way (on
@@ -155,9 +155,10 @@ def raise_if_cancelling() -> None:
     a timeout, and redis-py turns that into its own error): the task stays
     "cancelling" and a loop that backs off on Redis errors would run on, so a
     shutdown waiting for it would never end. Loops that run until cancelled call
-    this on every round and in their Redis-error handler.
+    this on every round and in their Redis-error handler (``loop``: the running
+    loop, if the caller holds it: then no system call asks for it).
     """
-    task = asyncio.current_task()
+    task = asyncio.current_task(loop)
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
 
