@@ -107,14 +107,23 @@ async def errors_middleware(
         state.in_flight -= 1
         if not state.in_flight:
             state.idle.set()
-        endpoint = _endpoint(request)
-        provider = ctx.provider
+        # Counted and logged once the response is written (aiohttp writes it after
+        # this returns; the callback runs before the loop reads more requests).
         elapsed = time.perf_counter() - started
-        state.metrics.observe_request(endpoint, ctx.route, provider, status, elapsed)
-        if status >= 400:
-            state.metrics.errors.labels(ctx.error_type or "server_error", provider).inc()
-        if state.access.enabled:
-            state.access.log(request, endpoint, status, elapsed)
+        state.loop().call_soon(_counted, state, request, ctx, status, elapsed)
+
+
+def _counted(
+    state: State, request: web.Request, ctx: RequestContext, status: int, elapsed: float
+) -> None:
+    """A request's metrics and log line."""
+    endpoint = _endpoint(request)
+    provider = ctx.provider
+    state.metrics.observe_request(endpoint, ctx.route, provider, status, elapsed)
+    if status >= 400:
+        state.metrics.errors.labels(ctx.error_type or "server_error", provider).inc()
+    if state.access.enabled:
+        state.access.log(request, endpoint, status, elapsed)
 
 
 def _shed(request: web.Request, state: State, reason: str) -> web.Response:

@@ -207,7 +207,14 @@ class JobRun:
         """Call the upstream, with retries; record and send the outcome, or move the
         job on to its next deployment, once the start said "run"."""
         pool, job = self.pool, self.job
-        pool.queue_wait.observe(max(0.0, time.time() - job.created))
+        waited = max(0.0, time.time() - job.created)
+        try:
+            await self._run()
+        finally:  # off the path of the reply
+            pool.queue_wait.observe(waited)
+
+    async def _run(self) -> None:
+        pool, job = self.pool, self.job
         if job.deadline <= time.time():
             if await self.may_record():
                 pool.count("expired")
@@ -244,9 +251,6 @@ class JobRun:
             )
             return
         if await self.may_record():
-            pool.count("completed")
-            if usage is not None:
-                pool.accounting.count(job, usage)
             await self.settle(
                 Outcome(
                     status=m.COMPLETED,
@@ -256,6 +260,10 @@ class JobRun:
                     usage=usage,
                 )
             )
+            # Counted once the reply is on its way.
+            pool.count("completed")
+            if usage is not None:
+                pool.accounting.count(job, usage)
 
     async def _traced(self) -> tuple[bytes, bytes | None, Usage | None]:
         """The job's body decoded, then its attempts, in a span when tracing is on."""
