@@ -40,7 +40,17 @@ def record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
 
 
 #: The system calls counted one by one (all of them are counted too).
-SYSCALLS = ("getpid", "epoll_wait", "read", "write", "recvfrom", "sendto", "writev", "futex")
+SYSCALLS = (
+    "getpid",
+    "epoll_wait",
+    "epoll_pwait",
+    "read",
+    "write",
+    "recvfrom",
+    "sendto",
+    "writev",
+    "futex",
+)
 
 
 def count_syscalls(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
