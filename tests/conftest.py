@@ -101,17 +101,7 @@ class RedisServer:
         password = None
         if "--requirepass" in self.args:
             password = self.args[self.args.index("--requirepass") + 1]
-        client = redis.Redis(port=self.port, password=password, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)  # poll until the server accepts connections
-        client.close()
+        answering(self.port, "PING", password=password)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -146,6 +136,43 @@ async def rclient(redis_up: RedisServer) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_up.url)
     yield client
     await client.aclose()
+
+
+def answering(port: int, *command: Any, password: str | None = None) -> None:
+    """Return once the server on ``port`` answers ``command`` (within 10 s)."""
+    client = redis.Redis(port=port, password=password, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                if client.execute_command(*command):  # type: ignore[no-untyped-call]
+                    return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.02)  # poll until the server accepts connections
+    finally:
+        client.close()
+
+
+def start_sentinel(directory: Path, port: int, settings: str) -> subprocess.Popen[bytes]:
+    """A ``redis-server --sentinel`` on ``port``, its home under ``directory``,
+    with ``settings`` (sentinel.conf lines) after its address."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server)")
+    home = directory / f"sentinel-{port}"
+    home.mkdir()
+    conf = home / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {home}\nlogfile {home / 'sentinel.log'}\n{settings}"
+    )
+    return subprocess.Popen(
+        [binary, str(conf), "--sentinel"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 class Procs:

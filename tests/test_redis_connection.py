@@ -4,9 +4,6 @@ admission no replica confirmed."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from llm_broker.dev import free_port
 from llm_broker.shared.config import ConfigError, parse_config
 from llm_broker.shared.redisio import Batcher, Script, _HiredisPacking, connect, execute
-from tests.conftest import ConfigFactory, Procs, RedisServer, chat
+from tests.conftest import ConfigFactory, Procs, RedisServer, answering, chat, start_sentinel
 from tests.helpers import eventually
 
 
@@ -160,42 +157,19 @@ class NamingSentinels:
     SERVICE = "svc"
 
     def __init__(self, directory: Path, views: list[tuple[int, int]]) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
         self.ports = [free_port() for _ in views]
-        self.procs = []
-        for port, (primary, epoch) in zip(self.ports, views, strict=True):
-            home = directory / f"sentinel-{port}"
-            home.mkdir()
-            conf = home / "sentinel.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {home}\n"
-                f"logfile {home / 'sentinel.log'}\n"
+        self.procs = [
+            start_sentinel(
+                directory,
+                port,
                 f"sentinel monitor {self.SERVICE} 127.0.0.1 {primary} 1\n"
                 f"sentinel config-epoch {self.SERVICE} {epoch}\n"
-                f"sentinel down-after-milliseconds {self.SERVICE} 60000\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} 60000\n",
             )
-            self.procs.append(
-                subprocess.Popen(
-                    [binary, str(conf), "--sentinel"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+            for port, (primary, epoch) in zip(self.ports, views, strict=True)
+        ]
         for port in self.ports:
-            client = redis.Redis(port=port, socket_connect_timeout=0.2)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    if client.sentinel_master(self.SERVICE):  # type: ignore[no-untyped-call]
-                        break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)  # poll until the sentinel accepts connections
-            client.close()
+            answering(port, "SENTINEL", "MASTER", self.SERVICE)
 
     def config(self) -> Any:
         addresses = [f"127.0.0.1:{p}" for p in self.ports]

@@ -13,7 +13,6 @@ job can only be one admitted in the last moment before the primary died
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import subprocess
 import time
@@ -28,7 +27,7 @@ import redis.asyncio as aioredis
 
 from llm_broker.dev import free_port
 from llm_broker.shared.keys import Keys
-from tests.conftest import Procs, Receiver, RedisServer, chat, write_config
+from tests.conftest import Procs, Receiver, RedisServer, chat, start_sentinel, write_config
 from tests.helpers import eventually, loopback_webhooks
 from tests.test_chaos import DOCUMENTED_ERRORS, TENANT, Call, all_final, post
 
@@ -44,20 +43,10 @@ class Sentinels:
     """Three ``redis-server --sentinel`` processes watching one primary."""
 
     def __init__(self, directory: Path, primary_port: int, count: int = 3) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
         self.ports = [free_port() for _ in range(count)]
         self.procs: list[subprocess.Popen[bytes]] = []
         for port in self.ports:
-            home = directory / f"sentinel-{port}"
-            home.mkdir()
-            conf = home / "sentinel.conf"
-            conf.write_text(
-                f"port {port}\n"
-                "bind 127.0.0.1\n"
-                f"dir {home}\n"
-                f"logfile {home / 'sentinel.log'}\n"
+            settings = (
                 f"requirepass {SENTINEL_PASSWORD}\n"
                 f"sentinel sentinel-pass {SENTINEL_PASSWORD}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n"
@@ -66,14 +55,7 @@ class Sentinels:
                 f"sentinel failover-timeout {SERVICE} 4000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
-            self.procs.append(
-                subprocess.Popen(
-                    [binary, str(conf), "--sentinel"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+            self.procs.append(start_sentinel(directory, port, settings))
 
     @property
     def addresses(self) -> list[str]:
