@@ -427,6 +427,14 @@ class Batcher:
     def call(self, *args: Any) -> asyncio.Future[Any]:
         return self._call(args, True)
 
+    def call_then(self, then: Callable[[Any, BaseException | None], None], *args: Any) -> None:
+        """Send a command; ``then(result, None)`` or ``then(None, error)`` runs in the
+        step that reads its answer (an awaited call resumes its task one loop turn
+        later): for a reader that hands each answer on and asks again at once."""
+        loop = self._loop()
+        self._pending.append((args, _Then(then), loop.time(), False))  # type: ignore[arg-type]
+        self._flush_later()
+
     def _call(self, args: Sequence[Any], resend: bool) -> asyncio.Future[Any]:
         loop = self._loop()
         fut: asyncio.Future[Any] = loop.create_future()
@@ -616,6 +624,33 @@ def stream_reader(cfg: RedisConfig, block_ms: int) -> Batcher:
     with ``close(wait=False)`` (a read may be blocking); that closes its client."""
     client = connect(cfg, max_connections=1)
     return Batcher(client, timeout=block_ms / 1000 + cfg.command_timeout_s, owns_client=True)
+
+
+class _Then:
+    """A caller of :meth:`Batcher.call_then`, in a future's place."""
+
+    __slots__ = ("_done", "_then")
+
+    def __init__(self, then: Callable[[Any, BaseException | None], None]) -> None:
+        self._then = then
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        self._done = True
+        self._run(result, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._done = True
+        self._run(None, error)
+
+    def _run(self, result: Any, error: BaseException | None) -> None:
+        try:
+            self._then(result, error)
+        except Exception:  # the reader's defect must not break the connection's reading
+            log.exception("a reader's callback failed")
 
 
 def _fail(futures: Sequence[asyncio.Future[Any]], error: BaseException) -> None:

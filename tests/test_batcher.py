@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from llm_broker.shared.redisio import Batcher, NotSent, maybe_ran
 from tests.conftest import RedisServer
@@ -175,3 +176,25 @@ async def test_an_argument_redis_cannot_carry_fails_its_call_at_once(
     assert time.monotonic() - started < 1
     assert await batcher.call("ECHO", "a") == b"a"
     await batcher.close()
+
+
+async def test_call_then_answers_in_the_step_that_reads_the_reply(client: aioredis.Redis) -> None:
+    """A reader's callback runs as the reply is read, outside any task (an awaited
+    call resumes its task a loop turn later); Redis's error reaches it as the error."""
+    batcher = Batcher(client, timeout=5)
+    heard: list[tuple[object, object, object]] = []
+    done = asyncio.get_running_loop().create_future()
+
+    def then(result: object, error: BaseException | None) -> None:
+        heard.append((result, type(error) if error else None, asyncio.current_task()))
+        if len(heard) == 2:
+            done.set_result(None)
+
+    try:
+        batcher.call_then(then, "ECHO", "hello")
+        batcher.call_then(then, "INCR", "no-such-command-argument", "extra")
+        await asyncio.wait_for(done, 5)
+    finally:
+        await batcher.close()
+    assert heard[0] == (b"hello", None, None)
+    assert heard[1] == (None, ResponseError, None)

@@ -17,7 +17,6 @@ from llm_broker.ingress.app import create_app
 from llm_broker.ingress.replies import ReplyRouter
 from llm_broker.shared.config import parse_config
 from llm_broker.shared.redisio import Batcher
-from llm_broker.shared.store import JobStore
 from tests.conftest import ConfigFactory, Procs, RedisServer, chat, mock_stats
 
 
@@ -26,19 +25,18 @@ async def test_the_reply_reader_stops_when_a_cancellation_is_swallowed(
 ) -> None:
     swallowed = asyncio.Event()
     reading = asyncio.Event()
+    create = ReplyRouter._ensure_stream
 
-    async def swallowing(
-        reader: Batcher, stream: str, after: bytes, *, block_ms: int
-    ) -> list[object]:
-        """A blocking read that loses the cancellation and returns as if timed out."""
+    async def swallowing(self: ReplyRouter, reader: Batcher) -> None:
+        """A Redis call that loses the cancellation and returns as if it had run."""
         reading.set()
         try:
-            await asyncio.sleep(block_ms / 1000)  # stands for XREAD ... BLOCK
+            await asyncio.sleep(1.0)  # stands for a Redis call that hangs
         except asyncio.CancelledError:
             swallowed.set()
-        return []
+        await create(self, reader)
 
-    monkeypatch.setattr(JobStore, "read_replies", staticmethod(swallowing))
+    monkeypatch.setattr(ReplyRouter, "_ensure_stream", swallowing)
     config = parse_config({"redis": {"url": redis_up.url, "key_prefix": prefix}})
     router = ReplyRouter(config, "pod")
     reader = asyncio.get_running_loop().create_task(router.run())

@@ -14,12 +14,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from redis.exceptions import ResponseError
 
 from llm_broker.shared.config import Config
 from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.shared.redisio import REDIS_DOWN, raise_if_cancelling, stream_reader
+from llm_broker.shared.redisio import REDIS_DOWN, Batcher, raise_if_cancelling, stream_reader
 from llm_broker.shared.store import Delivery, Queues
 
 log = logging.getLogger("llm_broker.worker")
@@ -154,9 +155,7 @@ class StreamConsumer:
                         need_group = False
                     if time.monotonic() >= self._next_reclaim and await self._reclaim(free):
                         continue  # what a dead worker left goes before new entries
-                    deliveries = await self._queues.read(
-                        reader, self.provider, self.name, count=free, block_ms=self._wcfg.block_ms
-                    )
+                    await self._read_while_free(reader)
                     backoff = 0.1
                 except ResponseError as e:
                     if "NOGROUP" not in str(e):
@@ -174,11 +173,36 @@ class StreamConsumer:
                     )
                     await asyncio.sleep(backoff)  # back off while Redis is unreachable
                     backoff = min(backoff * 2, 2.0)
-                    continue
-                for delivery in deliveries:
-                    self._spawn(delivery)
         finally:
             await reader.close(wait=False)
+
+    def _read_while_free(self, reader: Batcher) -> asyncio.Future[None]:
+        """Read new entries, each batch's jobs started in the step that reads it, and
+        ask again at once while slots are free, until a reclaim is due, the consumer
+        stops or Redis fails (the future's error). No task switch per read: on a
+        lightly loaded worker each was a loop turn on every job's way."""
+        done: asyncio.Future[None] = self._loop.create_future()
+        block_ms = self._wcfg.block_ms
+
+        def answered(batches: Any, error: BaseException | None) -> None:
+            if done.done():  # the reader stopped
+                return
+            if error is not None:
+                done.set_exception(error)
+                return
+            for delivery in self._queues.deliveries(self.provider, batches):
+                self._spawn(delivery)
+            free = self.free_slots
+            if free <= 0 or self._stopping.is_set() or time.monotonic() >= self._next_reclaim:
+                done.set_result(None)
+            else:
+                reader.call_then(answered, *read(free))
+
+        def read(count: int) -> tuple[Any, ...]:
+            return self._queues.read_command(self.provider, self.name, count, block_ms)
+
+        reader.call_then(answered, *read(self.free_slots))
+        return done
 
     async def maintain_loop(self) -> None:
         """Keep this consumer's leases fresh and remove the group's dead consumers."""

@@ -32,10 +32,21 @@ class Queues:
     ) -> list[Delivery]:
         """New entries for ``consumer`` (first deliveries), blocking up to ``block_ms``;
         ``reader`` is the reader's own connection."""
-        batches = await reader.call(
+        batches = await reader.call(*self.read_command(provider, consumer, count, block_ms))
+        return self.deliveries(provider, batches)
+
+    def read_command(
+        self, provider: str, consumer: str, count: int, block_ms: int
+    ) -> tuple[Any, ...]:
+        """The blocking read of :meth:`read`."""
+        return (
             "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
             "STREAMS", self.keys.queue(provider), ">",
         )  # fmt: skip
+
+    @staticmethod
+    def deliveries(provider: str, batches: Any) -> list[Delivery]:
+        """:meth:`read_command`'s answer as deliveries."""
         return [
             _delivery(provider, entry_id, fields, 1)
             for _stream, entries in batches or ()
