@@ -137,29 +137,22 @@ class ReplyRouter:
             await reader.close(wait=False)
 
     def _read_until(self, reader: Batcher, until: float, block_ms: int) -> asyncio.Future[None]:
-        """Read the replies, each handed to its waiter in the step that reads it, and
-        ask again at once, until ``until`` (monotonic time) or a Redis error (the
+        """Read the replies, each handed to its waiter in the step that reads it
+        (:meth:`Batcher.reads`), until ``until`` (monotonic time) or a Redis error (the
         future's). No task switch per read: on a lightly loaded process each was a
         loop turn on every reply's way."""
-        done: asyncio.Future[None] = self.loop().create_future()
 
-        def answered(batches: Any, error: BaseException | None) -> None:
-            if done.done():  # the reader stopped
-                return
-            if error is not None:
-                done.set_exception(error)
-                return
-            self.healthy = True
-            for entry_id, job_id, reply in JobStore.decode_replies(self.stream, batches):
-                self._last_id = entry_id
-                waiter = self._waiters.get(job_id)
-                if waiter is not None:
-                    waiter.put(reply)
+        def next_read() -> tuple[Any, ...] | None:
             if time.monotonic() >= until:
-                done.set_result(None)
-            else:
-                read = JobStore.replies_command(self.stream, self._last_id, block_ms)
-                reader.call_then(answered, *read)
+                return None
+            return JobStore.replies_command(self.stream, self._last_id, block_ms)
 
-        reader.call_then(answered, *JobStore.replies_command(self.stream, self._last_id, block_ms))
-        return done
+        return reader.reads(next_read, self._route)
+
+    def _route(self, batches: Any) -> None:
+        self.healthy = True
+        for entry_id, job_id, reply in JobStore.decode_replies(self.stream, batches):
+            self._last_id = entry_id
+            waiter = self._waiters.get(job_id)
+            if waiter is not None:
+                waiter.put(reply)

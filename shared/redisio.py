@@ -435,6 +435,34 @@ class Batcher:
         self._pending.append((args, _Then(then), loop.time(), False))  # type: ignore[arg-type]
         self._flush_later()
 
+    def reads(
+        self, next_read: Callable[[], tuple[Any, ...] | None], handle: Callable[[Any], None]
+    ) -> asyncio.Future[None]:
+        """Blocking reads, one after another: ``next_read()``'s command is sent, its
+        answer goes to ``handle`` in the step that reads it, and the next command
+        leaves at once. The future ends when ``next_read()`` gives None, or with the
+        first Redis error; once it is done (or cancelled) no more is sent."""
+        done: asyncio.Future[None] = self._loop().create_future()
+
+        def ask() -> None:
+            command = next_read()
+            if command is None:
+                done.set_result(None)
+            else:
+                self.call_then(answered, *command)
+
+        def answered(result: Any, error: BaseException | None) -> None:
+            if done.done():  # the reader stopped
+                return
+            if error is not None:
+                done.set_exception(error)
+                return
+            handle(result)
+            ask()
+
+        ask()
+        return done
+
     def _call(self, args: Sequence[Any], resend: bool) -> asyncio.Future[Any]:
         loop = self._loop()
         fut: asyncio.Future[Any] = loop.create_future()

@@ -198,3 +198,23 @@ async def test_call_then_answers_in_the_step_that_reads_the_reply(client: aiored
         await batcher.close()
     assert heard[0] == (b"hello", None, None)
     assert heard[1] == (None, ResponseError, None)
+
+
+async def test_reads_send_each_next_command_until_told_to_stop(client: aioredis.Redis) -> None:
+    batcher = Batcher(client, timeout=5)
+    handled: list[object] = []
+    commands = [("ECHO", "a"), ("ECHO", "b"), ("ECHO", "c")]
+    try:
+        await asyncio.wait_for(
+            batcher.reads(lambda: commands.pop(0) if commands else None, handled.append), 5
+        )
+        assert handled == [b"a", b"b", b"c"]
+        # A Redis error ends the reads with it.
+        failing = [("INCR", "too", "many")]
+        with pytest.raises(ResponseError):
+            await asyncio.wait_for(
+                batcher.reads(lambda: failing.pop(0) if failing else None, handled.append), 5
+            )
+        assert handled == [b"a", b"b", b"c"]
+    finally:
+        await batcher.close()

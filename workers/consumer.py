@@ -181,28 +181,24 @@ class StreamConsumer:
         ask again at once while slots are free, until a reclaim is due, the consumer
         stops or Redis fails (the future's error). No task switch per read: on a
         lightly loaded worker each was a loop turn on every job's way."""
-        done: asyncio.Future[None] = self._loop.create_future()
         block_ms = self._wcfg.block_ms
+        first = True
 
-        def answered(batches: Any, error: BaseException | None) -> None:
-            if done.done():  # the reader stopped
-                return
-            if error is not None:
-                done.set_exception(error)
-                return
-            for delivery in self._queues.deliveries(self.provider, batches):
-                self._spawn(delivery)
+        def next_read() -> tuple[Any, ...] | None:
+            nonlocal first
             free = self.free_slots
-            if free <= 0 or self._stopping.is_set() or time.monotonic() >= self._next_reclaim:
-                done.set_result(None)
-            else:
-                reader.call_then(answered, *read(free))
+            # One read at least between two reclaims, as between any two rounds.
+            due = not first and time.monotonic() >= self._next_reclaim
+            if free <= 0 or self._stopping.is_set() or due:
+                return None
+            first = False
+            return self._queues.read_command(self.provider, self.name, free, block_ms)
 
-        def read(count: int) -> tuple[Any, ...]:
-            return self._queues.read_command(self.provider, self.name, count, block_ms)
+        return reader.reads(next_read, self._start)
 
-        reader.call_then(answered, *read(self.free_slots))
-        return done
+    def _start(self, batches: Any) -> None:
+        for delivery in self._queues.deliveries(self.provider, batches):
+            self._spawn(delivery)
 
     async def maintain_loop(self) -> None:
         """Keep this consumer's leases fresh and remove the group's dead consumers."""
