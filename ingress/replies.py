@@ -125,7 +125,7 @@ class ReplyRouter:
                     await self._read_until(reader, min(next_refresh, next_trim), block_ms)
                     backoff = 0.05
                 except REDIS_DOWN as e:
-                    raise_if_cancelling()
+                    raise_if_cancelling(loop)
                     if self.healthy:
                         log.warning("reply reader: Redis unreachable: %s", e)
                     self.healthy = False

@@ -441,7 +441,9 @@ class Batcher:
         """Blocking reads, one after another: ``next_read()``'s command is sent, its
         answer goes to ``handle`` in the step that reads it, and the next command
         leaves at once. The future ends when ``next_read()`` gives None, or with the
-        first Redis error; once it is done (or cancelled) no more is sent."""
+        first Redis error or error of ``handle`` or ``next_read`` (a reader's defect
+        ends its reads, as it would end a loop); once it is done (or cancelled) no
+        more is sent."""
         done: asyncio.Future[None] = self._loop().create_future()
 
         def ask() -> None:
@@ -457,8 +459,12 @@ class Batcher:
             if error is not None:
                 done.set_exception(error)
                 return
-            handle(result)
-            ask()
+            try:
+                handle(result)
+                ask()
+            except Exception as e:
+                if not done.done():
+                    done.set_exception(e)
 
         ask()
         return done

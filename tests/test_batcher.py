@@ -218,3 +218,22 @@ async def test_reads_send_each_next_command_until_told_to_stop(client: aioredis.
         assert handled == [b"a", b"b", b"c"]
     finally:
         await batcher.close()
+
+
+async def test_a_readers_own_error_ends_its_reads_with_that_error(client: aioredis.Redis) -> None:
+    """A defect in what a reader does with an answer ends the reads (as it would end
+    a loop) instead of leaving them waiting for an answer that never comes."""
+    batcher = Batcher(client, timeout=5)
+    commands = [("ECHO", "a"), ("ECHO", "b")]
+
+    def handle(result: object) -> None:
+        raise ValueError(f"cannot use {result!r}")
+
+    try:
+        with pytest.raises(ValueError, match="cannot use b'a'"):
+            await asyncio.wait_for(
+                batcher.reads(lambda: commands.pop(0) if commands else None, handle), 5
+            )
+        assert commands == [("ECHO", "b")]  # nothing more was asked
+    finally:
+        await batcher.close()
