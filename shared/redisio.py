@@ -436,18 +436,34 @@ class Batcher:
         self._flush_later()
 
     def reads(
-        self, next_read: Callable[[], tuple[Any, ...] | None], handle: Callable[[Any], None]
+        self,
+        next_read: Callable[[], tuple[Any, ...] | None],
+        handle: Callable[[Any], None],
+        *,
+        behind_tasks: bool = False,
     ) -> asyncio.Future[None]:
         """Blocking reads, one after another: ``next_read()``'s command is sent, its
         answer goes to ``handle`` in the step that reads it, and the next command
         leaves at once. The future ends when ``next_read()`` gives None, or with the
         first Redis error or error of ``handle`` or ``next_read`` (a reader's defect
         ends its reads, as it would end a loop); once it is done (or cancelled) no
-        more is sent."""
-        done: asyncio.Future[None] = self._loop().create_future()
+        more is sent.
+
+        ``behind_tasks``: the next command is asked for one loop turn later, so that
+        what the tasks ``handle`` started write in their first two steps (a job's
+        upstream request) leaves before it: on a quiet process every write wakes
+        another, and the one the caller waits for goes first."""
+        loop = self._loop()
+        done: asyncio.Future[None] = loop.create_future()
 
         def ask() -> None:
-            command = next_read()
+            if done.done():  # stopped (or cancelled) meanwhile
+                return
+            try:
+                command = next_read()
+            except Exception as e:
+                done.set_exception(e)
+                return
             if command is None:
                 done.set_result(None)
             else:
@@ -461,10 +477,13 @@ class Batcher:
                 return
             try:
                 handle(result)
-                ask()
             except Exception as e:
-                if not done.done():
-                    done.set_exception(e)
+                done.set_exception(e)
+                return
+            if behind_tasks:
+                loop.call_soon(ask)
+            else:
+                ask()
 
         ask()
         return done

@@ -237,3 +237,37 @@ async def test_a_readers_own_error_ends_its_reads_with_that_error(client: aiored
         assert commands == [("ECHO", "b")]  # nothing more was asked
     finally:
         await batcher.close()
+
+
+@pytest.mark.parametrize("behind_tasks", [False, True])
+async def test_reads_behind_tasks_let_the_started_tasks_write_first(
+    client: aioredis.Redis, behind_tasks: bool
+) -> None:
+    """A worker's next queue read waits behind the jobs it started: what a job
+    sends in its first steps reaches Redis before the read. Here the job's SET
+    precedes the next read (a GET of its key) only with behind_tasks."""
+    batcher = Batcher(client, timeout=5)
+    key = f"behind-{behind_tasks}"
+    commands = [("ECHO", "a"), ("GET", key)]
+    handled: list[object] = []
+    started: list[asyncio.Task[object]] = []
+
+    async def job() -> object:
+        return await batcher.call("SET", key, "set")
+
+    def handle(result: object) -> None:
+        handled.append(result)
+        if result == b"a":
+            started.append(asyncio.get_running_loop().create_task(job()))
+
+    try:
+        await asyncio.wait_for(
+            batcher.reads(
+                lambda: commands.pop(0) if commands else None, handle, behind_tasks=behind_tasks
+            ),
+            5,
+        )
+        await asyncio.wait_for(started[0], 5)
+    finally:
+        await batcher.close()
+    assert handled == ([b"a", b"set"] if behind_tasks else [b"a", None])

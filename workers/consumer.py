@@ -194,7 +194,8 @@ class StreamConsumer:
             first = False
             return self._queues.read_command(self.provider, self.name, free, block_ms)
 
-        return reader.reads(next_read, self._start)
+        # A job's upstream request leaves before the next read (behind_tasks).
+        return reader.reads(next_read, self._start, behind_tasks=True)
 
     def _start(self, batches: Any) -> None:
         for delivery in self._queues.deliveries(self.provider, batches):
