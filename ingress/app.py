@@ -272,6 +272,8 @@ def create_app(config: Config, pod: str) -> web.Application:
         account_json=AccountJson(accounts.k, config.accounts),
         files=Files(redis, config.redis.key_prefix, open_store(config.files), config.files),
     )
+    # One call in hand: its Redis commands leave at once, not a loop turn later.
+    batcher.quiet = lambda: state.in_flight <= 1
     app = web.Application(
         middlewares=[errors_middleware], client_max_size=config.ingress.max_body_bytes
     )

@@ -370,7 +370,9 @@ class Observer(Protocol):
 class Batcher:
     """Sends commands in pipelines, several callers' commands per round trip.
 
-    Every command called in one turn of the event loop leaves in one write. While
+    Every command called in one turn of the event loop leaves in one write (on a
+    quiet process, see ``quiet``, a command called while nothing is on the wire
+    leaves at once). While
     ``max_in_flight`` pipelines are on the wire, new commands wait and leave
     together with the next one, as in Nagle's algorithm: an idle process pays no
     delay, a busy one pays a fraction of a round trip and sends one write instead
@@ -423,6 +425,10 @@ class Batcher:
         self._closed = False
         #: The event loop, kept from the first call.
         self._loop = LoopRef()
+        #: Whether the process is quiet now (its owner sets it: one request in hand):
+        #: then a command called while the wire is idle leaves at once instead of
+        #: on the next loop turn. Unset: every command waits for the turn's end.
+        self.quiet: Callable[[], bool] | None = None
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         return self._call(args, True)
@@ -492,7 +498,23 @@ class Batcher:
         loop = self._loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((args, fut, loop.time(), resend))
-        self._flush_later()
+        wire = self._wire
+        if (
+            len(self._pending) == 1
+            and not self._flush_soon
+            and wire is not None
+            and not wire.batches
+            and not wire.closed
+            and self.quiet is not None
+            and self.quiet()
+        ):
+            # A quiet process (one request in hand) with nothing on the wire would
+            # only wait a loop turn for company that does not come, on the request's
+            # path. What is called after it waits for its round trip, as any command
+            # does while one is on the wire.
+            self._flush()
+        else:
+            self._flush_later()
         return fut
 
     def _flush_later(self) -> None:

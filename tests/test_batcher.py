@@ -271,3 +271,21 @@ async def test_reads_behind_tasks_let_the_started_tasks_write_first(
     finally:
         await batcher.close()
     assert handled == ([b"a", b"set"] if behind_tasks else [b"a", None])
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+async def test_a_quiet_process_sends_a_command_at_once(client: aioredis.Redis, quiet: bool) -> None:
+    """On a quiet process a command called while nothing is on the wire leaves in
+    the step that calls it (the next one, called in the same step, follows once its
+    round trip ends); otherwise both leave together at the end of the loop turn."""
+    trips = RoundTrips()
+    batcher = Batcher(client, timeout=5, round_trip=trips)
+    batcher.quiet = lambda: quiet
+    try:
+        assert await batcher.call("PING") is True  # connected
+        first = batcher.call("ECHO", "a")
+        second = batcher.call("ECHO", "b")
+        assert [await first, await second] == [b"a", b"b"]
+    finally:
+        await batcher.close()
+    assert trips.count == (3 if quiet else 2)

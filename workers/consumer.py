@@ -110,6 +110,11 @@ class StreamConsumer:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
+    @property
+    def running(self) -> int:
+        """Deliveries in hand."""
+        return len(self._tasks)
+
     def _spawn(self, delivery: Delivery) -> None:
         entry_id = delivery.entry_id
         if entry_id in self._tasks:

@@ -136,6 +136,8 @@ async def serve(
         )
         for p in providers
     ]
+    # One job in hand: its Redis commands (its settlement) leave at once.
+    batcher.quiet = lambda: sum(pool.consumer.running for pool in pools) <= 1
     tasks = [loop.create_task(pool.consumer.read_loop()) for pool in pools]
     tasks += [loop.create_task(pool.consumer.maintain_loop()) for pool in pools]
     heartbeat = Heartbeat(config, redis, consumer, pools)
