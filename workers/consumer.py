@@ -119,19 +119,27 @@ class StreamConsumer:
         entry_id = delivery.entry_id
         if entry_id in self._tasks:
             return
-        task = self._loop.create_task(self._run(delivery))
+        try:
+            run = self._handle(delivery)  # an early job's upstream call starts here
+        except Exception:  # the task boundary, as in _run: the entry stays pending
+            log.exception("provider %s: entry %s failed unexpectedly", self.provider, entry_id)
+            return
+        task = self._loop.create_task(self._run(delivery, run))
         self._tasks[entry_id] = task
         self._in_flight.inc()
-        task.add_done_callback(lambda _t: self._done(entry_id))
+        task.add_done_callback(lambda _t: self._done(entry_id, run))
 
-    def _done(self, entry_id: str) -> None:
+    def _done(self, entry_id: str, run: Awaitable[None]) -> None:
+        close = getattr(run, "close", None)
+        if close is not None:
+            close()  # a run cancelled before it began (at shutdown) never ran
         self._tasks.pop(entry_id, None)
         self._in_flight.dec()
         self._slot_freed.set()
 
-    async def _run(self, delivery: Delivery) -> None:
+    async def _run(self, delivery: Delivery, run: Awaitable[None]) -> None:
         try:
-            await self._handle(delivery)
+            await run
         except asyncio.CancelledError:
             raise
         except Exception:  # the task boundary: log once, the entry stays pending

@@ -134,6 +134,12 @@ class ProviderPool:
         call.cancel()
         return True
 
+    def abort_calls(self) -> None:
+        """Abort every upstream call still running (shutdown, after the grace period:
+        their entries stay pending for another worker)."""
+        for call in list(self._pool.calls.values()):
+            call.cancel()
+
     async def _renew(self) -> None:
         """Keep the limit leases of running calls."""
         renew = self.limits.renew_commands()

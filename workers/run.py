@@ -60,8 +60,12 @@ class JobRun:
             self.start.set_result(Verdict.RUN)
         else:
             self.start = asyncio.ensure_future(self._start())
-        #: The upstream call, once started (cancelled to abort it).
+        #: The upstream call, once started (cancelled to abort it). An early call
+        #: starts here, as the delivery is read: its first step, which writes the
+        #: upstream request, runs in the next loop turn, not one after the run's.
         self.call: asyncio.Task[None] | None = None
+        if self.early:
+            self._begin_call()
 
     # ------------------------------------------------------------ start
 
@@ -100,8 +104,6 @@ class JobRun:
         # cancelled after dispatch and before this delivery is that of one read.
         # Every other delivery (async jobs, redeliveries) waits for the start
         # function: a job cancelled while queued never reaches the upstream.
-        if self.early:
-            self._begin_call()
         try:
             verdict = await self.start
         except REDIS_DOWN as e:
