@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -35,7 +35,7 @@ class StreamConsumer:
         queues: Queues,
         consumer: str,
         metrics: WorkerMetrics,
-        handle: Callable[[Delivery], Awaitable[None]],
+        handle: Callable[[Delivery], Coroutine[Any, Any, None]],
         renew: Callable[[], Awaitable[None]],
         upkeep: Callable[[], Awaitable[None]],
         upkeep_every: float,
@@ -129,15 +129,13 @@ class StreamConsumer:
         self._in_flight.inc()
         task.add_done_callback(lambda _t: self._done(entry_id, run))
 
-    def _done(self, entry_id: str, run: Awaitable[None]) -> None:
-        close = getattr(run, "close", None)
-        if close is not None:
-            close()  # a run cancelled before it began (at shutdown) never ran
+    def _done(self, entry_id: str, run: Coroutine[Any, Any, None]) -> None:
+        run.close()  # a run cancelled before it began (at shutdown) never ran
         self._tasks.pop(entry_id, None)
         self._in_flight.dec()
         self._slot_freed.set()
 
-    async def _run(self, delivery: Delivery, run: Awaitable[None]) -> None:
+    async def _run(self, delivery: Delivery, run: Coroutine[Any, Any, None]) -> None:
         try:
             await run
         except asyncio.CancelledError:
