@@ -438,7 +438,7 @@ class Batcher:
         step that reads its answer (an awaited call resumes its task one loop turn
         later): for a reader that hands each answer on and asks again at once."""
         loop = self._loop()
-        self._pending.append((args, _Then(then), loop.time(), False))  # type: ignore[arg-type]
+        self._pending.append((args, _Then(then), loop.time(), True))  # type: ignore[arg-type]
         self._flush_later()
 
     def reads(
@@ -459,40 +459,7 @@ class Batcher:
         what the tasks ``handle`` started write in their first two steps (a job's
         upstream request) leaves before it: on a quiet process every write wakes
         another, and the one the caller waits for goes first."""
-        loop = self._loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def ask() -> None:
-            if done.done():  # stopped (or cancelled) meanwhile
-                return
-            try:
-                command = next_read()
-            except Exception as e:
-                done.set_exception(e)
-                return
-            if command is None:
-                done.set_result(None)
-            else:
-                self.call_then(answered, *command)
-
-        def answered(result: Any, error: BaseException | None) -> None:
-            if done.done():  # the reader stopped
-                return
-            if error is not None:
-                done.set_exception(error)
-                return
-            try:
-                handle(result)
-            except Exception as e:
-                done.set_exception(e)
-                return
-            if behind_tasks:
-                loop.call_soon(ask)
-            else:
-                ask()
-
-        ask()
-        return done
+        return chain_reads(self._loop(), self.call_then, next_read, handle, behind_tasks)
 
     def _call(self, args: Sequence[Any], resend: bool) -> asyncio.Future[Any]:
         loop = self._loop()
@@ -726,6 +693,50 @@ class _Then:
             self._then(result, error)
         except Exception:  # the reader's defect must not break the connection's reading
             log.exception("a reader's callback failed")
+
+
+def chain_reads(
+    loop: asyncio.AbstractEventLoop,
+    call_then: Callable[..., None],
+    next_read: Callable[[], tuple[Any, ...] | None],
+    handle: Callable[[Any], None],
+    behind_tasks: bool,
+) -> asyncio.Future[None]:
+    """:meth:`Batcher.reads` over any ``call_then`` (a node's batcher, or a
+    cluster's, which routes each read to the node of its stream)."""
+    done: asyncio.Future[None] = loop.create_future()
+
+    def ask() -> None:
+        if done.done():  # stopped (or cancelled) meanwhile
+            return
+        try:
+            command = next_read()
+        except Exception as e:
+            done.set_exception(e)
+            return
+        if command is None:
+            done.set_result(None)
+        else:
+            call_then(answered, *command)
+
+    def answered(result: Any, error: BaseException | None) -> None:
+        if done.done():  # the reader stopped
+            return
+        if error is not None:
+            done.set_exception(error)
+            return
+        try:
+            handle(result)
+        except Exception as e:
+            done.set_exception(e)
+            return
+        if behind_tasks:
+            loop.call_soon(ask)
+        else:
+            ask()
+
+    ask()
+    return done
 
 
 def _fail(futures: Sequence[asyncio.Future[Any]], error: BaseException) -> None:

@@ -138,15 +138,100 @@ async def rclient(redis_up: RedisServer) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-def answering(port: int, *command: Any, password: str | None = None) -> None:
-    """Return once the server on ``port`` answers ``command`` (within 10 s)."""
+class RedisCluster:
+    """A Redis Cluster of ``redis-server --cluster-enabled yes`` primaries on free
+    ports, the slots split evenly."""
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        self.nodes = [RedisServer(workdir / f"node-{i}") for i in range(size)]
+        #: Each node's cluster bus port (by default its port + 10000, maybe past 65535).
+        self.bus_ports = [free_port() for _ in self.nodes]
+        for node, bus in zip(self.nodes, self.bus_ports, strict=True):
+            node.dir.mkdir(parents=True)
+            node.args = (
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node.dir / "nodes.conf"),
+                "--cluster-port",
+                str(bus),
+                "--cluster-node-timeout",
+                "2000",
+                "--appendonly",
+                "no",
+            )
+
+    @property
+    def seeds(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    def start(self) -> None:
+        """Start the nodes and join them: each takes an even share of the slots and
+        meets the others (what ``redis-cli --cluster create`` does, without its
+        one-second polls)."""
+        for node in self.nodes:
+            node.start()
+        share = 16384 // len(self.nodes)
+        for i in range(len(self.nodes)):
+            last = 16383 if i == len(self.nodes) - 1 else (i + 1) * share - 1
+            with self.client(i) as c:
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+                for j in range(i):
+                    c.execute_command(
+                        "CLUSTER", "MEET", "127.0.0.1", self.nodes[j].port, self.bus_ports[j]
+                    )
+        for node in self.nodes:
+            answering(node.port, "CLUSTER", "INFO", ready=lambda info: b"cluster_state:ok" in info)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(signal.SIGKILL)
+
+    def client(self, index: int) -> redis.Redis:
+        """A plain (not cluster-aware) client of one node."""
+        return redis.Redis(port=self.nodes[index].port)
+
+    def owner(self, slot: int) -> int:
+        """The index of the node that serves ``slot``."""
+        with self.client(0) as c:
+            for start, end, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return next(i for i, n in enumerate(self.nodes) if n.port == primary[1])
+        raise AssertionError(f"no node serves slot {slot}")
+
+    def node_id(self, index: int) -> str:
+        with self.client(index) as c:
+            return str(c.execute_command("CLUSTER", "MYID").decode())
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """Three primaries, made for one test (tests move slots and kill nodes)."""
+    cluster = RedisCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def answering(
+    port: int,
+    *command: Any,
+    password: str | None = None,
+    ready: Callable[[Any], bool] = bool,
+) -> None:
+    """Return once the server on ``port`` answers ``command`` with what ``ready``
+    accepts (within 10 s)."""
     client = redis.Redis(port=port, password=password, socket_connect_timeout=0.2)
     deadline = time.monotonic() + 10
     try:
         while True:
             try:
-                if client.execute_command(*command):  # type: ignore[no-untyped-call]
+                if ready(client.execute_command(*command)):  # type: ignore[no-untyped-call]
                     return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"port {port} did not answer {command} as expected")
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
                     raise
