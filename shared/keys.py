@@ -1,10 +1,15 @@
 """Every Redis key and stream name, built in one place.
 
 Provider keys carry a hash tag (``{provider}``) so that a provider's keys stay in
-one Redis Cluster slot.
+one Redis Cluster slot. On a Cluster (``cluster=True``, docs/cluster.md) the tag
+is the provider's code instead, the first four hex digits of the SHA-1 of its
+name, and a job's id begins with the code of the provider that admitted it: its
+record, its reply stream and its webhook events share that provider's slot.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 #: Consumer group of every provider queue.
 GROUP = "workers"
@@ -12,13 +17,34 @@ GROUP = "workers"
 WEBHOOK_GROUP = "webhooks"
 
 
+def provider_code(provider: str) -> str:
+    """A provider's hash tag on a Cluster (``provider_tag`` in the job functions)."""
+    return hashlib.sha1(provider.encode()).hexdigest()[:4]
+
+
 class Keys:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, *, cluster: bool = False) -> None:
         self.prefix = prefix
+        self.cluster = cluster
+        self._codes: dict[str, str] = {}
+
+    def tag(self, provider: str) -> str:
+        """What a provider's keys carry in braces: its name, or on a Cluster its code."""
+        if not self.cluster:
+            return provider
+        code = self._codes.get(provider)
+        if code is None:
+            code = self._codes[provider] = provider_code(provider)
+        return code
+
+    def job_id(self, provider: str, random_hex: str) -> str:
+        """A new job's id from 32 random hex digits: on a Cluster its first four are
+        the provider's code (112 random bits stay)."""
+        return self.tag(provider) + random_hex[4:] if self.cluster else random_hex
 
     def queue(self, provider: str) -> str:
         """Stream of jobs for one provider; its length is the queue depth."""
-        return f"{self.prefix}q:{{{provider}}}"
+        return f"{self.prefix}q:{{{self.tag(provider)}}}"
 
     # The scheduler's keys that Python reads; shared/store/scripts.py builds them, and
     # the rest, in Lua (docs/scheduling.md lists them all).
@@ -26,36 +52,38 @@ class Keys:
     def waiting(self, provider: str, priority: str, tenant: str) -> str:
         """List of a tenant's jobs of one class waiting for the provider's workers
         (each ``"<job id> <packed job>"``), oldest first."""
-        return f"{self.prefix}w:{{{provider}}}:{priority}:{tenant}"
+        return f"{self.prefix}w:{{{self.tag(provider)}}}:{priority}:{tenant}"
 
     def waiting_index(self, provider: str, priority: str) -> str:
         """Sorted set of the jobs of one class waiting for the provider (score:
         creation time): the class's depth and its oldest job."""
-        return f"{self.prefix}wait:{{{provider}}}:{priority}"
+        return f"{self.prefix}wait:{{{self.tag(provider)}}}:{priority}"
 
     def capacity(self, provider: str) -> str:
         """The slots of the provider's live workers (what the queue may hold)."""
-        return f"{self.prefix}cap:{{{provider}}}"
+        return f"{self.prefix}cap:{{{self.tag(provider)}}}"
 
     def workers(self, provider: str) -> str:
         """Hash of the provider's live workers: consumer name → "slots expiry"."""
-        return f"{self.prefix}workers:{{{provider}}}"
+        return f"{self.prefix}workers:{{{self.tag(provider)}}}"
 
     def scheduler(self, provider: str) -> str:
         """Hash of the provider's scheduler state: each lower class's minimum share
         and credit, and ``entries``, the waiting lists' entries (five fields)."""
-        return f"{self.prefix}sched:{{{provider}}}"
+        return f"{self.prefix}sched:{{{self.tag(provider)}}}"
 
     def tenant_queued(self, provider: str) -> str:
         """Hash: tenant → its jobs waiting for the provider."""
-        return f"{self.prefix}tq:{{{provider}}}"
+        return f"{self.prefix}tq:{{{self.tag(provider)}}}"
 
     def dead_letter(self, provider: str) -> str:
         """Stream of jobs that failed after too many deliveries."""
-        return f"{self.prefix}dlq:{{{provider}}}"
+        return f"{self.prefix}dlq:{{{self.tag(provider)}}}"
 
     def job(self, job_id: str) -> str:
         """Hash holding one job's status, timestamps, tenant, result or error."""
+        if self.cluster:
+            return f"{self.prefix}job:{{{job_id[:4]}}}{job_id}"
         return f"{self.prefix}job:{job_id}"
 
     def response(self, job_id: str) -> str:
@@ -63,8 +91,11 @@ class Keys:
         ``GET /v1/responses/{id}`` and ``previous_response_id``; expires with the job."""
         return f"{self.prefix}resp:{job_id}"
 
-    def reply(self, pod: str) -> str:
-        """Stream of replies for the jobs whose client waits on one ingress process."""
+    def reply(self, pod: str, provider: str = "") -> str:
+        """Stream of replies for the jobs whose client waits on one ingress process
+        (on a Cluster, one per provider: the settling job's)."""
+        if self.cluster:
+            return f"{self.prefix}r:{{{self.tag(provider)}}}:{pod}"
         return f"{self.prefix}r:{pod}"
 
     def idempotency(self, tenant: str, key: str) -> str:
@@ -73,17 +104,30 @@ class Keys:
         whatever characters either holds."""
         return f"{self.prefix}idem:{len(tenant)}:{tenant}:{key}"
 
-    def tenant_jobs(self, tenant: str) -> str:
-        """Sorted set of a tenant's async jobs, scored by creation time (for listing)."""
+    def tenant_jobs(self, tenant: str, provider: str = "") -> str:
+        """Sorted set of a tenant's async jobs, scored by creation time (for listing;
+        on a Cluster, one per provider)."""
+        if self.cluster:
+            return f"{self.prefix}jobs:{{{self.tag(provider)}}}:{tenant}"
         return f"{self.prefix}jobs:{tenant}"
 
-    def webhook_events(self) -> str:
-        """Stream of finished jobs whose webhook is still to be delivered."""
+    def webhook_events(self, provider: str = "") -> str:
+        """Stream of finished jobs whose webhook is still to be delivered (on a
+        Cluster, one per provider)."""
+        if self.cluster:
+            return f"{self.prefix}wh:events:{{{self.tag(provider)}}}"
         return f"{self.prefix}wh:events"
 
     def webhook_queue(self) -> str:
         """The arq queue (sorted set) of webhook delivery attempts."""
         return f"{self.prefix}wh:queue"
+
+    def job_events(self, job_id: str) -> str:
+        """The webhook event stream that a job's end is written to: on a Cluster,
+        that of the provider whose slot holds its record."""
+        if self.cluster:
+            return f"{self.prefix}wh:events:{{{job_id[:4]}}}"
+        return f"{self.prefix}wh:events"
 
     def webhook_attempt(self, job_id: str, attempt: int) -> str:
         """arq job id of one delivery attempt; arq refuses a second job with the same id."""
@@ -96,12 +140,12 @@ class Keys:
     def lease_set(self, provider: str, deployment: str = "") -> str:
         """Sorted set of in-flight call leases (member: lease id, score: expiry time)
         of a provider, or of one of its deployments."""
-        return f"{self.prefix}sem:{{{provider}}}:{deployment}"
+        return f"{self.prefix}sem:{{{self.tag(provider)}}}:{deployment}"
 
     def rate_log(self, provider: str, deployment: str, what: str) -> str:
         """Sorted set of admitted calls (``req``) or token costs (``tok``) in the
         rate window, and ``tok:sum``, the running total of the latter."""
-        return f"{self.prefix}rl:{{{provider}}}:{deployment}:{what}"
+        return f"{self.prefix}rl:{{{self.tag(provider)}}}:{deployment}:{what}"
 
     def latency(self) -> str:
         """Hash: deployment name → moving average of its call latency (seconds)."""
@@ -128,7 +172,7 @@ class Keys:
 
     def dead_letter_replays(self, provider: str) -> str:
         """Hash: dead-letter entry id → the job id its replay made."""
-        return f"{self.prefix}dlq:{{{provider}}}:replayed"
+        return f"{self.prefix}dlq:{{{self.tag(provider)}}}:replayed"
 
     def cache(self, scope: str, digest: str) -> str:
         """A cached response, per tenant (or ``*`` when shared)."""

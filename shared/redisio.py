@@ -363,6 +363,13 @@ def _sentinels(cfg: RedisConfig, tls_options: dict[str, Any]) -> Sentinel:
     return _Sentinels(sc.hosts(), sentinel_kwargs=own)  # type: ignore[no-untyped-call]
 
 
+class Commands(Protocol):
+    """What sends Redis commands and hands back their answers: a :class:`Batcher`,
+    or a Cluster's (``shared/cluster.py``)."""
+
+    def call(self, *args: Any) -> asyncio.Future[Any]: ...
+
+
 class Observer(Protocol):
     def observe(self, amount: float) -> None: ...
 

@@ -8,18 +8,26 @@ reshard`` moves them (``CLUSTER SETSLOT`` ... ``MIGRATE`` ... ``SETSLOT NODE``).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
+from llm_broker.shared import messages as m
 from llm_broker.shared.cluster import ClusterBatcher, key_of, slot_of
+from llm_broker.shared.config import parse_config
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.redisio import REDIS_DOWN
+from llm_broker.shared.store import JobStore
+from llm_broker.shared.store.records import Result
 from llm_broker.shared.store.scripts import WEBHOOK_ATTEMPT
+from llm_broker.shared.store.values import Admitted, AsyncFields, Outcome, Verdict
 from tests.conftest import RedisCluster
-from tests.helpers import eventually
+from tests.helpers import eventually, make_job
 
 
 def _node_client(host: str, port: int) -> aioredis.Redis:
@@ -221,3 +229,111 @@ def _after(check: Any) -> Any:
         return bool(check())
 
     return poll
+
+
+# The job store on a Cluster -------------------------------------------------------
+
+
+def _providers_on_two_nodes(cluster: RedisCluster) -> tuple[str, str]:
+    """Two provider names whose keys land on different nodes."""
+    keys = Keys("c:", cluster=True)
+    names = [f"prov{i}" for i in range(20)]
+    first = names[0]
+    home = cluster.owner(slot_of(keys.queue(first)))
+    second = next(n for n in names if cluster.owner(slot_of(keys.queue(n))) != home)
+    return first, second
+
+
+@pytest.fixture
+async def cluster_store(
+    redis_cluster: RedisCluster,
+) -> AsyncIterator[tuple[JobStore, ClusterBatcher, tuple[str, str]]]:
+    a, b = _providers_on_two_nodes(redis_cluster)
+    mock = {"type": "mock", "base_url": "http://127.0.0.1:9/v1"}
+    config = parse_config({"redis": {"key_prefix": "c:"}, "providers": {a: mock, b: mock}})
+    client = RedisClusterClient(host="127.0.0.1", port=redis_cluster.nodes[0].port)
+    batcher = ClusterBatcher(redis_cluster.seeds, _node_client, timeout=5.0)
+    reader = ClusterBatcher(redis_cluster.seeds, _node_client, timeout=5.0)
+    store = JobStore(config, batcher, client, cluster=True)
+    yield store, reader, (a, b)
+    await batcher.close()
+    await reader.close(wait=False)
+    await client.aclose()
+
+
+def _job(store: JobStore, provider: str, **changes: Any) -> m.Job:
+    job = make_job(provider=provider, model=provider, **changes)
+    return msgspec.structs.replace(job, id=store.keys.job_id(provider, job.id))
+
+
+async def test_a_synchronous_call_runs_on_its_providers_shard(
+    cluster_store: tuple[JobStore, ClusterBatcher, tuple[str, str]],
+    redis_cluster: RedisCluster,
+) -> None:
+    store, reader, providers = cluster_store
+    nodes = set()
+    for provider in providers:
+        await store.queues.ensure_group(provider)
+        assert await store.register(provider, "w1", 4, 60) == 0
+        job = msgspec.structs.replace(_job(store, provider), reply_to="pod-1")
+        # The record, the queue and the reply stream share the provider's slot.
+        slot = slot_of(store.keys.queue(provider))
+        assert slot_of(store.keys.job(job.id)) == slot_of(store.keys.reply("pod-1", provider))
+        assert slot_of(store.keys.job(job.id)) == slot
+        nodes.add(redis_cluster.owner(slot))
+        # The ingress process makes its reply stream before it waits (replies.py).
+        stream = store.keys.reply("pod-1", provider)
+        opened = await batcher_call(store, "XADD", stream, "*", "opened", "1")
+        assert await store.enqueue(job, max_depth=100, ttl_s=600) is None
+        (delivery,) = await store.queues.read(reader, provider, "w1", count=10, block_ms=100)
+        assert delivery.job == job
+        outcome = Outcome(
+            status=m.COMPLETED, payload=b'{"ok":1}', reply=Result(), started_at=time.time()
+        )
+        assert await store.settle(delivery, outcome, consumer="w1") is True
+        replies = await store.read_replies(reader, stream, opened, block_ms=100)
+        assert [(i, r) for _, i, r in replies] == [(job.id.encode(), Result(b'{"ok":1}'))]
+        rec = await store.record(job.id)
+        assert rec is not None and (rec.status, rec.attempts) == ("completed", 1)
+        assert await batcher_call(store, "XLEN", store.keys.queue(provider)) == 0
+    assert len(nodes) == 2  # two shards served one call each
+
+
+async def test_jobs_wait_and_are_cancelled_or_expire_on_a_cluster(
+    cluster_store: tuple[JobStore, ClusterBatcher, tuple[str, str]],
+) -> None:
+    store, reader, (provider, _) = cluster_store
+    await store.queues.ensure_group(provider)
+    waiting, cancelled, late = (_job(store, provider) for _ in range(3))
+    for job in (waiting, cancelled, late):  # no worker yet: they wait
+        assert await store.enqueue(job, max_depth=100, ttl_s=600) is None
+    index = store.keys.waiting_index(provider, waiting.priority)
+    assert await batcher_call(store, "ZCARD", index) == 3
+    found = await store.cancel(cancelled.id, cancelled.tenant, result_ttl=60)
+    assert found is not None and found.cancelled
+    assert await store.expire(late) is True
+    # A worker's slots: only the job still wanted reaches the stream.
+    assert await store.register(provider, "w1", 4, 60) == 1
+    deliveries = await store.queues.read(reader, provider, "w1", count=10, block_ms=100)
+    assert [d.job.id for d in deliveries if d.job] == [waiting.id]
+    assert await store.start(deliveries[0], result_ttl=60) is Verdict.RUN
+    statuses = await store.statuses([waiting.id, cancelled.id, late.id])
+    assert statuses == ["in_progress", "cancelled", "expired"]
+
+
+async def test_an_async_job_is_submitted_and_listed_on_a_cluster(
+    cluster_store: tuple[JobStore, ClusterBatcher, tuple[str, str]],
+) -> None:
+    store, _, (provider, _) = cluster_store
+    job = _job(store, provider)
+    admitted = await store.submit(
+        job, max_depth=100, ttl_s=600, extra=AsyncFields(), idempotency=None
+    )
+    assert isinstance(admitted, Admitted)
+    index = store.keys.tenant_jobs(job.tenant, provider)
+    assert slot_of(index) == slot_of(store.keys.job(job.id))
+    assert await batcher_call(store, "ZRANGE", index, 0, -1) == [job.id.encode()]
+
+
+async def batcher_call(store: JobStore, *command: Any) -> Any:
+    return await store._batcher.call(*command)

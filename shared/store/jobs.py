@@ -15,7 +15,7 @@ from llm_broker.shared import messages as m
 from llm_broker.shared.accounts import has_checks
 from llm_broker.shared.config import Config, Quota
 from llm_broker.shared.keys import GROUP, Keys
-from llm_broker.shared.redisio import Batcher, execute
+from llm_broker.shared.redisio import Commands, execute
 from llm_broker.shared.store import scripts
 from llm_broker.shared.store.queues import Queues
 from llm_broker.shared.store.records import (
@@ -67,8 +67,11 @@ _VERDICTS = {v.value.encode(): v for v in Verdict if v is not Verdict.FINAL}
 
 
 class JobStore:
-    def __init__(self, config: Config, batcher: Batcher, redis: aioredis.Redis) -> None:
-        self.keys = Keys(config.redis.key_prefix)
+    def __init__(
+        self, config: Config, batcher: Commands, redis: aioredis.Redis, *, cluster: bool = False
+    ) -> None:
+        self.keys = Keys(config.redis.key_prefix, cluster=cluster)
+        self._fn = scripts.Functions(scripts.CLUSTER_LIBRARY if cluster else scripts.LIBRARY)
         self._batcher = batcher
         self._redis = redis
         self._wcfg = config.worker
@@ -138,7 +141,7 @@ class JobStore:
         """Admit a synchronous call: its record and its place in the provider's
         waiting lists. None when admitted, else why not (``max_depth`` jobs wait or
         run on the provider, or a quota of the tenant's is reached)."""
-        command = scripts.ENQUEUE.command(
+        command = self._fn.enqueue.command(
             (self.keys.job(job.id),),
             (
                 m.job_encoder.encode(job),
@@ -179,14 +182,14 @@ class JobStore:
             fields += ["webhook_attempts", 0]
         if extra.batch_stream is not None:
             fields += ["batch", extra.batch_stream]
-        idem_key = keys.job(job.id)
+        idem_key = keys.job(job.id)  # (unused: the script's one key per slot)
         request_hash = ""
         if idempotency is not None:
             idem_key = keys.idempotency(job.tenant, idempotency.key)
             request_hash = idempotency.request_hash
             fields += ["idem_key", idem_key]
-        command = scripts.SUBMIT.command(
-            (keys.job(job.id), idem_key, index or keys.tenant_jobs(job.tenant)),
+        command = self._fn.submit.command(
+            (keys.job(job.id), idem_key, index or keys.tenant_jobs(job.tenant, job.provider)),
             (
                 m.job_encoder.encode(job),
                 ttl_s,
@@ -195,7 +198,7 @@ class JobStore:
                 min(ttl_s, idempotency.ttl_s) if idempotency is not None else 0,
                 job.id,
                 stamp(job.created),
-                keys.job(""),
+                self._prefix,
                 job.tenant,
                 *self._admission(job, max_depth, acct),
                 *fields,
@@ -244,8 +247,8 @@ class JobStore:
         moved to the queue."""
         cfg = self._config
         shares = cfg.scheduling.min_share
-        command = scripts.REGISTER.command(
-            (),
+        command = self._fn.register.command(
+            (self.keys.scheduler(provider),),
             (
                 self._prefix,
                 provider,
@@ -299,8 +302,8 @@ class JobStore:
         """Mark a delivered job started, unless it must not run (see :class:`Verdict`)."""
         job = delivery.job
         assert job is not None
-        command = scripts.START.command(
-            (self.keys.job(job.id), self.keys.webhook_events()),
+        command = self._fn.start.command(
+            (self.keys.job(job.id), self.keys.job_events(job.id)),
             (
                 stamp(time.time()),
                 self._wcfg.max_deliveries,
@@ -318,12 +321,17 @@ class JobStore:
         job = delivery.job
         keys = self.keys
         queue = keys.queue(delivery.provider)
-        reply_to = job.reply_to if job is not None and job.reply_to else ""
+        reply_to = self._reply_stream(job) if job is not None and job.reply_to else ""
         field = "result" if outcome.status == m.COMPLETED else "error"
         ttl = (job.result_ttl if job is not None else 0) or self._result_ttl
         history = msgspec.json.encode(outcome.history) if outcome.history else b""
-        settle = scripts.SETTLE.command(
-            (keys.job(job.id) if job else queue, queue, reply_to or queue, keys.webhook_events()),
+        settle = self._fn.settle.command(
+            (
+                keys.job(job.id) if job else queue,
+                queue,
+                reply_to or queue,
+                keys.job_events(job.id) if job else keys.webhook_events(delivery.provider),
+            ),
             (
                 GROUP,
                 delivery.entry_id,
@@ -397,7 +405,7 @@ class JobStore:
         that deployment's waiting list, and close this delivery. False if the job was
         final, or ``consumer`` no longer holds the entry (another worker took it over)."""
         keys = self.keys
-        command = scripts.MOVE.command(
+        command = self._fn.move.command(
             (keys.job(moved.id), keys.queue(delivery.provider)),
             (
                 GROUP,
@@ -412,14 +420,15 @@ class JobStore:
                 time.time(),
                 " ".join(map(str, self._settings(moved.tenant, moved.provider))),
                 consumer,
+                moved.id,
             ),
         )
         return bool(await self._batcher.call(*command))
 
     async def expire(self, job: m.Job) -> bool:
         """The client stopped waiting: a job not final yet becomes expired."""
-        command = scripts.EXPIRE_JOB.command(
-            (self.keys.job(job.id), self.keys.webhook_events()),
+        command = self._fn.expire_job.command(
+            (self.keys.job(job.id), self.keys.job_events(job.id)),
             (time.time(), job.id, job.result_ttl or self._result_ttl, self._prefix),
         )
         return bool(await self._batcher.call(*command))
@@ -428,8 +437,8 @@ class JobStore:
         """Cancel a tenant's job unless it is final; None if there is no such job
         (or it is another tenant's). The worker running it hears of it at once."""
         keys = self.keys
-        command = scripts.CANCEL.command(
-            (keys.job(job_id), keys.webhook_events()),
+        command = self._fn.cancel.command(
+            (keys.job(job_id), keys.job_events(job_id)),
             (time.time(), tenant, result_ttl, keys.cancel_channel(), job_id, self._prefix),
         )
         answer = await self._batcher.call(*command)
@@ -441,7 +450,7 @@ class JobStore:
         """Record a webhook delivery attempt's ``webhook_*`` fields, unless the job is
         gone; the record is kept at least ``keep_s`` more seconds."""
         pairs = [v for item in state.items() for v in item]
-        command = scripts.WEBHOOK_ATTEMPT.command((self.keys.job(job_id),), (keep_s, *pairs))
+        command = self._fn.webhook_attempt.command((self.keys.job(job_id),), (keep_s, *pairs))
         return bool(await self._batcher.call(*command))
 
     # ------------------------------------------------------------ replies
@@ -451,7 +460,7 @@ class JobStore:
         if job.reply_to:
             await self._batcher.call(
                 "XADD",
-                job.reply_to,
+                self._reply_stream(job),
                 "NOMKSTREAM",
                 "MAXLEN",
                 "~",
@@ -460,9 +469,17 @@ class JobStore:
                 *reply_fields(job.id, reply),
             )
 
+    def _reply_stream(self, job: m.Job) -> str:
+        """Where a job's replies go: the stream its ingress process named, or on a
+        Cluster that process's stream on the job's provider (``reply_to`` names
+        the process)."""
+        if self.keys.cluster:
+            return self.keys.reply(job.reply_to, job.provider)
+        return job.reply_to
+
     @staticmethod
     async def read_replies(
-        reader: Batcher, stream: str, after: bytes, *, block_ms: int
+        reader: Commands, stream: str, after: bytes, *, block_ms: int
     ) -> list[tuple[bytes, bytes, Reply]]:
         """The replies after entry ``after`` (blocking up to ``block_ms``), as
         ``(entry id, job id, reply)``; ``reader`` is the reader's own connection."""

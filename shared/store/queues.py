@@ -13,7 +13,7 @@ from redis.exceptions import ResponseError
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import PRIORITIES
 from llm_broker.shared.keys import GROUP, Keys
-from llm_broker.shared.redisio import Batcher, ensure_group
+from llm_broker.shared.redisio import Commands, ensure_group
 from llm_broker.shared.store.values import Delivery
 
 
@@ -28,7 +28,7 @@ class Queues:
         await ensure_group(self._redis, self.keys.queue(provider), GROUP)
 
     async def read(
-        self, reader: Batcher, provider: str, consumer: str, *, count: int, block_ms: int
+        self, reader: Commands, provider: str, consumer: str, *, count: int, block_ms: int
     ) -> list[Delivery]:
         """New entries for ``consumer`` (first deliveries), blocking up to ``block_ms``;
         ``reader`` is the reader's own connection."""
@@ -150,7 +150,7 @@ class Backlog(msgspec.Struct, frozen=True):
         return self.stream + sum(w.count for w in self.waiting)
 
 
-async def backlog(batcher: Batcher, keys: Keys, provider: str, now: float) -> Backlog:
+async def backlog(batcher: Commands, keys: Keys, provider: str, now: float) -> Backlog:
     """Read a provider's backlog (a few commands, pipelined by the batcher)."""
     queue = keys.queue(provider)
 

@@ -8,12 +8,27 @@ store passes them in that order, from one typed method per script.
 
 from __future__ import annotations
 
-from llm_broker.shared.redisio import Library
+from llm_broker.shared.redisio import Function, Library
 
 # Makes a job final: status, finish time and more fields, and its TTL (the
 # result is kept this long). The job's Idempotency-Key never outlives it, and a
 # job with a webhook gets an entry on the webhook event stream.
 _FINISH = """
+-- Where a provider's keys and a job's record are (shared/keys.py): on one Redis,
+-- the provider's name is its keys' hash tag and a record is job:<id>; on a Cluster
+-- (docs/cluster.md) the tag is the provider's code (the first four hex digits of
+-- the SHA-1 of its name), and a record shares the tag of the provider that
+-- admitted it, whose code begins its id.
+local function provider_tag(p)
+  if CLUSTER then return '{' .. string.sub(redis.sha1hex(p), 1, 4) .. '}' end
+  return '{' .. p .. '}'
+end
+
+local function record(prefix, id)
+  if CLUSTER then return prefix .. 'job:{' .. string.sub(id, 1, 4) .. '}' .. id end
+  return prefix .. 'job:' .. id
+end
+
 -- Accounts (keys and tenants kept in Redis, docs/accounts.md): a job's account
 -- is a JSON object written with its record at admission:
 --   s: its scopes (the key's, the tenant's), each {n = name, b = base of its
@@ -114,11 +129,13 @@ local PER_PROVIDER = {
   conf = 'tc:',          -- hash: class:tenant -> "weight in-flight quotas"
   queued = 'tq:',        -- hash: tenant -> jobs waiting here
 }
-local SHARED = {queued_all = 'tq', events = 'wh:events', job = 'job:'}
+local SHARED = {queued_all = 'tq', events = 'wh:events'}
 local KEYS_OF = {__index = function(S, name)
   local key
   if PER_PROVIDER[name] then
     key = S.prefix .. PER_PROVIDER[name] .. S.tag
+  elseif CLUSTER and name == 'events' then
+    key = S.prefix .. 'wh:events:' .. S.tag  -- (one event stream per provider)
   else
     key = S.prefix .. SHARED[name]
   end
@@ -127,7 +144,7 @@ local KEYS_OF = {__index = function(S, name)
 end}
 
 local function sched(prefix, p)
-  return setmetatable({prefix = prefix, tag = '{' .. p .. '}'}, KEYS_OF)
+  return setmetatable({prefix = prefix, tag = provider_tag(p)}, KEYS_OF)
 end
 local function ring(S, c) return S.prefix .. 'ring:' .. S.tag .. ':' .. c end
 local function deficits(S, c) return S.prefix .. 'drr:' .. S.tag .. ':' .. c end
@@ -140,6 +157,7 @@ local function flight_all(S, t) return S.prefix .. 'fla:' .. t end
 local function uncount(S, c, t, id)
   if redis.call('ZREM', index(S, c), id) == 0 then return end
   if redis.call('HINCRBY', S.queued, t, -1) <= 0 then redis.call('HDEL', S.queued, t) end
+  if CLUSTER then return end  -- (no count across providers: see docs/cluster.md)
   if redis.call('HINCRBY', S.queued_all, t, -1) <= 0 then redis.call('HDEL', S.queued_all, t) end
 end
 
@@ -163,7 +181,7 @@ local function push(S, c, t, id, created, packed, conf, front, keep)
     redis.call('HSET', S.conf, c .. ':' .. t, conf)
   end
   redis.call('HINCRBY', S.queued, t, 1)
-  redis.call('HINCRBY', S.queued_all, t, 1)
+  if not CLUSTER then redis.call('HINCRBY', S.queued_all, t, 1) end
   redis.call('HINCRBY', S.state, 'entries', 1)
   return true
 end
@@ -200,7 +218,7 @@ local function pop(S, c, t, now)
   local sp = string.find(e, ' ', 1, true)
   local id = string.sub(e, 1, sp - 1)
   uncount(S, c, t, id)
-  local job = S.job .. id
+  local job = record(S.prefix, id)
   local running, runnable, deadline, acct = live(job, now)
   if runnable then
     -- A job its account counts as queued no longer waits (see finish's header).
@@ -223,7 +241,8 @@ end
 local function head_dead(S, c, t, now)
   local e = redis.call('LINDEX', waiting(S, c, t), 0)
   if not e then return true end
-  local _, runnable = live(S.job .. string.sub(e, 1, string.find(e, ' ', 1, true) - 1), now)
+  local id = string.sub(e, 1, string.find(e, ' ', 1, true) - 1)
+  local _, runnable = live(record(S.prefix, id), now)
   return not runnable
 end
 
@@ -543,7 +562,7 @@ return {'ok'}
 # fields} or {'conflict'} (the key's job is gone or another tenant's).
 _SUBMIT = """
 local job, idem, index = KEYS[1], KEYS[2], KEYS[3]
-local packed, ttl, use_idem, idem_value, idem_ttl, id, score, job_prefix, tenant =
+local packed, ttl, use_idem, idem_value, idem_ttl, id, score, key_prefix, tenant =
   unpack(ARGV, 1, 9)
 -- ARGV[10…26]: the admission arguments; ARGV[27…]: the record's other field/value pairs
 -- (its account among them)
@@ -552,8 +571,9 @@ if use_idem == '1' then
   if seen then
     local seen_id = string.sub(seen, string.find(seen, ' ', 1, true) + 1)
     -- another tenant's job is never returned
-    if redis.call('HGET', job_prefix .. seen_id, 'tenant') ~= tenant then return {'conflict'} end
-    return {'dup', seen, redis.call('HGETALL', job_prefix .. seen_id)}
+    local seen_job = record(key_prefix, seen_id)
+    if redis.call('HGET', seen_job, 'tenant') ~= tenant then return {'conflict'} end
+    return {'dup', seen, redis.call('HGETALL', seen_job)}
   end
 end
 local S, q = admission(ARGV, 10, tenant)
@@ -565,7 +585,7 @@ if use_idem == '1' then redis.call('SET', idem, idem_value, 'EX', idem_ttl) end
 redis.call('ZADD', index, score, id)
 -- Bounded upkeep of the index: the oldest few ids whose records expired go.
 for _, old in ipairs(redis.call('ZRANGE', index, 0, 3)) do
-  if redis.call('EXISTS', job_prefix .. old) == 0 then redis.call('ZREM', index, old) end
+  if redis.call('EXISTS', record(key_prefix, old)) == 0 then redis.call('ZREM', index, old) end
 end
 if redis.call('TTL', index) < tonumber(ttl) then redis.call('EXPIRE', index, ttl) end
 enter(S, q, id, tonumber(score), packed)
@@ -652,7 +672,8 @@ if usage ~= '' then
   if a then used = tonumber(a) + tonumber(b) end
 end
 if tenant ~= '' and estimate ~= '0' and used >= 0 and used ~= tonumber(estimate) then
-  local windows = {prefix .. 'trl:' .. S.tag .. ':' .. tenant, prefix .. 'trla:' .. tenant}
+  local windows = {prefix .. 'trl:' .. S.tag .. ':' .. tenant}
+  if not CLUSTER then windows[2] = prefix .. 'trla:' .. tenant end
   for _, base in ipairs(windows) do
     local counted = id .. ':' .. estimate
     local at = redis.call('ZSCORE', base .. ':tok', counted)
@@ -673,7 +694,7 @@ return made
 _MOVE = """
 local job, from_queue = KEYS[1], KEYS[2]
 local group, entry, packed, provider, history, prefix, from_provider, tenant, class, now, conf,
-  consumer = unpack(ARGV, 1, 12)
+  consumer, id = unpack(ARGV, 1, 13)
 now = tonumber(now)
 local moved = 0
 local here, there = sched(prefix, from_provider), sched(prefix, provider)
@@ -685,7 +706,6 @@ if pending[1] and pending[1][2] == consumer then
   held = redis.call('XACK', from_queue, group, entry)
   redis.call('XDEL', from_queue, entry)
 end
-local id = string.sub(job, #here.job + 1)
 local st = redis.call('HMGET', job, 'status', 'created_at')
 if held == 1 and (st[1] == 'queued' or st[1] == 'in_progress') then
   push(there, class, tenant, id, tonumber(st[2]) or now, packed, conf, true, true)
@@ -751,6 +771,7 @@ return 1
 # jobs moved. (A provider's global in-flight cap is not applied here: a dead
 # worker's leases free long before its queue entries are reclaimed.)
 _REGISTER = """
+-- KEYS[1]: the provider's scheduler state (on a Cluster, where the call goes)
 local prefix, provider, consumer, slots, ttl, share_async, share_batch = unpack(ARGV, 1, 7)
 ttl = tonumber(ttl)
 -- Redis's clock, not the caller's: workers' clocks may differ.
@@ -794,22 +815,43 @@ return dispatch(S, now)
 """
 
 
-#: The job store's functions, loaded into Redis as one library.
-LIBRARY = Library(
-    "llmb",
-    _FINISH + _SCHED,
-    {
-        "enqueue": _ENQUEUE,
-        "submit": _SUBMIT,
-        "start": _START,
-        "settle": _SETTLE,
-        "move": _MOVE,
-        "expire_job": _EXPIRE_JOB,
-        "cancel": _CANCEL,
-        "webhook_attempt": _WEBHOOK_ATTEMPT,
-        "register": _REGISTER,
-    },
-)
+_FUNCTIONS = {
+    "enqueue": _ENQUEUE,
+    "submit": _SUBMIT,
+    "start": _START,
+    "settle": _SETTLE,
+    "move": _MOVE,
+    "expire_job": _EXPIRE_JOB,
+    "cancel": _CANCEL,
+    "webhook_attempt": _WEBHOOK_ATTEMPT,
+    "register": _REGISTER,
+}
+
+
+class Functions:
+    """One library's functions, by name (the job store calls them)."""
+
+    def __init__(self, library: Library) -> None:
+        self.enqueue: Function = library["enqueue"]
+        self.submit: Function = library["submit"]
+        self.start: Function = library["start"]
+        self.settle: Function = library["settle"]
+        self.move: Function = library["move"]
+        self.expire_job: Function = library["expire_job"]
+        self.cancel: Function = library["cancel"]
+        self.webhook_attempt: Function = library["webhook_attempt"]
+        self.register: Function = library["register"]
+
+
+def _library(cluster: bool) -> Library:
+    mode = f"local CLUSTER = {'true' if cluster else 'false'}\n"
+    return Library("llmbc" if cluster else "llmb", mode + _FINISH + _SCHED, _FUNCTIONS)
+
+
+#: The job store's functions, loaded into Redis as one library; on one Redis...
+LIBRARY = _library(cluster=False)
+#: ...and on a Redis Cluster (see ``provider_tag`` and ``record``).
+CLUSTER_LIBRARY = _library(cluster=True)
 ENQUEUE = LIBRARY["enqueue"]
 SUBMIT = LIBRARY["submit"]
 START = LIBRARY["start"]
