@@ -93,10 +93,16 @@ class Keys:
 
     def reply(self, pod: str, provider: str = "") -> str:
         """Stream of replies for the jobs whose client waits on one ingress process
-        (on a Cluster, one per provider: the settling job's)."""
+        (on a Cluster, one per provider: that of the provider that admitted the job,
+        see :meth:`job_reply`)."""
         if self.cluster:
             return f"{self.prefix}r:{{{self.tag(provider)}}}:{pod}"
         return f"{self.prefix}r:{pod}"
+
+    def job_reply(self, pod: str, job_id: str) -> str:
+        """On a Cluster, the reply stream of ingress process ``pod`` beside the job's
+        record."""
+        return f"{self.prefix}r:{{{job_id[:4]}}}:{pod}"
 
     def idempotency(self, tenant: str, key: str) -> str:
         """String holding the job id (and request hash) for a tenant's Idempotency-Key.

@@ -858,7 +858,10 @@ class _Wire(asyncio.Protocol):
             if not isinstance(reply, Exception):
                 callback = trip.callbacks[len(trip.results)]
                 if callback is not None:
-                    reply = callback(reply)
+                    try:
+                        reply = callback(reply)
+                    except Exception as e:  # a form of the reply redis-py does not parse
+                        reply = e
             trip.results.append(reply)
             if len(trip.results) == len(trip.callbacks):
                 batches.popleft()

@@ -335,5 +335,76 @@ async def test_an_async_job_is_submitted_and_listed_on_a_cluster(
     assert await batcher_call(store, "ZRANGE", index, 0, -1) == [job.id.encode()]
 
 
+async def test_a_fallback_moves_a_job_to_a_provider_on_another_shard(
+    cluster_store: tuple[JobStore, ClusterBatcher, tuple[str, str]],
+) -> None:
+    store, reader, (a, b) = cluster_store
+    for provider in (a, b):
+        await store.queues.ensure_group(provider)
+        await store.register(provider, "w1", 4, 60)
+    job = msgspec.structs.replace(_job(store, a), reply_to="pod-1")
+    stream = store.keys.job_reply("pod-1", job.id)  # beside the record, on a's shard
+    opened = await batcher_call(store, "XADD", stream, "*", "opened", "1")
+    assert await store.enqueue(job, max_depth=100, ttl_s=600) is None
+    (first,) = await store.queues.read(reader, a, "w1", count=10, block_ms=100)
+    # Another worker does not hold the entry: it cannot move the job.
+    moved = msgspec.structs.replace(job, provider=b, upstream_model=b)
+    assert await store.move(first, moved, consumer="w2") is False
+    assert await store.move(first, moved, consumer="w1") is True
+    assert await batcher_call(store, "XLEN", store.keys.queue(a)) == 0
+    (second,) = await store.queues.read(reader, b, "w1", count=10, block_ms=100)
+    assert second.job == moved
+    assert await store.start(second, result_ttl=60) is Verdict.RUN
+    outcome = Outcome(status=m.COMPLETED, payload=b'{"ok":2}', reply=Result())
+    assert await store.settle(second, outcome, consumer="w1") is True
+    replies = await store.read_replies(reader, stream, opened, block_ms=100)
+    assert [(i, r) for _, i, r in replies] == [(job.id.encode(), Result(b'{"ok":2}'))]
+    rec = await store.record(job.id)
+    assert rec is not None and (rec.status, rec.provider) == ("completed", b)
+    assert await batcher_call(store, "XLEN", store.keys.queue(b)) == 0
+
+
+async def test_a_delivery_left_behind_by_a_fallback_is_dropped(
+    cluster_store: tuple[JobStore, ClusterBatcher, tuple[str, str]],
+) -> None:
+    """A worker that dies between a fallback's steps leaves its entry pending on the
+    first provider: the record says the job is the next provider's, so its
+    redelivery does not run it."""
+    store, reader, (a, b) = cluster_store
+    await store.queues.ensure_group(a)
+    await store.register(a, "w1", 4, 60)
+    job = _job(store, a)
+    assert await store.enqueue(job, max_depth=100, ttl_s=600) is None
+    (_first,) = await store.queues.read(reader, a, "w1", count=10, block_ms=100)
+    fn = store._fn
+    found = await batcher_call(
+        store, *fn.move_record.command((store.keys.job(job.id),), (b, b"[]", job.priority))
+    )
+    assert found[0] == 1  # the record moved; the process died before the rest
+    _, (again,) = await store.queues.reclaim(a, "w2", idle_ms=0, count=10)
+    assert again.deliveries == 2
+    assert await store.start(again, result_ttl=60) is Verdict.FINAL
+
+
+async def test_a_job_cancelled_after_a_fallback_never_starts(
+    cluster_store: tuple[JobStore, ClusterBatcher, tuple[str, str]],
+) -> None:
+    store, reader, (a, b) = cluster_store
+    await store.queues.ensure_group(a)
+    await store.queues.ensure_group(b)
+    await store.register(a, "w1", 4, 60)
+    job = _job(store, a)
+    assert await store.enqueue(job, max_depth=100, ttl_s=600) is None
+    (first,) = await store.queues.read(reader, a, "w1", count=10, block_ms=100)
+    moved = msgspec.structs.replace(job, provider=b)
+    assert await store.move(first, moved, consumer="w1") is True  # b has no worker: it waits
+    found = await store.cancel(job.id, job.tenant, result_ttl=60)
+    assert found is not None and found.cancelled
+    assert await store.register(b, "w1", 4, 60) == 1  # still counted on b: it goes...
+    (delivery,) = await store.queues.read(reader, b, "w1", count=10, block_ms=100)
+    assert await store.start(delivery, result_ttl=60) is Verdict.FINAL  # ...and stops there
+    assert await store.statuses([job.id]) == ["cancelled"]
+
+
 async def batcher_call(store: JobStore, *command: Any) -> Any:
     return await store._batcher.call(*command)

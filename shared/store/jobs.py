@@ -310,6 +310,7 @@ class JobStore:
                 delivery.deliveries,
                 job.id,
                 result_ttl,
+                delivery.provider,
             ),
         )
         return _VERDICTS.get(await self._batcher.call(*command), Verdict.FINAL)
@@ -325,39 +326,37 @@ class JobStore:
         field = "result" if outcome.status == m.COMPLETED else "error"
         ttl = (job.result_ttl if job is not None else 0) or self._result_ttl
         history = msgspec.json.encode(outcome.history) if outcome.history else b""
-        settle = self._fn.settle.command(
-            (
-                keys.job(job.id) if job else queue,
-                queue,
-                reply_to or queue,
-                keys.job_events(job.id) if job else keys.webhook_events(delivery.provider),
-            ),
-            (
-                GROUP,
-                delivery.entry_id,
-                job.id if job else "",
-                outcome.status,
-                stamp(time.time()),
-                field,
-                outcome.payload,
-                outcome.http_status,
-                ttl,
-                REPLY_MAXLEN,
-                history,
-                self._prefix,
-                delivery.provider,
-                job.tenant if job else "",
-                job.tokens if job else 0,
-                outcome.usage.wire() if outcome.usage is not None else "",
-                self._held(job.tenant, delivery.provider) if job else "",
-                stamp(outcome.started_at) if outcome.started_at is not None else "",
-                *(
-                    reply_fields(job.id, outcome.reply)
-                    if job and reply_to and outcome.reply
-                    else ()
-                ),
-            ),
+        args = (
+            GROUP,
+            delivery.entry_id,
+            job.id if job else "",
+            outcome.status,
+            stamp(time.time()),
+            field,
+            outcome.payload,
+            outcome.http_status,
+            ttl,
+            REPLY_MAXLEN,
+            history,
+            self._prefix,
+            delivery.provider,
+            job.tenant if job else "",
+            job.tokens if job else 0,
+            outcome.usage.wire() if outcome.usage is not None else "",
+            self._held(job.tenant, delivery.provider) if job else "",
+            stamp(outcome.started_at) if outcome.started_at is not None else "",
+            *(reply_fields(job.id, outcome.reply) if job and reply_to and outcome.reply else ()),
         )
+        record = keys.job(job.id) if job else queue
+        events = keys.job_events(job.id) if job else keys.webhook_events(delivery.provider)
+        if job is not None and keys.cluster and job.id[:4] != keys.tag(delivery.provider):
+            # A job that fell back here: its record is on its first provider's slot.
+            made = await self._batcher.call(
+                *self._fn.settle_record.command((record, reply_to or record, events), args)
+            )
+            await self._batcher.call(*self._fn.settle_queue.command((queue,), args))
+            return bool(made)
+        settle = self._fn.settle.command((record, queue, reply_to or queue, events), args)
         commands: list[tuple[Any, ...]] = []
         if job is not None and job.cache_key and outcome.status == m.COMPLETED:
             commands.append(("SET", job.cache_key, outcome.payload, "EX", job.cache_ttl))
@@ -405,6 +404,8 @@ class JobStore:
         that deployment's waiting list, and close this delivery. False if the job was
         final, or ``consumer`` no longer holds the entry (another worker took it over)."""
         keys = self.keys
+        if keys.cluster:
+            return await self._move_in_steps(delivery, moved, consumer)
         command = self._fn.move.command(
             (keys.job(moved.id), keys.queue(delivery.provider)),
             (
@@ -424,6 +425,56 @@ class JobStore:
             ),
         )
         return bool(await self._batcher.call(*command))
+
+    async def _move_in_steps(self, delivery: Delivery, moved: m.Job, consumer: str) -> bool:
+        """:meth:`move` on a Cluster: the record, the next provider's list and this
+        provider's entry are three slots (see ``_MOVE_RECORD`` in scripts.py)."""
+        keys, call, fn = self.keys, self._batcher.call, self._fn
+        queue = keys.queue(delivery.provider)
+        entry = delivery.entry_id
+        if not await call(*fn.holds.command((queue,), (GROUP, entry, consumer))):
+            return False
+        now = time.time()
+        history = msgspec.json.encode(moved.attempts)
+        found = await call(
+            *fn.move_record.command(
+                (keys.job(moved.id),), (moved.provider, history, moved.priority)
+            )
+        )
+        if found[0] == 1:
+            await call(
+                *fn.move_to.command(
+                    (keys.scheduler(moved.provider),),
+                    (
+                        self._prefix,
+                        moved.provider,
+                        moved.priority,
+                        moved.tenant,
+                        moved.id,
+                        found[1] or stamp(now),
+                        m.job_encoder.encode(moved),
+                        " ".join(map(str, self._settings(moved.tenant, moved.provider))),
+                        stamp(now),
+                        stamp(moved.deadline),
+                    ),
+                )
+            )
+        await call(
+            *fn.move_from.command(
+                (queue,),
+                (
+                    GROUP,
+                    entry,
+                    consumer,
+                    self._prefix,
+                    delivery.provider,
+                    moved.tenant,
+                    moved.id,
+                    stamp(now),
+                ),
+            )
+        )
+        return bool(found[0] == 1)
 
     async def expire(self, job: m.Job) -> bool:
         """The client stopped waiting: a job not final yet becomes expired."""
@@ -474,7 +525,7 @@ class JobStore:
         Cluster that process's stream on the job's provider (``reply_to`` names
         the process)."""
         if self.keys.cluster:
-            return self.keys.reply(job.reply_to, job.provider)
+            return self.keys.job_reply(job.reply_to, job.id)
         return job.reply_to
 
     @staticmethod

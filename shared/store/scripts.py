@@ -29,6 +29,13 @@ local function record(prefix, id)
   return prefix .. 'job:' .. id
 end
 
+-- Whether provider p's keys share the slot of job id's record (always on one Redis;
+-- on a Cluster, unless the job fell back to p from the provider that admitted it:
+-- then what p's keys hold of it is settled when p's dispatch or worker reaches it).
+local function home(p, id)
+  return not CLUSTER or provider_tag(p) == '{' .. string.sub(id, 1, 4) .. '}'
+end
+
 -- Accounts (keys and tenants kept in Redis, docs/accounts.md): a job's account
 -- is a JSON object written with its record at admission:
 --   s: its scopes (the key's, the tenant's), each {n = name, b = base of its
@@ -154,25 +161,30 @@ local function flight(S, t) return S.prefix .. 'fl:' .. S.tag .. ':' .. t end
 local function flight_all(S, t) return S.prefix .. 'fla:' .. t end
 
 -- A waiting job leaves the counts (once: the class index says whether it is in).
+-- Returns whether it was counted.
 local function uncount(S, c, t, id)
-  if redis.call('ZREM', index(S, c), id) == 0 then return end
+  if redis.call('ZREM', index(S, c), id) == 0 then return false end
   if redis.call('HINCRBY', S.queued, t, -1) <= 0 then redis.call('HDEL', S.queued, t) end
-  if CLUSTER then return end  -- (no count across providers: see docs/cluster.md)
+  if CLUSTER then return true end  -- (no count across providers: see docs/cluster.md)
   if redis.call('HINCRBY', S.queued_all, t, -1) <= 0 then redis.call('HDEL', S.queued_all, t) end
+  return true
 end
 
 -- A job joins its tenant's waiting list (at the front when it waited before),
 -- unless it is there already; the provider's state counts list entries (live or
 -- not), which bounds what the lists hold. keep: leave the tenant's settings as
 -- its admission set them, if any. Returns false if the job was there already.
-local function push(S, c, t, id, created, packed, conf, front, keep)
+-- deadline: the job's (on a Cluster the entry carries it: dispatch reads no record).
+local function push(S, c, t, id, created, packed, conf, front, keep, deadline)
   if redis.call('ZADD', index(S, c), 'NX', created, id) == 0 then return false end
   local list = waiting(S, c, t)
+  local entry = id .. ' ' .. packed
+  if CLUSTER then entry = id .. ' ' .. deadline .. ' ' .. packed end
   local n
   if front then
-    n = redis.call('LPUSH', list, id .. ' ' .. packed)
+    n = redis.call('LPUSH', list, entry)
   else
-    n = redis.call('RPUSH', list, id .. ' ' .. packed)
+    n = redis.call('RPUSH', list, entry)
   end
   if n == 1 then redis.call('RPUSH', ring(S, c), t) end
   if keep then
@@ -209,7 +221,26 @@ end
 -- to run, false for one that must not run (final already, or its deadline
 -- passed: made expired here, without an upstream call), nil for an empty list;
 -- and what is left in the list.
+-- On a Cluster: "<id> <deadline> <packed job>", and a job cancelled or expired
+-- while it waited has left its class's index already (a job that fell back from
+-- another provider has its record on another slot, which dispatch cannot read).
+-- One whose deadline passed goes to the stream all the same: its start marks it
+-- expired, without an upstream call.
+local function pop_entry(S, c, t)
+  local list = waiting(S, c, t)
+  local e = redis.call('LPOP', list)
+  local left = redis.call('LLEN', list)
+  if not e then return nil, left end
+  redis.call('HINCRBY', S.state, 'entries', -1)
+  local a = string.find(e, ' ', 1, true)
+  local b = string.find(e, ' ', a + 1, true)
+  local id = string.sub(e, 1, a - 1)
+  if not uncount(S, c, t, id) then return false, left end
+  return {id, string.sub(e, b + 1), tonumber(string.sub(e, a + 1, b - 1))}, left
+end
+
 local function pop(S, c, t, now)
+  if CLUSTER then return pop_entry(S, c, t) end
   local list = waiting(S, c, t)
   local e = redis.call('LPOP', list)
   local left = redis.call('LLEN', list)
@@ -242,6 +273,7 @@ local function head_dead(S, c, t, now)
   local e = redis.call('LINDEX', waiting(S, c, t), 0)
   if not e then return true end
   local id = string.sub(e, 1, string.find(e, ' ', 1, true) - 1)
+  if CLUSTER then return not redis.call('ZSCORE', index(S, c), id) end
   local _, runnable = live(record(S.prefix, id), now)
   return not runnable
 end
@@ -376,7 +408,100 @@ end
 -- (held: 'p' if it counted on the provider, 'a' overall; nil: both may).
 local function landed(S, t, id, held)
   if not held or string.find(held, 'p', 1, true) then redis.call('ZREM', flight(S, t), id) end
+  if CLUSTER then return end  -- (no quota across providers there: docs/cluster.md)
   if not held or string.find(held, 'a', 1, true) then redis.call('ZREM', flight_all(S, t), id) end
+end
+
+-- settle's arguments (JobStore.settle):
+--   group, entry, id, status, now, field, payload, http_status, ttl, maxlen, history,
+--   prefix, provider, tenant, estimate, usage, held, started, then the reply's
+--   field/value pairs (none: no reply).
+-- usage: the call's tokens, "<input> <output>" ('' unknown).
+-- held: the tenant's in-flight quotas the job counted in ('p' provider, 'a' overall).
+-- started: when the call began, if it ran without the start function (a synchronous
+-- call's first delivery): recorded here, and the attempt counted.
+
+-- Makes the job final (unless it already is, or status is ''), then sends the reply
+-- to the waiting ingress process (if any). The reply's fields come last, built by
+-- records.reply_fields; without a 'd' field its data is the payload. Returns 1 if
+-- this call made the job final.
+local function settle_record(job, replies, events, ARGV)
+  local id, status, now, field, payload, http_status, ttl, maxlen, history = unpack(ARGV, 3, 11)
+  local usage, started = ARGV[16], ARGV[18]
+  local made = 0
+  if status ~= '' then
+    -- One read of what the record holds, one write of what changes.
+    local st = redis.call('HMGET', job, 'status', 'attempts', 'idem_key', 'webhook_url', 'acct',
+                          'batch')
+    if st[1] == 'queued' or st[1] == 'in_progress' then
+      local more = {st[3], st[4], st[5], st[6]}
+      local set = {field, payload, 'http_status', http_status}
+      if history ~= '' then
+        set[5], set[6] = 'history', history
+      end
+      if started ~= '' then
+        local n = #set
+        set[n + 1], set[n + 2] = 'attempts', (tonumber(st[2]) or 0) + 1
+        set[n + 3], set[n + 4] = 'started_at', started
+      end
+      finish_read(job, events, id, status, now, ttl, usage, more, unpack(set))
+      made = 1
+    end
+  end
+  if #ARGV > 18 then
+    local fields = {unpack(ARGV, 19)}
+    local has_data = false
+    for i = 1, #fields, 2 do
+      if fields[i] == 'd' then has_data = true end
+    end
+    if not has_data then
+      fields[#fields + 1] = 'd'
+      fields[#fields + 1] = payload
+    end
+    redis.call('XADD', replies, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  end
+  return made
+end
+
+-- Acknowledges and deletes the entry, so the stream holds only work not yet done;
+-- the slot is free, and the next waiting job goes.
+local function settle_queue(queue, ARGV)
+  local group, entry, id = ARGV[1], ARGV[2], ARGV[3]
+  local now, prefix, provider, tenant, estimate, usage, held = ARGV[5], unpack(ARGV, 12, 17)
+  local acked = redis.call('XACK', queue, group, entry)
+  redis.call('XDEL', queue, entry)
+  -- (A late duplicate delivery, whose entry was settled already, leaves the
+  -- tenant's in-flight count alone.)
+  local S = sched(prefix, provider)
+  if tenant ~= '' and acked == 1 and held ~= '' then landed(S, tenant, id, held) end
+  -- The tenant's tpm windows count the call's real tokens from now on, not the
+  -- estimate its admission counted (once: the estimate's member goes).
+  local used = -1
+  if usage ~= '' then
+    local a, b = string.match(usage, '^(%d+) (%d+)$')
+    if a then used = tonumber(a) + tonumber(b) end
+  end
+  if tenant ~= '' and estimate ~= '0' and used >= 0 and used ~= tonumber(estimate) then
+    local windows = {prefix .. 'trl:' .. S.tag .. ':' .. tenant}
+    if not CLUSTER then windows[2] = prefix .. 'trla:' .. tenant end
+    for _, base in ipairs(windows) do
+      local counted = id .. ':' .. estimate
+      local at = redis.call('ZSCORE', base .. ':tok', counted)
+      if at then
+        redis.call('ZREM', base .. ':tok', counted)
+        redis.call('ZADD', base .. ':tok', at, id .. ':' .. used)
+        redis.call('INCRBY', base .. ':sum', used - tonumber(estimate))
+      end
+    end
+  end
+  dispatch(S, tonumber(now))
+end
+
+-- Whether consumer holds the queue's entry (a stalled worker's entry may have been
+-- reclaimed by another).
+local function holds(queue, group, entry, consumer)
+  local pending = redis.call('XPENDING', queue, group, entry, entry, 1)
+  return pending[1] ~= nil and pending[1][2] == consumer
 end
 
 -- A request's tenant quotas in a rate window: requests and estimated tokens.
@@ -514,7 +639,7 @@ local function enter(S, q, id, created, packed)
     return
   end
   if q.acct and q.acct.q then account_wait(q.acct, id, q.deadline, q.now) end
-  push(S, q.class, t, id, created, packed, q.conf, false, false)
+  push(S, q.class, t, id, created, packed, q.conf, false, false, q.deadline)
   dispatch(S, q.now)
 end
 
@@ -597,10 +722,13 @@ return {'ok'}
 # status.
 _START = """
 local job, events = KEYS[1], KEYS[2]
-local now, max_deliveries, deliveries, id, ttl = unpack(ARGV, 1, 5)
-local st = redis.call('HMGET', job, 'status', 'deadline')
+local now, max_deliveries, deliveries, id, ttl, provider = unpack(ARGV, 1, 6)
+local st = redis.call('HMGET', job, 'status', 'deadline', 'provider')
 if not st[1] then return 'gone' end
 if st[1] ~= 'queued' and st[1] ~= 'in_progress' then return st[1] end
+-- On a Cluster a fallback is steps (move_*): a delivery left behind by a worker
+-- that died between them is another provider's job now.
+if CLUSTER and st[3] ~= provider then return 'moved' end
 if tonumber(st[2]) <= tonumber(now) then
   finish(job, events, id, 'expired', now, ttl, nil, 'http_status', 504)
   return 'expired'
@@ -611,81 +739,24 @@ redis.call('HSET', job, 'status', 'in_progress', 'started_at', now)
 return 'ok'
 """
 
-# Closes one queue entry in one call, in this order: make the job final (unless
-# it already is, or status is ''), send the reply to the waiting ingress process
-# (if any), then acknowledge and delete the entry, so the stream holds only work
-# not yet done. The reply's fields come last, built by records.reply_fields;
-# without a 'd' field its data is the payload. Returns 1 if this call made the
-# job final.
+# Closes one queue entry in one call (settle_record, then settle_queue). Returns 1
+# if this call made the job final.
 _SETTLE = """
 local job, queue, replies, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local group, entry, id, status, now, field, payload, http_status, ttl, maxlen, history,
-  prefix, provider, tenant, estimate, usage, held, started = unpack(ARGV, 1, 18)
--- usage: the call's tokens, "<input> <output>" ('' unknown).
--- held: the tenant's in-flight quotas the job counted in ('p' provider, 'a' overall).
--- started: when the call began, if it ran without the start function (a synchronous
--- call's first delivery): recorded here, and the attempt counted.
--- ARGV[19…]: the reply's field/value pairs (none: no reply)
-local made = 0
-if status ~= '' then
-  -- One read of what the record holds, one write of what changes.
-  local st = redis.call('HMGET', job, 'status', 'attempts', 'idem_key', 'webhook_url', 'acct',
-                        'batch')
-  if st[1] == 'queued' or st[1] == 'in_progress' then
-    local more = {st[3], st[4], st[5], st[6]}
-    local set = {field, payload, 'http_status', http_status}
-    if history ~= '' then
-      set[5], set[6] = 'history', history
-    end
-    if started ~= '' then
-      local n = #set
-      set[n + 1], set[n + 2] = 'attempts', (tonumber(st[2]) or 0) + 1
-      set[n + 3], set[n + 4] = 'started_at', started
-    end
-    finish_read(job, events, id, status, now, ttl, usage, more, unpack(set))
-    made = 1
-  end
-end
-if #ARGV > 18 then
-  local fields = {unpack(ARGV, 19)}
-  local has_data = false
-  for i = 1, #fields, 2 do
-    if fields[i] == 'd' then has_data = true end
-  end
-  if not has_data then
-    fields[#fields + 1] = 'd'
-    fields[#fields + 1] = payload
-  end
-  redis.call('XADD', replies, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', unpack(fields))
-end
-local acked = redis.call('XACK', queue, group, entry)
-redis.call('XDEL', queue, entry)
--- The slot is free: the next waiting job goes. (A late duplicate delivery, whose
--- entry was settled already, leaves the tenant's in-flight count alone.)
-local S = sched(prefix, provider)
-if tenant ~= '' and acked == 1 and held ~= '' then landed(S, tenant, id, held) end
--- The tenant's tpm windows count the call's real tokens from now on, not the
--- estimate its admission counted (once: the estimate's member goes).
-local used = -1
-if usage ~= '' then
-  local a, b = string.match(usage, '^(%d+) (%d+)$')
-  if a then used = tonumber(a) + tonumber(b) end
-end
-if tenant ~= '' and estimate ~= '0' and used >= 0 and used ~= tonumber(estimate) then
-  local windows = {prefix .. 'trl:' .. S.tag .. ':' .. tenant}
-  if not CLUSTER then windows[2] = prefix .. 'trla:' .. tenant end
-  for _, base in ipairs(windows) do
-    local counted = id .. ':' .. estimate
-    local at = redis.call('ZSCORE', base .. ':tok', counted)
-    if at then
-      redis.call('ZREM', base .. ':tok', counted)
-      redis.call('ZADD', base .. ':tok', at, id .. ':' .. used)
-      redis.call('INCRBY', base .. ':sum', used - tonumber(estimate))
-    end
-  end
-end
-dispatch(S, tonumber(now))
+local made = settle_record(job, replies, events, ARGV)
+settle_queue(queue, ARGV)
 return made
+"""
+
+# On a Cluster, a job that fell back to another provider is settled in two steps:
+# its record (and reply, on its first provider's slot), then the entry.
+_SETTLE_RECORD = """
+return settle_record(KEYS[1], KEYS[2], KEYS[3], ARGV)
+"""
+
+_SETTLE_QUEUE = """
+settle_queue(KEYS[1], ARGV)
+return 0
 """
 
 # Fallback: a job still running joins the waiting list of another provider, at
@@ -700,9 +771,8 @@ local moved = 0
 local here, there = sched(prefix, from_provider), sched(prefix, provider)
 -- Only the consumer that holds the entry moves the job: a stalled worker's entry
 -- may have been reclaimed by another, which runs (or moved) the job.
-local pending = redis.call('XPENDING', from_queue, group, entry, entry, 1)
 local held = 0
-if pending[1] and pending[1][2] == consumer then
+if holds(from_queue, group, entry, consumer) then
   held = redis.call('XACK', from_queue, group, entry)
   redis.call('XDEL', from_queue, entry)
 end
@@ -720,6 +790,50 @@ if moved == 1 then dispatch(there, now) end
 return moved
 """
 
+# Fallback on a Cluster, where the record and the two providers' keys are three
+# slots: the job store calls these in turn (JobStore.move), after checking that
+# its consumer still holds the entry. The record first (it is the source of
+# truth: a delivery the first provider redelivers after a crash between the steps
+# is dropped by start), then the next provider's waiting list (once: its index is
+# a set), then the first provider's entry. Returns {1, created} or {0} (final).
+_MOVE_RECORD = """
+local job = KEYS[1]
+local provider, history, class = unpack(ARGV, 1, 3)
+local st = redis.call('HMGET', job, 'status', 'created_at')
+if st[1] ~= 'queued' and st[1] ~= 'in_progress' then return {0} end
+redis.call('HSET', job, 'provider', provider, 'history', history, 'priority', class)
+return {1, st[2]}
+"""
+
+# KEYS[1]: the next provider's scheduler state. Returns 1 if the job joined its list.
+_MOVE_TO = """
+local prefix, provider, class, tenant, id, created, packed, conf, now, deadline =
+  unpack(ARGV, 1, 10)
+local there = sched(prefix, provider)
+local joined = push(there, class, tenant, id, tonumber(created), packed, conf, true, true, deadline)
+dispatch(there, tonumber(now))
+return joined and 1 or 0
+"""
+
+# Whether the consumer holds the entry (KEYS[1]: the queue). Returns 1 or 0.
+_HOLDS = """
+local group, entry, consumer = unpack(ARGV, 1, 3)
+return holds(KEYS[1], group, entry, consumer) and 1 or 0
+"""
+
+# Acknowledges the entry the consumer holds, and frees its slot. Returns 1 if held.
+_MOVE_FROM = """
+local from_queue = KEYS[1]
+local group, entry, consumer, prefix, from_provider, tenant, id, now = unpack(ARGV, 1, 8)
+if not holds(from_queue, group, entry, consumer) then return 0 end
+redis.call('XACK', from_queue, group, entry)
+redis.call('XDEL', from_queue, entry)
+local here = sched(prefix, from_provider)
+landed(here, tenant, id)
+dispatch(here, tonumber(now))
+return 1
+"""
+
 # The client stopped waiting at its deadline: a job not yet final becomes
 # 'expired', so no worker starts it. Returns 1 if it did.
 _EXPIRE_JOB = """
@@ -728,7 +842,7 @@ local now, id, ttl, prefix = unpack(ARGV, 1, 4)
 local st = redis.call('HMGET', job, 'status', 'provider', 'tenant', 'priority')
 if st[1] == 'queued' or st[1] == 'in_progress' then
   finish(job, events, id, 'expired', now, ttl, nil, 'http_status', 504)
-  if st[4] then uncount(sched(prefix, st[2]), st[4], st[3], id) end
+  if st[4] and home(st[2], id) then uncount(sched(prefix, st[2]), st[4], st[3], id) end
   return 1
 end
 return 0
@@ -746,7 +860,7 @@ local verdict = 'final'
 if st[1] == 'queued' or st[1] == 'in_progress' then
   finish(job, events, id, 'cancelled', now, ttl, nil)
   -- A waiting job stops counting at once; its list entry is dropped when reached.
-  if st[4] then uncount(sched(prefix, st[3]), st[4], tenant, id) end
+  if st[4] and home(st[3], id) then uncount(sched(prefix, st[3]), st[4], tenant, id) end
   redis.call('PUBLISH', channel, id)
   verdict = 'cancelled'
 end
@@ -825,6 +939,12 @@ _FUNCTIONS = {
     "cancel": _CANCEL,
     "webhook_attempt": _WEBHOOK_ATTEMPT,
     "register": _REGISTER,
+    "move_record": _MOVE_RECORD,
+    "move_to": _MOVE_TO,
+    "move_from": _MOVE_FROM,
+    "settle_record": _SETTLE_RECORD,
+    "holds": _HOLDS,
+    "settle_queue": _SETTLE_QUEUE,
 }
 
 
@@ -841,6 +961,12 @@ class Functions:
         self.cancel: Function = library["cancel"]
         self.webhook_attempt: Function = library["webhook_attempt"]
         self.register: Function = library["register"]
+        self.move_record: Function = library["move_record"]
+        self.move_to: Function = library["move_to"]
+        self.move_from: Function = library["move_from"]
+        self.settle_record: Function = library["settle_record"]
+        self.holds: Function = library["holds"]
+        self.settle_queue: Function = library["settle_queue"]
 
 
 def _library(cluster: bool) -> Library:
