@@ -150,7 +150,7 @@ async def new_job(
     timeout = request_timeout(request, state)
     now = time.time()
     job = m.Job(
-        id=state.ids.next(),
+        id=state.keys.job_id(first.provider, state.ids.next()),
         tenant=tenant,
         provider=first.provider,
         model=model,

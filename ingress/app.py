@@ -29,11 +29,11 @@ from llm_broker.shared import anthropic
 from llm_broker.shared import messages as m
 from llm_broker.shared.accounts import AccountJson, AccountStore
 from llm_broker.shared.config import Config, Router
-from llm_broker.shared.errors import BrokerError, MethodNotAllowed, NotFound
+from llm_broker.shared.errors import BrokerError, MethodNotAllowed, NotFound, NotOnCluster
 from llm_broker.shared.files import Files, open_store
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import MULTIPROCESS_DIR, IngressMetrics, exposition
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect
+from llm_broker.shared.redisio import REDIS_DOWN, batcher_for, connect
 from llm_broker.shared.ssrf import networks
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.tracing import Tracing
@@ -147,7 +147,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
     if prefers_async(request):
         return await submit(request, state, principal, raw, raw, webhook_url=None, metadata=None)
-    job, route = await new_job(request, state, principal, raw, reply_to=state.replies.stream)
+    job, route = await new_job(request, state, principal, raw, reply_to=state.replies.reply_to)
     return await calls.run(request, state, job, route, OPENAI)
 
 
@@ -156,7 +156,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     principal = await identify(request, state)
     raw = await read_json_body(request, state.config.ingress.max_body_bytes)
     job, route = await new_job(
-        request, state, principal, raw, reply_to=state.replies.stream, kind=m.EMBEDDINGS
+        request, state, principal, raw, reply_to=state.replies.reply_to, kind=m.EMBEDDINGS
     )
     return await calls.run(request, state, job, route, OPENAI)
 
@@ -175,6 +175,10 @@ async def list_models(request: web.Request) -> web.Response:
         if not name.endswith("*") and principal.allows(name)
     ]
     return json_response({"object": "list", "data": data})
+
+
+async def not_on_cluster(request: web.Request) -> web.Response:
+    raise NotOnCluster(f"{request.path} is not available on this deployment's Redis Cluster yet")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -245,7 +249,8 @@ def create_app(config: Config, pod: str) -> web.Application:
     counters = IngressMetrics(registry)
     load = LoadMonitor(config.ingress.overload, counters.loop_lag)
     accounts = AccountStore(redis, config.redis.key_prefix, config.accounts)
-    batcher = Batcher(
+    batcher = batcher_for(
+        config.redis,
         redis,
         timeout=config.redis.command_timeout_s,
         round_trip=counters.redis_seconds.labels("ingress"),
@@ -255,14 +260,14 @@ def create_app(config: Config, pod: str) -> web.Application:
         config=config,
         router=Router(config),
         auth=Authenticator(config.auth, accounts, timeout=config.redis.command_timeout_s),
-        keys=Keys(config.redis.key_prefix),
+        keys=Keys(config.redis.key_prefix, cluster=config.redis.cluster),
         redis=redis,
         batcher=batcher,
-        store=JobStore(config, batcher, redis),
-        replies=ReplyRouter(config, pod),
+        store=JobStore(config, batcher, redis, cluster=config.redis.cluster),
+        replies=ReplyRouter(config, pod, cluster=config.redis.cluster),
         registry=registry,
         metrics=counters,
-        chooser=Chooser(Keys(config.redis.key_prefix), batcher),
+        chooser=Chooser(Keys(config.redis.key_prefix, cluster=config.redis.cluster), batcher),
         tracing=Tracing(config.tracing, "ingress"),
         access=AccessLog(config.pricing),
         load=load,
@@ -290,8 +295,12 @@ def create_app(config: Config, pod: str) -> web.Application:
     app.router.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
     admin.add_routes(app)
     console.add_routes(app)
-    files_api.add_routes(app)
-    batches.add_routes(app)
+    if config.redis.cluster:  # (not on a Cluster yet: docs/cluster.md)
+        for path in (*files_api.PATHS, *batches.PATHS):
+            app.router.add_route("*", path, not_on_cluster)
+    else:
+        files_api.add_routes(app)
+        batches.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     # /metrics is served on its own port when ingress.metrics_port is set (ingress/main.py).

@@ -354,6 +354,18 @@ async def delete_message_batch(request: web.Request) -> web.Response:
     return json_response({"id": batch.spec.id, "type": "message_batch_deleted"})
 
 
+#: The API's paths (see :func:`add_routes`).
+PATHS = (
+    "/v1/batches",
+    "/v1/batches/{batch_id}",
+    "/v1/batches/{batch_id}/cancel",
+    "/v1/messages/batches",
+    "/v1/messages/batches/{batch_id}",
+    "/v1/messages/batches/{batch_id}/cancel",
+    "/v1/messages/batches/{batch_id}/results",
+)
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/batches", create_batch)

@@ -51,6 +51,10 @@ _MAX_FILENAME = 255
 _READ_ERRORS = (ValueError, RequestPayloadError, HttpProcessingError, ConnectionResetError)
 
 
+#: The API's paths (see :func:`add_routes`).
+PATHS = ("/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content")
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/files", create_file)

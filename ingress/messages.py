@@ -132,6 +132,6 @@ async def _messages(request: web.Request, kind: str) -> web.StreamResponse:
             request, state, principal, raw, raw, webhook_url=None, metadata=None, kind=kind
         )
     job, route = await new_job(
-        request, state, principal, raw, reply_to=state.replies.stream, kind=kind
+        request, state, principal, raw, reply_to=state.replies.reply_to, kind=kind
     )
     return await calls.run(request, state, job, route, ANTHROPIC)

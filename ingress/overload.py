@@ -37,7 +37,7 @@ from llm_broker.shared import anthropic
 from llm_broker.shared.config import OverloadConfig
 from llm_broker.shared.errors import Overloaded
 from llm_broker.shared.health import LoopLag
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher
+from llm_broker.shared.redisio import REDIS_DOWN, AnyBatcher
 
 #: How often the event-loop lag is sampled.
 LAG_INTERVAL_S = 0.05
@@ -100,7 +100,7 @@ class RedisProbe:
     ``every_s`` (callers in between share the last answer, or the PING on its way)."""
 
     def __init__(
-        self, client: aioredis.Redis, batcher: Batcher, timeout_s: float, every_s: float = 1.0
+        self, client: aioredis.Redis, batcher: AnyBatcher, timeout_s: float, every_s: float = 1.0
     ) -> None:
         self._client = client
         self._batcher = batcher

@@ -15,7 +15,13 @@ from llm_broker.shared.config import Config
 from llm_broker.shared.errors import Unavailable
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.loop import LoopRef
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher, raise_if_cancelling, stream_reader
+from llm_broker.shared.redisio import (
+    REDIS_DOWN,
+    Commands,
+    Readers,
+    raise_if_cancelling,
+    stream_reader,
+)
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.store.records import Failure, Reply
 
@@ -48,29 +54,40 @@ class Waiter:
 
 
 class ReplyRouter:
+    """The replies for this process's waiting calls. On one Redis they come on one
+    stream; on a Cluster on one per provider (a reply is written beside its job's
+    record, on the shard of the provider that admitted it), each read by a loop of
+    its own."""
+
     TTL_S = 120
 
-    def __init__(self, config: Config, pod: str) -> None:
-        self.stream = Keys(config.redis.key_prefix).reply(pod)
+    def __init__(self, config: Config, pod: str, *, cluster: bool = False) -> None:
+        keys = Keys(config.redis.key_prefix, cluster=cluster)
+        #: What a job names as where its replies go (``Job.reply_to``): this
+        #: process's stream, or on a Cluster this process (the job store names the
+        #: stream beside the job's record).
+        self.reply_to = pod if cluster else keys.reply(pod)
+        names = [keys.reply(pod, p) for p in config.providers] if cluster else [self.reply_to]
         self._cfg = config
         self._waiters: dict[bytes, Waiter] = {}
-        self._last_id = b"0-0"
-        self.healthy = False
-        #: Set while the reply stream is known to exist: workers never create it
-        #: (their replies to a missing stream are dropped), so a call waits for it.
-        self._stream_ready = asyncio.Event()
+        self._streams = [_Stream(name, self._waiters) for name in names]
         #: The event loop, kept from the first use.
         self.loop = LoopRef()
 
     @property
+    def healthy(self) -> bool:
+        return all(s.healthy for s in self._streams)
+
+    @property
     def stream_exists(self) -> bool:
-        return self._stream_ready.is_set()
+        return all(s.ready.is_set() for s in self._streams)
 
     async def stream_ready(self, timeout: float) -> None:
-        """Return once the reply stream exists (at once, but for the first moments
+        """Return once the reply streams exist (at once, but for the first moments
         of the process and while Redis is unreachable); TimeoutError after ``timeout``."""
         async with asyncio.timeout(timeout):
-            await self._stream_ready.wait()
+            for s in self._streams:
+                await s.ready.wait()
 
     def register(self, job_id: str) -> Waiter:
         waiter = Waiter(self.loop())
@@ -96,14 +113,10 @@ class ReplyRouter:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def _ensure_stream(self, reader: Batcher) -> None:
-        """Create the reply stream (workers never create it) and refresh its TTL."""
-        if not await reader.call("EXPIRE", self.stream, self.TTL_S):
-            await reader.call("XADD", self.stream, "*", "k", "init")
-            await reader.call("EXPIRE", self.stream, self.TTL_S)
-            log.info("reply stream %s created", self.stream)
-
     async def run(self) -> None:
+        await asyncio.gather(*(self._run(s) for s in self._streams))
+
+    async def _run(self, stream: _Stream) -> None:
         block_ms = 1000
         reader = stream_reader(self._cfg.redis, block_ms)
         next_refresh = next_trim = 0.0
@@ -115,28 +128,48 @@ class ReplyRouter:
                 try:
                     now = time.monotonic()
                     if now >= next_refresh:
-                        await self._ensure_stream(reader)
-                        self._stream_ready.set()
+                        await stream.ensure(reader, self.TTL_S)
+                        stream.ready.set()
                         next_refresh = now + self.TTL_S / 4
                     if now >= next_trim:
                         # Entries up to the last one read are done with.
-                        await reader.call("XTRIM", self.stream, "MINID", "~", self._last_id)
+                        await reader.call("XTRIM", stream.name, "MINID", "~", stream.last_id)
                         next_trim = now + 1.0
-                    await self._read_until(reader, min(next_refresh, next_trim), block_ms)
+                    await stream.read_until(reader, min(next_refresh, next_trim), block_ms)
                     backoff = 0.05
                 except REDIS_DOWN as e:
                     raise_if_cancelling(loop)
-                    if self.healthy:
+                    if stream.healthy:
                         log.warning("reply reader: Redis unreachable: %s", e)
-                    self.healthy = False
-                    self._stream_ready.clear()  # Redis may come back without it
+                    stream.healthy = False
+                    stream.ready.clear()  # Redis may come back without it
                     next_refresh = 0.0
                     await asyncio.sleep(backoff)  # back off while Redis is unreachable
                     backoff = min(backoff * 2, 1.0)
         finally:
             await reader.close(wait=False)
 
-    def _read_until(self, reader: Batcher, until: float, block_ms: int) -> asyncio.Future[None]:
+
+class _Stream:
+    """One reply stream and how far it was read."""
+
+    def __init__(self, name: str, waiters: dict[bytes, Waiter]) -> None:
+        self.name = name
+        self._waiters = waiters
+        self.last_id = b"0-0"
+        self.healthy = False
+        #: Set while the stream is known to exist: workers never create it (their
+        #: replies to a missing stream are dropped), so a call waits for it.
+        self.ready = asyncio.Event()
+
+    async def ensure(self, reader: Commands, ttl_s: int) -> None:
+        """Create the stream (workers never create it) and refresh its TTL."""
+        if not await reader.call("EXPIRE", self.name, ttl_s):
+            await reader.call("XADD", self.name, "*", "k", "init")
+            await reader.call("EXPIRE", self.name, ttl_s)
+            log.info("reply stream %s created", self.name)
+
+    def read_until(self, reader: Readers, until: float, block_ms: int) -> asyncio.Future[None]:
         """Read the replies, each handed to its waiter in the step that reads it
         (:meth:`Batcher.reads`), until ``until`` (monotonic time) or a Redis error (the
         future's). No task switch per read: on a lightly loaded process each was a
@@ -145,14 +178,14 @@ class ReplyRouter:
         def next_read() -> tuple[Any, ...] | None:
             if time.monotonic() >= until:
                 return None
-            return JobStore.replies_command(self.stream, self._last_id, block_ms)
+            return JobStore.replies_command(self.name, self.last_id, block_ms)
 
         return reader.reads(next_read, self._route)
 
     def _route(self, batches: Any) -> None:
         self.healthy = True
-        for entry_id, job_id, reply in JobStore.decode_replies(self.stream, batches):
-            self._last_id = entry_id
+        for entry_id, job_id, reply in JobStore.decode_replies(self.name, batches):
+            self.last_id = entry_id
             waiter = self._waiters.get(job_id)
             if waiter is not None:
                 waiter.put(reply)

@@ -107,7 +107,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         state,
         principal,
         raw,
-        reply_to=state.replies.stream,
+        reply_to=state.replies.reply_to,
         kind=m.RESPONSES,
         context=context,
     )

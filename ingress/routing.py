@@ -16,7 +16,7 @@ import time
 
 from llm_broker.shared.config import PRIORITIES, Candidates, Target
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher
+from llm_broker.shared.redisio import REDIS_DOWN, AnyBatcher
 
 log = logging.getLogger("llm_broker.ingress.routing")
 
@@ -25,7 +25,7 @@ LATENCY_MAX_AGE_S = 1.0
 
 
 class Chooser:
-    def __init__(self, keys: Keys, batcher: Batcher) -> None:
+    def __init__(self, keys: Keys, batcher: AnyBatcher) -> None:
         self._keys = keys
         self._batcher = batcher
         self._depths: dict[str, tuple[float, int]] = {}

@@ -21,7 +21,7 @@ from llm_broker.shared.files import Files
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.loop import LoopRef
 from llm_broker.shared.metrics import IngressMetrics
-from llm_broker.shared.redisio import Batcher
+from llm_broker.shared.redisio import AnyBatcher
 from llm_broker.shared.ssrf import Network
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.tracing import Tracing
@@ -34,7 +34,7 @@ class State:
     auth: Authenticator
     keys: Keys
     redis: aioredis.Redis
-    batcher: Batcher
+    batcher: AnyBatcher
     store: JobStore
     replies: ReplyRouter
     registry: CollectorRegistry

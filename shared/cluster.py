@@ -7,8 +7,9 @@ batcher of its key's slot, so the commands of many callers to one node still
 leave together. Redirections are followed: ``MOVED`` (the slot lives elsewhere
 now: the map is asked again, the command goes to the named node), ``ASK`` (the
 slot is being migrated and the key is on the target already: ``ASKING`` then the
-command, on the target), ``TRYAGAIN`` and ``CLUSTERDOWN`` (a migration or a
-failover in progress: sent again shortly), at most :data:`MAX_REDIRECTS` times.
+command, on the target), ``TRYAGAIN``, ``CLUSTERDOWN`` and ``UNBLOCKED`` (a
+migration or a failover in progress: sent again shortly), at most
+:data:`MAX_REDIRECTS` times.
 None of these ran the command, so sending it again is safe.
 
 A command's key is its first (``FCALL``/``EVALSHA``: the first of its keys;
@@ -24,11 +25,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
+from llm_broker.shared.config import RedisConfig
 from llm_broker.shared.loop import LoopRef
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher, Observer, chain_reads
+from llm_broker.shared.redisio import (
+    REDIS_DOWN,
+    Batcher,
+    FilePassword,
+    Observer,
+    chain_reads,
+    node_client,
+)
 
 log = logging.getLogger("llm_broker.redis")
 
@@ -113,8 +124,12 @@ def _redirect(error: BaseException) -> tuple[str, int, str] | None:
 
 
 def _busy(error: BaseException) -> bool:
-    """A migration or failover under way: the same command may work shortly."""
-    return isinstance(error, ResponseError) and str(error).startswith(("TRYAGAIN", "CLUSTERDOWN"))
+    """A migration or failover under way: the same command may work shortly. (A
+    read blocked on a stream that was migrated away ends with UNBLOCKED; sent
+    again, it is redirected to the stream's new node.)"""
+    return isinstance(error, ResponseError) and str(error).startswith(
+        ("TRYAGAIN", "CLUSTERDOWN", "UNBLOCKED")
+    )
 
 
 class ClusterBatcher:
@@ -352,3 +367,62 @@ class ClusterBatcher:
 
 def _ignore(result: Any, error: BaseException | None) -> None:
     """The answer to ``ASKING`` (its failure shows in the command after it)."""
+
+
+def seeds(cfg: RedisConfig) -> list[str]:
+    """The nodes asked for the slot map: ``redis.url``'s, then ``redis.nodes``."""
+    url = parse_url(cfg.url)
+    first = f"{url.get('host', '127.0.0.1')}:{url.get('port', 6379)}"
+    return [first, *(n for n in cfg.nodes if n != first)]
+
+
+def cluster_batcher(
+    cfg: RedisConfig,
+    *,
+    timeout: float,
+    max_connections: int = 1,
+    max_in_flight: int = 1,
+    round_trip: Observer | None = None,
+    lag: Callable[[], float] | None = None,
+) -> ClusterBatcher:
+    """A :class:`ClusterBatcher` whose node connections use ``redis.url``'s
+    credentials and TLS (and ``redis.password_file``)."""
+    return ClusterBatcher(
+        seeds(cfg),
+        lambda host, port: node_client(cfg, host, port, max_connections),
+        timeout=timeout,
+        max_in_flight=max_in_flight,
+        round_trip=round_trip,
+        lag=lag,
+    )
+
+
+def cluster_client(
+    cfg: RedisConfig, *, socket_timeout: float | None = None, max_connections: int = 64
+) -> aioredis.Redis:
+    """redis-py's Cluster client, for what is not on the request path (it routes
+    each command to its slot's node, and follows redirections)."""
+    url: dict[str, Any] = dict(parse_url(cfg.url))
+    options: dict[str, Any] = {
+        "username": url.get("username"),
+        "password": url.get("password"),
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": cfg.connect_timeout_s,
+        "max_connections": max_connections,
+    }
+    if cfg.password_file:
+        options.pop("password")
+        options["credential_provider"] = FilePassword(cfg.password_file, options.pop("username"))
+    if cfg.url.startswith("rediss:"):
+        options["ssl"] = True
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs"):
+            if name in url:
+                options[name] = url[name]
+    nodes = [ClusterNode(*_address(n)) for n in seeds(cfg)]
+    client: aioredis.Redis = RedisCluster(startup_nodes=nodes, **options)
+    return client
+
+
+def _address(node: str) -> tuple[str, int]:
+    host, _, port = node.rpartition(":")
+    return host, int(port)

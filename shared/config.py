@@ -76,6 +76,11 @@ class RedisConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: How long admission waits for those replicas; if fewer confirm in time the
     #: client gets 503 with the job id (the job may still run).
     min_replicas_timeout_ms: int = 500
+    #: A Redis Cluster (docs/cluster.md): ``url`` names a node (its scheme, user,
+    #: password and TLS hold for every node), ``nodes`` more ("host:port"); any
+    #: that answers gives the map of the cluster's slots.
+    cluster: bool = False
+    nodes: list[str] = []
     #: Every key this deployment writes starts with this prefix.
     key_prefix: str = "llmb:"
     #: Timeout of one Redis command on the request path; keeps "Redis down" fast.
@@ -85,6 +90,16 @@ class RedisConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.min_replicas_acked < 0:
             raise ValueError("redis.min_replicas_acked must be 0 or more")
+        if self.cluster and self.sentinel is not None:
+            raise ValueError("redis.cluster and redis.sentinel exclude each other")
+        if self.cluster and self.min_replicas_acked:
+            raise ValueError("redis.min_replicas_acked is not available with redis.cluster")
+        if self.nodes and not self.cluster:
+            raise ValueError("redis.nodes needs redis.cluster: true")
+        for node in self.nodes:
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"redis.nodes: {node!r} is not host:port")
         if self.min_replicas_timeout_ms < 1:
             raise ValueError("redis.min_replicas_timeout_ms must be at least 1")
         if (
@@ -664,6 +679,9 @@ class WebhooksConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     max_concurrency: int = 50
     #: How often the delivery worker looks for due attempts.
     poll_delay_s: float = 0.5
+    #: The delivery attempts' queue (arq) on a Redis of its own; needed with
+    #: ``redis.cluster`` (arq's transactions span several keys). Default: ``redis.url``.
+    queue_url: str | None = None
 
     def __post_init__(self) -> None:
         if not self.retry_schedule_s or any(d < 0 for d in self.retry_schedule_s):
@@ -725,6 +743,24 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
             for provider in tcfg.providers:
                 if provider not in self.providers:
                     raise ValueError(f"tenant {tenant!r}: quota for unknown provider {provider!r}")
+        if self.redis.cluster:
+            self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        """What a Redis Cluster cannot do yet (docs/cluster.md): count across
+        providers, where the counts would be on another shard than the job."""
+        where = "on a Redis Cluster yet (docs/cluster.md)"
+        if self.accounts.usage:
+            raise ValueError(
+                f"redis.cluster: set accounts.usage to false; usage is not counted {where}"
+            )
+        for tenant, tcfg in self.tenants.items():
+            q = tcfg.quotas
+            if q.max_in_flight or q.max_queued or q.rpm or q.tpm:
+                raise ValueError(
+                    f"redis.cluster: tenant {tenant!r}: quotas across providers are not "
+                    f"available {where}; give them per provider"
+                )
 
     def tenant(self, name: str) -> TenantConfig:
         """The scheduling settings of tenant ``name`` (``"*"``'s when not listed)."""

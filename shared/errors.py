@@ -190,6 +190,14 @@ class Unavailable(BrokerError):
     code = "service_unavailable"
 
 
+class NotOnCluster(BrokerError):
+    """What this deployment's Redis Cluster does not do yet (docs/cluster.md)."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "not_on_cluster"
+
+
 class Overloaded(BrokerError):
     """This ingress process is saturated (or its Redis round trips are): retry."""
 

@@ -306,6 +306,20 @@ class FilePassword(CredentialProvider):
 def connect(
     cfg: RedisConfig, *, socket_timeout: float | None = None, max_connections: int = 64
 ) -> aioredis.Redis:
+    if cfg.cluster:
+        from llm_broker.shared.cluster import cluster_client  # (it builds on this module)
+
+        return cluster_client(cfg, socket_timeout=socket_timeout, max_connections=max_connections)
+    return _connect(cfg, socket_timeout=socket_timeout, max_connections=max_connections)
+
+
+def _connect(
+    cfg: RedisConfig,
+    *,
+    socket_timeout: float | None = None,
+    max_connections: int = 64,
+    node: tuple[str, int] | None = None,
+) -> aioredis.Redis:
     """A client whose connections fail fast when Redis is unreachable: to
     ``redis.url``, or to the primary that ``redis.sentinel`` names.
 
@@ -315,17 +329,39 @@ def connect(
     """
     # The client owns its pool: closing the client closes its connections.
     return aioredis.Redis.from_pool(
-        connection_pool(cfg, socket_timeout=socket_timeout, max_connections=max_connections)
+        connection_pool(
+            cfg, socket_timeout=socket_timeout, max_connections=max_connections, node=node
+        )
     )
 
 
+def subscriber(cfg: RedisConfig) -> aioredis.Redis:
+    """A client for pub/sub (one connection): on a Cluster, to the first node that
+    ``redis.url`` names (a message published on any node reaches every node)."""
+    if cfg.cluster:
+        url = parse_url(cfg.url)
+        return node_client(cfg, str(url.get("host", "127.0.0.1")), int(url.get("port", 6379)), 1)
+    return connect(cfg, max_connections=1)
+
+
+def node_client(cfg: RedisConfig, host: str, port: int, max_connections: int) -> aioredis.Redis:
+    """A client of one node at ``host:port`` with ``redis.url``'s credentials and
+    TLS (a Cluster's node)."""
+    return _connect(cfg, max_connections=max_connections, node=(host, port))
+
+
 def connection_pool(
-    cfg: RedisConfig, *, socket_timeout: float | None = None, max_connections: int = 64
+    cfg: RedisConfig,
+    *,
+    socket_timeout: float | None = None,
+    max_connections: int = 64,
+    node: tuple[str, int] | None = None,
 ) -> aioredis.ConnectionPool:
-    """The pool of :func:`connect`'s client, for a client of another class."""
+    """The pool of :func:`connect`'s client, for a client of another class (``node``:
+    this address instead of the URL's)."""
     # What redis-py reads from a URL: address, database, credentials, TLS options
     # (which win over the defaults below, as with from_url).
-    node: dict[str, Any] = {
+    options: dict[str, Any] = {
         "max_connections": max_connections,
         "timeout": cfg.command_timeout_s,
         "socket_timeout": socket_timeout,
@@ -333,19 +369,23 @@ def connection_pool(
         "health_check_interval": 0,
         **parse_url(cfg.url),
     }
+    if node is not None:
+        options["host"], options["port"] = node
     tls = cfg.url.startswith("rediss:")
     if cfg.password_file:  # the file's password, not the URL's
-        node.pop("password", None)
-        node["credential_provider"] = FilePassword(cfg.password_file, node.pop("username", None))
+        options.pop("password", None)
+        options["credential_provider"] = FilePassword(
+            cfg.password_file, options.pop("username", None)
+        )
     if cfg.sentinel is None:
-        if node.get("connection_class") is not UnixDomainSocketConnection:
-            node["connection_class"] = _SSLConnection if tls else _Connection
-        return aioredis.BlockingConnectionPool(**node)
-    node.pop("host", None)  # the sentinels name the primary
-    node.pop("port", None)
-    node["connection_class"] = _SentinelSSLConnection if tls else _SentinelConnection
-    sentinels = _sentinels(cfg, {k: v for k, v in node.items() if k.startswith("ssl_")})
-    return _SentinelPool(sentinels, cfg.sentinel.service_name, **node)
+        if options.get("connection_class") is not UnixDomainSocketConnection:
+            options["connection_class"] = _SSLConnection if tls else _Connection
+        return aioredis.BlockingConnectionPool(**options)
+    options.pop("host", None)  # the sentinels name the primary
+    options.pop("port", None)
+    options["connection_class"] = _SentinelSSLConnection if tls else _SentinelConnection
+    sentinels = _sentinels(cfg, {k: v for k, v in options.items() if k.startswith("ssl_")})
+    return _SentinelPool(sentinels, cfg.sentinel.service_name, **options)
 
 
 def _sentinels(cfg: RedisConfig, tls_options: dict[str, Any]) -> Sentinel:
@@ -368,6 +408,50 @@ class Commands(Protocol):
     or a Cluster's (``shared/cluster.py``)."""
 
     def call(self, *args: Any) -> asyncio.Future[Any]: ...
+
+
+class Readers(Commands, Protocol):
+    """What reads streams one blocking read after another (:meth:`Batcher.reads`)."""
+
+    def reads(
+        self,
+        next_read: Callable[[], tuple[Any, ...] | None],
+        handle: Callable[[Any], None],
+        *,
+        behind_tasks: bool = False,
+    ) -> asyncio.Future[None]: ...
+
+    async def close(self, wait: bool = True) -> None: ...
+
+
+class AnyBatcher(Readers, Protocol):
+    """A :class:`Batcher`, or a Cluster's (``shared/cluster.py``)."""
+
+    quiet: Callable[[], bool] | None
+
+    @property
+    def last_ok(self) -> float: ...
+
+    def lagging(self) -> bool: ...
+
+    def call_then(self, then: Callable[[Any, BaseException | None], None], *args: Any) -> None: ...
+
+
+def batcher_for(
+    cfg: RedisConfig,
+    client: aioredis.Redis,
+    *,
+    timeout: float,
+    round_trip: Observer | None = None,
+    lag: Callable[[], float] | None = None,
+) -> AnyBatcher:
+    """The process's batcher: on ``client``'s pool, or on a Cluster one connection
+    to each node it speaks to."""
+    if cfg.cluster:
+        from llm_broker.shared.cluster import cluster_batcher
+
+        return cluster_batcher(cfg, timeout=timeout, round_trip=round_trip, lag=lag)
+    return Batcher(client, timeout=timeout, round_trip=round_trip, lag=lag)
 
 
 class Observer(Protocol):
@@ -666,13 +750,19 @@ class Batcher:
             await self._client.aclose()
 
 
-def stream_reader(cfg: RedisConfig, block_ms: int) -> Batcher:
+def stream_reader(cfg: RedisConfig, block_ms: int) -> Readers:
     """A batcher on a connection of its own, for blocking stream reads (``XREAD`` or
     ``XREADGROUP ... BLOCK``): what arrives reaches the reader in the step that
     reads it. A round trip may take the block plus ``command_timeout_s``. Close it
-    with ``close(wait=False)`` (a read may be blocking); that closes its client."""
+    with ``close(wait=False)`` (a read may be blocking); that closes its client.
+    On a Cluster, a connection of its own to each node it reads from."""
+    timeout = block_ms / 1000 + cfg.command_timeout_s
+    if cfg.cluster:
+        from llm_broker.shared.cluster import cluster_batcher
+
+        return cluster_batcher(cfg, timeout=timeout, max_connections=1)
     client = connect(cfg, max_connections=1)
-    return Batcher(client, timeout=block_ms / 1000 + cfg.command_timeout_s, owns_client=True)
+    return Batcher(client, timeout=timeout, owns_client=True)
 
 
 class _Then:

@@ -165,12 +165,30 @@ class RedisCluster:
     def seeds(self) -> list[str]:
         return [f"127.0.0.1:{node.port}" for node in self.nodes]
 
-    def start(self) -> None:
+    def start(self, cli: bool = False) -> None:
         """Start the nodes and join them: each takes an even share of the slots and
-        meets the others (what ``redis-cli --cluster create`` does, without its
-        one-second polls)."""
+        meets the others, as ``redis-cli --cluster create`` does (``cli``: with it,
+        which polls once a second)."""
         for node in self.nodes:
             node.start()
+        if cli:
+            binary = shutil.which("redis-cli")
+            if binary is None:
+                pytest.fail("redis-cli is not installed (apt-get install redis-tools)")
+            create = [binary, "--cluster", "create", *self.seeds, "--cluster-replicas", "0"]
+            subprocess.run(
+                [*create, "--cluster-yes"],
+                check=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                timeout=60,
+            )
+        else:
+            self._join()
+        for node in self.nodes:
+            answering(node.port, "CLUSTER", "INFO", ready=lambda info: b"cluster_state:ok" in info)
+
+    def _join(self) -> None:
         share = 16384 // len(self.nodes)
         for i in range(len(self.nodes)):
             last = 16383 if i == len(self.nodes) - 1 else (i + 1) * share - 1
@@ -180,8 +198,6 @@ class RedisCluster:
                     c.execute_command(
                         "CLUSTER", "MEET", "127.0.0.1", self.nodes[j].port, self.bus_ports[j]
                     )
-        for node in self.nodes:
-            answering(node.port, "CLUSTER", "INFO", ready=lambda info: b"cluster_state:ok" in info)
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -198,6 +214,26 @@ class RedisCluster:
                 if start <= slot <= end:
                     return next(i for i, n in enumerate(self.nodes) if n.port == primary[1])
         raise AssertionError(f"no node serves slot {slot}")
+
+    def move_slot(self, slot: int, to: int, *, finish: bool = True) -> int:
+        """Move ``slot`` to node ``to`` as ``redis-cli --cluster reshard`` moves each
+        slot (``SETSLOT IMPORTING``/``MIGRATING``, ``MIGRATE`` of its keys, ``SETSLOT
+        NODE``); with ``finish=False`` the keys move but the slot stays migrating
+        (its old node answers ASK). Returns the index of the node it left."""
+        src = self.owner(slot)
+        assert src != to
+        src_id, dst_id = self.node_id(src), self.node_id(to)
+        with self.client(src) as s, self.client(to) as d:
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                s.execute_command(
+                    "MIGRATE", "127.0.0.1", self.nodes[to].port, "", 0, 5000, "KEYS", *keys
+                )
+            if finish:
+                for c in (d, s):
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return src
 
     def node_id(self, index: int) -> str:
         with self.client(index) as c:

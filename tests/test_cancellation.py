@@ -14,9 +14,9 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from llm_broker.ingress.app import create_app
-from llm_broker.ingress.replies import ReplyRouter
+from llm_broker.ingress.replies import ReplyRouter, _Stream
 from llm_broker.shared.config import parse_config
-from llm_broker.shared.redisio import Batcher
+from llm_broker.shared.redisio import Commands
 from tests.conftest import ConfigFactory, Procs, RedisServer, chat, mock_stats
 
 
@@ -25,18 +25,18 @@ async def test_the_reply_reader_stops_when_a_cancellation_is_swallowed(
 ) -> None:
     swallowed = asyncio.Event()
     reading = asyncio.Event()
-    create = ReplyRouter._ensure_stream
+    create = _Stream.ensure
 
-    async def swallowing(self: ReplyRouter, reader: Batcher) -> None:
+    async def swallowing(self: _Stream, reader: Commands, ttl_s: int) -> None:
         """A Redis call that loses the cancellation and returns as if it had run."""
         reading.set()
         try:
             await asyncio.sleep(1.0)  # stands for a Redis call that hangs
         except asyncio.CancelledError:
             swallowed.set()
-        await create(self, reader)
+        await create(self, reader, ttl_s)
 
-    monkeypatch.setattr(ReplyRouter, "_ensure_stream", swallowing)
+    monkeypatch.setattr(_Stream, "ensure", swallowing)
     config = parse_config({"redis": {"url": redis_up.url, "key_prefix": prefix}})
     router = ReplyRouter(config, "pod")
     reader = asyncio.get_running_loop().create_task(router.run())
@@ -63,13 +63,13 @@ async def test_a_sync_call_waits_for_the_reply_stream_instead_of_losing_its_repl
     config = parse_config(yaml.safe_load(path.read_text()), {})
     procs.worker(path)
     gate = asyncio.Event()
-    create = ReplyRouter._ensure_stream
+    create = _Stream.ensure
 
-    async def gated(self: ReplyRouter, reader: Batcher) -> None:
+    async def gated(self: _Stream, reader: Commands, ttl_s: int) -> None:
         await gate.wait()  # the reply stream is not there yet
-        await create(self, reader)
+        await create(self, reader, ttl_s)
 
-    monkeypatch.setattr(ReplyRouter, "_ensure_stream", gated)
+    monkeypatch.setattr(_Stream, "ensure", gated)
     app = create_app(config, "gated")
     async with TestClient(TestServer(app)) as client:
         body = chat("mock", "hello")

@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from llm_broker.shared import messages as m
 from llm_broker.shared.cluster import ClusterBatcher, key_of, slot_of
-from llm_broker.shared.config import parse_config
+from llm_broker.shared.config import ConfigError, parse_config
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.redisio import REDIS_DOWN
 from llm_broker.shared.store import JobStore
@@ -47,24 +47,24 @@ def _keys_on_every_node(cluster: RedisCluster, count: int = 30) -> list[str]:
     return keys
 
 
-def move_slot(cluster: RedisCluster, slot: int, to: int, *, finish: bool = True) -> int:
-    """Move ``slot`` to node ``to`` as ``redis-cli --cluster reshard`` does; with
-    ``finish=False`` the keys move but the slot stays migrating (the source
-    answers ASK). Returns the source node's index."""
-    src = cluster.owner(slot)
-    assert src != to
-    src_id, dst_id = cluster.node_id(src), cluster.node_id(to)
-    with cluster.client(src) as s, cluster.client(to) as d:
-        d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-        s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-        while keys := s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-            s.execute_command(
-                "MIGRATE", "127.0.0.1", cluster.nodes[to].port, "", 0, 5000, "KEYS", *keys
-            )
-        if finish:
-            for c in (d, s):
-                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-    return src
+@pytest.mark.parametrize(
+    ("sections", "why"),
+    [
+        ({}, "accounts.usage"),
+        ({"tenants": {"t": {"quotas": {"max_in_flight": 2}}}}, "across providers"),
+        ({"redis": {"sentinel": {"addresses": ["127.0.0.1:26379"]}}}, "exclude each other"),
+        ({"redis": {"min_replicas_acked": 1}}, "min_replicas_acked"),
+    ],
+)
+def test_a_cluster_config_refuses_what_a_cluster_cannot_do_yet(
+    sections: dict[str, Any], why: str
+) -> None:
+    data: dict[str, Any] = {"accounts": {"usage": False}, **sections}
+    data["redis"] = {"cluster": True, **sections.get("redis", {})}
+    if not sections:
+        data["accounts"] = {"usage": True}
+    with pytest.raises(ConfigError, match=why):
+        parse_config(data)
 
 
 def test_a_commands_key_decides_its_node() -> None:
@@ -119,7 +119,7 @@ async def test_a_moved_slot_is_followed_without_an_error(
     slot = slot_of(key)
     await batcher.call("SET", key, "1")
     src = redis_cluster.owner(slot)
-    move_slot(redis_cluster, slot, (src + 1) % 3)
+    redis_cluster.move_slot(slot, (src + 1) % 3)
     # The batcher's map still names the old node: it answers MOVED, the batcher
     # follows it, and learns the new map.
     assert await batcher.call("INCR", key) == 2
@@ -135,7 +135,7 @@ async def test_a_key_of_a_slot_being_migrated_is_asked_for_on_the_target(
     slot = slot_of(key)
     await batcher.call("SET", key, "1")
     src = redis_cluster.owner(slot)
-    move_slot(redis_cluster, slot, (src + 1) % 3, finish=False)
+    redis_cluster.move_slot(slot, (src + 1) % 3, finish=False)
     # The key is on the target; the source answers ASK, and still serves the slot.
     assert await batcher.call("INCR", key) == 2
     assert batcher.address_of(("GET", key)) == redis_cluster.seeds[src]
@@ -165,7 +165,7 @@ async def test_load_goes_on_while_a_slot_moves(
     running = asyncio.ensure_future(load())
     await eventually(_after(lambda: rounds >= 5), what="load under way")
     before = rounds
-    await asyncio.to_thread(move_slot, redis_cluster, moved, (redis_cluster.owner(moved) + 1) % 3)
+    await asyncio.to_thread(redis_cluster.move_slot, moved, (redis_cluster.owner(moved) + 1) % 3)
     during = rounds - before
     moving = False
     await running
@@ -198,7 +198,7 @@ async def test_a_blocking_reader_follows_its_stream_to_another_node(
         reads = reader.reads(next_read, handle)
         await eventually(_after(lambda: seen == ["0"]), what="the first entry")
         slot = slot_of(stream)
-        await asyncio.to_thread(move_slot, redis_cluster, slot, (redis_cluster.owner(slot) + 1) % 3)
+        await asyncio.to_thread(redis_cluster.move_slot, slot, (redis_cluster.owner(slot) + 1) % 3)
         await writer.call("XADD", stream, "*", "n", "1")
         await eventually(_after(lambda: seen == ["0", "1"]), what="the entry after the move")
         assert not reads.done()

@@ -20,7 +20,12 @@ from redis.exceptions import ResponseError
 
 from llm_broker.shared.config import Config
 from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher, raise_if_cancelling, stream_reader
+from llm_broker.shared.redisio import (
+    REDIS_DOWN,
+    Readers,
+    raise_if_cancelling,
+    stream_reader,
+)
 from llm_broker.shared.store import Delivery, Queues
 
 log = logging.getLogger("llm_broker.worker")
@@ -187,7 +192,7 @@ class StreamConsumer:
         finally:
             await reader.close(wait=False)
 
-    def _read_while_free(self, reader: Batcher) -> asyncio.Future[None]:
+    def _read_while_free(self, reader: Readers) -> asyncio.Future[None]:
         """Read new entries, each batch's jobs started in the step that reads it, and
         ask again at once while slots are free, until a reclaim is due, the consumer
         stops or Redis fails (the future's error). No task switch per read: on a

@@ -54,7 +54,7 @@ class Heartbeat:
         self, config: Config, redis: aioredis.Redis, consumer: str, pools: Sequence[Beating]
     ) -> None:
         self._redis = redis
-        self._keys = Keys(config.redis.key_prefix)
+        self._keys = Keys(config.redis.key_prefix, cluster=config.redis.cluster)
         self._every = config.worker.heartbeat_s
         #: A shutdown waits at most this long for Redis (as the worker's other last words).
         self._last_words_s = config.redis.command_timeout_s * 4

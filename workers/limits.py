@@ -31,7 +31,7 @@ from llm_broker.shared.config import Config, Target, deployment_limits
 from llm_broker.shared.errors import DeadlineExceeded
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher, Script
+from llm_broker.shared.redisio import REDIS_DOWN, AnyBatcher, Script
 
 log = logging.getLogger("llm_broker.worker.limits")
 
@@ -155,12 +155,12 @@ class Limits:
     """The global limits of one provider's deployments, as seen by one worker pool."""
 
     def __init__(
-        self, config: Config, provider: str, batcher: Batcher, metrics: WorkerMetrics
+        self, config: Config, provider: str, batcher: AnyBatcher, metrics: WorkerMetrics
     ) -> None:
         self._cfg = config.limits
         self._provider = provider
         self._pcfg = config.providers[provider]
-        self._keys = Keys(config.redis.key_prefix)
+        self._keys = Keys(config.redis.key_prefix, cluster=config.redis.cluster)
         self._deployments = {
             t: d for t, d in deployment_limits(config).items() if t.provider == provider
         }

@@ -19,7 +19,14 @@ from llm_broker.shared.files import Files, open_store
 from llm_broker.shared.health import serve_health
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import WorkerMetrics
-from llm_broker.shared.redisio import REDIS_DOWN, Batcher, connect, raise_if_cancelling
+from llm_broker.shared.redisio import (
+    REDIS_DOWN,
+    AnyBatcher,
+    batcher_for,
+    connect,
+    raise_if_cancelling,
+    subscriber,
+)
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.store.queues import backlog
 from llm_broker.shared.tracing import Tracing
@@ -33,10 +40,11 @@ log = logging.getLogger("llm_broker.worker")
 
 async def listen_for_cancels(config: Config, pools: list[ProviderPool]) -> None:
     """Abort the upstream call of every job cancelled while this process runs it."""
-    channel = Keys(config.redis.key_prefix).cancel_channel()
+    channel = Keys(config.redis.key_prefix, cluster=config.redis.cluster).cancel_channel()
     backoff = 0.1
     while True:
-        client = connect(config.redis, max_connections=1)
+        # (On a Cluster any node will do: a publication reaches every node.)
+        client = subscriber(config.redis)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)
@@ -65,14 +73,14 @@ QUEUE_EXPORT_EVERY_S = 5.0
 
 
 async def export_queues(
-    config: Config, providers: list[str], batcher: Batcher, metrics: WorkerMetrics
+    config: Config, providers: list[str], batcher: AnyBatcher, metrics: WorkerMetrics
 ) -> None:
     """Export depth, pending and lag of each provider stream this process serves.
 
     Every worker does it for its providers, so Prometheus sees the same value
     from every pod: aggregate with ``max by (provider)``, never ``sum``.
     """
-    keys = Keys(config.redis.key_prefix)
+    keys = Keys(config.redis.key_prefix, cluster=config.redis.cluster)
     while True:
         raise_if_cancelling()
         for provider in providers:
@@ -112,7 +120,8 @@ async def serve(
         log.info("worker /metrics and /health on :%d", health.addresses[0][1])
     total = sum(config.providers[p].max_concurrency for p in providers)
     redis = connect(config.redis, max_connections=max(8, min(total, 64)))
-    batcher = Batcher(
+    batcher = batcher_for(
+        config.redis,
         redis,
         timeout=config.redis.command_timeout_s * 2,
         round_trip=metrics.redis_seconds.labels("worker"),
@@ -148,7 +157,7 @@ async def serve(
     driver = BatchDriver(
         config,
         redis,
-        JobStore(config, batcher, redis),
+        JobStore(config, batcher, redis, cluster=config.redis.cluster),
         Files(redis, config.redis.key_prefix, file_store, config.files),
         consumer,
         metrics.batch,

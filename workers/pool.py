@@ -20,7 +20,7 @@ from llm_broker.shared import messages as m
 from llm_broker.shared.config import Config
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import JOB_OUTCOMES, WorkerMetrics
-from llm_broker.shared.redisio import Batcher
+from llm_broker.shared.redisio import AnyBatcher
 from llm_broker.shared.store import Delivery, JobStore, Outcome
 from llm_broker.shared.tracing import Tracing
 from llm_broker.workers import shaping
@@ -46,7 +46,7 @@ class ProviderPool:
         config: Config,
         upstream: Upstream,
         redis: aioredis.Redis,
-        batcher: Batcher,
+        batcher: AnyBatcher,
         consumer: str,
         metrics: WorkerMetrics,
         tracing: Tracing,
@@ -54,7 +54,7 @@ class ProviderPool:
         self.provider = provider
         self.upstream = upstream
         self._batcher = batcher
-        self._latency_key = Keys(config.redis.key_prefix).latency()
+        self._latency_key = Keys(config.redis.key_prefix, cluster=config.redis.cluster).latency()
         self._result_ttl = int(config.jobs.result_ttl_s)
         self._outcomes = {o: metrics.jobs.labels(provider, o) for o in JOB_OUTCOMES}
         #: Latency averages of the deployments that a lowest-latency route may pick.
@@ -69,7 +69,7 @@ class ProviderPool:
         self.policy = CallPolicy(config.providers[provider], metrics)
         #: Jobs finished by outcome since the process started (the heartbeat's counts).
         self.counts: dict[str, int] = dict.fromkeys(JOB_OUTCOMES, 0)
-        store = JobStore(config, batcher, redis)
+        store = JobStore(config, batcher, redis, cluster=config.redis.cluster)
         self.limits = Limits(config, provider, batcher, metrics)
         self.consumer = StreamConsumer(
             provider=provider,

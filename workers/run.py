@@ -51,8 +51,15 @@ class JobRun:
         began = time.time()
         self.tries = Tries(began)
         #: A first delivery of a job whose client waits, within its deadline, runs
-        #: without the start function (see :meth:`handle`).
-        self.early = delivery.deliveries == 1 and bool(job.reply_to) and job.deadline > began
+        #: without the start function (see :meth:`handle`); on a Redis Cluster, not
+        #: one that fell back from another provider (dispatch there cannot read its
+        #: record: start says whether it was cancelled meanwhile).
+        self.early = (
+            delivery.deliveries == 1
+            and bool(job.reply_to)
+            and job.deadline > began
+            and not (job.attempts and pool.store.keys.cluster)
+        )
         self.began = began
         self.start: asyncio.Future[Verdict]
         if self.early:

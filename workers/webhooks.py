@@ -45,14 +45,14 @@ from arq.worker import Worker, func
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
-from llm_broker.shared.config import Config, WebhooksConfig
+from llm_broker.shared.config import Config, RedisConfig, WebhooksConfig
 from llm_broker.shared.health import serve_health
 from llm_broker.shared.jobs import event_body
 from llm_broker.shared.keys import WEBHOOK_GROUP, Keys
 from llm_broker.shared.metrics import WebhookMetrics
 from llm_broker.shared.redisio import (
     REDIS_DOWN,
-    Batcher,
+    batcher_for,
     connect,
     connection_pool,
     ensure_group,
@@ -199,11 +199,13 @@ class Deliverer:
         resolver: AbstractResolver | None = None,
     ) -> None:
         self.cfg = config.webhooks
-        self.keys = Keys(config.redis.key_prefix)
+        self.keys = Keys(config.redis.key_prefix, cluster=config.redis.cluster)
         # Webhook bookkeeping is not on a client's path: its Redis calls may wait
         # longer than a request's (a busy Redis must not lose an attempt's record).
-        self._batcher = Batcher(redis, timeout=max(30.0, config.redis.command_timeout_s))
-        self.store = JobStore(config, self._batcher, redis)
+        self._batcher = batcher_for(
+            config.redis, redis, timeout=max(30.0, config.redis.command_timeout_s)
+        )
+        self.store = JobStore(config, self._batcher, redis, cluster=config.redis.cluster)
         self.arq = arq
         self.metrics = metrics
         self.secrets = Secrets(self.cfg)
@@ -323,13 +325,23 @@ class Relay:
 
     def __init__(self, config: Config, deliverer: Deliverer, metrics: WebhookMetrics) -> None:
         self.config = config
-        self.keys = Keys(config.redis.key_prefix)
-        self.stream = self.keys.webhook_events()
+        self.cluster = config.redis.cluster
+        self.keys = Keys(config.redis.key_prefix, cluster=self.cluster)
+        #: The event stream, or on a Cluster one per provider (each beside the
+        #: records of the jobs its provider admitted).
+        self.streams = (
+            [self.keys.webhook_events(p) for p in config.providers]
+            if self.cluster
+            else [self.keys.webhook_events()]
+        )
         self.deliverer = deliverer
         self.metrics = metrics
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(*(self._run(stop, stream) for stream in self.streams))
+
+    async def _run(self, stop: asyncio.Event, stream: str) -> None:
         block_ms = 1000
         reader = connect(
             self.config.redis,
@@ -343,21 +355,26 @@ class Relay:
             while not stop.is_set():
                 try:
                     if need_group:
-                        await ensure_group(reader, self.stream, WEBHOOK_GROUP)
+                        await ensure_group(reader, stream, WEBHOOK_GROUP)
                         need_group = False
                     if time.monotonic() >= next_claim:
                         _next, claimed, _gone = await reader.xautoclaim(
-                            self.stream, WEBHOOK_GROUP, self.consumer, RELAY_LEASE_MS, "0-0", 100
+                            stream, WEBHOOK_GROUP, self.consumer, RELAY_LEASE_MS, "0-0", 100
                         )
-                        await self._relay(reader, claimed)
+                        await self._relay(reader, stream, claimed)
                         next_claim = time.monotonic() + RELAY_LEASE_MS / 3000
                     batches = await reader.xreadgroup(
-                        WEBHOOK_GROUP, self.consumer, {self.stream: ">"}, count=100, block=block_ms
+                        WEBHOOK_GROUP, self.consumer, {stream: ">"}, count=100, block=block_ms
                     )
                     for _stream, entries in batches or ():
-                        await self._relay(reader, entries)
+                        await self._relay(reader, stream, entries)
                     backoff = 0.1
                 except ResponseError as e:
+                    if str(e).startswith("UNBLOCKED"):
+                        # The stream's slot moved to another node (a Cluster's
+                        # resharding): the next read is redirected there.
+                        await asyncio.sleep(backoff)
+                        continue
                     if "NOGROUP" not in str(e):
                         raise
                     need_group = True  # Redis lost the group (restarted empty)
@@ -371,16 +388,20 @@ class Relay:
             await reader.aclose()
 
     async def _relay(
-        self, reader: aioredis.Redis, entries: list[tuple[bytes, dict[bytes, bytes]]]
+        self,
+        reader: aioredis.Redis,
+        stream: str,
+        entries: list[tuple[bytes, dict[bytes, bytes]]],
     ) -> None:
         for entry_id, fields in entries:
             job_id = fields.get(b"i", b"").decode() if fields else ""
             if job_id:
                 await self.deliverer.enqueue(job_id, 1)
                 self.metrics.events.inc()
-            async with reader.pipeline(transaction=True) as pipe:
-                pipe.xack(self.stream, WEBHOOK_GROUP, entry_id)
-                pipe.xdel(self.stream, entry_id)
+            # (a Cluster client's pipeline has no transactions: one key, in order)
+            async with reader.pipeline(transaction=not self.cluster) as pipe:
+                pipe.xack(stream, WEBHOOK_GROUP, entry_id)
+                pipe.xdel(stream, entry_id)
                 await pipe.execute()
 
 
@@ -395,11 +416,21 @@ async def serve(config: Config, *, metrics_port: int | None = None) -> None:
     if metrics_port is not None:
         health = await serve_health(registry, "webhooks", metrics_port)
         log.info("webhooks /metrics and /health on :%d", health.addresses[0][1])
-    keys = Keys(config.redis.key_prefix)
+    keys = Keys(config.redis.key_prefix, cluster=config.redis.cluster)
     # arq's queue on the broker's own connection (Sentinel, password files, hiredis
-    # packing), with a connection for each delivery it may run at once.
+    # packing), with a connection for each delivery it may run at once; or on a
+    # Redis of its own (webhooks.queue_url, which a Cluster needs).
+    queue_redis = config.redis
+    if config.webhooks.queue_url is not None:
+        queue_redis = RedisConfig(
+            url=config.webhooks.queue_url,
+            command_timeout_s=config.redis.command_timeout_s,
+            connect_timeout_s=config.redis.connect_timeout_s,
+        )
+    elif config.redis.cluster:
+        raise SystemExit("webhooks: a Redis Cluster needs webhooks.queue_url (docs/cluster.md)")
     arq_pool = ArqRedis(
-        connection_pool(config.redis, max_connections=config.webhooks.max_concurrency + 8),
+        connection_pool(queue_redis, max_connections=config.webhooks.max_concurrency + 8),
         job_serializer=serialize,
         job_deserializer=deserialize,
         default_queue_name=keys.webhook_queue(),

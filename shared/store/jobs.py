@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from llm_broker.shared import messages as m
 from llm_broker.shared.accounts import has_checks
 from llm_broker.shared.config import Config, Quota
+from llm_broker.shared.errors import NotOnCluster
 from llm_broker.shared.keys import GROUP, Keys
 from llm_broker.shared.redisio import Commands, execute
 from llm_broker.shared.store import scripts
@@ -141,6 +142,7 @@ class JobStore:
         """Admit a synchronous call: its record and its place in the provider's
         waiting lists. None when admitted, else why not (``max_depth`` jobs wait or
         run on the provider, or a quota of the tenant's is reached)."""
+        self._cluster_can(acct)
         command = self._fn.enqueue.command(
             (self.keys.job(job.id),),
             (
@@ -173,6 +175,7 @@ class JobStore:
         lists and the tenant's index (or ``index``: a batch's), in one step.
         ``replicas``: how many replicas must hold the admission (WAIT, on the same
         connection right after it) before it counts as :class:`Admitted`."""
+        self._cluster_can(acct, idempotency, index)
         keys = self.keys
         fields = admission_fields(job)[2:]  # the tenant is an argument of its own
         if extra.metadata:
@@ -220,6 +223,23 @@ class JobStore:
                 return KeyConflict()
             case _:
                 return _refusal(answer)
+
+    def _cluster_can(
+        self, acct: bytes, idempotency: Idempotency | None = None, index: str | None = None
+    ) -> None:
+        """Refuse what a Cluster does not do yet: the keys these need are on the
+        tenant's shard, not the job's (docs/cluster.md)."""
+        if not self.keys.cluster:
+            return
+        if has_checks(acct):
+            raise NotOnCluster(
+                "limits and budgets of API keys and tenants kept in Redis are not "
+                "enforced on this deployment's Redis Cluster yet"
+            )
+        if idempotency is not None:
+            raise NotOnCluster("Idempotency-Key is not available on a Redis Cluster yet")
+        if index is not None:
+            raise NotOnCluster("batches are not available on a Redis Cluster yet")
 
     async def _admit_replicated(self, command: tuple[Any, ...], replicas: int) -> tuple[Any, int]:
         """``command``'s answer and, with ``replicas``, how many replicas confirmed it.

@@ -1,0 +1,245 @@
+"""End to end on a Redis Cluster: three primaries made with ``redis-cli --cluster
+create``, two providers whose keys are on different shards, real ingress, worker
+and webhooks processes, the official OpenAI SDK and a webhook receiver.
+
+The webhook delivery queue (arq) is on a Redis of its own (``webhooks.queue_url``,
+the session's Redis here), as a Cluster needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from llm_broker.procs import Child
+from llm_broker.shared.cluster import slot_of
+from llm_broker.shared.keys import Keys
+from tests.conftest import (
+    Procs,
+    Receiver,
+    RedisCluster,
+    RedisServer,
+    chat,
+    mock_stats,
+    wait_in_flight,
+    write_config,
+)
+from tests.helpers import eventually, loopback_webhooks
+
+PREFIX = "ce:"
+
+
+@dataclass
+class ClusterStack:
+    cluster: RedisCluster
+    procs: Procs
+    config: Path
+    url: str
+    mock_a: str
+    mock_b: str
+    #: Two providers whose keys (queue, scheduler, job records, replies) are on
+    #: different shards.
+    a: str
+    b: str
+    worker: Child
+
+
+def _two_shards(cluster: RedisCluster) -> tuple[str, str]:
+    keys = Keys(PREFIX, cluster=True)
+    names = [f"prov-{i}" for i in range(40)]
+    owner = {n: cluster.owner(slot_of(keys.queue(n))) for n in names}
+    first = names[0]
+    return first, next(n for n in names if owner[n] != owner[first])
+
+
+@pytest.fixture(scope="module")
+def cstack(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ClusterStack]:
+    if redis_server.proc is None:
+        redis_server.start()
+    tmp = tmp_path_factory.mktemp("cluster-stack")
+    cluster = RedisCluster(tmp / "cluster")
+    procs = Procs(tmp)
+    try:
+        cluster.start(cli=True)
+        a, b = _two_shards(cluster)
+        _, mock_a = procs.mock()
+        _, mock_b = procs.mock()
+        provider = {"type": "mock", "retry": {"max_retries": 0}, "circuit": {"failures": 10**6}}
+        config = write_config(
+            tmp,
+            f"redis://127.0.0.1:{cluster.nodes[0].port}/0",
+            PREFIX,
+            mock_a,
+            redis={"cluster": True, "nodes": cluster.seeds},
+            accounts={"usage": False},
+            providers={
+                a: {**provider, "base_url": f"{mock_a}/v1"},
+                b: {**provider, "base_url": f"{mock_b}/v1"},
+            },
+            models={
+                "mock*": {"provider": a},
+                "b-x": {"provider": b, "model": "mock"},
+                "fb-x": {
+                    "deployments": [
+                        {"provider": a, "model": "mock", "weight": 1},
+                        {"provider": b, "model": "mock", "weight": 0},
+                    ]
+                },
+            },
+            webhooks={**loopback_webhooks(tmp), "queue_url": redis_server.url},
+        )
+        worker = procs.worker(config)
+        procs.webhooks(config)
+        _, url = procs.ingress(config)
+        yield ClusterStack(cluster, procs, config, url, mock_a, mock_b, a, b, worker)
+    finally:
+        procs.stop_all()
+        cluster.stop()
+
+
+@pytest.fixture
+async def sdk(cstack: ClusterStack) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=f"{cstack.url}/v1", api_key="none", max_retries=0)
+    yield client
+    await client.close()
+
+
+async def test_synchronous_calls_on_two_shards(
+    cstack: ClusterStack, sdk: openai.AsyncOpenAI
+) -> None:
+    for model in ("mock", "b-x"):
+        answer = await sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hello there"}]
+        )
+        assert answer.choices[0].message.content
+        assert answer.usage is not None and answer.usage.total_tokens > 0
+
+
+async def test_a_stream_with_its_usage_chunk(sdk: openai.AsyncOpenAI) -> None:
+    stream = await sdk.chat.completions.create(
+        model="b-x",
+        messages=[{"role": "user", "content": "Tell me a story"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert text and usage is not None and usage.completion_tokens > 0
+
+
+async def _submit(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    async with http.post(f"{url}/v1/jobs", json=body) as resp:
+        return resp.status, await resp.json()
+
+
+async def _job(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
+    async with http.get(f"{url}/v1/jobs/{job_id}") as resp:
+        assert resp.status == 200
+        job: dict[str, Any] = await resp.json()
+        return job
+
+
+async def test_an_async_job_completes_and_its_webhook_arrives(
+    cstack: ClusterStack, http: aiohttp.ClientSession, receiver: Receiver
+) -> None:
+    body = {"request": chat("b-x", "Tell me about rivers"), "webhook_url": f"{receiver.url}/c"}
+    status, job = await _submit(http, cstack.url, body)
+    assert status == 202, job
+
+    async def completed() -> dict[str, Any] | None:
+        found = await _job(http, cstack.url, job["id"])
+        return found if found["status"] == "completed" else None
+
+    done = await eventually(completed, what="the async job")
+    assert done["result"]["choices"][0]["message"]["content"]
+    (delivery,) = await receiver.deliveries("c", 1)
+    assert b'"completed"' in delivery.body and job["id"].encode() in delivery.body
+    assert delivery.headers["webhook-signature"].startswith("v1,")
+
+
+async def test_a_running_job_is_cancelled(
+    cstack: ClusterStack, http: aiohttp.ClientSession
+) -> None:
+    status, job = await _submit(http, cstack.url, {"request": chat("mock-latency-5000")})
+    assert status == 202, job
+    await wait_in_flight(http, cstack.mock_a)
+    async with http.post(f"{cstack.url}/v1/jobs/{job['id']}/cancel") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["status"] == "cancelled"
+    await wait_in_flight(http, cstack.mock_a, 0)  # the upstream call was aborted
+    assert (await _job(http, cstack.url, job["id"]))["status"] == "cancelled"
+
+
+async def test_a_fallback_goes_to_a_provider_on_another_shard(
+    cstack: ClusterStack, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(f"{cstack.mock_a}/mock/fail", json={"status": 500, "times": 1}) as r:
+        assert r.status == 200
+    before_b = int((await mock_stats(http, cstack.mock_b))["calls"])
+    async with http.post(f"{cstack.url}/v1/chat/completions", json=chat("fb-x")) as resp:
+        assert resp.status == 200, await resp.text()
+        job_id = resp.headers["X-Request-Id"]
+    assert int((await mock_stats(http, cstack.mock_b))["calls"]) == before_b + 1
+    job = await _job(http, cstack.url, job_id)
+    assert [h["deployment"] for h in job["history"]] == [f"{cstack.a}/mock", f"{cstack.b}/mock"]
+
+
+async def test_a_resharded_providers_slot_is_followed(
+    cstack: ClusterStack, sdk: openai.AsyncOpenAI
+) -> None:
+    """A provider's slot moves to another node while idle (as ``redis-cli --cluster
+    reshard`` moves a slot): the processes follow it without a restart."""
+    cluster = cstack.cluster
+    slot = slot_of(Keys(PREFIX, cluster=True).queue(cstack.a))
+    await asyncio.to_thread(cluster.move_slot, slot, (cluster.owner(slot) + 1) % 3)
+    for _ in range(3):
+        answer = await sdk.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "after the move"}]
+        )
+        assert answer.choices[0].message.content
+
+
+async def test_a_killed_workers_job_is_run_by_another(
+    cstack: ClusterStack, http: aiohttp.ClientSession
+) -> None:
+    status, job = await _submit(http, cstack.url, {"request": chat("mock-latency-1500")})
+    assert status == 202, job
+    await wait_in_flight(http, cstack.mock_a)
+    cstack.worker.proc.send_signal(signal.SIGKILL)
+    cstack.procs.worker(cstack.config)  # reclaims the entry once its lease lapses
+
+    async def completed() -> bool:
+        return bool((await _job(http, cstack.url, job["id"]))["status"] == "completed")
+
+    await eventually(completed, timeout=30, what="the job to complete on the new worker")
+    assert (await _job(http, cstack.url, job["id"]))["attempts"] == 2
+
+
+async def test_what_a_cluster_does_not_do_yet_is_refused_clearly(
+    cstack: ClusterStack, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(
+        f"{cstack.url}/v1/jobs", json={"request": chat("mock")}, headers={"Idempotency-Key": "k-1"}
+    ) as resp:
+        assert resp.status == 501
+        assert (await resp.json())["error"]["code"] == "not_on_cluster"
+    for method, path in (("POST", "/v1/batches"), ("GET", "/v1/files"), ("GET", "/v1/batches/b")):
+        async with http.request(method, f"{cstack.url}{path}", json={}) as resp:
+            assert resp.status == 501, path
+            assert (await resp.json())["error"]["code"] == "not_on_cluster"
