@@ -534,9 +534,9 @@ async def list_jobs(request: web.Request, state: State, actor: str) -> Any:
     # A status filter looks further back (bounded) to find `limit` matches.
     depth = limit * 4 if status else limit
     pages = await _redis(
-        state, asyncio.gather(*(state.store.tenant_page(t, 0, depth) for t in tenants))
+        state, asyncio.gather(*(state.store.tenant_page(t, None, depth) for t in tenants))
     )
-    ids = [i for page in pages for i in page]
+    ids = [job_id for page in pages for job_id, _ in page]
     records = await _redis(state, state.store.records(ids)) if ids else []
     jobs = [
         _summary(i, rec)

@@ -20,7 +20,13 @@ from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.state import STATE, State
 from llm_broker.shared import messages as m
 from llm_broker.shared.accounts import Principal
-from llm_broker.shared.errors import BadRequest, IdempotencyMismatch, NotFound, Unavailable
+from llm_broker.shared.errors import (
+    BadRequest,
+    IdempotencyKeyInUse,
+    IdempotencyMismatch,
+    NotFound,
+    Unavailable,
+)
 from llm_broker.shared.jobs import job_object
 from llm_broker.shared.ssrf import BlockedURL, Ports, check_url
 from llm_broker.shared.store import (
@@ -30,6 +36,8 @@ from llm_broker.shared.store import (
     BudgetExceeded,
     Full,
     Idempotency,
+    KeyInUse,
+    ListCursor,
     NotReplicated,
     Replayed,
     TenantQueueFull,
@@ -233,6 +241,12 @@ async def admit_async(
                 raise _key_reused()
             request[CONTEXT].job_id = seen_id
             return seen_id, rec, True
+        case KeyInUse():
+            raise IdempotencyKeyInUse(
+                "a request with this Idempotency-Key is being admitted; retry it shortly",
+                param="Idempotency-Key",
+                headers={"Retry-After": "1"},
+            )
         case _:  # the key's job is gone, or another tenant's
             raise _key_reused()
 
@@ -296,27 +310,27 @@ async def list_jobs(request: web.Request) -> web.Response:
     tenant = (await identify(request, state)).tenant
     status, limit, after = _list_params(request)
     store = state.store
-    start = 0
+    cursor: ListCursor | None = None
     if after is not None:
-        rank = await redis_call(state, "jobs", "", store.tenant_rank(tenant, after))
-        if rank is None:
+        cursor = await redis_call(state, "jobs", "", store.tenant_cursor(tenant, after))
+        if cursor is None:
             raise BadRequest(f"after: no job with id {after!r}", param="after")
-        start = rank + 1
     data: list[dict[str, Any]] = []
     # One more than asked tells whether there is a next page. A status filter
     # may skip many jobs: it scans a bounded number of pages.
     page = limit + 1 if status is None else MAX_LIST_LIMIT
     exhausted = False
     for _ in range(_MAX_LIST_PAGES):
-        ids = await redis_call(state, "jobs", "", store.tenant_page(tenant, start, page))
-        exhausted = len(ids) < page
+        found = await redis_call(state, "jobs", "", store.tenant_page(tenant, cursor, page))
+        exhausted = len(found) < page
+        ids = [job_id for job_id, _ in found]
         records = await redis_call(state, "jobs", "", store.records(ids))
         gone = []
-        for job_id, rec in zip(ids, records, strict=True):
+        for (job_id, after_it), rec in zip(found, records, strict=True):
+            cursor = after_it  # the next page starts after the last job looked at
             if rec is None:  # expired: dropped from the index below
                 gone.append(job_id)
                 continue
-            start += 1
             if status is None or rec.status == status:
                 data.append(job_object(job_id, rec))
                 if len(data) > limit:

@@ -938,6 +938,8 @@ _ERRORS = {
     404: "No such model (or job).",
     413: "The body exceeds `ingress.max_body_bytes`.",
     415: "The body is not `application/json`.",
+    409: "On a Redis Cluster: another request with the `Idempotency-Key` is being admitted "
+    "(`idempotency_key_in_use`, with `Retry-After`).",
     422: "The `Idempotency-Key` was used with a different request.",
     429: "Refused at admission (`Retry-After` says when to try again): the provider's queue is "
     "full (`queue_full`); a tenant quota of the config (`tenant_queue_full`, "
@@ -1005,7 +1007,8 @@ _PARAMETERS: dict[str, Any] = {
         "name": "Idempotency-Key",
         "in": "header",
         "description": "Submitting the same request with the same key again returns "
-        "the first job (`Idempotent-Replayed: true`); another request with it is a 422.",
+        "the first job (`Idempotent-Replayed: true`); another request with it is a 422 "
+        "(on a Redis Cluster, a retry while the first is being admitted is a 409).",
         "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
     },
     "RequestTimeout": {
@@ -1570,7 +1573,7 @@ def _paths() -> dict[str, Any]:
         "Create a chat completion (OpenAI); SSE with `stream: true`.",
         "ChatRequest",
         {"description": "The completion.", "content": {**_json("ChatCompletion"), **_STREAM}},
-        _errors((*_CALL_ERRORS, 422)),
+        _errors((*_CALL_ERRORS, 409, 422)),
         "Prefer",
         "IdempotencyKey",
     )
@@ -1675,7 +1678,7 @@ def _paths() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": _json("JobSubmission")},
                 "responses": {
                     "202": _ACCEPTED,
-                    **_errors((400, 401, 403, 404, 413, 415, 422, 429, 503)),
+                    **_errors((400, 401, 403, 404, 409, 413, 415, 422, 429, 503)),
                 },
             },
             "get": {

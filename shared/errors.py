@@ -9,6 +9,7 @@
      ├── MethodNotAllowed        405    invalid_request_error
      ├── PayloadTooLarge         413    invalid_request_error
      ├── UnsupportedMediaType    415    invalid_request_error
+     ├── IdempotencyKeyInUse     409    invalid_request_error (with Retry-After)
      ├── IdempotencyMismatch     422    invalid_request_error
      ├── QueueFull               429    rate_limit_error (with Retry-After)
      ├── UpstreamError           the upstream's status, or 502
@@ -144,6 +145,12 @@ class Conflict(BrokerError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
+
+
+class IdempotencyKeyInUse(Conflict):
+    """Another request with the Idempotency-Key is being admitted (Redis Cluster)."""
+
+    code = "idempotency_key_in_use"
 
 
 class IdempotencyMismatch(BrokerError):

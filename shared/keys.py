@@ -117,6 +117,11 @@ class Keys:
             return f"{self.prefix}jobs:{{{self.tag(provider)}}}:{tenant}"
         return f"{self.prefix}jobs:{tenant}"
 
+    def tenant_jobs_beside(self, tenant: str, job_id: str) -> str:
+        """On a Cluster, the tenant's index beside the job's record (that of the
+        provider that admitted it)."""
+        return f"{self.prefix}jobs:{{{job_id[:4]}}}:{tenant}"
+
     def webhook_events(self, provider: str = "") -> str:
         """Stream of finished jobs whose webhook is still to be delivered (on a
         Cluster, one per provider)."""

@@ -25,7 +25,16 @@ from llm_broker.shared.redisio import REDIS_DOWN
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.store.records import Result
 from llm_broker.shared.store.scripts import WEBHOOK_ATTEMPT
-from llm_broker.shared.store.values import Admitted, AsyncFields, Outcome, Verdict
+from llm_broker.shared.store.values import (
+    Admitted,
+    AsyncFields,
+    Full,
+    Idempotency,
+    KeyInUse,
+    Outcome,
+    Replayed,
+    Verdict,
+)
 from tests.conftest import RedisCluster
 from tests.helpers import eventually, make_job
 
@@ -333,6 +342,87 @@ async def test_an_async_job_is_submitted_and_listed_on_a_cluster(
     index = store.keys.tenant_jobs(job.tenant, provider)
     assert slot_of(index) == slot_of(store.keys.job(job.id))
     assert await batcher_call(store, "ZRANGE", index, 0, -1) == [job.id.encode()]
+
+
+async def test_a_tenants_jobs_are_listed_across_shards_newest_first(
+    cluster_store: tuple[JobStore, ClusterBatcher, tuple[str, str]],
+) -> None:
+    """The tenant's index is one sorted set per provider (beside the records); a
+    listing merges them, newest first, and pages with a cursor, jobs created in
+    the same microsecond included."""
+    store, _, providers = cluster_store
+    now = time.time()
+    jobs = []
+    for n in range(7):
+        provider = providers[n % 2]
+        created = now + (n // 2 * 2 if n < 6 else 2)  # the last one ties with two others
+        jobs.append(msgspec.structs.replace(_job(store, provider), created=created))
+    for job in jobs:
+        admitted = await store.submit(
+            job, max_depth=100, ttl_s=600, extra=AsyncFields(), idempotency=None
+        )
+        assert isinstance(admitted, Admitted)
+    newest_first = [j.id for j in sorted(jobs, key=lambda j: (j.created, j.id), reverse=True)]
+    pages, cursor = [], None
+    while True:
+        page = await store.tenant_page("default", cursor, 2)
+        if not page:
+            break
+        pages.append([i for i, _ in page])
+        cursor = page[-1][1]
+    assert [i for p in pages for i in p] == newest_first
+    assert all(len(p) == 2 for p in pages[:-1])
+    # A listing may start after any of them, and forgets expired ones on their shard.
+    start = await store.tenant_cursor("default", newest_first[2])
+    assert [i for i, _ in await store.tenant_page("default", start, 10)] == newest_first[3:]
+    await store.forget("default", newest_first[:2])
+    assert [i for i, _ in await store.tenant_page("default", None, 10)] == newest_first[2:]
+
+
+async def test_an_idempotency_key_is_claimed_before_its_job_is_admitted(
+    cluster_store: tuple[JobStore, ClusterBatcher, tuple[str, str]],
+) -> None:
+    """On a Cluster the key is on a slot of its own: claimed, then the job admitted.
+    A retry gets the first job back, on whichever provider it lands; a refused job
+    gives its claim up; a claim whose job never came is taken over once old."""
+    store, _, (a, b) = cluster_store
+    key = Idempotency(key="k-1", request_hash="h1", ttl_s=600)
+    first = _job(store, a)
+    extra = AsyncFields()
+    admitted = await store.submit(first, max_depth=100, ttl_s=600, extra=extra, idempotency=key)
+    assert isinstance(admitted, Admitted)
+    again = await store.submit(
+        _job(store, b), max_depth=100, ttl_s=600, extra=extra, idempotency=key
+    )
+    assert isinstance(again, Replayed)
+    assert (again.job_id, again.request_hash, again.record.status) == (first.id, "h1", "queued")
+    listed = await store.tenant_page("default", None, 10)
+    assert [i for i, _ in listed] == [first.id]  # the retry made no job
+
+    # A refused job does not keep its key.
+    other = Idempotency(key="k-2", request_hash="h2", ttl_s=600)
+    refused = await store.submit(
+        _job(store, a), max_depth=0, ttl_s=600, extra=extra, idempotency=other
+    )
+    assert refused == Full()
+    name = store.keys.idempotency("default", "k-2")
+    assert await batcher_call(store, "GET", name) is None
+
+    # A claim left by a request whose admission never ran: young, it makes the
+    # retry wait (409 at the API); old, the retry takes it over and is admitted.
+    lost = _job(store, a)
+    await batcher_call(store, "SET", name, f"h2 {lost.id} {time.time():.6f}")
+    retry = _job(store, b)
+    assert await store.submit(retry, max_depth=100, ttl_s=600, extra=extra, idempotency=other) == (
+        KeyInUse()
+    )
+    await batcher_call(store, "SET", name, f"h2 {lost.id} {time.time() - 60:.6f}")
+    taken = await store.submit(retry, max_depth=100, ttl_s=600, extra=extra, idempotency=other)
+    assert isinstance(taken, Admitted)
+    replay = await store.submit(
+        _job(store, a), max_depth=100, ttl_s=600, extra=extra, idempotency=other
+    )
+    assert isinstance(replay, Replayed) and replay.job_id == retry.id
 
 
 async def test_a_fallback_moves_a_job_to_a_provider_on_another_shard(

@@ -39,6 +39,8 @@ from llm_broker.shared.store.values import (
     Full,
     Idempotency,
     KeyConflict,
+    KeyInUse,
+    ListCursor,
     NotReplicated,
     Outcome,
     Refused,
@@ -63,6 +65,18 @@ _NO_REPLY = Failure(
     b'"type":"upstream_error","param":null,"code":"bad_reply"}}',
 )
 
+
+def _text(raw: bytes | str | float) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _scored(raw: list[Any]) -> list[tuple[str, str]]:
+    """(score, member) pairs of a WITHSCORES reply, flat (RESP2) or paired (RESP3)."""
+    if raw and isinstance(raw[0], list):
+        return [(_text(s), _text(i)) for i, s in raw]
+    return [(_text(raw[n + 1]), _text(raw[n])) for n in range(0, len(raw), 2)]
+
+
 #: The start script's answers; any other is a final status.
 _VERDICTS = {v.value.encode(): v for v in Verdict if v is not Verdict.FINAL}
 
@@ -80,6 +94,9 @@ class JobStore:
         self._config = config
         self._prefix = config.redis.key_prefix
         self._tenant_cache: dict[tuple[str, str], tuple[str | int, ...]] = {}
+        #: How old a Cluster's claim of an Idempotency-Key without its job must be
+        #: before another request takes it over: longer than an admission's tries.
+        self._claim_window = max(5.0, 4 * config.redis.command_timeout_s)
         #: The provider queues' streams and consumer groups.
         self.queues = Queues(self.keys, redis, config.worker.max_deliveries)
 
@@ -174,8 +191,63 @@ class JobStore:
         """Admit an async job: the key check, its record, its place in the waiting
         lists and the tenant's index (or ``index``: a batch's), in one step.
         ``replicas``: how many replicas must hold the admission (WAIT, on the same
-        connection right after it) before it counts as :class:`Admitted`."""
-        self._cluster_can(acct, idempotency, index)
+        connection right after it) before it counts as :class:`Admitted`.
+
+        On a Cluster the Idempotency-Key is on a slot of its own: it is claimed
+        first (:meth:`_claim`), then the job admitted, and the claim given up if
+        the job is refused."""
+        self._cluster_can(acct, index)
+        if idempotency is None or not self.keys.cluster:
+            args = (max_depth, ttl_s, extra, idempotency, acct, index, replicas)
+            return await self._submit(job, *args)
+        claim = await self._claim(job, idempotency, ttl_s)
+        if not isinstance(claim, str):
+            return claim
+        answer = await self._submit(job, max_depth, ttl_s, extra, None, acct, index, replicas)
+        if isinstance(answer, Refused):
+            key = self.keys.idempotency(job.tenant, idempotency.key)
+            await self._batcher.call(*self._fn.idem_release.command((key,), (claim,)))
+        return answer
+
+    async def _claim(
+        self, job: m.Job, idempotency: Idempotency, ttl_s: int
+    ) -> str | Replayed | KeyConflict | KeyInUse:
+        """Claims a tenant's Idempotency-Key for ``job`` on a Cluster: the claim's
+        value, or the earlier job's (:class:`Replayed`). A claim whose job is not
+        there is taken over once it is older than an admission can take (the
+        request that made it was refused, or its process died); until then the key
+        is :class:`KeyInUse`."""
+        key = self.keys.idempotency(job.tenant, idempotency.key)
+        ttl = min(ttl_s, idempotency.ttl_s)
+        take = ""
+        while True:
+            mine = f"{idempotency.request_hash} {job.id} {stamp(time.time())}"
+            claim = self._fn.idem_claim.command((key,), (mine, ttl, take))
+            answer = await self._batcher.call(*claim)
+            if answer[0] == b"claimed":
+                return mine
+            seen = answer[1].decode()
+            seen_hash, seen_id, at = [*seen.split(" "), "0", "0"][:3]
+            rec = await self.record(seen_id)
+            if rec is not None:
+                if rec.tenant != job.tenant:
+                    return KeyConflict()
+                return Replayed(seen_id, seen_hash, rec)
+            if take or time.time() - float(at) < self._claim_window:
+                return KeyInUse()
+            take = seen
+
+    async def _submit(
+        self,
+        job: m.Job,
+        max_depth: int,
+        ttl_s: int,
+        extra: AsyncFields,
+        idempotency: Idempotency | None,
+        acct: bytes,
+        index: str | None,
+        replicas: int,
+    ) -> Submitted:
         keys = self.keys
         fields = admission_fields(job)[2:]  # the tenant is an argument of its own
         if extra.metadata:
@@ -224,9 +296,7 @@ class JobStore:
             case _:
                 return _refusal(answer)
 
-    def _cluster_can(
-        self, acct: bytes, idempotency: Idempotency | None = None, index: str | None = None
-    ) -> None:
+    def _cluster_can(self, acct: bytes, index: str | None = None) -> None:
         """Refuse what a Cluster does not do yet: the keys these need are on the
         tenant's shard, not the job's (docs/cluster.md)."""
         if not self.keys.cluster:
@@ -236,8 +306,6 @@ class JobStore:
                 "limits and budgets of API keys and tenants kept in Redis are not "
                 "enforced on this deployment's Redis Cluster yet"
             )
-        if idempotency is not None:
-            raise NotOnCluster("Idempotency-Key is not available on a Redis Cluster yet")
         if index is not None:
             raise NotOnCluster("batches are not available on a Redis Cluster yet")
 
@@ -298,23 +366,63 @@ class JobStore:
         )
         return [s.decode() if s is not None else None for s in found]
 
-    async def tenant_page(self, tenant: str, start: int, count: int) -> list[str]:
-        """Ids of a tenant's async jobs, newest first, from rank ``start``."""
-        index = self.keys.tenant_jobs(tenant)
-        ids = await self._batcher.call("ZREVRANGE", index, start, start + count - 1)
-        return [i.decode() for i in ids]
+    def _tenant_indexes(self, tenant: str) -> list[str]:
+        """The sorted sets that index a tenant's async jobs: one, or on a Cluster one
+        per provider (beside its records)."""
+        if not self.keys.cluster:
+            return [self.keys.tenant_jobs(tenant)]
+        return [self.keys.tenant_jobs(tenant, p) for p in self._config.providers]
 
-    async def tenant_rank(self, tenant: str, job_id: str) -> int | None:
-        """The rank of ``job_id`` among the tenant's jobs, newest first (None: not there)."""
-        rank: int | None = await self._batcher.call(
-            "ZREVRANK", self.keys.tenant_jobs(tenant), job_id
+    def _tenant_index_of(self, tenant: str, job_id: str) -> str:
+        """The index that holds ``job_id`` if it is the tenant's."""
+        if not self.keys.cluster:
+            return self.keys.tenant_jobs(tenant)
+        return self.keys.tenant_jobs_beside(tenant, job_id)
+
+    async def tenant_cursor(self, tenant: str, job_id: str) -> ListCursor | None:
+        """Where a listing that continues after ``job_id`` starts (None: it is not
+        one of the tenant's listed jobs)."""
+        score = await self._batcher.call("ZSCORE", self._tenant_index_of(tenant, job_id), job_id)
+        return None if score is None else (_text(score), job_id)
+
+    async def tenant_page(
+        self, tenant: str, after: ListCursor | None, count: int
+    ) -> list[tuple[str, ListCursor]]:
+        """Up to ``count`` of a tenant's async jobs, newest first (by creation time,
+        then id), after ``after``: each id with the cursor that continues after it.
+        On a Cluster the providers' indexes are read together and merged."""
+        pages = await asyncio.gather(
+            *(self._index_page(i, after, count) for i in self._tenant_indexes(tenant))
         )
-        return rank
+        found = [entry for page in pages for entry in page]
+        if len(pages) > 1:
+            found.sort(key=lambda e: (float(e[0]), e[1]), reverse=True)
+        return [(job_id, (score, job_id)) for score, job_id in found[:count]]
+
+    async def _index_page(
+        self, index: str, after: ListCursor | None, count: int
+    ) -> list[tuple[str, str]]:
+        """(score, id) of one index's entries after ``after``, newest first."""
+        if after is None:
+            raw = await self._batcher.call("ZREVRANGE", index, 0, count - 1, "WITHSCORES")
+            return _scored(raw)
+        score, last = after
+        # Entries created in the same microsecond come in descending id order.
+        same, older = await asyncio.gather(
+            self._batcher.call("ZRANGEBYSCORE", index, score, score),
+            self._batcher.call(
+                "ZREVRANGEBYSCORE", index, f"({score}", "-inf", "WITHSCORES", "LIMIT", 0, count
+            ),
+        )
+        tied = sorted((i for i in map(_text, same) if i < last), reverse=True)
+        return [(score, i) for i in tied[:count]] + _scored(older)
 
     async def forget(self, tenant: str, job_ids: list[str]) -> None:
         """Drop expired jobs from the tenant's index."""
-        if job_ids:
-            await self._batcher.call("ZREM", self.keys.tenant_jobs(tenant), *job_ids)
+        by_index: dict[str, list[str]] = {}
+        for job_id in job_ids:
+            by_index.setdefault(self._tenant_index_of(tenant, job_id), []).append(job_id)
+        await asyncio.gather(*(self._batcher.call("ZREM", i, *ids) for i, ids in by_index.items()))
 
     # ------------------------------------------------------------ transitions
 

@@ -717,6 +717,26 @@ enter(S, q, id, tonumber(score), packed)
 return {'ok'}
 """
 
+# On a Cluster an Idempotency-Key (a key on a slot of its own) is claimed before
+# its job is admitted on its provider's slot: its value is "<request hash> <job
+# id> <claimed at>". take: the value seen before, which this claim replaces (its
+# job never came, and the claim is old); '' claims only a free key. Returns
+# {'claimed'} or {'seen', the value}.
+_IDEM_CLAIM = """
+local idem = KEYS[1]
+local value, ttl, take = unpack(ARGV, 1, 3)
+local seen = redis.call('GET', idem)
+if seen and seen ~= take then return {'seen', seen} end
+redis.call('SET', idem, value, 'EX', ttl)
+return {'claimed'}
+"""
+
+# Gives up a claim (its job was refused), unless another request holds it now.
+_IDEM_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
 # A delivery's start. Returns 'ok' (run it), 'gone' (record expired), 'expired'
 # (deadline passed: marked so), 'poison' (delivered too often) or the job's final
 # status.
@@ -945,6 +965,8 @@ _FUNCTIONS = {
     "settle_record": _SETTLE_RECORD,
     "holds": _HOLDS,
     "settle_queue": _SETTLE_QUEUE,
+    "idem_claim": _IDEM_CLAIM,
+    "idem_release": _IDEM_RELEASE,
 }
 
 
@@ -967,6 +989,8 @@ class Functions:
         self.settle_record: Function = library["settle_record"]
         self.holds: Function = library["holds"]
         self.settle_queue: Function = library["settle_queue"]
+        self.idem_claim: Function = library["idem_claim"]
+        self.idem_release: Function = library["idem_release"]
 
 
 def _library(cluster: bool) -> Library:

@@ -97,6 +97,11 @@ class KeyConflict(msgspec.Struct, tag="conflict"):
     """The key's job is gone, or another tenant's."""
 
 
+class KeyInUse(msgspec.Struct, tag="key_in_use"):
+    """On a Redis Cluster: another request with the Idempotency-Key is being
+    admitted (its claim is a moment old and its job not there yet)."""
+
+
 class TenantQueueFull(msgspec.Struct, tag="tenant_queue_full"):
     """The tenant has as many jobs waiting as its quota allows."""
 
@@ -147,6 +152,7 @@ Submitted = (
     | Full
     | Replayed
     | KeyConflict
+    | KeyInUse
     | TenantQueueFull
     | TenantRateLimited
     | AccountLimited
@@ -158,3 +164,8 @@ class Cancelled(msgspec.Struct):
     #: True if this call cancelled the job (else it was final already).
     cancelled: bool
     record: JobRecord
+
+
+#: Where a listing of a tenant's jobs goes on: the creation time (as Redis wrote
+#: the score) and the id of the last job listed.
+ListCursor = tuple[str, str]
