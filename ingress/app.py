@@ -33,7 +33,7 @@ from llm_broker.shared.errors import BrokerError, MethodNotAllowed, NotFound, No
 from llm_broker.shared.files import Files, open_store
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import MULTIPROCESS_DIR, IngressMetrics, exposition
-from llm_broker.shared.redisio import REDIS_DOWN, batcher_for, connect
+from llm_broker.shared.redisio import REDIS_DOWN, batcher_for, connect, subscriber
 from llm_broker.shared.ssrf import networks
 from llm_broker.shared.store import JobStore
 from llm_broker.shared.tracing import Tracing
@@ -239,6 +239,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await state.batcher.close()
     await state.files.store.close()
     await state.redis.aclose()
+    if state.accounts.pubsub is not state.redis:
+        await state.accounts.pubsub.aclose()
     state.tracing.shutdown()
     state.access.flush()
 
@@ -248,7 +250,15 @@ def create_app(config: Config, pod: str) -> web.Application:
     redis = connect(config.redis, max_connections=32)
     counters = IngressMetrics(registry)
     load = LoadMonitor(config.ingress.overload, counters.loop_lag)
-    accounts = AccountStore(redis, config.redis.key_prefix, config.accounts)
+    cluster = config.redis.cluster
+    accounts = AccountStore(
+        redis,
+        config.redis.key_prefix,
+        config.accounts,
+        cluster=cluster,
+        # (one connection listens for changes, one announces them)
+        pubsub=subscriber(config.redis, connections=2) if cluster else None,
+    )
     batcher = batcher_for(
         config.redis,
         redis,

@@ -143,7 +143,7 @@ class Authenticator:
         backoff = 0.05
         while True:
             raise_if_cancelling()
-            pubsub = self.accounts.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.accounts.pubsub.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
                 # Changes made while not subscribed were missed: start afresh.

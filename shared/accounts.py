@@ -16,12 +16,11 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import msgspec
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
 
 from llm_broker.shared.config import (
     PRIORITIES,
@@ -428,8 +427,23 @@ _NO_SCOPES = b'{"s":[]'
 class AccountStore:
     """The admin side: tenants, keys, audit records and usage in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, cfg: AccountsConfig) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        prefix: str,
+        cfg: AccountsConfig,
+        *,
+        cluster: bool = False,
+        pubsub: aioredis.Redis | None = None,
+    ) -> None:
+        #: On a Redis Cluster, redis-py's Cluster client: no transaction spans two
+        #: slots there, so every write below touches one key, in an order that
+        #: leaves nothing valid half made (a new key's secret is written last).
         self.redis = redis
+        self.cluster = cluster
+        #: The client that listens for changes (a Cluster client has no pub/sub:
+        #: then one node's, where every node's messages arrive).
+        self.pubsub = pubsub if pubsub is not None else redis
         self.k = AccountKeys(prefix)
         self.cfg = cfg
 
@@ -540,11 +554,11 @@ class AccountStore:
             admin=spec.admin,
             secrets=[Secret(sha)],
         )
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.k.key(rec.id), msgspec.json.encode(rec))
-            pipe.set(self.k.secret(sha), rec.id)
-            pipe.zadd(self.k.keys(), {rec.id: now})
-            await pipe.execute()
+        # The secret's lookup last: until it is written the key cannot be used, and
+        # a failure before it leaves a listed key whose secret nobody was given.
+        await self.redis.set(self.k.key(rec.id), msgspec.json.encode(rec))
+        await self.redis.zadd(self.k.keys(), {rec.id: now})
+        await self.redis.set(self.k.secret(sha), rec.id)
         await self._changed(actor, "key.create", rec.id, rec.public(now))
         return secret, rec
 
@@ -726,6 +740,9 @@ class AccountStore:
     async def _many(self, names: list[str]) -> list[bytes | None]:
         if not names:
             return []
+        if self.cluster:  # (the names are on many slots)
+            spread: list[bytes | None] = await cast(Any, self.redis).mget_nonatomic(names)
+            return spread
         found: list[bytes | None] = await self.redis.mget(names)
         return found
 
@@ -737,30 +754,34 @@ class AccountStore:
         return found
 
     async def _update(self, name: str, kind: type[R], change: Callable[[R], None], what: str) -> R:
-        """Read, change and write one record, retried if another writer got there first."""
+        """Read, change and write one record, retried if another writer got there first
+        (the write is a compare-and-set: one key, on one Redis or a Cluster)."""
         while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(name)
-                    raw = await pipe.get(name)
-                    if raw is None:
-                        raise AccountError(404, f"no {what}", "not_found")
-                    rec = msgspec.json.decode(raw, type=kind)
-                    change(rec)
-                    setattr(rec, "updated_at", time.time())  # noqa: B010 (a generic record)
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(name, msgspec.json.encode(rec))
-                    await pipe.execute()
-                    return rec
-                except WatchError:
-                    continue
+            raw = await self.redis.get(name)
+            if raw is None:
+                raise AccountError(404, f"no {what}", "not_found")
+            rec = msgspec.json.decode(raw, type=kind)
+            change(rec)
+            setattr(rec, "updated_at", time.time())  # noqa: B010 (a generic record)
+            new = msgspec.json.encode(rec)
+            written = await cast(Any, self.redis).eval(_SWAP, 1, name, raw, new)
+            if written:
+                return rec
 
     async def _changed(
         self, actor: str, action: str, target: str, detail: Mapping[str, Any]
     ) -> None:
         """Audit the change, then tell every ingress process to drop its cache."""
         await self.audit(actor, action, target, detail)
-        await self.redis.publish(self.k.changed(), target)
+        await self.pubsub.publish(self.k.changed(), target)
+
+
+#: Sets KEYS[1] to ARGV[2] if it still holds ARGV[1].
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
 
 
 def new_secret() -> tuple[str, str]:

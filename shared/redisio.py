@@ -335,13 +335,15 @@ def _connect(
     )
 
 
-def subscriber(cfg: RedisConfig) -> aioredis.Redis:
-    """A client for pub/sub (one connection): on a Cluster, to the first node that
-    ``redis.url`` names (a message published on any node reaches every node)."""
+def subscriber(cfg: RedisConfig, connections: int = 1) -> aioredis.Redis:
+    """A client for pub/sub (one connection, or ``connections``: a subscription
+    holds one): on a Cluster, to the first node that ``redis.url`` names (a message
+    published on any node reaches every node)."""
     if cfg.cluster:
         url = parse_url(cfg.url)
-        return node_client(cfg, str(url.get("host", "127.0.0.1")), int(url.get("port", 6379)), 1)
-    return connect(cfg, max_connections=1)
+        host, port = str(url.get("host", "127.0.0.1")), int(url.get("port", 6379))
+        return node_client(cfg, host, port, connections)
+    return connect(cfg, max_connections=connections)
 
 
 def node_client(cfg: RedisConfig, host: str, port: int, max_connections: int) -> aioredis.Redis:

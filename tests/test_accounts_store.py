@@ -3,6 +3,7 @@ and counts, and what every way a job ends gives back or charges."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -179,3 +180,29 @@ def test_the_kept_account_is_the_account_of_each_request() -> None:
         assert made["e"] == est.cost and made["k"] == est.tokens
     assert made["u"] == keys.usage(accounts.day_of(before_midnight + 2))
     assert made["s"][0]["bk"].endswith(accounts.day_of(before_midnight + 2))
+
+
+async def test_changes_to_one_record_made_at_once_are_all_kept(
+    rclient: aioredis.Redis, prefix: str
+) -> None:
+    """Two admins change one tenant at the same moment (its limits, its budget):
+    each write is a compare-and-set, so the one that lost the race reads again and
+    neither change is lost."""
+    store = accounts.AccountStore(rclient, prefix, AccountsConfig())
+    limits, budget = Limits(rpm=10), Budget(usd=5.0, period="daily")
+    names = [f"t{i}" for i in range(20)]
+    for name in names:
+        await store.create_tenant("ops", accounts.TenantInput(name=name))
+    await asyncio.gather(
+        *(
+            change
+            for name in names
+            for change in (
+                store.update_tenant("ops", name, accounts.TenantPatch(limits=limits)),
+                store.update_tenant("ops", name, accounts.TenantPatch(budget=budget)),
+            )
+        )
+    )
+    for name in names:
+        rec = await store.tenant(name)
+        assert rec is not None and (rec.limits, rec.budget) == (limits, budget)

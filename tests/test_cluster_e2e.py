@@ -22,6 +22,7 @@ from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from llm_broker.procs import Child
 from llm_broker.shared.cluster import slot_of
+from llm_broker.shared.config import new_key
 from llm_broker.shared.keys import Keys
 from tests.conftest import (
     Procs,
@@ -36,6 +37,8 @@ from tests.conftest import (
 from tests.helpers import eventually, loopback_webhooks
 
 PREFIX = "ce:"
+ADMIN_KEY, ADMIN_SHA = new_key()
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @dataclass
@@ -98,6 +101,12 @@ def cstack(
                 },
             },
             webhooks={**loopback_webhooks(tmp), "queue_url": redis_server.url},
+            # (a key read is trusted a minute: changes reach ingress by pub/sub)
+            auth={
+                "open": True,
+                "cache_s": 60,
+                "admin_keys": [{"name": "ops", "sha256": ADMIN_SHA}],
+            },
         )
         worker = procs.worker(config)
         procs.webhooks(config)
@@ -287,6 +296,82 @@ async def test_an_idempotency_key_and_the_listing_span_the_shards(
     assert len({j["id"] for j in listed}) == len(listed)
     created = [j["created_at"] for j in listed]
     assert created == sorted(created, reverse=True)
+
+
+async def _admin(
+    http: aiohttp.ClientSession, method: str, url: str, body: object, status: int
+) -> Any:
+    async with http.request(method, url, json=body, headers=ADMIN) as resp:
+        found = await resp.json()
+        assert resp.status == status, found
+        return found
+
+
+async def test_keys_and_tenants_of_the_admin_api_serve_on_a_cluster(
+    cstack: ClusterStack, http: aiohttp.ClientSession
+) -> None:
+    """A tenant and a key made with the admin API (their records on several
+    slots, written without a transaction): the key calls with the OpenAI SDK as
+    its tenant, a change to it reaches ingress (pub/sub on a node), and its
+    revocation ends it."""
+    url = cstack.url
+    await _admin(http, "POST", f"{url}/admin/v1/tenants", {"name": "acme"}, 201)
+    made = await _admin(http, "POST", f"{url}/admin/v1/keys", {"tenant": "acme", "name": "ci"}, 201)
+    key = {"Authorization": f"Bearer {made['key']}"}
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=made["key"], max_retries=0)
+    try:
+        answer = await client.chat.completions.create(
+            model="b-x", messages=[{"role": "user", "content": "as acme"}]
+        )
+        assert answer.choices[0].message.content
+    finally:
+        await client.close()
+    # Its async jobs are acme's: listed for the key, not for the default tenant.
+    async with http.post(f"{url}/v1/jobs", json={"request": chat("mock")}, headers=key) as resp:
+        assert resp.status == 202, await resp.text()
+        job_id = (await resp.json())["id"]
+    async with http.get(f"{url}/v1/jobs", headers=key) as resp:
+        assert [j["id"] for j in (await resp.json())["data"]] == [job_id]
+    async with http.get(f"{url}/v1/jobs?limit=100") as resp:
+        assert job_id not in [j["id"] for j in (await resp.json())["data"]]
+
+    # A change (a compare-and-set of the record) reaches ingress: b-x is not allowed now.
+    patch = {"models": ["mock*"]}
+    await _admin(http, "PATCH", f"{url}/admin/v1/keys/{made['id']}", patch, 200)
+
+    async def not_allowed() -> bool:
+        async with http.post(f"{url}/v1/chat/completions", json=chat("b-x"), headers=key) as r:
+            return r.status == 403 and (await r.json())["error"]["code"] == "model_not_allowed"
+
+    await eventually(not_allowed, 5, what="the key's new model list")
+    await _admin(http, "POST", f"{url}/admin/v1/keys/{made['id']}/revoke", None, 200)
+
+    async def revoked() -> bool:
+        # (this gateway is open: a key that is not valid calls as the default tenant,
+        # which b-x is allowed to)
+        async with http.post(f"{url}/v1/chat/completions", json=chat("b-x"), headers=key) as r:
+            return r.status == 200
+
+    await eventually(revoked, 5, what="the revocation")
+    listed = await _admin(http, "GET", f"{url}/admin/v1/keys?tenant=acme", None, 200)
+    assert [k["status"] for k in listed["data"]] == ["revoked"]
+
+    # Limits and budgets kept in Redis are not enforced on a Cluster yet: refused.
+    budget = {"tenant": "acme", "budget": {"usd": 1, "period": "daily"}}
+    capped = await _admin(http, "POST", f"{url}/admin/v1/keys", budget, 201)
+    capped_key = {"Authorization": f"Bearer {capped['key']}"}
+    async with http.post(f"{url}/v1/chat/completions", json=chat("mock"), headers=capped_key) as r:
+        assert r.status == 501
+        assert (await r.json())["error"]["code"] == "not_on_cluster"
+
+    # The budgets are exported all the same (read from records on several slots).
+    series = f'llm_broker_budget_usd{{name="{capped["id"]}",period="daily",scope="key"}} 1.0'
+
+    async def exported() -> bool:
+        async with http.get(f"{url}/metrics") as r:
+            return series in await r.text()
+
+    await eventually(exported, 10, what="the key's budget on /metrics")
 
 
 async def test_what_a_cluster_does_not_do_yet_is_refused_clearly(
