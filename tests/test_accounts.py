@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from llm_broker.shared.config import new_key
 from tests.conftest import ConfigFactory, Procs, chat, mock_stats
@@ -307,6 +308,7 @@ async def test_budget_race_across_two_ingress_processes(
     assert value(samples, "llm_broker_budget_alert_fraction") == 0.8
 
 
+@pytest.mark.scale
 async def test_per_key_rpm_is_exact_across_two_ingress_and_three_workers(
     procs: Procs, make_config: ConfigFactory, http: aiohttp.ClientSession
 ) -> None:

@@ -264,6 +264,7 @@ async def test_message_batches_through_the_anthropic_sdk(
     assert deleted.type == "message_batch_deleted"
 
 
+@pytest.mark.chaos
 async def test_a_batch_survives_a_killed_worker_and_a_restarted_ingress(
     procs: Procs,
     make_config: ConfigFactory,

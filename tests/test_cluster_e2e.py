@@ -225,6 +225,7 @@ async def test_a_resharded_providers_slot_is_followed(
         assert answer.choices[0].message.content
 
 
+@pytest.mark.chaos
 async def test_a_killed_workers_job_is_run_by_another(
     cstack: ClusterStack, http: aiohttp.ClientSession
 ) -> None:

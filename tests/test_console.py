@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from llm_broker.shared.config import new_key
@@ -173,6 +174,7 @@ async def test_a_session_expires(procs: Procs, make_config: ConfigFactory) -> No
             assert r.status == 401 and 'name="key"' in await r.text()
 
 
+@pytest.mark.chaos
 async def test_workers_appear_with_their_slots_and_a_dead_one_disappears_within_its_ttl(
     procs: Procs, make_config: ConfigFactory, http: aiohttp.ClientSession
 ) -> None:

@@ -542,6 +542,7 @@ async def test_full_queue_answers_429_with_retry_after(
             resp.release()
 
 
+@pytest.mark.chaos
 async def test_redis_down_gives_503_fast_and_service_recovers(
     procs: Procs,
     make_config: ConfigFactory,
@@ -585,6 +586,7 @@ async def test_redis_down_gives_503_fast_and_service_recovers(
         assert resp.status == 200
 
 
+@pytest.mark.chaos
 async def test_sigterm_to_a_worker_mid_request_still_completes_it(
     procs: Procs,
     make_config: ConfigFactory,

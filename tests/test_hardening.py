@@ -212,6 +212,7 @@ async def test_a_synchronous_calls_record_is_kept_minutes_not_a_day(
     assert await rclient.ttl(Keys(prefix).job(async_id)) > 80_000
 
 
+@pytest.mark.chaos
 async def test_a_call_cut_by_shutdown_gets_its_job_id_and_the_job_finishes(
     procs: Procs,
     make_config: ConfigFactory,

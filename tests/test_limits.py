@@ -33,6 +33,7 @@ async def post(
         return resp.status
 
 
+@pytest.mark.scale
 async def test_global_cap_holds_across_three_workers(
     procs: Procs, make_config: ConfigFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -48,6 +49,7 @@ async def test_global_cap_holds_across_three_workers(
     assert stats["peak_in_flight"] == 5
 
 
+@pytest.mark.chaos
 async def test_leases_of_a_killed_worker_free_after_the_lease(
     procs: Procs, make_config: ConfigFactory, http: aiohttp.ClientSession
 ) -> None:

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from llm_broker.dev import free_port
 from tests.conftest import ConfigFactory, Procs, chat, mock_stats, wait_in_flight
@@ -82,6 +83,7 @@ async def test_two_processes_share_the_port_and_their_metrics_add_up(
     assert value(worker, "llm_broker_upstream_in_flight", provider="mock") == 0
 
 
+@pytest.mark.chaos
 async def test_sigterm_drains_every_process(
     procs: Procs, make_config: ConfigFactory, http: aiohttp.ClientSession
 ) -> None:

@@ -7,6 +7,7 @@ import signal
 
 import aiohttp
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from llm_broker.shared.keys import GROUP, Keys
@@ -48,6 +49,7 @@ async def test_each_job_reaches_exactly_one_worker_and_leaves_the_stream(
     assert await rclient.xlen(Keys(prefix).queue("mock")) == 0
 
 
+@pytest.mark.chaos
 async def test_job_of_a_killed_worker_is_completed_by_another(
     procs: Procs,
     make_config: ConfigFactory,
@@ -246,6 +248,7 @@ async def test_consumers_of_dead_workers_are_forgotten(
     await eventually(dead_one_gone, what="the dead consumer to be removed")
 
 
+@pytest.mark.chaos
 async def test_stream_of_a_killed_worker_is_not_replayed_to_its_client(
     procs: Procs,
     make_config: ConfigFactory,

@@ -84,7 +84,7 @@ async def completed_at(rclient: aioredis.Redis, prefix: str, ids: list[str]) -> 
 @pytest.mark.parametrize(
     "kill",
     [
-        pytest.param(False, id="flood"),
+        pytest.param(False, id="flood", marks=pytest.mark.scale),
         pytest.param(True, id="worker-killed-during-the-flood", marks=pytest.mark.chaos),
     ],
 )
@@ -292,6 +292,7 @@ async def test_tenant_quotas_refuse_only_that_tenant(
     assert status == 202, body
 
 
+@pytest.mark.scale
 async def test_the_in_flight_quota_holds_across_three_workers(
     procs: Procs,
     make_config: ConfigFactory,
