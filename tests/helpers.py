@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
@@ -191,3 +192,19 @@ async def read_once(client: aioredis.Redis, read: Callable[[Batcher], Awaitable[
         return await read(reader)
     finally:
         await reader.close(wait=False)
+
+
+async def admin_call(
+    http: aiohttp.ClientSession,
+    headers: dict[str, str],
+    method: str,
+    url: str,
+    body: object = None,
+    status: int = 200,
+) -> Any:
+    """An admin API call with ``headers`` (its admin key): its JSON, once its status
+    is ``status``."""
+    async with http.request(method, url, json=body, headers=headers) as r:
+        data = await r.json()
+        assert r.status == status, data
+        return data

@@ -16,7 +16,7 @@ import pytest
 
 from llm_broker.shared.config import new_key
 from tests.conftest import ConfigFactory, Procs, chat, mock_stats
-from tests.helpers import eventually
+from tests.helpers import admin_call, eventually
 from tests.test_observability import scrape, value
 
 ADMIN_KEY, ADMIN_SHA = new_key()
@@ -53,10 +53,7 @@ def _auth(key: str) -> dict[str, str]:
 async def _admin(
     http: aiohttp.ClientSession, method: str, url: str, body: object = None, status: int = 200
 ) -> Any:
-    async with http.request(method, url, json=body, headers=ADMIN) as r:
-        data = await r.json()
-        assert r.status == status, data
-        return data
+    return await admin_call(http, ADMIN, method, url, body, status)
 
 
 async def _chat(

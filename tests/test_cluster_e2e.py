@@ -34,7 +34,7 @@ from tests.conftest import (
     wait_in_flight,
     write_config,
 )
-from tests.helpers import eventually, loopback_webhooks
+from tests.helpers import admin_call, eventually, loopback_webhooks
 
 PREFIX = "ce:"
 ADMIN_KEY, ADMIN_SHA = new_key()
@@ -302,10 +302,7 @@ async def test_an_idempotency_key_and_the_listing_span_the_shards(
 async def _admin(
     http: aiohttp.ClientSession, method: str, url: str, body: object, status: int
 ) -> Any:
-    async with http.request(method, url, json=body, headers=ADMIN) as resp:
-        found = await resp.json()
-        assert resp.status == status, found
-        return found
+    return await admin_call(http, ADMIN, method, url, body, status)
 
 
 async def test_keys_and_tenants_of_the_admin_api_serve_on_a_cluster(

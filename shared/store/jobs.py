@@ -197,57 +197,14 @@ class JobStore:
         first (:meth:`_claim`), then the job admitted, and the claim given up if
         the job is refused."""
         self._cluster_can(acct, index)
-        if idempotency is None or not self.keys.cluster:
-            args = (max_depth, ttl_s, extra, idempotency, acct, index, replicas)
-            return await self._submit(job, *args)
-        claim = await self._claim(job, idempotency, ttl_s)
-        if not isinstance(claim, str):
-            return claim
-        answer = await self._submit(job, max_depth, ttl_s, extra, None, acct, index, replicas)
-        if isinstance(answer, Refused):
-            key = self.keys.idempotency(job.tenant, idempotency.key)
-            await self._batcher.call(*self._fn.idem_release.command((key,), (claim,)))
-        return answer
-
-    async def _claim(
-        self, job: m.Job, idempotency: Idempotency, ttl_s: int
-    ) -> str | Replayed | KeyConflict | KeyInUse:
-        """Claims a tenant's Idempotency-Key for ``job`` on a Cluster: the claim's
-        value, or the earlier job's (:class:`Replayed`). A claim whose job is not
-        there is taken over once it is older than an admission can take (the
-        request that made it was refused, or its process died); until then the key
-        is :class:`KeyInUse`."""
-        key = self.keys.idempotency(job.tenant, idempotency.key)
-        ttl = min(ttl_s, idempotency.ttl_s)
-        take = ""
-        while True:
-            mine = f"{idempotency.request_hash} {job.id} {stamp(time.time())}"
-            claim = self._fn.idem_claim.command((key,), (mine, ttl, take))
-            answer = await self._batcher.call(*claim)
-            if answer[0] == b"claimed":
-                return mine
-            seen = answer[1].decode()
-            seen_hash, seen_id, at = [*seen.split(" "), "0", "0"][:3]
-            rec = await self.record(seen_id)
-            if rec is not None:
-                if rec.tenant != job.tenant:
-                    return KeyConflict()
-                return Replayed(seen_id, seen_hash, rec)
-            if take or time.time() - float(at) < self._claim_window:
-                return KeyInUse()
-            take = seen
-
-    async def _submit(
-        self,
-        job: m.Job,
-        max_depth: int,
-        ttl_s: int,
-        extra: AsyncFields,
-        idempotency: Idempotency | None,
-        acct: bytes,
-        index: str | None,
-        replicas: int,
-    ) -> Submitted:
+        claim = claim_key = ""
+        if idempotency is not None and self.keys.cluster:
+            claim_key = self.keys.idempotency(job.tenant, idempotency.key)
+            claimed = await self._claim(job, idempotency, claim_key, ttl_s)
+            if not isinstance(claimed, str):
+                return claimed
+            claim = claimed
+            idempotency = None  # (the claim made the key's check)
         keys = self.keys
         fields = admission_fields(job)[2:]  # the tenant is an argument of its own
         if extra.metadata:
@@ -281,20 +238,37 @@ class JobStore:
             ),
         )
         answer, acked = await self._admit_replicated(command, replicas)
-        match answer[0]:
-            case b"ok":
-                if acked < replicas:
-                    return NotReplicated(acked, replicas)
-                return Admitted(
-                    _record_of(["tenant", job.tenant, "priority", job.priority, *fields])
-                )
-            case b"dup":
-                seen_hash, _, seen_id = answer[1].decode().partition(" ")
-                return Replayed(seen_id, seen_hash, JobRecord.from_pairs(answer[2]))
-            case b"conflict":
-                return KeyConflict()
-            case _:
-                return _refusal(answer)
+        outcome = _submitted(answer, acked, replicas, job, fields)
+        if claim and isinstance(outcome, Refused):
+            await self._batcher.call(*self._fn.idem_release.command((claim_key,), (claim,)))
+        return outcome
+
+    async def _claim(
+        self, job: m.Job, idempotency: Idempotency, key: str, ttl_s: int
+    ) -> str | Replayed | KeyConflict | KeyInUse:
+        """Claims a tenant's Idempotency-Key for ``job`` on a Cluster: the claim's
+        value, or the earlier job's (:class:`Replayed`). A claim whose job is not
+        there is taken over once it is older than an admission can take (the
+        request that made it was refused, or its process died); until then the key
+        is :class:`KeyInUse`."""
+        ttl = min(ttl_s, idempotency.ttl_s)
+        take = ""
+        while True:
+            mine = f"{idempotency.request_hash} {job.id} {stamp(time.time())}"
+            claim = self._fn.idem_claim.command((key,), (mine, ttl, take))
+            answer = await self._batcher.call(*claim)
+            if answer[0] == b"claimed":
+                return mine
+            seen = answer[1].decode()
+            seen_hash, seen_id, at = [*seen.split(" "), "0", "0"][:3]
+            rec = await self.record(seen_id)
+            if rec is not None:
+                if rec.tenant != job.tenant:
+                    return KeyConflict()
+                return Replayed(seen_id, seen_hash, rec)
+            if take or time.time() - float(at) < self._claim_window:
+                return KeyInUse()
+            take = seen
 
     def _cluster_can(self, acct: bytes, index: str | None = None) -> None:
         """Refuse what a Cluster does not do yet: the keys these need are on the
@@ -683,6 +657,22 @@ class JobStore:
                     reply = _NO_REPLY
                 found.append((entry_id, fields.get(b"i", b""), reply))
         return found
+
+
+def _submitted(answer: Any, acked: int, replicas: int, job: m.Job, fields: list[Any]) -> Submitted:
+    """What the submit function's answer means (``fields``: the record's, as written)."""
+    match answer[0]:
+        case b"ok":
+            if acked < replicas:
+                return NotReplicated(acked, replicas)
+            return Admitted(_record_of(["tenant", job.tenant, "priority", job.priority, *fields]))
+        case b"dup":
+            seen_hash, _, seen_id = answer[1].decode().partition(" ")
+            return Replayed(seen_id, seen_hash, JobRecord.from_pairs(answer[2]))
+        case b"conflict":
+            return KeyConflict()
+        case _:
+            return _refusal(answer)
 
 
 def _refusal(answer: list[bytes]) -> Refused:
