@@ -12,6 +12,7 @@ import socket
 from aiohttp import web
 
 from llm_broker.ingress.app import create_app, metrics
+from llm_broker.ingress.dataplane import DataPlaneSite
 from llm_broker.ingress.server import Runner, cut_off_reserve, drain
 from llm_broker.ingress.state import STATE
 from llm_broker.shared import logs
@@ -47,7 +48,8 @@ async def serve(
         handler_cancellation=True,
     )
     await runner.setup()
-    site = web.TCPSite(
+    site_class = DataPlaneSite if config.ingress.fast_path else web.TCPSite
+    site = site_class(
         runner, host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port or None
     )
     await site.start()

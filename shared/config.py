@@ -156,6 +156,10 @@ class IngressConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True
     #: so that a network policy can open it to the monitoring system only.
     metrics_port: int | None = None
     overload: OverloadConfig = OverloadConfig()
+    #: Serve the model API's calls (chat completions, embeddings, messages) with
+    #: the ingress's own HTTP path (ingress/dataplane.py), about half the CPU of
+    #: aiohttp's; false sends every request through aiohttp.
+    fast_path: bool = True
 
 
 class ApiKey(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

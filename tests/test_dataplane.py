@@ -1,0 +1,277 @@
+"""The data plane's HTTP path (ingress/dataplane.py): its requests are served without
+aiohttp's request objects, everything else is handed to aiohttp on the same
+connection, and what a client sees is the same either way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+
+from llm_broker.ingress.dataplane import DataPlaneSite, FastRequest
+from llm_broker.ingress.server import Runner
+
+LIMIT = 1024
+CHAT = "/v1/chat/completions"
+
+
+@dataclass
+class Served:
+    """What the app's handlers saw: (path, served by the data plane, body)."""
+
+    seen: list[tuple[str, bool, bytes]] = field(default_factory=list)
+    hold: asyncio.Event = field(default_factory=asyncio.Event)
+    held: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Site:
+    port: int
+    served: Served
+    site: DataPlaneSite
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[Site]:
+    served = Served()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        served.seen.append((request.path, isinstance(request, FastRequest), body))
+        if body == b"hold":
+            served.held.set()
+            try:
+                await served.hold.wait()
+            except asyncio.CancelledError:
+                served.cancelled.set()
+                raise
+        if body == b"stream":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for n in range(3):
+                await response.write(b"data: %d\n\n" % n)
+            await response.write_eof()
+            return response
+        return web.Response(body=b"echo:" + body, content_type="application/json")
+
+    async def other(request: web.Request) -> web.Response:
+        served.seen.append((request.path, isinstance(request, FastRequest), b""))
+        return web.Response(text="other")
+
+    app = web.Application(client_max_size=LIMIT)
+    app.router.add_post(CHAT, chat)
+    app.router.add_get("/other", other)
+    runner = Runner(app, handle_signals=False, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    dp = DataPlaneSite(runner, "127.0.0.1", 0)
+    await dp.start()
+    running = Site(dp.port, served, dp)
+    try:
+        yield running
+    finally:
+        for writer in running.writers:
+            writer.close()
+        await runner.cleanup()
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def read_answer(reader: asyncio.StreamReader) -> Answer:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if status == 100:
+        return Answer(status, headers, b"")
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += chunk[:-2]
+    else:
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Answer(status, headers, body)
+
+
+def post(body: bytes, path: str = CHAT, extra: str = "") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+GET_OTHER = b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def connect(site: Site) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+    site.writers.append(writer)
+    return reader, writer
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_data_plane_calls_are_served_here_and_the_rest_by_aiohttp(site: Site) -> None:
+    reader, writer = await connect(site)
+    writer.write(post(b"one"))
+    first = await read_answer(reader)
+    assert (first.status, first.body) == (200, b"echo:one")
+    assert first.headers["content-type"] == "application/json"
+    assert "date" in first.headers and "connection" not in first.headers
+    writer.write(GET_OTHER)  # the same connection, handed to aiohttp
+    other = await read_answer(reader)
+    assert (other.status, other.body) == (200, b"other")
+    writer.write(post(b"two"))  # it stays with aiohttp
+    second = await read_answer(reader)
+    assert (second.status, second.body) == (200, b"echo:two")
+    assert site.served.seen == [(CHAT, True, b"one"), ("/other", False, b""), (CHAT, False, b"two")]
+
+
+async def test_a_request_read_in_pieces_and_a_chunked_body(site: Site) -> None:
+    reader, writer = await connect(site)
+    data = post(b"pieces")
+    for i in range(0, len(data), 7):
+        writer.write(data[i : i + 7])
+        await writer.drain()
+    assert (await read_answer(reader)).body == b"echo:pieces"
+    writer.write(
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    assert (await read_answer(reader)).body == b"echo:abcde"
+    assert [s[1] for s in site.served.seen] == [True, True]
+
+
+async def test_pipelined_calls_are_answered_in_order(site: Site) -> None:
+    reader, writer = await connect(site)
+    writer.write(post(b"a") + post(b"b") + post(b"c"))
+    bodies = [(await read_answer(reader)).body for _ in range(3)]
+    assert bodies == [b"echo:a", b"echo:b", b"echo:c"]
+    assert all(fast for _, fast, _ in site.served.seen)
+
+
+async def test_a_pipelined_request_for_aiohttp_ends_the_connection_after_the_answers(
+    site: Site,
+) -> None:
+    reader, writer = await connect(site)
+    writer.write(post(b"a") + GET_OTHER)
+    assert (await read_answer(reader)).body == b"echo:a"
+    assert await closed(reader)
+    assert site.served.seen == [(CHAT, True, b"a")]  # the GET was not run
+
+
+async def test_a_request_for_aiohttp_behind_an_unanswered_call_waits_for_its_answer(
+    site: Site,
+) -> None:
+    reader, writer = await connect(site)
+    writer.write(post(b"hold"))
+    await asyncio.wait_for(site.served.held.wait(), 5)
+    writer.write(GET_OTHER)  # a read of its own, while the call is unanswered
+    await writer.drain()
+    site.served.hold.set()
+    assert (await read_answer(reader)).body == b"echo:hold"
+    assert (await read_answer(reader)).body == b"other"
+
+
+@pytest.mark.parametrize(
+    ("extra", "path"),
+    [
+        ("Expect: 100-continue\r\n", CHAT),
+        ("Prefer: respond-async\r\n", CHAT),
+        ("", CHAT + "?x=1"),
+    ],
+    ids=["expect", "prefer", "query"],
+)
+async def test_requests_that_are_not_plain_go_to_aiohttp(site: Site, extra: str, path: str) -> None:
+    reader, writer = await connect(site)
+    writer.write(post(b"x", path, extra))
+    answer = await read_answer(reader)
+    if answer.status == 100:
+        answer = await read_answer(reader)
+    assert (answer.status, answer.body) == (200, b"echo:x")
+    assert site.served.seen == [(CHAT, False, b"x")]
+
+
+async def test_a_body_over_the_limit_gets_413(site: Site) -> None:
+    reader, writer = await connect(site)
+    writer.write(post(b"x" * (LIMIT + 1)))
+    assert (await read_answer(reader)).status == 413
+    reader, writer = await connect(site)
+    chunks = b"".join(b"%x\r\n%s\r\n" % (300, b"y" * 300) for _ in range(4)) + b"0\r\n\r\n"
+    writer.write(
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + chunks
+    )
+    assert (await read_answer(reader)).status == 413
+
+
+async def test_a_malformed_request_gets_the_json_error_object(site: Site) -> None:
+    reader, writer = await connect(site)
+    writer.write(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".encode())
+    answer = await read_answer(reader)
+    assert answer.status == 400
+    assert b"malformed_http_request" in answer.body
+    assert site.served.seen == []
+
+
+async def test_a_client_that_goes_away_cancels_its_call(site: Site) -> None:
+    _reader, writer = await connect(site)
+    writer.write(post(b"hold"))
+    await asyncio.wait_for(site.served.held.wait(), 5)
+    writer.close()
+    await asyncio.wait_for(site.served.cancelled.wait(), 5)
+
+
+async def test_connection_close_is_honoured(site: Site) -> None:
+    reader, writer = await connect(site)
+    writer.write(post(b"bye", extra="Connection: close\r\n") + post(b"never"))
+    answer = await read_answer(reader)
+    assert answer.body == b"echo:bye" and answer.headers["connection"] == "close"
+    assert await closed(reader)
+    assert [s[2] for s in site.served.seen] == [b"bye"]
+
+
+async def test_a_streamed_answer_and_the_call_after_it(site: Site) -> None:
+    reader, writer = await connect(site)
+    writer.write(post(b"stream"))
+    answer = await read_answer(reader)
+    assert answer.headers["transfer-encoding"] == "chunked"
+    assert answer.body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    writer.write(post(b"after"))
+    assert (await read_answer(reader)).body == b"echo:after"
+    assert [s[1] for s in site.served.seen] == [True, True]
+
+
+async def test_stopping_closes_idle_connections_and_busy_ones_after_their_answer(
+    site: Site,
+) -> None:
+    idle_reader, idle_writer = await connect(site)
+    idle_writer.write(post(b"first"))
+    assert (await read_answer(idle_reader)).body == b"echo:first"
+    reader, writer = await connect(site)
+    writer.write(post(b"hold"))
+    await asyncio.wait_for(site.served.held.wait(), 5)
+    await site.site.stop()
+    assert await closed(idle_reader)
+    site.served.hold.set()
+    answer = await read_answer(reader)
+    assert answer.body == b"echo:hold" and answer.headers["connection"] == "close"
+    assert await closed(reader)
+    with pytest.raises(OSError):
+        await connect(site)
