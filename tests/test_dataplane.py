@@ -8,11 +8,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import openai
 import pytest
 from aiohttp import web
+from openai.types.chat import ChatCompletionMessageParam
 
 from llm_broker.ingress.dataplane import DataPlaneSite, FastRequest
 from llm_broker.ingress.server import Runner
+from tests.conftest import ConfigFactory, Procs
 
 LIMIT = 1024
 CHAT = "/v1/chat/completions"
@@ -275,3 +278,35 @@ async def test_stopping_closes_idle_connections_and_busy_ones_after_their_answer
     assert await closed(reader)
     with pytest.raises(OSError):
         await connect(site)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "aiohttp"])
+async def test_the_sdk_gets_the_same_answers_either_way(
+    procs: Procs, make_config: ConfigFactory, fast_path: bool
+) -> None:
+    """The real processes, with ``ingress.fast_path`` on and off: a call, a stream
+    and an async job (which the data plane hands to aiohttp) through the OpenAI SDK."""
+    _, mock_url = procs.mock()
+    config = make_config(mock_url, ingress={"fast_path": fast_path})
+    procs.worker(config)
+    _, url = procs.ingress(config)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-any", max_retries=0)
+    try:
+        said: list[ChatCompletionMessageParam] = [{"role": "user", "content": "either way"}]
+        whole = await client.chat.completions.create(model="gpt-4o-mini", messages=said)
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=said,
+            stream=True,
+        )
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        later = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=said,
+            extra_headers={"Prefer": "respond-async"},
+        )
+    finally:
+        await client.close()
+    assert whole.choices[0].message.content
+    assert streamed == whole.choices[0].message.content
+    assert later.status_code == 202 and later.headers["Preference-Applied"] == "respond-async"
