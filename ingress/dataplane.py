@@ -29,16 +29,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from email.utils import formatdate
 from typing import Any, cast
 
 import httptools
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_writer import StreamWriter
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
@@ -121,9 +120,6 @@ class FastRequest:
     def __setitem__(self, key: Any, value: Any) -> None:
         self._items[key] = value
 
-    def __contains__(self, key: Any) -> bool:
-        return key in self._items
-
     def get(self, key: Any, default: Any = None) -> Any:
         return self._items.get(key, default)
 
@@ -131,7 +127,7 @@ class FastRequest:
     # aiohttp's own response and writer on this connection.
     @property
     def _payload_writer(self) -> StreamWriter:
-        return StreamWriter(self._conn, self._conn.loop)
+        return StreamWriter(self._conn, self._conn._loop)
 
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
         if self.app.on_response_prepare:
@@ -151,7 +147,7 @@ class DataPlane:
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.closing = False
-        #: Routes by their request line, and by (method, URL) once parsed.
+        #: Routes by their request line.
         self.routes: dict[bytes, Route] = {}
         for path in paths:
             route = _post_route(app, path)
@@ -193,7 +189,6 @@ class Connection(BaseProtocol):
 
     def __init__(self, plane: DataPlane) -> None:
         super().__init__(plane.loop)
-        self.loop = plane.loop
         self._plane = plane
         self._http = httptools.HttpRequestParser(self)
         #: The request being read: its URL, head size, headers, body, route.
@@ -260,10 +255,8 @@ class Connection(BaseProtocol):
             self._raw.append(data)
         try:
             self._http.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._bail = True
-        except httptools.HttpParserError:
-            self._bail = True  # aiohttp answers it with its error object
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError):
+            self._bail = True  # aiohttp takes it (an upgrade; a malformed request's error object)
         if self._bail:
             self._give_up()
 
@@ -288,7 +281,7 @@ class Connection(BaseProtocol):
             self.transport.close()
 
     def _arm_idle(self) -> None:
-        self._idle = self.loop.call_later(KEEPALIVE_S, self._idle_close)
+        self._idle = self._loop.call_later(KEEPALIVE_S, self._idle_close)
 
     def _idle_close(self) -> None:
         self._idle = None
@@ -406,7 +399,7 @@ class Connection(BaseProtocol):
         if not keep_alive:
             self._end = True  # nothing after it is read
         if self._task is None:
-            self._task = self.loop.create_task(self._serve())
+            self._task = self._loop.create_task(self._serve())
         elif len(self._queue) >= MAX_QUEUED:
             self._pause_reading()
 
@@ -425,8 +418,6 @@ class Connection(BaseProtocol):
                 if not request.keep_alive:
                     self._end = True
                     break
-        except asyncio.CancelledError:
-            raise
         except Exception:  # a defect in answering: the connection cannot go on
             log.exception("answering a request failed")
             self._end = True
@@ -456,24 +447,13 @@ class Connection(BaseProtocol):
             if "\n" in value or "\r" in value:
                 raise ValueError(f"a line break in the value of header {name}")
             lines.append(f"{name}: {value}\r\n")
-        lines.append(f"Content-Length: {len(body)}\r\nDate: {_date()}\r\n")
+        lines.append(f"Content-Length: {len(body)}\r\nDate: {rfc822_formatted_time()}\r\n")
         lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
         if not request.keep_alive or self._end or self._plane.closing:
             lines.append("Connection: close\r\n")
         lines.append("\r\n")
         assert self.transport is not None
         self.transport.write("".join(lines).encode("latin-1") + body)
-
-
-_DATE: list[Any] = [0, ""]
-
-
-def _date() -> str:
-    """The Date header's value, made once a second."""
-    now = int(time.time())
-    if _DATE[0] != now:
-        _DATE[0], _DATE[1] = now, formatdate(now, usegmt=True)
-    return str(_DATE[1])
 
 
 class DataPlaneSite(web.TCPSite):
