@@ -32,7 +32,7 @@ from llm_broker.shared.config import Config, Router
 from llm_broker.shared.errors import BrokerError, MethodNotAllowed, NotFound, NotOnCluster
 from llm_broker.shared.files import Files, open_store
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.metrics import MULTIPROCESS_DIR, IngressMetrics, exposition
+from llm_broker.shared.metrics import MULTIPROCESS_DIR, FastHistogram, IngressMetrics, exposition
 from llm_broker.shared.redisio import REDIS_DOWN, batcher_for, connect, subscriber
 from llm_broker.shared.ssrf import networks
 from llm_broker.shared.store import JobStore
@@ -263,7 +263,7 @@ def create_app(config: Config, pod: str) -> web.Application:
         config.redis,
         redis,
         timeout=config.redis.command_timeout_s,
-        round_trip=counters.redis_seconds.labels("ingress"),
+        round_trip=FastHistogram(counters.redis_seconds.labels("ingress")),
         lag=load.lag.now_s,
     )
     state = State(

@@ -6,6 +6,8 @@ Buckets resolve p50/p95/p99 from 5 ms to 10 minutes.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
+from collections.abc import Callable
 from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -37,6 +39,42 @@ def exposition(registry: CollectorRegistry) -> bytes:
     together = CollectorRegistry()
     MultiProcessCollector(together, MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
     return generate_latest(together)
+
+
+class FastCount:
+    """A labelled counter's (or gauge's) child, added to without prometheus_client's
+    checks on every call (that the metric is labelled, that the amount is not
+    negative): the hot path's counts, made on every job, pass amounts that are never
+    negative to children made once. It adds to the child's own value (a file's under
+    ``--processes N``), so expositions see no difference; about a third of the
+    cost of ``inc`` here."""
+
+    __slots__ = ("inc",)
+
+    def __init__(self, child: Counter | Gauge) -> None:
+        self.inc: Callable[[float], None] = child._value.inc
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.inc(-amount)
+
+
+class FastHistogram:
+    """A labelled histogram's child observed as :class:`FastCount` adds: the bucket
+    found by bisection (C) instead of a loop over the bounds, no per-call checks.
+    The same buckets and sum as ``observe`` (a NaN counts in the sum only)."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._sum: Callable[[float], None] = child._sum.inc
+        self._buckets: list[Callable[[float], None]] = [b.inc for b in child._buckets]
+        self._bounds: list[float] = list(child._upper_bounds)
+
+    def observe(self, amount: float) -> None:
+        self._sum(amount)
+        i = bisect_left(self._bounds, amount)
+        if i < len(self._bounds) and amount <= self._bounds[i]:
+            self._buckets[i](1)
 
 
 def redis_round_trips(registry: CollectorRegistry) -> Histogram:
@@ -164,7 +202,7 @@ class IngressMetrics:
             ["endpoint"],
             registry=registry,
         )
-        self._children: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
+        self._children: dict[tuple[str, str, str, int], tuple[FastCount, FastHistogram]] = {}
 
     def observe_request(
         self, endpoint: str, model: str, provider: str, status: int, seconds: float
@@ -174,11 +212,11 @@ class IngressMetrics:
         children = self._children.get(key)
         if children is None:
             children = (
-                self.requests.labels(endpoint, model, provider, str(status)),
-                self.request_seconds.labels(endpoint, provider),
+                FastCount(self.requests.labels(endpoint, model, provider, str(status))),
+                FastHistogram(self.request_seconds.labels(endpoint, provider)),
             )
             self._children[key] = children
-        children[0].inc()
+        children[0].inc(1)
         children[1].observe(seconds)
 
 

@@ -12,7 +12,7 @@ import msgspec
 import orjson
 import pytest
 from aiohttp.test_utils import make_mocked_request
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from llm_broker.ingress import cache
 from llm_broker.ingress.auth import OPEN_TENANT, Authenticator
@@ -37,6 +37,7 @@ from llm_broker.shared.errors import (
     upstream_status_error,
 )
 from llm_broker.shared.keys import Keys
+from llm_broker.shared.metrics import LATENCY_BUCKETS, FastCount, FastHistogram
 from llm_broker.workers.accumulate import StreamAccumulator
 from llm_broker.workers.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from llm_broker.workers.credentials import KeyRing
@@ -501,3 +502,40 @@ def test_text_log_fields_and_messages_stay_on_one_line() -> None:
     assert "\n" not in line
     assert 'model="evil\\n2026-01-01 INFO forged status=200"' in line
     assert line.endswith("status=200") and "moved on to mock/x\\nforged" in line
+
+
+def test_the_hot_paths_metric_updates_expose_what_prometheus_clients_own_do() -> None:
+    """FastCount and FastHistogram add to the same values as inc and observe: the
+    same exposition for the same updates, bounds, zero, past the last bound and NaN
+    included."""
+
+    def metrics(registry: CollectorRegistry) -> tuple[Counter, Gauge, Histogram]:
+        return (
+            Counter("jobs", "jobs", ["outcome"], registry=registry),
+            Gauge("in_flight", "in flight", ["provider"], registry=registry),
+            Histogram(
+                "seconds", "seconds", ["provider"], buckets=LATENCY_BUCKETS, registry=registry
+            ),
+        )
+
+    amounts = [0.0, 0.005, 0.0051, 0.3, 1.0, 599.9, 600.0, 601.0, 1e9, float("nan"), 2.5]
+    public, fast = CollectorRegistry(), CollectorRegistry()
+    counter, gauge, histogram = metrics(public)
+    f_counter, f_gauge, f_histogram = metrics(fast)
+    count, level = FastCount(f_counter.labels("completed")), FastCount(f_gauge.labels("p"))
+    seconds = FastHistogram(f_histogram.labels("p"))
+    for amount in amounts:
+        counter.labels("completed").inc(3)
+        count.inc(3)
+        gauge.labels("p").inc()
+        level.inc(1)
+        histogram.labels("p").observe(amount)
+        seconds.observe(amount)
+    gauge.labels("p").dec()
+    level.dec()
+
+    def exposed(registry: CollectorRegistry) -> list[bytes]:  # (creation times differ)
+        return [x for x in generate_latest(registry).splitlines() if b"_created" not in x]
+
+    assert exposed(fast) == exposed(public)
+    assert b'seconds_bucket{le="0.005",provider="p"} 2.0' in exposed(fast)

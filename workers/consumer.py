@@ -19,7 +19,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from llm_broker.shared.config import Config
-from llm_broker.shared.metrics import WorkerMetrics
+from llm_broker.shared.metrics import FastCount, WorkerMetrics
 from llm_broker.shared.redisio import (
     REDIS_DOWN,
     Readers,
@@ -66,7 +66,7 @@ class StreamConsumer:
         #: Made in the loop it serves; asked once (on Python 3.11 asking is a system call).
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        self._in_flight = metrics.in_flight.labels(provider)
+        self._in_flight = FastCount(metrics.in_flight.labels(provider))
         #: When this consumer's entries last had their leases refreshed (monotonic).
         self._refreshed_at = 0.0
         #: When the read loop next looks for entries to reclaim (monotonic), and the
@@ -131,7 +131,7 @@ class StreamConsumer:
             return
         task = self._loop.create_task(self._run(delivery, run))
         self._tasks[entry_id] = task
-        self._in_flight.inc()
+        self._in_flight.inc(1)
         task.add_done_callback(lambda _t: self._done(entry_id, run))
 
     def _done(self, entry_id: str, run: Coroutine[Any, Any, None]) -> None:

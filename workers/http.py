@@ -29,6 +29,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
@@ -84,7 +85,7 @@ class Origin:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    @property
+    @cached_property
     def host_header(self) -> str:
         default = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -18,7 +18,7 @@ from llm_broker.shared.config import Config
 from llm_broker.shared.files import Files, open_store
 from llm_broker.shared.health import serve_health
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.metrics import WorkerMetrics
+from llm_broker.shared.metrics import FastHistogram, WorkerMetrics
 from llm_broker.shared.redisio import (
     REDIS_DOWN,
     AnyBatcher,
@@ -124,7 +124,7 @@ async def serve(
         config.redis,
         redis,
         timeout=config.redis.command_timeout_s * 2,
-        round_trip=metrics.redis_seconds.labels("worker"),
+        round_trip=FastHistogram(metrics.redis_seconds.labels("worker")),
     )
     consumer = consumer_name()
     tracing = Tracing(config.tracing, "worker")

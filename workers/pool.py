@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import Config
 from llm_broker.shared.keys import Keys
-from llm_broker.shared.metrics import JOB_OUTCOMES, WorkerMetrics
+from llm_broker.shared.metrics import JOB_OUTCOMES, FastCount, FastHistogram, WorkerMetrics
 from llm_broker.shared.redisio import AnyBatcher
 from llm_broker.shared.store import Delivery, JobStore, Outcome
 from llm_broker.shared.tracing import Tracing
@@ -56,7 +56,7 @@ class ProviderPool:
         self._batcher = batcher
         self._latency_key = Keys(config.redis.key_prefix, cluster=config.redis.cluster).latency()
         self._result_ttl = int(config.jobs.result_ttl_s)
-        self._outcomes = {o: metrics.jobs.labels(provider, o) for o in JOB_OUTCOMES}
+        self._outcomes = {o: FastCount(metrics.jobs.labels(provider, o)) for o in JOB_OUTCOMES}
         #: Latency averages of the deployments that a lowest-latency route may pick.
         self._latency = {
             f"{provider}/{d.model or name}": LatencyAverage()
@@ -102,8 +102,8 @@ class ProviderPool:
             background=self._background,
             calls={},
             loop=asyncio.get_running_loop(),
-            queue_wait=metrics.queue_wait_seconds.labels(provider),
-            upstream_seconds=metrics.upstream_seconds.labels(provider),
+            queue_wait=FastHistogram(metrics.queue_wait_seconds.labels(provider)),
+            upstream_seconds=FastHistogram(metrics.upstream_seconds.labels(provider)),
         )
 
     # ------------------------------------------------------------ deliveries
@@ -161,7 +161,7 @@ class ProviderPool:
     # ------------------------------------------------------------ bookkeeping
 
     def _count(self, outcome: str) -> None:
-        self._outcomes[outcome].inc()
+        self._outcomes[outcome].inc(1)
         self.counts[outcome] += 1
 
     def _observe_latency(self, deployment: str, seconds: float) -> None:

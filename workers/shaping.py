@@ -10,7 +10,7 @@ import orjson
 
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import Config, Price
-from llm_broker.shared.metrics import WorkerMetrics
+from llm_broker.shared.metrics import FastCount, WorkerMetrics
 from llm_broker.shared.store.records import Usage
 
 
@@ -86,7 +86,9 @@ class Accounting:
         #: The cost counter's tenant label: a tenant the config lists, else "other"
         #: (the number of series stays bounded by the config).
         self._tenants = frozenset(t for t in config.tenants if t != "*")
-        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any, Price | None]] = {}
+        self._children: dict[
+            tuple[str, str], tuple[FastCount, FastCount, FastCount, FastCount, Price | None]
+        ] = {}
 
     def count(self, job: m.Job, usage: Usage) -> None:
         model = job.route or job.model
@@ -95,10 +97,10 @@ class Accounting:
         if found is None:
             tokens = self._metrics.tokens
             found = (
-                tokens.labels(model, self._provider, "input"),
-                tokens.labels(model, self._provider, "output"),
-                tokens.labels(model, self._provider, "total"),
-                self._metrics.cost.labels(model, self._provider, tenant),
+                FastCount(tokens.labels(model, self._provider, "input")),
+                FastCount(tokens.labels(model, self._provider, "output")),
+                FastCount(tokens.labels(model, self._provider, "total")),
+                FastCount(self._metrics.cost.labels(model, self._provider, tenant)),
                 self._pricing.get(model),
             )
             self._children[(model, tenant)] = found

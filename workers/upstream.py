@@ -122,11 +122,6 @@ class Upstream:
             raise self._status_error(resp, json_or_none(await resp.read()), secrets)
         return resp, secrets
 
-    async def _post(
-        self, path: str, payload: dict[str, Any] | bytes, headers: dict[str, str] | None
-    ) -> Response:
-        return (await self._send(path, payload, headers))[0]
-
     def _unreachable(self, e: HTTPClientError) -> UpstreamError:
         """The client's error for a failed exchange: what failed, not where (that is logged)."""
         log.warning("provider %s: %s", self.name, e)
@@ -152,7 +147,8 @@ class Upstream:
         loop = self._pool.loop()
         try:
             async with Expiry(loop, loop.time() + timeout_s):
-                raw = await (await self._post(path, payload, headers)).read()
+                resp, _ = await self._send(path, payload, headers)
+                raw = await resp.read()
         except TimeoutError as e:
             raise upstream_timeout(timeout_s) from e
         except ResponseInterrupted as e:
@@ -267,7 +263,8 @@ class OpenAIUpstream(Upstream):
         self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
     ) -> dict[str, Any]:
         body["model"] = model
-        return await self._json(self._path(model, "chat/completions"), body, timeout_s, headers)
+        path = self._path(model, "chat/completions")
+        return (await self.whole(path, body, timeout_s, headers))[1]  # (one await less)
 
     async def stream(
         self, body: dict[str, Any], model: str, timeout_s: float, headers: dict[str, str] | None
