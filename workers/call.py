@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -33,6 +33,19 @@ log = logging.getLogger("llm_broker.worker")
 #: A call's answer: the job's payload, the closing reply (None: the payload
 #: itself) and the usage (if the upstream said).
 Answer = tuple[bytes, bytes | None, Usage | None]
+
+
+class Call(Protocol):
+    """A job's upstream call in progress (:class:`~llm_broker.workers.run.JobRun`),
+    as the pool's cancellations reach it."""
+
+    def done(self) -> bool: ...
+
+    def abort(self) -> None:
+        """The job was made final elsewhere: the call is aborted, the entry closed."""
+
+    def stop(self) -> None:
+        """The worker stops: the call is aborted, the entry stays pending."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,7 @@ class Pool:
     queue_wait: Observer
     upstream_seconds: Observer
     #: The upstream calls in progress, by job id (a cancellation aborts them).
-    calls: dict[str, asyncio.Task[None]]
+    calls: dict[str, Call]
     #: The event loop (on Python 3.11 asking for the running loop is a system call).
     loop: asyncio.AbstractEventLoop
 

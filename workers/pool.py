@@ -131,14 +131,14 @@ class ProviderPool:
         call = self._pool.calls.get(job_id)
         if call is None or call.done():
             return False
-        call.cancel()
+        call.abort()
         return True
 
     def abort_calls(self) -> None:
         """Abort every upstream call still running (shutdown, after the grace period:
         their entries stay pending for another worker)."""
         for call in list(self._pool.calls.values()):
-            call.cancel()
+            call.stop()
 
     async def _renew(self) -> None:
         """Keep the limit leases of running calls."""

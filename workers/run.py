@@ -62,17 +62,21 @@ class JobRun:
         )
         self.began = began
         self.start: asyncio.Future[Verdict]
+        #: The upstream call's own task, once started (a delivery that waited for
+        #: the start function): cancelled to abort the call.
+        self.call: asyncio.Task[None] | None = None
+        #: An early call runs in the delivery's task itself (one task a job, not
+        #: two), set as its run begins; ``aborted`` says that a cancel of it was
+        #: the job's (abort: the entry is closed), not the worker's (stop: it
+        #: stays pending).
+        self._task: asyncio.Task[Any] | None = None
+        self._aborted = False
         if self.early:
             self.start = pool.loop.create_future()
             self.start.set_result(Verdict.RUN)
+            pool.calls[job.id] = self
         else:
             self.start = asyncio.ensure_future(self._start())
-        #: The upstream call, once started (cancelled to abort it). An early call
-        #: starts here, as the delivery is read: its first step, which writes the
-        #: upstream request, runs in the next loop turn, not one after the run's.
-        self.call: asyncio.Task[None] | None = None
-        if self.early:
-            self._begin_call()
 
     # ------------------------------------------------------------ start
 
@@ -99,6 +103,9 @@ class JobRun:
 
     async def handle(self) -> None:
         """Start the job, run it if the start says so, and close the delivery."""
+        if self.early:
+            await self._run_early()
+            return
         job, pool = self.job, self.pool
         # A first delivery of a job whose client waits, within its deadline, calls
         # the upstream at once, without the start function: two Redis round trips
@@ -138,10 +145,56 @@ class JobRun:
                 raise
             # Only the upstream call was cancelled: the job was cancelled (or made
             # final elsewhere); its record says so already. Close the entry.
-            pool.count("cancelled")
-            pool.metrics.aborted.labels(pool.provider).inc()
-            log.info("job %s: cancelled; upstream call aborted", job.id)
-            await self.settle(Outcome())
+            await self._closed_by_cancel()
+
+    async def _run_early(self) -> None:
+        """An early call, in the delivery's task: the upstream request is written in
+        this task's first step, as the delivery is read."""
+        job_id, calls = self.job.id, self.pool.calls
+        self._task = task = asyncio.current_task(self.pool.loop)
+        try:
+            if not self._aborted:
+                try:
+                    await self.run()
+                    return
+                except asyncio.CancelledError:
+                    if not self._aborted:
+                        raise  # the worker stops: the entry stays pending
+                    assert task is not None
+                    task.uncancel()
+            await self._closed_by_cancel()
+        finally:
+            if calls.get(job_id) is self:
+                del calls[job_id]
+
+    async def _closed_by_cancel(self) -> None:
+        pool = self.pool
+        pool.count("cancelled")
+        pool.metrics.aborted.labels(pool.provider).inc()
+        log.info("job %s: cancelled; upstream call aborted", self.job.id)
+        await self.settle(Outcome())
+
+    # ------------------------------------------------------------ the call's handle
+
+    def done(self) -> bool:
+        """Whether the call is over (the worker's cancel and abort ask first)."""
+        task = self.call or self._task
+        return task is not None and task.done()
+
+    def abort(self) -> None:
+        """The job was made final elsewhere: abort the call, and close the entry."""
+        if self.call is not None:
+            self.call.cancel()  # handle closes the entry
+        elif not self._aborted:  # (once: a second cancel would cut the closing short)
+            self._aborted = True
+            if self._task is not None:
+                self._task.cancel()
+
+    def stop(self) -> None:
+        """The worker stops: abort the call; the entry stays pending."""
+        task = self.call or self._task
+        if task is not None:
+            task.cancel()
 
     async def _not_run(self, verdict: Verdict) -> None:
         pool, job = self.pool, self.job
@@ -167,9 +220,9 @@ class JobRun:
 
     def _begin_call(self) -> asyncio.Task[None]:
         job_id, calls = self.job.id, self.pool.calls
-        task = self.pool.loop.create_task(self.run())
-        self.call = calls[job_id] = task
-        task.add_done_callback(lambda t: calls.pop(job_id) if calls.get(job_id) is t else None)
+        self.call = task = self.pool.loop.create_task(self.run())
+        calls[job_id] = self
+        task.add_done_callback(lambda _t: calls.pop(job_id) if calls.get(job_id) is self else None)
         return task
 
     async def _abort_call(self) -> None:
