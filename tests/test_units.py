@@ -539,3 +539,32 @@ def test_the_hot_paths_metric_updates_expose_what_prometheus_clients_own_do() ->
 
     assert exposed(fast) == exposed(public)
     assert b'seconds_bucket{le="0.005",provider="p"} 2.0' in exposed(fast)
+
+
+def test_an_upstreams_negative_token_count_never_lowers_the_counters() -> None:
+    """The worker's token and cost counters only go up, whatever an upstream says."""
+    from llm_broker.shared.config import parse_config
+    from llm_broker.shared.metrics import WorkerMetrics
+    from llm_broker.shared.store.records import Usage
+    from llm_broker.workers.shaping import Accounting
+    from tests.helpers import make_job
+
+    registry = CollectorRegistry()
+    config = parse_config(
+        {"pricing": {"mock": {"input_usd_per_million": 1, "output_usd_per_million": 2}}}
+    )
+    accounting = Accounting(config, "mock", WorkerMetrics(registry))
+    job = make_job()
+    accounting.count(job, Usage(10, 5))
+    accounting.count(job, Usage(-1000, -7))
+
+    def tokens(kind: str) -> float | None:
+        labels = {"model": job.route or job.model, "provider": "mock", "type": kind}
+        return registry.get_sample_value("llm_broker_tokens_total", labels)
+
+    assert (tokens("input"), tokens("output"), tokens("total")) == (10.0, 5.0, 15.0)
+    cost = registry.get_sample_value(
+        "llm_broker_cost_usd_total",
+        {"model": job.route or job.model, "provider": "mock", "tenant": "other"},
+    )
+    assert cost == pytest.approx(20 / 1_000_000)

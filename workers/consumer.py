@@ -125,7 +125,7 @@ class StreamConsumer:
         if entry_id in self._tasks:
             return
         try:
-            run = self._handle(delivery)  # an early job's upstream call starts here
+            run = self._handle(delivery)
         except Exception:  # the task boundary, as in _run: the entry stays pending
             log.exception("provider %s: entry %s failed unexpectedly", self.provider, entry_id)
             return

@@ -190,7 +190,7 @@ async def serve(
         log.warning("grace period over: abandoning unfinished jobs to other workers")
     for pool in pools:
         await pool.consumer.abandon()
-        pool.abort_calls()  # an early call whose run was cancelled before it began
+        pool.abort_calls()  # a call task its delivery's run no longer awaits
     driving.cancel()
     beating.cancel()
     await asyncio.gather(driving, beating, return_exceptions=True)

@@ -158,10 +158,9 @@ class JobRun:
                     await self.run()
                     return
                 except asyncio.CancelledError:
-                    if not self._aborted:
-                        raise  # the worker stops: the entry stays pending
                     assert task is not None
-                    task.uncancel()
+                    if not self._aborted or task.uncancel():
+                        raise  # the worker stops (too): the entry stays pending
             await self._closed_by_cancel()
         finally:
             if calls.get(job_id) is self:
@@ -177,9 +176,10 @@ class JobRun:
     # ------------------------------------------------------------ the call's handle
 
     def done(self) -> bool:
-        """Whether the call is over (the worker's cancel and abort ask first)."""
+        """Whether the call is over, or aborted already (the worker's cancel and
+        abort ask first)."""
         task = self.call or self._task
-        return task is not None and task.done()
+        return (self.call is None and self._aborted) or (task is not None and task.done())
 
     def abort(self) -> None:
         """The job was made final elsewhere: abort the call, and close the entry."""

@@ -104,9 +104,11 @@ class Accounting:
                 self._pricing.get(model),
             )
             self._children[(model, tenant)] = found
-        found[0].inc(usage.input)
-        found[1].inc(usage.output)
-        found[2].inc(usage.total)
+        # (an upstream's negative count would lower a counter: FastCount does not check)
+        tokens_in, tokens_out = max(0, usage.input), max(0, usage.output)
+        found[0].inc(tokens_in)
+        found[1].inc(tokens_out)
+        found[2].inc(tokens_in + tokens_out)
         price = self._pricing.get(job.model) or found[4]
         if price is not None:
-            found[3].inc(price.cost(usage.input, usage.output))
+            found[3].inc(max(0.0, price.cost(tokens_in, tokens_out)))
