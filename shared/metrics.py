@@ -45,9 +45,10 @@ class FastCount:
     """A labelled counter's (or gauge's) child, added to without prometheus_client's
     checks on every call (that the metric is labelled, that the amount is not
     negative): the hot path's counts, made on every job, pass amounts that are never
-    negative to children made once. It adds to the child's own value (a file's under
-    ``--processes N``), so expositions see no difference; about a third of the
-    cost of ``inc`` here."""
+    negative to children made once (an upstream's token counts pass through
+    ``Usage.reported``). It adds to the child's own value (a file's under
+    ``--processes N``), so expositions see no difference; about two thirds of the
+    cost of ``inc`` here (0.24 against 0.36 µs)."""
 
     __slots__ = ("inc",)
 

@@ -542,11 +542,12 @@ def test_the_hot_paths_metric_updates_expose_what_prometheus_clients_own_do() ->
 
 
 def test_an_upstreams_negative_token_count_never_lowers_the_counters() -> None:
-    """The worker's token and cost counters only go up, whatever an upstream says."""
+    """The worker's token and cost counters only go up, whatever an upstream says:
+    its usage is read as 0 tokens where it reports fewer."""
     from llm_broker.shared.config import parse_config
     from llm_broker.shared.metrics import WorkerMetrics
-    from llm_broker.shared.store.records import Usage
-    from llm_broker.workers.shaping import Accounting
+    from llm_broker.workers.native import message_usage, response_usage
+    from llm_broker.workers.shaping import Accounting, usage_of
     from tests.helpers import make_job
 
     registry = CollectorRegistry()
@@ -555,8 +556,13 @@ def test_an_upstreams_negative_token_count_never_lowers_the_counters() -> None:
     )
     accounting = Accounting(config, "mock", WorkerMetrics(registry))
     job = make_job()
-    accounting.count(job, Usage(10, 5))
-    accounting.count(job, Usage(-1000, -7))
+    honest = usage_of({"usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+    hostile = usage_of({"usage": {"prompt_tokens": -1000, "completion_tokens": -7}})
+    assert honest is not None and hostile is not None
+    accounting.count(job, honest)
+    accounting.count(job, hostile)
+    assert message_usage({"input_tokens": -3, "output_tokens": -1}) == hostile
+    assert response_usage({"usage": {"input_tokens": -9, "output_tokens": -2}}) == hostile
 
     def tokens(kind: str) -> float | None:
         labels = {"model": job.route or job.model, "provider": "mock", "type": kind}

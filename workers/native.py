@@ -90,7 +90,7 @@ def message_usage(usage: Any) -> Usage | None:
         if isinstance(value, int):
             total_in += value
     out = usage.get("output_tokens")
-    return Usage(total_in, out if isinstance(out, int) else 0)
+    return Usage.reported(total_in, out if isinstance(out, int) else 0)
 
 
 class MessageAccumulator:
@@ -251,7 +251,7 @@ def response_usage(found: dict[str, Any]) -> Usage | None:
     tokens_in, tokens_out = usage.get("input_tokens"), usage.get("output_tokens")
     if not isinstance(tokens_in, int) or not isinstance(tokens_out, int):
         return None
-    return Usage(tokens_in, tokens_out)
+    return Usage.reported(tokens_in, tokens_out)
 
 
 # ---------------------------------------------------------------- translated

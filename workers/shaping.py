@@ -32,7 +32,7 @@ def usage_of(result: dict[str, Any]) -> Usage | None:
     completion = usage.get("completion_tokens", 0)
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
-    return Usage(prompt, completion)
+    return Usage.reported(prompt, completion)
 
 
 def completion(job: m.Job, result: dict[str, Any]) -> dict[str, Any]:
@@ -104,11 +104,9 @@ class Accounting:
                 self._pricing.get(model),
             )
             self._children[(model, tenant)] = found
-        # (an upstream's negative count would lower a counter: FastCount does not check)
-        tokens_in, tokens_out = max(0, usage.input), max(0, usage.output)
-        found[0].inc(tokens_in)
-        found[1].inc(tokens_out)
-        found[2].inc(tokens_in + tokens_out)
+        found[0].inc(usage.input)
+        found[1].inc(usage.output)
+        found[2].inc(usage.total)
         price = self._pricing.get(job.model) or found[4]
         if price is not None:
-            found[3].inc(max(0.0, price.cost(tokens_in, tokens_out)))
+            found[3].inc(price.cost(usage.input, usage.output))

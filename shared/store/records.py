@@ -22,6 +22,12 @@ class Usage(msgspec.Struct, frozen=True):
     input: int
     output: int
 
+    @classmethod
+    def reported(cls, input_tokens: int, output_tokens: int) -> Usage:
+        """An upstream's count: a negative one is taken as 0, so that nothing that
+        adds usage up (metrics, budgets, the day's usage) ever counts down."""
+        return cls(max(0, input_tokens), max(0, output_tokens))
+
     @property
     def total(self) -> int:
         return self.input + self.output
