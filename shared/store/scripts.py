@@ -53,8 +53,10 @@ end
 local function account_close(A, id, status, usage)
   local tin, tout = 0, 0
   local known = false
+  -- (the counts as given, for HINCRBY: a number passed to redis.call is formatted)
+  local a, b
   if usage and usage ~= '' then
-    local a, b = string.match(usage, '^(%d+) (%d+)$')
+    a, b = string.match(usage, '^(%d+) (%d+)$')
     if a then tin, tout, known = tonumber(a), tonumber(b), true end
   end
   local cost = math.floor(tin * A.pi + tout * A.po + 0.5)
@@ -78,8 +80,8 @@ local function account_close(A, id, status, usage)
     if redis.call('HINCRBY', A.u, f .. 'requests', 1) == 1 then
       redis.call('EXPIRE', A.u, A.ux, 'NX')
     end
-    if tin > 0 then redis.call('HINCRBY', A.u, f .. 'input_tokens', tin) end
-    if tout > 0 then redis.call('HINCRBY', A.u, f .. 'output_tokens', tout) end
+    if tin > 0 then redis.call('HINCRBY', A.u, f .. 'input_tokens', a) end
+    if tout > 0 then redis.call('HINCRBY', A.u, f .. 'output_tokens', b) end
     if cost > 0 then redis.call('HINCRBY', A.u, f .. 'cost_nusd', cost) end
     if status ~= 'completed' then redis.call('HINCRBY', A.u, f .. 'errors', 1) end
   end
@@ -125,6 +127,7 @@ end
 # shared/keys.py.
 _SCHED = """
 local CLASSES = {'interactive', 'async', 'batch'}
+local ZERO = {['0'] = 0}
 local MAX_VISITS, MAX_DROPS = 256, 256
 
 -- A provider's scheduler keys, each built when first used (most calls need few).
@@ -448,17 +451,15 @@ local function settle_record(job, replies, events, ARGV)
       made = 1
     end
   end
-  if #ARGV > 18 then
-    local fields = {unpack(ARGV, 19)}
-    local has_data = false
-    for i = 1, #fields, 2 do
-      if fields[i] == 'd' then has_data = true end
+  local n = #ARGV
+  if n > 18 then
+    -- (records.reply_fields: the data comes last; without it, the payload is the data)
+    if ARGV[n - 1] == 'd' then
+      redis.call('XADD', replies, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 19))
+    else
+      redis.call('XADD', replies, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', 'd', payload,
+                 unpack(ARGV, 19))
     end
-    if not has_data then
-      fields[#fields + 1] = 'd'
-      fields[#fields + 1] = payload
-    end
-    redis.call('XADD', replies, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', unpack(fields))
   end
   return made
 end
@@ -477,11 +478,11 @@ local function settle_queue(queue, ARGV)
   -- The tenant's tpm windows count the call's real tokens from now on, not the
   -- estimate its admission counted (once: the estimate's member goes).
   local used = -1
-  if usage ~= '' then
+  if tenant ~= '' and estimate ~= '0' and usage ~= '' then
     local a, b = string.match(usage, '^(%d+) (%d+)$')
     if a then used = tonumber(a) + tonumber(b) end
   end
-  if tenant ~= '' and estimate ~= '0' and used >= 0 and used ~= tonumber(estimate) then
+  if used >= 0 and used ~= tonumber(estimate) then
     local windows = {prefix .. 'trl:' .. S.tag .. ':' .. tenant}
     if not CLUSTER then windows[2] = prefix .. 'trla:' .. tenant end
     for _, base in ipairs(windows) do
@@ -649,18 +650,20 @@ end
 -- the job's account when it has checks to make ('' otherwise: see finish; the record
 -- holds the account either way, for finish).
 local function admission(ARGV, i, tenant)
-  local a = {unpack(ARGV, i, i + 16)}
+  local prefix, provider, class, w, fq, fqa, mq, mqa, rpm, tpm, rpma, tpma, cost, now, max_depth,
+    deadline, acct = unpack(ARGV, i, i + 16)
+  -- (a quota is mostly 0: ZERO[x] spares tonumber's call, a tenth of a microsecond)
   local q = {
-    tenant = tenant, class = a[3],
-    conf = a[4] .. ' ' .. a[5] .. ' ' .. a[6], fq = tonumber(a[5]), fqa = tonumber(a[6]),
-    mq = tonumber(a[7]), mqa = tonumber(a[8]),
-    rpm = tonumber(a[9]), tpm = tonumber(a[10]),
-    rpma = tonumber(a[11]), tpma = tonumber(a[12]),
-    cost = tonumber(a[13]), now = tonumber(a[14]), max_depth = tonumber(a[15]),
-    deadline = tonumber(a[16]),
+    tenant = tenant, class = class,
+    conf = w .. ' ' .. fq .. ' ' .. fqa, fq = ZERO[fq] or tonumber(fq),
+    fqa = ZERO[fqa] or tonumber(fqa), mq = ZERO[mq] or tonumber(mq),
+    mqa = ZERO[mqa] or tonumber(mqa), rpm = ZERO[rpm] or tonumber(rpm),
+    tpm = ZERO[tpm] or tonumber(tpm), rpma = ZERO[rpma] or tonumber(rpma),
+    tpma = ZERO[tpma] or tonumber(tpma), cost = ZERO[cost] or tonumber(cost),
+    now = tonumber(now), max_depth = tonumber(max_depth), deadline = tonumber(deadline),
   }
-  if a[17] ~= '' then q.acct = cjson.decode(a[17]) end
-  return sched(a[1], a[2]), q
+  if acct ~= '' then q.acct = cjson.decode(acct) end
+  return sched(prefix, provider), q
 end
 """
 
