@@ -72,16 +72,30 @@ def announce(line: str) -> None:
 def text_pairs(fields: dict[str, Any]) -> str:
     """``key=value`` pairs of a text log line (values as :func:`text_value` writes
     them; None left out). One loop, no call per field: a request's line is written
-    on every request."""
-    parts = []
-    bare = _BARE.fullmatch
-    for k, v in fields.items():
-        if v is None:
-            continue
-        if isinstance(v, str) and not bare(v):
-            v = _quoted(v)
-        parts.append(f"{k}={v}")
-    return " ".join(parts)
+    on every request. A string's rendering is looked up in :data:`_RENDERED` first
+    (the tenants, models, routes and endpoints of a busy process repeat)."""
+    rendered = _RENDERED
+    return " ".join(
+        [
+            f"{k}={rendered.get(v) or _render(v)}" if v.__class__ is str else f"{k}={v}"
+            for k, v in fields.items()
+            if v is not None
+        ]
+    )
+
+
+#: Strings as a text line shows them (:func:`text_value`), up to
+#: :data:`MAX_RENDERED` of them (then emptied: a client's values cannot grow it).
+_RENDERED: dict[str, str] = {}
+MAX_RENDERED = 4096
+
+
+def _render(value: str) -> str:
+    text = value if _BARE.fullmatch(value) else _quoted(value)
+    if len(_RENDERED) >= MAX_RENDERED:
+        _RENDERED.clear()
+    _RENDERED[value] = text
+    return text
 
 
 class TextFormatter(logging.Formatter):

@@ -504,6 +504,21 @@ def test_text_log_fields_and_messages_stay_on_one_line() -> None:
     assert line.endswith("status=200") and "moved on to mock/x\\nforged" in line
 
 
+def test_a_text_lines_values_are_rendered_the_same_when_remembered_and_stay_bounded() -> None:
+    """The text log's rendered values are remembered (tenants, models and endpoints
+    repeat), with the same line each time, and a client sending new values every
+    time cannot grow what is remembered past its bound."""
+    from llm_broker.shared import logs
+
+    fields = {"model": "gpt x\nforged=1", "tenant": "acme", "status": 200, "route": None}
+    first = logs.text_pairs(fields)
+    assert first == 'model="gpt x\\nforged=1" tenant=acme status=200'
+    assert logs.text_pairs(fields) == first
+    for i in range(logs.MAX_RENDERED * 2 + 3):
+        assert logs.text_pairs({"model": f"m {i}"}) == f'model="m {i}"'
+    assert len(logs._RENDERED) <= logs.MAX_RENDERED
+
+
 def test_the_hot_paths_metric_updates_expose_what_prometheus_clients_own_do() -> None:
     """FastCount and FastHistogram add to the same values as inc and observe: the
     same exposition for the same updates, bounds, zero, past the last bound and NaN
