@@ -102,7 +102,9 @@ class JobStore:
 
     # ------------------------------------------------------------ admission
 
-    def _admission(self, job: m.Job, max_depth: int, acct: bytes) -> tuple[Any, ...]:
+    def _admission(
+        self, job: m.Job, max_depth: int, acct: bytes, deadline: str = ""
+    ) -> tuple[Any, ...]:
         """The scheduler's admission arguments (scripts.py, ``admission``): the job's
         class, its tenant's weight and quotas, overall and on its provider, the
         job's estimated tokens (``job.tokens``) for the tpm quotas, and its account
@@ -115,7 +117,7 @@ class JobStore:
             job.tokens,
             stamp(time.time()),
             max_depth,
-            stamp(job.deadline),
+            deadline or stamp(job.deadline),
             acct if has_checks(acct) else b"",
         )
 
@@ -160,6 +162,7 @@ class JobStore:
         waiting lists. None when admitted, else why not (``max_depth`` jobs wait or
         run on the provider, or a quota of the tenant's is reached)."""
         self._cluster_can(acct)
+        created, deadline = stamp(job.created), stamp(job.deadline)
         command = self._fn.enqueue.command(
             (self.keys.job(job.id),),
             (
@@ -167,9 +170,9 @@ class JobStore:
                 ttl_s,
                 job.id,
                 job.tenant,
-                stamp(job.created),
-                *self._admission(job, max_depth, acct),
-                *admission_fields(job),
+                created,
+                *self._admission(job, max_depth, acct, deadline),
+                *admission_fields(job, created, deadline),
                 *(("acct", acct) if acct else ()),
             ),
         )

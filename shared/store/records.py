@@ -182,8 +182,9 @@ def stamp(t: float) -> str:
     return f"{t:.6f}"
 
 
-def admission_fields(job: m.Job) -> list[Any]:
-    """The record's fields at admission, as a flat field/value list."""
+def admission_fields(job: m.Job, created: str = "", deadline: str = "") -> list[Any]:
+    """The record's fields at admission, as a flat field/value list (``created`` and
+    ``deadline``: the job's times as :func:`stamp` writes them, if made already)."""
     return [
         "tenant",
         job.tenant,
@@ -194,9 +195,9 @@ def admission_fields(job: m.Job) -> list[Any]:
         "provider",
         job.provider,
         "created_at",
-        stamp(job.created),
+        created or stamp(job.created),
         "deadline",
-        stamp(job.deadline),
+        deadline or stamp(job.deadline),
         "attempts",
         0,
         "stream",
