@@ -61,7 +61,8 @@ async def run(jobs: int, tenants: int, port: int) -> None:
             "providers": {"mock": {"type": "mock", "base_url": "http://127.0.0.1:9/v1"}},
         }
     )
-    store = JobStore(config, Batcher(client, timeout=10), client)
+    batcher = Batcher(client, timeout=10)
+    store = JobStore(config, batcher, client)
     await store.queues.ensure_group("mock")
     await store.enqueue(make_job("warm-up"), max_depth=10**7, ttl_s=600)
     before = (await client.info("memory"))["used_memory"]
@@ -84,13 +85,14 @@ async def run(jobs: int, tenants: int, port: int) -> None:
     print(f"a worker's registration filling {moved} slots: {usec / max(moved, 1):.1f} µs per job")
     await client.config_resetstat()
     while deliveries := await store.queues.read(
-        client, "mock", "worker", count=SLOTS, block_ms=100
+        batcher, "mock", "worker", count=SLOTS, block_ms=100
     ):
         await asyncio.gather(
             *(store.settle(d, Outcome(status=m.COMPLETED), consumer="worker") for d in deliveries)
         )
     usec, calls = await function_time(client)
     print(f"settle, each dispatching the next waiting job: {usec / calls:.1f} µs per call")
+    await batcher.close()
     await client.aclose()
 
 
