@@ -64,7 +64,9 @@ _SECONDS_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
 
 async def identify(request: web.Request, state: State) -> Principal:
     """Who sends a model API request (a key's lookup in Redis may fail with 503)."""
-    principal = await redis_call(state, "auth", "", state.auth.identify(request.headers))
+    principal = state.auth.known(request.headers)
+    if principal is None:
+        principal = await redis_call(state, "auth", "", state.auth.identify(request.headers))
     request[CONTEXT].tenant = principal.tenant
     return principal
 

@@ -80,6 +80,15 @@ class Authenticator:
         self._cache[sha] = (principal, now + self._ttl)
         return principal
 
+    def known(self, headers: Mapping[str, str]) -> Principal | None:
+        """:meth:`identify`'s answer when it needs nothing from Redis (no key on an
+        open server, or a key of the config file), without a coroutine; None
+        otherwise (:meth:`identify` says who it is, or why not)."""
+        key = presented_key(headers)
+        if key is None:
+            return _OPEN if self.open else None
+        return self._config_keys.get(hashlib.sha256(key.encode()).hexdigest())
+
     async def identify(self, headers: Mapping[str, str]) -> Principal:
         """Who sends a model API request; raises :class:`Unauthorized` or
         :class:`Forbidden` (an admin key)."""

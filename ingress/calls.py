@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import msgspec
@@ -64,12 +64,19 @@ class Renderer:
         return cache.sse_replay(orjson.loads(cached), include_usage)
 
 
-async def run(
+def run(
+    request: web.Request, state: State, job: m.Job, route: ModelRoute, renderer: Renderer
+) -> Awaitable[web.StreamResponse]:
+    """Answer a synchronous request: from the cache, or by running ``job`` (in a span
+    when tracing is on; else the run itself, awaited by the caller)."""
+    if not state.tracing.enabled:
+        return _run(request, state, job, route, renderer)
+    return _traced(request, state, job, route, renderer)
+
+
+async def _traced(
     request: web.Request, state: State, job: m.Job, route: ModelRoute, renderer: Renderer
 ) -> web.StreamResponse:
-    """Answer a synchronous request: from the cache, or by running ``job``."""
-    if not state.tracing.enabled:
-        return await _run(request, state, job, route, renderer)
     attributes = {"llm_broker.model": job.model, "llm_broker.request_id": job.id}
     with state.tracing.span("llm_broker.request", job.traceparent, "server", attributes) as tp:
         job.traceparent = tp  # the worker's span continues this one

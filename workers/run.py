@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import msgspec
@@ -28,9 +28,9 @@ from llm_broker.shared.errors import (
 )
 from llm_broker.shared.redisio import REDIS_DOWN
 from llm_broker.shared.store import Delivery, Outcome, Verdict
-from llm_broker.shared.store.records import Failure, Result, Usage
+from llm_broker.shared.store.records import Failure, Result
 from llm_broker.shared.tracing import valid_traceparent
-from llm_broker.workers.call import DeploymentCall, Pool
+from llm_broker.workers.call import Answer, DeploymentCall, Pool
 from llm_broker.workers.policy import CallPolicy, Tries
 
 log = logging.getLogger("llm_broker.worker")
@@ -269,15 +269,16 @@ class JobRun:
         """Call the upstream, with retries; record and send the outcome, or move the
         job on to its next deployment, once the start said "run"."""
         pool, job = self.pool, self.job
-        waited = max(0.0, time.time() - job.created)
+        now = time.time()
+        waited = max(0.0, now - job.created)
         try:
-            await self._run()
+            await self._run(now)
         finally:  # off the path of the reply
             pool.queue_wait.observe(waited)
 
-    async def _run(self) -> None:
+    async def _run(self, now: float) -> None:
         pool, job = self.pool, self.job
-        if job.deadline <= time.time():
+        if job.deadline <= now:
             if await self.may_record():
                 pool.count("expired")
                 await self.settle(
@@ -327,8 +328,9 @@ class JobRun:
             if usage is not None:
                 pool.accounting.count(job, usage)
 
-    async def _traced(self) -> tuple[bytes, bytes | None, Usage | None]:
-        """The job's body decoded, then its attempts, in a span when tracing is on."""
+    def _traced(self) -> Awaitable[Answer]:
+        """The job's body decoded, then its attempts, in a span when tracing is on
+        (else the call itself, awaited by the caller: one coroutine less a job)."""
         job, pool = self.job, self.pool
         traceparent = valid_traceparent(job.traceparent)
         try:
@@ -340,12 +342,17 @@ class JobRun:
             raise BadRequest(str(e), code="invalid_json") from e
         if not isinstance(body, dict):
             raise BadRequest("invalid request: expected a JSON object", code="invalid_json")
+        call = DeploymentCall(pool, job, self.tries, self.start)
         if not pool.tracing.enabled:
-            headers = {"traceparent": traceparent} if traceparent else None
-            return await DeploymentCall(pool, job, self.tries, self.start).run(body, headers)
+            return call.run(body, {"traceparent": traceparent} if traceparent else None)
+        return self._in_span(call, body, traceparent)
+
+    async def _in_span(
+        self, call: DeploymentCall, body: dict[str, Any], traceparent: str
+    ) -> Answer:
+        pool, job = self.pool, self.job
         attributes = {"llm_broker.provider": pool.provider, "llm_broker.model": job.model}
         with pool.tracing.span("llm_broker.upstream", traceparent, "client", attributes) as child:
-            call = DeploymentCall(pool, job, self.tries, self.start)
             return await call.run(body, {"traceparent": child})
 
     async def _failed(self, e: BrokerError) -> None:

@@ -81,7 +81,11 @@ class Upstream:
         """The path of a native kind's API."""
         raise NotImplementedError
 
-    async def _authorize(self, path: str, data: bytes, headers: dict[str, str]) -> tuple[str, ...]:
+    #: Whether a call's credentials are made asynchronously (:meth:`_authorize`: a
+    #: signature, a minted token); else :meth:`_keyed` adds them, without a coroutine.
+    async_auth = False
+
+    def _keyed(self, headers: dict[str, str]) -> tuple[str, ...]:
         """Add a call's credentials to its ``headers`` (the next key of the provider's
         files); the secrets that must never appear in an error."""
         key = self._keys.next() if self._keys else ""
@@ -89,6 +93,11 @@ class Upstream:
             return ()
         headers.update(self._auth(key))
         return (key,)
+
+    async def _authorize(self, path: str, data: bytes, headers: dict[str, str]) -> tuple[str, ...]:
+        """:meth:`_keyed`, for an upstream whose credentials are made asynchronously
+        (``async_auth``), which overrides this."""
+        return self._keyed(headers)
 
     def _status_error(
         self, resp: Response, payload: Any, secrets: tuple[str, ...]
@@ -116,7 +125,10 @@ class Upstream:
         merged = dict(self._headers)
         if headers:
             merged.update(headers)
-        secrets = await self._authorize(path, data, merged)
+        if self.async_auth:
+            secrets = await self._authorize(path, data, merged)
+        else:
+            secrets = self._keyed(merged)
         resp = await self._pool.request(build_request(self._origin, path, data, merged))
         if resp.status >= 400:
             raise self._status_error(resp, json_or_none(await resp.read()), secrets)
