@@ -17,7 +17,7 @@ store's names: an edited copy of ``LIBRARY.text`` (shared/store/scripts.py) to t
 change before making it, or an earlier version's to compare with. Its functions must
 take the job store's arguments.
 
-Usage: ``python bench/functions.py [--jobs 2000] [--rounds 5] [--library FILE]``
+Usage: ``python bench/functions.py [--jobs 5000] [--rounds 7] [--library FILE]``
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def _as_current(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--library", type=Path, help="a library's text to load instead")
     args = parser.parse_args(argv)
     library = _as_current(args.library.read_text()) if args.library else None

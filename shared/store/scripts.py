@@ -153,8 +153,25 @@ local KEYS_OF = {__index = function(S, name)
   return key
 end}
 
+-- A provider's keys are the same on every call: each S is made once and kept for the
+-- library's life, with the keys its calls built (at most MAX_SCHEDS kept: a config
+-- names a few providers; past that they are made again).
+local SCHEDS, SCHEDS_MADE, MAX_SCHEDS = {}, 0, 1024
 local function sched(prefix, p)
-  return setmetatable({prefix = prefix, tag = provider_tag(p)}, KEYS_OF)
+  local of = SCHEDS[prefix]
+  local S = of and of[p]
+  if S then return S end
+  if SCHEDS_MADE >= MAX_SCHEDS then
+    SCHEDS, SCHEDS_MADE, of = {}, 0, nil
+  end
+  if not of then
+    of = {}
+    SCHEDS[prefix] = of
+  end
+  S = setmetatable({prefix = prefix, tag = provider_tag(p)}, KEYS_OF)
+  of[p] = S
+  SCHEDS_MADE = SCHEDS_MADE + 1
+  return S
 end
 local function ring(S, c) return S.prefix .. 'ring:' .. S.tag .. ':' .. c end
 local function deficits(S, c) return S.prefix .. 'drr:' .. S.tag .. ':' .. c end
