@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
-import subprocess
 import tempfile
 import time
+from pathlib import Path
 
-import redis
 import redis.asyncio as aioredis
+import run as bench
 
-from llm_broker.dev import free_port
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import parse_config
 from llm_broker.shared.redisio import Batcher
@@ -53,8 +52,8 @@ async def function_time(client: aioredis.Redis) -> tuple[int, int]:
     return int(stats.get("usec", 0)), int(stats.get("calls", 0))
 
 
-async def run(jobs: int, tenants: int, port: int) -> None:
-    client = aioredis.Redis(port=port)
+async def run(jobs: int, tenants: int, url: str) -> None:
+    client = aioredis.Redis.from_url(url)
     config = parse_config(
         {
             "redis": {"key_prefix": "b:"},
@@ -101,28 +100,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--tenants", type=int, default=10_000)
     args = parser.parse_args()
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp),
-                *("--save", "", "--appendonly", "no"),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        redis_only = bench.Stack()
         try:
-            probe = redis.Redis(port=port)
-            for _ in range(100):  # wait for the server to listen (bounded)
-                try:
-                    probe.ping()
-                    break
-                except redis.exceptions.ConnectionError:
-                    time.sleep(0.05)
-            probe.close()
-            asyncio.run(run(args.jobs, args.tenants, port))
+            url = bench.start_redis(redis_only, Path(tmp))
+            asyncio.run(run(args.jobs, args.tenants, url))
         finally:
-            server.terminate()
-            server.wait(10)
+            redis_only.stop()
 
 
 if __name__ == "__main__":

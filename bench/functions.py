@@ -27,16 +27,14 @@ import asyncio
 import re
 import secrets
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import redis
 import redis.asyncio as aioredis
+import run as bench
 
-from llm_broker.dev import free_port
 from llm_broker.shared import accounts
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import parse_config
@@ -73,9 +71,9 @@ def make_job() -> m.Job:
     )
 
 
-async def one_round(port: int, jobs: int, library: str | None) -> dict[str, dict[str, float]]:
+async def one_round(url: str, jobs: int, library: str | None) -> dict[str, dict[str, float]]:
     """Per function (``enqueue``, ``settle``): µs per call, in all and in its commands."""
-    client = aioredis.Redis(port=port)
+    client = aioredis.Redis.from_url(url)
     await client.flushall()
     config = parse_config(
         {
@@ -161,28 +159,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--library", type=Path, help="a library's text to load instead")
     args = parser.parse_args(argv)
     library = _as_current(args.library.read_text()) if args.library else None
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp),
-                *("--save", "", "--appendonly", "no"),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        redis_only = bench.Stack()
         try:
-            probe = redis.Redis(port=port)
-            for _ in range(100):  # wait for the server to listen (bounded)
-                try:
-                    probe.ping()
-                    break
-                except redis.exceptions.ConnectionError:
-                    time.sleep(0.05)
-            probe.close()
-            rounds = [asyncio.run(one_round(port, args.jobs, library)) for _ in range(args.rounds)]
+            url = bench.start_redis(redis_only, Path(tmp))
+            rounds = [asyncio.run(one_round(url, args.jobs, library)) for _ in range(args.rounds)]
         finally:
-            server.terminate()
-            server.wait(10)
+            redis_only.stop()
     print(f"# A synchronous call's functions ({args.jobs:,} calls, {args.rounds} rounds, medians)")
     print()
     print("| function | µs per call | in its commands | in Lua and calls into Redis |")
