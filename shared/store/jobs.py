@@ -102,9 +102,7 @@ class JobStore:
 
     # ------------------------------------------------------------ admission
 
-    def _admission(
-        self, job: m.Job, max_depth: int, acct: bytes, deadline: str = ""
-    ) -> tuple[Any, ...]:
+    def _admission(self, job: m.Job, max_depth: int, acct: bytes, deadline: str) -> tuple[Any, ...]:
         """The scheduler's admission arguments (scripts.py, ``admission``): the job's
         class, its tenant's weight and quotas, overall and on its provider, the
         job's estimated tokens (``job.tokens``) for the tpm quotas, and its account
@@ -117,7 +115,7 @@ class JobStore:
             job.tokens,
             stamp(time.time()),
             max_depth,
-            deadline or stamp(job.deadline),
+            deadline,
             acct if has_checks(acct) else b"",
         )
 
@@ -209,7 +207,8 @@ class JobStore:
             claim = claimed
             idempotency = None  # (the claim made the key's check)
         keys = self.keys
-        fields = admission_fields(job)[2:]  # the tenant is an argument of its own
+        created, deadline = stamp(job.created), stamp(job.deadline)
+        fields = admission_fields(job, created, deadline)[2:]  # (the tenant: an argument)
         if extra.metadata:
             fields += ["metadata", msgspec.json.encode(extra.metadata)]
         if extra.webhook_url is not None:
@@ -232,10 +231,10 @@ class JobStore:
                 f"{request_hash} {job.id}",
                 min(ttl_s, idempotency.ttl_s) if idempotency is not None else 0,
                 job.id,
-                stamp(job.created),
+                created,
                 self._prefix,
                 job.tenant,
-                *self._admission(job, max_depth, acct),
+                *self._admission(job, max_depth, acct, deadline),
                 *fields,
                 *(("acct", acct) if acct else ()),
             ),

@@ -182,9 +182,10 @@ def stamp(t: float) -> str:
     return f"{t:.6f}"
 
 
-def admission_fields(job: m.Job, created: str = "", deadline: str = "") -> list[Any]:
+def admission_fields(job: m.Job, created: str, deadline: str) -> list[Any]:
     """The record's fields at admission, as a flat field/value list (``created`` and
-    ``deadline``: the job's times as :func:`stamp` writes them, if made already)."""
+    ``deadline``: the job's times as :func:`stamp` writes them, which the admission's
+    other arguments hold too)."""
     return [
         "tenant",
         job.tenant,
@@ -195,9 +196,9 @@ def admission_fields(job: m.Job, created: str = "", deadline: str = "") -> list[
         "provider",
         job.provider,
         "created_at",
-        created or stamp(job.created),
+        created,
         "deadline",
-        deadline or stamp(job.deadline),
+        deadline,
         "attempts",
         0,
         "stream",
