@@ -152,8 +152,6 @@ class BedrockUpstream(Upstream):
         except bedrock.TranslationError as e:
             raise BadRequest(str(e), param=e.param) from e
 
-    async_auth = True
-
     async def _authorize(self, path: str, data: bytes, headers: dict[str, str]) -> tuple[str, ...]:
         """Sign the call with SigV4 (botocore's signer, over the bytes sent)."""
         creds = await self._credentials.current()

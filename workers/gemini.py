@@ -165,8 +165,6 @@ class GeminiUpstream(Upstream):
         name = model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
         return f"/{quote(name, safe='/')}:{method}"
 
-    async_auth = True
-
     async def _authorize(self, path: str, data: bytes, headers: dict[str, str]) -> tuple[str, ...]:
         if self._tokens is None:
             return await super()._authorize(path, data, headers)

@@ -61,6 +61,8 @@ class Upstream:
     def __init__(self, name: str, cfg: ProviderConfig) -> None:
         self.name = name
         self.cfg = cfg
+        #: Whether this upstream makes its credentials asynchronously (:meth:`_authorize`).
+        self._async_auth = type(self)._authorize is not Upstream._authorize
         self._origin = Origin.parse(cfg.endpoint())
         self._pool = ConnectionPool(
             self._origin, connect_timeout=cfg.connect_timeout_s, proxy_url=cfg.proxy_url
@@ -81,10 +83,6 @@ class Upstream:
         """The path of a native kind's API."""
         raise NotImplementedError
 
-    #: Whether a call's credentials are made asynchronously (:meth:`_authorize`: a
-    #: signature, a minted token); else :meth:`_keyed` adds them, without a coroutine.
-    async_auth = False
-
     def _keyed(self, headers: dict[str, str]) -> tuple[str, ...]:
         """Add a call's credentials to its ``headers`` (the next key of the provider's
         files); the secrets that must never appear in an error."""
@@ -95,8 +93,9 @@ class Upstream:
         return (key,)
 
     async def _authorize(self, path: str, data: bytes, headers: dict[str, str]) -> tuple[str, ...]:
-        """:meth:`_keyed`, for an upstream whose credentials are made asynchronously
-        (``async_auth``), which overrides this."""
+        """A call's credentials, made asynchronously (a signature, a minted token) by an
+        upstream that overrides this; the others' are :meth:`_keyed`, added without a
+        coroutine (``_async_auth``)."""
         return self._keyed(headers)
 
     def _status_error(
@@ -125,7 +124,7 @@ class Upstream:
         merged = dict(self._headers)
         if headers:
             merged.update(headers)
-        if self.async_auth:
+        if self._async_auth:
             secrets = await self._authorize(path, data, merged)
         else:
             secrets = self._keyed(merged)
