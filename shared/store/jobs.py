@@ -26,6 +26,7 @@ from llm_broker.shared.store.records import (
     Reply,
     admission_fields,
     decode_reply,
+    reply_args,
     reply_fields,
     stamp,
 )
@@ -93,7 +94,7 @@ class JobStore:
         self._result_ttl = int(config.jobs.result_ttl_s)
         self._config = config
         self._prefix = config.redis.key_prefix
-        self._tenant_cache: dict[tuple[str, str], tuple[str | int, ...]] = {}
+        self._tenant_cache: dict[tuple[str, str], tuple[str, str]] = {}
         #: How old a Cluster's claim of an Idempotency-Key without its job must be
         #: before another request takes it over: longer than an admission's tries.
         self._claim_window = max(5.0, 4 * config.redis.command_timeout_s)
@@ -104,47 +105,49 @@ class JobStore:
 
     def _admission(self, job: m.Job, max_depth: int, acct: bytes, deadline: str) -> tuple[Any, ...]:
         """The scheduler's admission arguments (scripts.py, ``admission``): the job's
-        class, its tenant's weight and quotas, overall and on its provider, the
-        job's estimated tokens (``job.tokens``) for the tpm quotas, and its account
-        (shared/accounts.py; empty for none)."""
+        class, its tenant's weight and quotas, overall and on its provider (one
+        argument), the job's estimated tokens (``job.tokens``) for the tpm quotas,
+        its account (shared/accounts.py; empty for none) and whether admission
+        checks it, then the record's model and stream flag (the function writes the
+        record: :func:`admission_fields`)."""
         return (
             self._prefix,
             job.provider,
             job.priority,
-            *self._tenant_args(job.tenant, job.provider),
+            self._tenant_args(job.tenant, job.provider)[0],
             job.tokens,
             stamp(time.time()),
             max_depth,
             deadline,
-            acct if has_checks(acct) else b"",
+            acct,
+            "1" if has_checks(acct) else "",
+            job.model,
+            "1" if job.stream else "0",
         )
 
-    def _tenant_args(self, tenant: str, provider: str) -> tuple[str | int, ...]:
+    def _tenant_args(self, tenant: str, provider: str) -> tuple[str, str]:
         """A tenant's weight, in-flight quotas, queued quotas and rates on a provider
-        (then overall), as admission passes them; worked out once per pair (tenants
-        come from the config, which does not change)."""
+        (then overall), as admission takes them: "w fq fqa mq mqa rpm tpm rpma tpma";
+        and the in-flight quotas its jobs count in while they run (see :meth:`_held`).
+        Worked out once per pair (tenants come from the config, which does not
+        change)."""
         found = self._tenant_cache.get((tenant, provider))
         if found is None:
             tcfg = self._config.tenant(tenant)
             mine = tcfg.providers.get(provider, _NO_QUOTA)
             every = tcfg.quotas
-            found = (
-                *self._settings(tenant, provider),
-                mine.max_queued,
-                every.max_queued,
-                mine.rpm,
-                mine.tpm,
-                every.rpm,
-                every.tpm,
-            )
+            weight, on_provider, overall = self._settings(tenant, provider)
+            quotas = [on_provider, overall, mine.max_queued, every.max_queued]
+            quotas += [mine.rpm, mine.tpm, every.rpm, every.tpm]
+            held = ("p" if on_provider else "") + ("a" if overall else "")
+            found = (" ".join((weight, *map(str, quotas))), held)
             self._tenant_cache[(tenant, provider)] = found
         return found
 
     def _held(self, tenant: str, provider: str) -> str:
         """The tenant's in-flight quotas a job of its counts in while it runs: "p"
         (on the provider), "a" (overall), both or neither."""
-        _, on_provider, overall = self._tenant_args(tenant, provider)[:3]
-        return ("p" if on_provider else "") + ("a" if overall else "")
+        return self._tenant_args(tenant, provider)[1]
 
     def _settings(self, tenant: str, provider: str) -> tuple[str, int, int]:
         """What dispatch needs of a tenant on a provider: its weight, its in-flight
@@ -170,8 +173,6 @@ class JobStore:
                 job.tenant,
                 created,
                 *self._admission(job, max_depth, acct, deadline),
-                *admission_fields(job, created, deadline),
-                *(("acct", acct) if acct else ()),
             ),
         )
         answer = await self._batcher.call(*command)
@@ -208,7 +209,7 @@ class JobStore:
             idempotency = None  # (the claim made the key's check)
         keys = self.keys
         created, deadline = stamp(job.created), stamp(job.deadline)
-        fields = admission_fields(job, created, deadline)[2:]  # (the tenant: an argument)
+        fields: list[Any] = []  # (the record's other fields: the function writes the rest)
         if extra.metadata:
             fields += ["metadata", msgspec.json.encode(extra.metadata)]
         if extra.webhook_url is not None:
@@ -236,11 +237,11 @@ class JobStore:
                 job.tenant,
                 *self._admission(job, max_depth, acct, deadline),
                 *fields,
-                *(("acct", acct) if acct else ()),
             ),
         )
         answer, acked = await self._admit_replicated(command, replicas)
-        outcome = _submitted(answer, acked, replicas, job, fields)
+        written = [*admission_fields(job, created, deadline), *fields]
+        outcome = _submitted(answer, acked, replicas, written)
         if claim and isinstance(outcome, Refused):
             await self._batcher.call(*self._fn.idem_release.command((claim_key,), (claim,)))
         return outcome
@@ -449,7 +450,7 @@ class JobStore:
             outcome.usage.wire() if outcome.usage is not None else "",
             self._held(job.tenant, delivery.provider) if job else "",
             stamp(outcome.started_at) if outcome.started_at is not None else "",
-            *(reply_fields(job.id, outcome.reply) if job and reply_to and outcome.reply else ()),
+            *(reply_args(outcome.reply) if job and reply_to and outcome.reply else ()),
         )
         record = keys.job(job.id) if job else queue
         events = keys.job_events(job.id) if job else keys.webhook_events(delivery.provider)
@@ -661,13 +662,13 @@ class JobStore:
         return found
 
 
-def _submitted(answer: Any, acked: int, replicas: int, job: m.Job, fields: list[Any]) -> Submitted:
+def _submitted(answer: Any, acked: int, replicas: int, fields: list[Any]) -> Submitted:
     """What the submit function's answer means (``fields``: the record's, as written)."""
     match answer[0]:
         case b"ok":
             if acked < replicas:
                 return NotReplicated(acked, replicas)
-            return Admitted(_record_of(["tenant", job.tenant, "priority", job.priority, *fields]))
+            return Admitted(_record_of(fields))
         case b"dup":
             seen_hash, _, seen_id = answer[1].decode().partition(" ")
             return Replayed(seen_id, seen_hash, JobRecord.from_pairs(answer[2]))

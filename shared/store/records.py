@@ -71,23 +71,37 @@ class Failure(msgspec.Struct, frozen=True, tag="e"):
 Reply = Chunks | Result | Failure
 
 
-def reply_fields(job_id: str, reply: Reply) -> list[Any]:
-    """A reply's stream entry fields, ``d`` (the data) last and left out when the
-    data is the recorded payload (the settle script adds it)."""
-    fields: list[Any] = ["i", job_id, "k", reply.__struct_config__.tag]
+def reply_args(reply: Reply) -> list[Any]:
+    """A reply as the settle function takes it, which writes the fields
+    :func:`reply_fields` names: its kind, status, then its usage (a result) or
+    Retry-After (a failure) ('' for none), then its data unless the data is the
+    recorded payload."""
+    kind = reply.__struct_config__.tag
     match reply:
         case Chunks():
-            fields += ["s", 200]
+            args: list[Any] = [kind, 200, ""]
         case Result(usage=usage):
-            fields += ["s", 200]
-            if usage is not None:
-                fields += ["u", usage.wire()]
+            args = [kind, 200, usage.wire() if usage is not None else ""]
         case Failure(status=status, retry_after=retry_after):
-            fields += ["s", status]
-            if retry_after:
-                fields += ["ra", retry_after]
+            args = [kind, status, retry_after]
     if reply.data is not None:
-        fields += ["d", reply.data]
+        args.append(reply.data)
+    return args
+
+
+#: The field of :func:`reply_args`'s third value, by kind.
+_EXTRA = {"r": "u", "e": "ra"}
+
+
+def reply_fields(job_id: str, reply: Reply) -> list[Any]:
+    """A reply's stream entry fields, ``d`` (the data) last and left out when the
+    data is the recorded payload."""
+    kind, status, extra, *data = reply_args(reply)
+    fields: list[Any] = ["i", job_id, "k", kind, "s", status]
+    if extra:
+        fields += [_EXTRA[kind], extra]
+    if data:
+        fields += ["d", data[0]]
     return fields
 
 
@@ -183,12 +197,15 @@ def stamp(t: float) -> str:
 
 
 def admission_fields(job: m.Job, created: str, deadline: str) -> list[Any]:
-    """The record's fields at admission, as a flat field/value list (``created`` and
-    ``deadline``: the job's times as :func:`stamp` writes them, which the admission's
-    other arguments hold too)."""
+    """The record's fields at admission (its account apart), as a flat field/value
+    list (``created`` and ``deadline``: the job's times as :func:`stamp` writes
+    them). The admission functions write these fields from their arguments
+    (scripts.py, ``admitted``): what an async submission answers is what they wrote."""
     return [
         "tenant",
         job.tenant,
+        "priority",
+        job.priority,
         "status",
         m.QUEUED,
         "model",

@@ -434,17 +434,20 @@ end
 
 -- settle's arguments (JobStore.settle):
 --   group, entry, id, status, now, field, payload, http_status, ttl, maxlen, history,
---   prefix, provider, tenant, estimate, usage, held, started, then the reply's
---   field/value pairs (none: no reply).
+--   prefix, provider, tenant, estimate, usage, held, started, then the reply (none:
+--   no reply) as records.reply_args gives it: kind, status, its usage or
+--   Retry-After ('' none), and its data unless the data is the payload.
 -- usage: the call's tokens, "<input> <output>" ('' unknown).
 -- held: the tenant's in-flight quotas the job counted in ('p' provider, 'a' overall).
 -- started: when the call began, if it ran without the start function (a synchronous
 -- call's first delivery): recorded here, and the attempt counted.
 
 -- Makes the job final (unless it already is, or status is ''), then sends the reply
--- to the waiting ingress process (if any). The reply's fields come last, built by
--- records.reply_fields; without a 'd' field its data is the payload. Returns 1 if
--- this call made the job final.
+-- to the waiting ingress process (if any), in the fields records.reply_fields names.
+-- Returns 1 if this call made the job final.
+-- The field of a reply's usage (a result) or Retry-After (a failure).
+local REPLY_EXTRA = {r = 'u', e = 'ra'}
+
 local function settle_record(job, replies, events, ARGV)
   local id, status, now, field, payload, http_status, ttl, maxlen, history = unpack(ARGV, 3, 11)
   local usage, started = ARGV[16], ARGV[18]
@@ -468,14 +471,15 @@ local function settle_record(job, replies, events, ARGV)
       made = 1
     end
   end
-  local n = #ARGV
-  if n > 18 then
-    -- (records.reply_fields: the data comes last; without it, the payload is the data)
-    if ARGV[n - 1] == 'd' then
-      redis.call('XADD', replies, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 19))
+  local kind = ARGV[19]
+  if kind then
+    local s, extra, data = ARGV[20], ARGV[21], ARGV[22] or payload
+    if extra == '' then
+      redis.call('XADD', replies, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', 'i', id, 'k', kind,
+                 's', s, 'd', data)
     else
-      redis.call('XADD', replies, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', 'd', payload,
-                 unpack(ARGV, 19))
+      redis.call('XADD', replies, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', 'i', id, 'k', kind,
+                 's', s, REPLY_EXTRA[kind], extra, 'd', data)
     end
   end
   return made
@@ -661,26 +665,63 @@ local function enter(S, q, id, created, packed)
   dispatch(S, q.now)
 end
 
--- The admission arguments from position i of ARGV: prefix, provider, class,
--- weight, the in-flight quotas (provider, all), queued quotas (provider, all),
--- rpm, tpm, rpm overall, tpm overall, estimated tokens, now, max depth, deadline,
--- the job's account when it has checks to make ('' otherwise: see finish; the record
--- holds the account either way, for finish).
+-- A tenant's weight and quotas on a provider as admission gets them (one argument,
+-- JobStore._tenant_args): "w fq fqa mq mqa rpm tpm rpma tpma" (its weight, its
+-- in-flight quotas there and overall, queued quotas, rpm and tpm there, then
+-- overall). A config has few such strings: each is parsed once and kept for the
+-- library's life (at most MAX_QUOTAS kept), as a metatable an admission's q reads
+-- them through.
+local QUOTAS, QUOTAS_MADE, MAX_QUOTAS = {}, 0, 1024
+local function quotas(raw)
+  local meta = QUOTAS[raw]
+  if meta then return meta end
+  local w, fq, fqa, mq, mqa, rpm, tpm, rpma, tpma = string.match(raw,
+    '^(%S+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
+  if not w then return error('malformed quotas: ' .. raw) end
+  if QUOTAS_MADE >= MAX_QUOTAS then QUOTAS, QUOTAS_MADE = {}, 0 end
+  meta = {__index = {
+    conf = w .. ' ' .. fq .. ' ' .. fqa, fq = tonumber(fq), fqa = tonumber(fqa),
+    mq = tonumber(mq), mqa = tonumber(mqa), rpm = tonumber(rpm), tpm = tonumber(tpm),
+    rpma = tonumber(rpma), tpma = tonumber(tpma),
+  }}
+  QUOTAS[raw] = meta
+  QUOTAS_MADE = QUOTAS_MADE + 1
+  return meta
+end
+
+-- The admission arguments from position i of ARGV (JobStore._admission): prefix,
+-- provider, class, the tenant's quotas (see quotas), estimated tokens, now, max
+-- depth, deadline, the job's account ('' for none: see finish), '1' when admission
+-- checks it ('' when it only counts usage, which finish does), then the record's
+-- model and stream flag (see admitted).
 local function admission(ARGV, i, tenant)
-  local prefix, provider, class, w, fq, fqa, mq, mqa, rpm, tpm, rpma, tpma, cost, now, max_depth,
-    deadline, acct = unpack(ARGV, i, i + 16)
-  -- (a quota is mostly 0: ZERO[x] spares tonumber's call, a tenth of a microsecond)
-  local q = {
-    tenant = tenant, class = class,
-    conf = w .. ' ' .. fq .. ' ' .. fqa, fq = ZERO[fq] or tonumber(fq),
-    fqa = ZERO[fqa] or tonumber(fqa), mq = ZERO[mq] or tonumber(mq),
-    mqa = ZERO[mqa] or tonumber(mqa), rpm = ZERO[rpm] or tonumber(rpm),
-    tpm = ZERO[tpm] or tonumber(tpm), rpma = ZERO[rpma] or tonumber(rpma),
-    tpma = ZERO[tpma] or tonumber(tpma), cost = ZERO[cost] or tonumber(cost),
+  local prefix, provider, class, raw, cost, now, max_depth, deadline, acct, checks =
+    unpack(ARGV, i, i + 9)
+  local q = setmetatable({
+    tenant = tenant, class = class, cost = ZERO[cost] or tonumber(cost),
     now = tonumber(now), max_depth = tonumber(max_depth), deadline = tonumber(deadline),
-  }
-  if acct ~= '' then q.acct = cjson.decode(acct) end
+  }, quotas(raw))
+  if checks == '1' then q.acct = cjson.decode(acct) end
   return sched(prefix, provider), q
+end
+
+-- The admitted job's record (records.admission_fields names the same fields), from
+-- the admission arguments at position i of ARGV, with the record's other
+-- field/value pairs after them; it lives ttl seconds unless it finishes.
+local function admitted(job, ttl, tenant, created, ARGV, i)
+  local provider, class, deadline, acct, model, stream = ARGV[i + 1], ARGV[i + 2],
+    ARGV[i + 7], ARGV[i + 8], ARGV[i + 10], ARGV[i + 11]
+  if acct == '' then
+    redis.call('HSET', job, 'tenant', tenant, 'priority', class, 'status', 'queued',
+               'model', model, 'provider', provider, 'created_at', created,
+               'deadline', deadline, 'attempts', '0', 'stream', stream, unpack(ARGV, i + 12))
+  else
+    redis.call('HSET', job, 'tenant', tenant, 'priority', class, 'status', 'queued',
+               'model', model, 'provider', provider, 'created_at', created,
+               'deadline', deadline, 'attempts', '0', 'stream', stream, 'acct', acct,
+               unpack(ARGV, i + 12))
+  end
+  redis.call('EXPIRE', job, ttl)
 end
 """
 
@@ -689,13 +730,11 @@ end
 _ENQUEUE = """
 local job = KEYS[1]
 local packed, ttl, id, tenant, created = unpack(ARGV, 1, 5)
--- ARGV[6…22]: the admission arguments; ARGV[23…]: the record's field/value pairs
--- (its account among them)
+-- ARGV[6…17]: the admission arguments
 local S, q = admission(ARGV, 6, tenant)
 local no = refuse(S, q)
 if no then return no end
-redis.call('HSET', job, 'priority', q.class, unpack(ARGV, 23))
-redis.call('EXPIRE', job, ttl)
+admitted(job, ttl, tenant, created, ARGV, 6)
 enter(S, q, id, tonumber(created), packed)
 return {'ok'}
 """
@@ -709,8 +748,7 @@ _SUBMIT = """
 local job, idem, index = KEYS[1], KEYS[2], KEYS[3]
 local packed, ttl, use_idem, idem_value, idem_ttl, id, score, key_prefix, tenant =
   unpack(ARGV, 1, 9)
--- ARGV[10…26]: the admission arguments; ARGV[27…]: the record's other field/value pairs
--- (its account among them)
+-- ARGV[10…21]: the admission arguments; ARGV[22…]: the record's other field/value pairs
 if use_idem == '1' then
   local seen = redis.call('GET', idem)
   if seen then
@@ -724,8 +762,7 @@ end
 local S, q = admission(ARGV, 10, tenant)
 local no = refuse(S, q)
 if no then return no end
-redis.call('HSET', job, 'tenant', tenant, 'priority', q.class, unpack(ARGV, 27))
-redis.call('EXPIRE', job, ttl)
+admitted(job, ttl, tenant, score, ARGV, 10)
 if use_idem == '1' then redis.call('SET', idem, idem_value, 'EX', idem_ttl) end
 redis.call('ZADD', index, score, id)
 -- Bounded upkeep of the index: the oldest few ids whose records expired go.
