@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
 
+from llm_broker.ingress import dataplane
 from llm_broker.ingress.dataplane import DataPlaneSite, FastRequest
 from llm_broker.ingress.server import Runner
 from tests.conftest import ConfigFactory, Procs
@@ -278,6 +279,30 @@ async def test_stopping_closes_idle_connections_and_busy_ones_after_their_answer
     assert await closed(reader)
     with pytest.raises(OSError):
         await connect(site)
+
+
+async def test_an_idle_connection_closes_after_the_keep_alive_and_one_in_use_stays_open(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keepalive = 0.4
+    monkeypatch.setattr(dataplane, "KEEPALIVE_S", keepalive)
+    loop = asyncio.get_running_loop()
+    reader, writer = await connect(site)
+    began = loop.time()
+    # A call every 0.15 s for three keep-alives: the connection stays open (its
+    # timer, set when it opened, fires while it is in use and is moved on).
+    n = 0
+    while loop.time() - began < 3 * keepalive:
+        writer.write(post(b"%d" % n))
+        assert (await read_answer(reader)).body == b"echo:%d" % n
+        last = loop.time()
+        n += 1
+        await asyncio.sleep(0.15)  # (the time between calls is what is tested)
+    # Then idle: it closes a keep-alive after its last answer, not before.
+    assert await closed(reader)
+    idle = loop.time() - last
+    assert keepalive * 0.9 <= idle < keepalive + 2
+    assert len(site.served.seen) == n
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "aiohttp"])
