@@ -106,6 +106,32 @@ def report(pairs: list[tuple[Figures, Figures]]) -> list[str]:
     ):
         before, after = median(0, name), median(1, name)
         lines.append(f"| {label} | {before:,.2f} | {after:,.2f} | {after / before:.2f} |")
+    return [*lines, "", *spread(pairs)]
+
+
+#: The earlier build's CPU per request may move this much (max / min) across the pairs
+#: before the run is called noisy: on a quiet machine it moves by 2-3 %.
+NOISY = 1.10
+
+
+def spread(pairs: list[tuple[Figures, Figures]]) -> list[str]:
+    """How far apart the pairs are, and whether the machine was too noisy for their
+    medians to decide between two builds, or against a target, closer than that."""
+    cpu = sorted(a.cpu_us / b.cpu_us for b, a in pairs)
+    c1 = sorted(a.added_ms / b.added_ms for b, a in pairs)
+    before = [b.cpu_us for b, _ in pairs]
+    lines = [
+        f"Spread of the pairs: CPU {cpu[0]:.2f}-{cpu[-1]:.2f}, added p50 at c=1 "
+        f"{c1[0]:.2f}-{c1[-1]:.2f}; the earlier build alone {min(before):.0f}-"
+        f"{max(before):.0f} µs per request."
+    ]
+    if max(before) > NOISY * min(before):
+        lines.append(
+            "The machine was noisy: the earlier build's CPU per request moved by "
+            f"{max(before) / min(before) - 1:.0%} between pairs (2-3 % on a quiet machine). "
+            "The medians do not decide a difference smaller than the ratios' spread; "
+            "run again when the machine is quiet."
+        )
     return lines
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -589,3 +590,34 @@ def test_an_upstreams_negative_token_count_never_lowers_the_counters() -> None:
         {"model": job.route or job.model, "provider": "mock", "tenant": "other"},
     )
     assert cost == pytest.approx(20 / 1_000_000)
+
+
+def _bench_ab() -> Any:
+    """bench/ab.py, loaded from its file (bench/ is a folder of scripts)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "ab.py"
+    spec = importlib.util.spec_from_file_location("bench_ab", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ab_report_says_when_the_machine_was_too_noisy_to_decide() -> None:
+    ab = _bench_ab()
+    figures = ab.Figures
+    quiet = [
+        (figures(5245, 1.10, 116, 97, 55), figures(8164, 0.69, 76, 57, 48)),
+        (figures(5100, 1.12, 118, 100, 55), figures(8200, 0.68, 76, 56, 48)),
+        (figures(5262, 1.09, 114, 97, 55), figures(8240, 0.70, 75, 57, 47)),
+    ]
+    lines = ab.report(quiet)
+    assert "Spread of the pairs: CPU 0.66-0.68, added p50 at c=1 0.61-0.64" in lines[-1]
+    assert "the earlier build alone 266-273 µs per request" in lines[-1]
+    # One pair on a busy minute: the earlier build's CPU moved by more than a tenth.
+    noisy = [*quiet, (figures(2173, 3.62, 253, 230, 110), figures(5633, 1.19, 108, 83, 62))]
+    text = "\n".join(ab.report(noisy))
+    assert "The machine was noisy" in text and "moved by 123% between pairs" in text
+    assert "CPU 0.43-0.68" in text
