@@ -43,7 +43,7 @@ def pattern(key: str, prefix: str) -> str:
 
 
 def verdict(key: str, kind: str, ttl: int, length: int, prefix: str, deployments: int) -> str:
-    if ttl > 0:
+    if ttl >= 0:  # (0: its TTL ran out as the report read it; Redis deletes it next)
         return "ttl"
     if kind == "stream" and length == 0:
         return "empty queue"  # a consumer group's stream, every entry acknowledged and deleted
