@@ -442,12 +442,12 @@ end
 -- started: when the call began, if it ran without the start function (a synchronous
 -- call's first delivery): recorded here, and the attempt counted.
 
--- Makes the job final (unless it already is, or status is ''), then sends the reply
--- to the waiting ingress process (if any), in the fields records.reply_fields names.
--- Returns 1 if this call made the job final.
 -- The field of a reply's usage (a result) or Retry-After (a failure).
 local REPLY_EXTRA = {r = 'u', e = 'ra'}
 
+-- Makes the job final (unless it already is, or status is ''), then sends the reply
+-- to the waiting ingress process (if any), in the fields records.reply_fields names.
+-- Returns 1 if this call made the job final.
 local function settle_record(job, replies, events, ARGV)
   local id, status, now, field, payload, http_status, ttl, maxlen, history = unpack(ARGV, 3, 11)
   local usage, started = ARGV[16], ARGV[18]
@@ -709,18 +709,16 @@ end
 -- the admission arguments at position i of ARGV, with the record's other
 -- field/value pairs after them; it lives ttl seconds unless it finishes.
 local function admitted(job, ttl, tenant, created, ARGV, i)
-  local provider, class, deadline, acct, model, stream = ARGV[i + 1], ARGV[i + 2],
-    ARGV[i + 7], ARGV[i + 8], ARGV[i + 10], ARGV[i + 11]
-  if acct == '' then
-    redis.call('HSET', job, 'tenant', tenant, 'priority', class, 'status', 'queued',
-               'model', model, 'provider', provider, 'created_at', created,
-               'deadline', deadline, 'attempts', '0', 'stream', stream, unpack(ARGV, i + 12))
-  else
-    redis.call('HSET', job, 'tenant', tenant, 'priority', class, 'status', 'queued',
-               'model', model, 'provider', provider, 'created_at', created,
-               'deadline', deadline, 'attempts', '0', 'stream', stream, 'acct', acct,
-               unpack(ARGV, i + 12))
+  local fields = {'tenant', tenant, 'priority', ARGV[i + 2], 'status', 'queued',
+    'model', ARGV[i + 10], 'provider', ARGV[i + 1], 'created_at', created,
+    'deadline', ARGV[i + 7], 'attempts', '0', 'stream', ARGV[i + 11]}
+  local acct = ARGV[i + 8]
+  if acct ~= '' then
+    fields[#fields + 1] = 'acct'
+    fields[#fields + 1] = acct
   end
+  for j = i + 12, #ARGV do fields[#fields + 1] = ARGV[j] end
+  redis.call('HSET', job, unpack(fields))
   redis.call('EXPIRE', job, ttl)
 end
 """
