@@ -199,7 +199,7 @@ def _reply(job: m.Job, renderer: Renderer, reply: Reply) -> web.Response:
 
 async def _next_reply(state: State, job: m.Job, replies: Waiter, loop_deadline: float) -> Reply:
     try:
-        async with Expiry(state.loop(), loop_deadline):
+        async with Expiry(state.loop.deadlines(), loop_deadline):
             return await replies.get()
     except TimeoutError:
         await _expire(state, job)

@@ -6,22 +6,32 @@ tell a forked child's loop), and ``asyncio.timeout`` asks for the loop three tim
 workers those calls were most of the system calls per request. :class:`LoopRef`
 keeps the loop from its first use; :class:`Expiry` is ``asyncio.timeout_at`` with
 the loop given.
+
+Deadlines that are nearly always cancelled before they pass (a call's timeout, a
+Redis round trip's) go to :class:`Deadlines`, not to a loop timer each: uvloop
+makes, starts, stops and closes a libuv timer for every ``call_at`` and its
+cancel, about 1.5 µs on a quiet core (5 µs on a busy one), where a set's add
+and discard cost a tenth of that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from types import TracebackType
+from typing import Protocol
 
 
 class LoopRef:
     """``ref()`` is the running event loop, asked for at the first call only (an
-    object made outside the loop it will serve binds on first use)."""
+    object made outside the loop it will serve binds on first use);
+    ``ref.deadlines()`` is a :class:`Deadlines` on it, made at the first call."""
 
-    __slots__ = ("_loop",)
+    __slots__ = ("_deadlines", "_loop")
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadlines: Deadlines | None = None
 
     def __call__(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -29,30 +39,85 @@ class LoopRef:
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
+    def deadlines(self) -> Deadlines:
+        found = self._deadlines
+        if found is None:
+            found = self._deadlines = Deadlines(self())
+        return found
+
+
+class Expiring(Protocol):
+    def expire(self) -> None: ...
+
+
+#: The width of a :class:`Deadlines` bucket, in seconds: how late a deadline may fire.
+GRAIN_S = 0.01
+
+
+class Deadlines:
+    """Loop-time deadlines in buckets of :data:`GRAIN_S`: an entry goes in the bucket
+    that ends at the first grain boundary at or after its time, and one loop timer
+    per bucket (made with the bucket's first entry) calls ``expire()`` on the entries
+    still in it. An entry never expires early, and at most a grain late; dropping
+    it (:meth:`drop`) is a dict operation. A bucket whose entries were all dropped
+    still has its timer fire once, at the rate of at most one a grain."""
+
+    __slots__ = ("_buckets", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._buckets: dict[int, dict[Expiring, None]] = {}
+
+    def add(self, when: float, entry: Expiring) -> int:
+        """Expire ``entry`` at loop time ``when``; returns its bucket, for :meth:`drop`."""
+        key = math.ceil(when / GRAIN_S)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = {}
+            self.loop.call_at(key * GRAIN_S, self._fire, key)
+        bucket[entry] = None
+        return key
+
+    def drop(self, key: int, entry: Expiring) -> None:
+        """``entry`` does not expire after all (nothing if it has already)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.pop(entry, None)
+
+    def _fire(self, key: int) -> None:
+        for entry in self._buckets.pop(key, ()):
+            entry.expire()
+
+    def __len__(self) -> int:
+        """Entries waiting to expire (for tests)."""
+        return sum(map(len, self._buckets.values()))
+
 
 class Expiry:
-    """``async with Expiry(loop, when):`` cancels the task at loop time ``when`` and
-    raises ``TimeoutError`` out of the block, as ``asyncio.timeout_at(when)`` does
-    (a cancellation from elsewhere stays a cancellation)."""
+    """``async with Expiry(deadlines, when):`` cancels the task at loop time ``when``
+    (at most :data:`GRAIN_S` later) and raises ``TimeoutError`` out of the block, as
+    ``asyncio.timeout_at(when)`` does (a cancellation from elsewhere stays a
+    cancellation)."""
 
-    __slots__ = ("_cancelling", "_handle", "_loop", "_task", "_when", "expired")
+    __slots__ = ("_cancelling", "_deadlines", "_key", "_task", "_when", "expired")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        self._loop = loop
+    def __init__(self, deadlines: Deadlines, when: float) -> None:
+        self._deadlines = deadlines
         self._when = when
         self._task: asyncio.Task[object] | None = None
-        self._handle: asyncio.TimerHandle | None = None
+        self._key: int | None = None
         self._cancelling = 0
         #: Whether the block was cut short by this expiry.
         self.expired = False
 
     async def __aenter__(self) -> Expiry:
-        task = asyncio.current_task(self._loop)  # with the loop given: no system call
+        # With the loop given: no system call.
+        task = asyncio.current_task(self._deadlines.loop)
         if task is None:
             raise RuntimeError("Expiry must be used inside a task")
         self._task = task
         self._cancelling = task.cancelling()
-        self._handle = self._loop.call_at(self._when, self._expire)
+        self._key = self._deadlines.add(self._when, self)
         return self
 
     async def __aexit__(
@@ -61,16 +126,16 @@ class Expiry:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        if self._key is not None:
+            self._deadlines.drop(self._key, self)
+            self._key = None
         if self.expired:
             assert self._task is not None
             if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         assert self._task is not None
         self._task.cancel()
         self.expired = True
-        self._handle = None
+        self._key = None

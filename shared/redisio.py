@@ -508,8 +508,10 @@ class Batcher:
         self._pending: list[tuple[Sequence[Any], asyncio.Future[Any], float, bool]] = []
         self._flush_soon = False
         #: Fails the commands that wait to be sent (a round trip on the wire, or a
-        #: connection being made) once they have waited their timeout.
-        self._waiting_timer: asyncio.TimerHandle | None = None
+        #: connection being made) once they have waited their timeout: the bucket of
+        #: its deadline (shared/loop.py's Deadlines), if it is set.
+        self._waiting_at: int | None = None
+        self._watcher = _Callback(self._watch_waiting)
         self._wire: _Wire | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -620,13 +622,13 @@ class Batcher:
     def _watch_waiting(self) -> None:
         """Fail the commands that waited to be sent past their timeout (unless the
         event loop is late), now or when the first of them reaches it."""
-        if self._waiting_timer is not None:
-            self._waiting_timer.cancel()
-            self._waiting_timer = None
+        deadlines = self._loop.deadlines()
+        if self._waiting_at is not None:
+            deadlines.drop(self._waiting_at, self._watcher)
+            self._waiting_at = None
         if not self._pending:
             return
-        loop = self._loop()
-        now = loop.time()
+        now = deadlines.loop.time()
         if self.lagging():
             when = now + self._timeout
         else:
@@ -637,7 +639,7 @@ class Batcher:
             if not self._pending:
                 return
             when = self._pending[0][2] + self._timeout
-        self._waiting_timer = loop.call_at(when, self._watch_waiting)
+        self._waiting_at = deadlines.add(when, self._watcher)
 
     def _answered(
         self,
@@ -741,8 +743,9 @@ class Batcher:
                     self._flush()
                 await wire.idle()
         self._closed = True
-        if self._waiting_timer is not None:
-            self._waiting_timer.cancel()
+        if self._waiting_at is not None:
+            self._loop.deadlines().drop(self._waiting_at, self._watcher)
+            self._waiting_at = None
         if wire is not None:
             wire.close(ConnectionError("the batcher is closed"))
         self._flush()
@@ -864,19 +867,34 @@ _NOT_ENOUGH_DATA = object()
 Answered = Callable[[list[Any] | BaseException, float], None]
 
 
+class _Callback:
+    """A function as an entry of shared/loop.py's Deadlines."""
+
+    __slots__ = ("expire",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.expire = fn
+
+
 class _RoundTrip:
     """Commands written together: a response callback each, the replies so far,
-    and the timer of their timeout (extended up to ``cap`` while the loop is late)."""
+    and the bucket of their timeout's deadline (shared/loop.py's Deadlines; the
+    timeout is extended up to ``cap`` while the loop is late)."""
 
-    __slots__ = ("answered", "callbacks", "cap", "results", "started", "timer")
+    __slots__ = ("answered", "callbacks", "cap", "due", "results", "started", "wire")
 
-    def __init__(self, callbacks: list[Any], answered: Answered, cap: float) -> None:
+    def __init__(self, wire: _Wire, callbacks: list[Any], answered: Answered, cap: float) -> None:
+        self.wire = wire
         self.callbacks = callbacks
         self.answered = answered
         self.results: list[Any] = []
         self.started = time.perf_counter()
         self.cap = cap
-        self.timer: asyncio.TimerHandle | None = None
+        self.due: int | None = None
+
+    def expire(self) -> None:
+        self.due = None
+        self.wire._expire(self)
 
 
 class _Wire(asyncio.Protocol):
@@ -896,6 +914,7 @@ class _Wire(asyncio.Protocol):
     def __init__(self, batcher: Batcher, conn: Any) -> None:
         self._batcher = batcher
         self._loop = batcher._loop()
+        self._deadlines = batcher._loop.deadlines()
         self._timeout = batcher._timeout
         self.conn = conn
         self._callbacks = batcher._client.response_callbacks
@@ -924,10 +943,10 @@ class _Wire(asyncio.Protocol):
             answered(e, time.perf_counter())
             return
         callbacks = [self._callbacks.get(c[0]) for c in commands]
-        loop = self._loop
-        cap = loop.time() + MAX_EXTENSIONS * self._timeout
-        trip = _RoundTrip(callbacks, answered, cap)
-        trip.timer = loop.call_at(deadline, self._expire, trip)
+        deadlines = self._deadlines
+        cap = deadlines.loop.time() + MAX_EXTENSIONS * self._timeout
+        trip = _RoundTrip(self, callbacks, answered, cap)
+        trip.due = deadlines.add(deadline, trip)
         self.batches.append(trip)
         self._transport.write(data)
 
@@ -957,8 +976,8 @@ class _Wire(asyncio.Protocol):
             trip.results.append(reply)
             if len(trip.results) == len(trip.callbacks):
                 batches.popleft()
-                if trip.timer is not None:
-                    trip.timer.cancel()
+                if trip.due is not None:
+                    self._deadlines.drop(trip.due, trip)
                 trip.answered(trip.results, trip.started)
                 if not batches and self._idle is not None and not self._idle.done():
                     self._idle.set_result(None)
@@ -967,7 +986,7 @@ class _Wire(asyncio.Protocol):
         loop = self._loop
         now = loop.time()
         if now < trip.cap and self._batcher.lagging():
-            trip.timer = loop.call_at(min(trip.cap, now + self._timeout), self._expire, trip)
+            trip.due = self._deadlines.add(min(trip.cap, now + self._timeout), trip)
         else:
             self.close(TimeoutError("Redis did not answer in time"), first=trip)
 
@@ -985,8 +1004,8 @@ class _Wire(asyncio.Protocol):
         lost = error if first is None else RedisConnectionError("Connection closed by server.")
         while self.batches:
             trip = self.batches.popleft()
-            if trip.timer is not None:
-                trip.timer.cancel()
+            if trip.due is not None:
+                self._deadlines.drop(trip.due, trip)
             trip.answered(error if trip is first or first is None else lost, trip.started)
         if self._idle is not None and not self._idle.done():
             self._idle.set_result(None)

@@ -155,9 +155,9 @@ class Upstream:
         headers: dict[str, str] | None,
     ) -> tuple[bytes, dict[str, Any]]:
         """A non-streaming call: the answer's bytes, as they came, and decoded."""
-        loop = self._pool.loop()
+        deadlines = self._pool.loop.deadlines()
         try:
-            async with Expiry(loop, loop.time() + timeout_s):
+            async with Expiry(deadlines, deadlines.loop.time() + timeout_s):
                 resp, _ = await self._send(path, payload, headers)
                 raw = await resp.read()
         except TimeoutError as e:
