@@ -592,17 +592,24 @@ def test_an_upstreams_negative_token_count_never_lowers_the_counters() -> None:
     assert cost == pytest.approx(20 / 1_000_000)
 
 
-def _bench_ab() -> Any:
-    """bench/ab.py, loaded from its file (bench/ is a folder of scripts)."""
+def _bench_script(name: str) -> Any:
+    """bench/<name>.py, loaded from its file (bench/ is a folder of scripts, which
+    import each other as top-level modules)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "ab.py"
-    spec = importlib.util.spec_from_file_location("bench_ab", path)
+    folder = Path(__file__).resolve().parent.parent / "bench"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # (its dataclasses look their module up)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_ab() -> Any:
+    return _bench_script("ab")
 
 
 def test_the_ab_report_says_when_the_machine_was_too_noisy_to_decide() -> None:
@@ -621,3 +628,19 @@ def test_the_ab_report_says_when_the_machine_was_too_noisy_to_decide() -> None:
     text = "\n".join(ab.report(noisy))
     assert "The machine was noisy" in text and "moved by 123% between pairs" in text
     assert "CPU 0.43-0.68" in text
+
+
+def test_the_interleaved_report_gives_each_rounds_ratios_and_their_medians() -> None:
+    interleave = _bench_script("interleave")
+    r = interleave.Round
+    rounds = [
+        (r(1000.0, 1400.0, 2.8), r(650.0, 2300.0, 1.3)),
+        (r(900.0, 1500.0, 2.5), r(630.0, 2250.0, 1.25)),
+        (r(1040.0, 1300.0, 3.0), r(580.0, 2500.0, 1.2)),
+    ]
+    lines = interleave.report(rounds)
+    assert "| 1 | 1000, 650 | 0.65 | 2.800, 1.300 ms | 0.46 | 1,400, 2,300 |" in lines
+    text = "\n".join(lines)
+    # the medians of each build (1000 and 630), their ratio, and the rounds' ratios
+    assert "| CPU µs per request at c=64 | 1000 | 630 | 0.63 | 0.65 (0.56-0.70) |" in text
+    assert "| added p50 at c=1 (ms) | 2.800 | 1.250 | 0.45 | 0.46 (0.40-0.50) |" in text
