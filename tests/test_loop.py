@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from llm_broker.shared.loop import GRAIN_S, Deadlines, Expiry, LoopRef
+from llm_broker.shared.loop import GRAIN_S, NEAR_S, Deadlines, Expiry, LoopRef
 
 
 async def test_a_block_past_its_time_raises_timeout_error_and_leaves_the_task_uncancelled() -> None:
@@ -113,3 +113,26 @@ async def test_the_ref_keeps_one_deadlines_on_its_loop() -> None:
     ref = LoopRef()
     assert ref.deadlines() is ref.deadlines()
     assert ref.deadlines().loop is asyncio.get_running_loop()
+
+
+async def test_a_far_deadline_goes_in_a_wider_bucket_that_ends_at_or_after_it() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    now = loop.time()
+    for ahead, width in ((0.5, GRAIN_S), (NEAR_S * 5, GRAIN_S * 10), (NEAR_S * 60, GRAIN_S * 100)):
+        when = now + ahead
+        end = deadlines.add(when, _Entry(loop)) * GRAIN_S
+        assert when <= end < when + width + 1e-9, (ahead, end - when)
+
+
+async def test_dropped_deadlines_of_a_long_timeout_leave_few_buckets_behind() -> None:
+    """Calls with a 10-minute timeout whose deadlines fall 2 ms apart over 10 s: their
+    empty buckets (each waits for its time) are 1 s wide, about ten."""
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    now = loop.time()
+    for i in range(5000):
+        entry = _Entry(loop)
+        deadlines.drop(deadlines.add(now + 600 + i * 0.002, entry), entry)
+    assert len(deadlines) == 0
+    assert deadlines.buckets() <= 11
