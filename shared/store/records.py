@@ -192,8 +192,10 @@ class JobRecord(msgspec.Struct, kw_only=True):
 
 def stamp(t: float) -> str:
     """A time for a function argument or a record field, to the microsecond: a
-    float packed by the Redis client costs about twice as much as this string."""
-    return f"{t:.6f}"
+    float packed by the Redis client costs about twice as much as this string.
+    (``%`` formats it as ``f"{t:.6f}"`` does, in two thirds of the time: the
+    f-string parses its format spec on every call.)"""
+    return "%.6f" % t  # noqa: UP031 (the faster form, see above)
 
 
 def admission_fields(job: m.Job, created: str, deadline: str) -> list[Any]:
