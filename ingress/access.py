@@ -36,6 +36,16 @@ FLUSH_S = 0.05
 #: The longest client-supplied value (a model name) written to a request log line.
 MAX_VALUE_CHARS = 200
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
+#: A request id as this gateway makes them (hex; on a Cluster the provider's code
+#: first): written as it is.
+_JOB_ID = re.compile(r"[0-9a-f]{1,64}")
+#: The most distinct combinations of method, endpoint, tenant, model, route and
+#: provider whose rendering a text line keeps (then all are forgotten at once).
+MAX_KEPT = 1024
+_Middle = tuple[str, str, str | None, str | None, str | None, str]
+
+
+_NO_CONTEXT = RequestContext()
 
 
 def capped(value: str) -> str:
@@ -53,9 +63,10 @@ class AccessLog:
         #: The formatted timestamp of the current second, and that second.
         self._second = -1
         self._stamp = ""
+        #: The rendered middle of a text line, by its values (see _text_pairs).
+        self._middles: dict[_Middle, str] = {}
 
     def log(self, request: web.Request, endpoint: str, status: int, seconds: float) -> None:
-        fields = self._fields(request, endpoint, status, seconds)
         now = time.time()
         second = int(now)
         if second != self._second:
@@ -66,11 +77,12 @@ class AccessLog:
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
         millis = int(now * 1000) % 1000
         if self._json:
+            fields = self._fields(request, endpoint, status, seconds)
             stamp = f"{self._stamp}.{millis:03d}+00:00"
             head = {"ts": stamp, "level": "info", "logger": LOGGER, "message": "request"}
             line = orjson.dumps({**head, **fields}).decode()
         else:
-            pairs = logs.text_pairs(fields)
+            pairs = self._text_pairs(request, endpoint, status, seconds)
             line = f"{self._stamp},{millis:03d} INFO {LOGGER} request {pairs}"
         if not self._lines:
             self._loop().call_later(FLUSH_S, self.flush)
@@ -81,6 +93,57 @@ class AccessLog:
             self._stream.write("\n".join(self._lines) + "\n")
             self._stream.flush()
             self._lines.clear()
+
+    def _text_pairs(self, request: web.Request, endpoint: str, status: int, seconds: float) -> str:
+        """The line's fields as ``logs.text_pairs`` writes :meth:`_fields`, without
+        their dict: the part that repeats from request to request (method, endpoint,
+        tenant, model, route, provider) is rendered once per distinct combination
+        and kept (at most :data:`MAX_KEPT`: a client's names cannot grow it)."""
+        ctx = request.get(CONTEXT) or _NO_CONTEXT
+        route = ctx.route or None
+        model = ctx.requested_model or route
+        key = (request.method, endpoint, ctx.tenant, model, route, ctx.provider)
+        middle = self._middles.get(key)
+        if middle is None:
+            middle = self._middle(key)
+        latency = round(seconds * 1000, 3)
+        job_id = ctx.job_id
+        if job_id is None:
+            text = f"{middle} status={status} latency_ms={latency}"
+        else:
+            if not _JOB_ID.fullmatch(job_id):
+                job_id = logs.text_value(job_id)
+            text = f"request_id={job_id} {middle} status={status} latency_ms={latency}"
+        trace = request.headers.get("traceparent", "")
+        if len(trace) >= 35 and _TRACE_ID.fullmatch(trace, 3, 35):
+            text += f" trace_id={trace[3:35]}"
+        if ctx.error_type is not None:
+            text += f" error_type={logs.text_value(ctx.error_type)}"
+        if ctx.cache is not None:
+            text += f" cache={logs.text_value(ctx.cache)}"
+        usage = ctx.usage
+        if usage is not None:
+            text += f" input_tokens={usage.input} output_tokens={usage.output}"
+            price = self._pricing.get(model or "") or self._pricing.get(route or "")
+            if price is not None:
+                text += f" cost_usd={round(price.cost(usage.input, usage.output), 8)}"
+        return text
+
+    def _middle(self, key: _Middle) -> str:
+        method, endpoint, tenant, model, route, provider = key
+        fields = {
+            "method": method,
+            "endpoint": endpoint,
+            "tenant": tenant,
+            "model": capped(model) if model else None,
+            "route": route if route != model else None,
+            "provider": provider or None,
+        }
+        middle = logs.text_pairs(fields)
+        if len(self._middles) >= MAX_KEPT:
+            self._middles.clear()
+        self._middles[key] = middle
+        return middle
 
     def _fields(
         self, request: web.Request, endpoint: str, status: int, seconds: float

@@ -24,8 +24,10 @@ from llm_broker.dev import free_port
 from llm_broker.ingress.access import AccessLog
 from llm_broker.ingress.context import CONTEXT, RequestContext
 from llm_broker.procs import Child
-from llm_broker.shared.config import new_key
+from llm_broker.shared import logs
+from llm_broker.shared.config import Price, new_key
 from llm_broker.shared.errors import UPSTREAM_MESSAGE_MAX, redact, upstream_status_error
+from llm_broker.shared.store.records import Usage
 from tests.conftest import Procs, RedisServer, chat, write_config
 from tests.test_observability import parse_metrics
 
@@ -179,6 +181,60 @@ async def test_text_log_values_that_are_not_plain_tokens_are_quoted() -> None:
     assert 'model="mock-a\\u2028b c=d\\r\\n\\u0000"' in line
     assert "route=mock* " in line and "tenant=acme " in line
     assert "trace_id" not in line and line.count("status=") == 1
+
+
+# The text line renders its repeating part once per combination of values: it must
+# write what the field-by-field rendering of the same values (the JSON line's) writes.
+@pytest.mark.parametrize(
+    "context, traceparent",
+    [
+        (RequestContext(), ""),
+        (
+            RequestContext(
+                job_id="0e9564e9b0891fccfcad2d0441f7257a",
+                tenant="acme",
+                route="gpt*",
+                requested_model="gpt-4o",
+                provider="openai",
+                usage=Usage.reported(12, 34),
+            ),
+            "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+        ),
+        (
+            RequestContext(
+                job_id="not an id of ours",
+                tenant="",
+                route="mock",
+                requested_model="mock",
+                error_type="rate_limit_error",
+                cache="hit",
+                usage=Usage.reported(1, 0),
+            ),
+            "00-short",
+        ),
+        (
+            RequestContext(route="m", requested_model="x y\n" + "z" * 300, provider="p q"),
+            "",
+        ),
+    ],
+)
+async def test_a_text_line_writes_the_fields_of_the_json_line(
+    context: RequestContext, traceparent: str
+) -> None:
+    out = io.StringIO()
+    prices = {"gpt-4o": Price(input_usd_per_million=2.5, output_usd_per_million=10.0)}
+    access = AccessLog(prices, out)
+    headers = {"traceparent": traceparent} if traceparent else {}
+    request = make_mocked_request("POST", "/v1/chat/completions", headers=headers)
+    request[CONTEXT] = context
+    for _ in range(2):  # rendered, then kept
+        access.log(request, "/v1/chat/completions", 429, 0.0123456)
+    access.flush()
+    expected = logs.text_pairs(access._fields(request, "/v1/chat/completions", 429, 0.0123456))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert line.split(" request ", 1)[1] == expected
 
 
 def test_credentials_are_redacted_from_upstream_messages() -> None:
