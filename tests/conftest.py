@@ -144,8 +144,17 @@ class RedisCluster:
 
     def __init__(self, workdir: Path, size: int = 3) -> None:
         self.nodes = [RedisServer(workdir / f"node-{i}") for i in range(size)]
-        #: Each node's cluster bus port (by default its port + 10000, maybe past 65535).
-        self.bus_ports = [free_port() for _ in self.nodes]
+        # Every node's port and cluster bus port (by default its port + 10000, maybe
+        # past 65535) told apart: free_port may name a port twice (it is free until a
+        # server binds it), and a PING sent to a bus port is answered with a reset.
+        ports: list[int] = []
+        while len(ports) < 2 * size:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        for node, port in zip(self.nodes, ports, strict=False):
+            node.port = port
+        self.bus_ports = ports[size:]
         for node, bus in zip(self.nodes, self.bus_ports, strict=True):
             node.dir.mkdir(parents=True)
             node.args = (
