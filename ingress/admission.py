@@ -255,8 +255,21 @@ async def redis_call(
     try:
         return await call
     except REDIS_DOWN as e:
-        state.metrics.redis_errors.labels(what).inc()
-        raise await _redis_error(state, provider, e, job_id, since) from e
+        raise await redis_failure(state, what, provider, e, job_id, since) from e
+
+
+async def redis_failure(
+    state: State,
+    what: str,
+    provider: str,
+    error: BaseException,
+    job_id: str | None,
+    since: float,
+) -> BrokerError:
+    """The error of a job store call sent at ``since`` (loop time) that failed with
+    ``error`` (one of ``REDIS_DOWN``), as :func:`redis_call` gives it, counted."""
+    state.metrics.redis_errors.labels(what).inc()
+    return await _redis_error(state, provider, error, job_id, since)
 
 
 async def _redis_error(

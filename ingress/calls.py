@@ -18,17 +18,20 @@ from typing import Any
 import msgspec
 import orjson
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llm_broker.ingress import cache
-from llm_broker.ingress.admission import redis_call, refused
+from llm_broker.ingress.admission import redis_call, redis_failure, refused
 from llm_broker.ingress.context import CONTEXT
 from llm_broker.ingress.replies import Waiter
 from llm_broker.ingress.state import State
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import ModelRoute
-from llm_broker.shared.errors import DeadlineExceeded
+from llm_broker.shared.errors import BrokerError, DeadlineExceeded
 from llm_broker.shared.loop import Expiry
 from llm_broker.shared.redisio import REDIS_DOWN
+from llm_broker.shared.store import Refused
+from llm_broker.shared.store.jobs import admission
 from llm_broker.shared.store.records import Chunks, Failure, Reply, Result
 
 log = logging.getLogger("llm_broker.ingress")
@@ -122,14 +125,19 @@ async def _run(
     replies = state.replies.register(job.id)
     answered = False
     try:
-        await _enqueue(state, job, ctx.acct)
-        if job.stream:
-            response = await _stream_reply(request, state, job, replies, loop_deadline, renderer)
-        else:
-            reply = await _next_reply(state, job, replies, loop_deadline)
-            if isinstance(reply, Result):
-                ctx.usage = reply.usage
-            response = _reply(job, renderer, reply)
+        _admit(state, job, ctx.acct, replies)
+        try:
+            if job.stream:
+                response = await _stream_reply(
+                    request, state, job, replies, loop_deadline, renderer
+                )
+            else:
+                reply = await _next_reply(state, job, replies, loop_deadline)
+                if isinstance(reply, Result):
+                    ctx.usage = reply.usage
+                response = _reply(job, renderer, reply)
+        except NotAdmitted as e:
+            raise await e.error(state, job) from e.cause
         answered = True
         if response.status >= 400 and isinstance(response, web.Response):
             ctx.error_type = error_type(response.body)
@@ -172,14 +180,47 @@ async def _cached(
     return response
 
 
-async def _enqueue(state: State, job: m.Job, acct: bytes) -> None:
+class NotAdmitted(Exception):
+    """A call's admission failed (``cause``: the Redis error) or was refused (``why``)."""
+
+    def __init__(self, why: Refused | None, cause: BaseException | None, since: float) -> None:
+        super().__init__(why or cause)
+        self.why, self.cause, self.since = why, cause, since
+
+    async def error(self, state: State, job: m.Job) -> BrokerError:
+        """The client's error, as :func:`redis_call` or :func:`refused` gives it."""
+        if self.why is not None:
+            return refused(state, job, self.why)
+        if isinstance(self.cause, REDIS_DOWN):
+            return await redis_failure(
+                state, "enqueue", job.provider, self.cause, job.id, self.since
+            )
+        raise self.cause or RuntimeError("admission failed")
+
+
+def _admit(state: State, job: m.Job, acct: bytes, replies: Waiter) -> None:
+    """Send the call's admission. Its answer wakes the call only when the call was
+    not admitted (``replies`` then raises :class:`NotAdmitted`): an admitted call
+    waits for its reply alone, one step of its task less a call."""
     pcfg = state.config.providers[job.provider]
     job.result_ttl = job.result_ttl or int(state.config.jobs.sync_result_ttl_s)
     ttl = int(job.deadline - job.created) + job.result_ttl
-    admit = state.store.enqueue(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl, acct=acct)
-    why = await redis_call(state, "enqueue", job.provider, admit, job_id=job.id)
-    if why is not None:
-        raise refused(state, job, why)
+    command = state.store.enqueue_command(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl, acct=acct)
+    since = state.loop().time()
+
+    def answered(fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():  # (the batcher cancels none; were it to, the call must not wait)
+            replies.fail(NotAdmitted(None, RedisConnectionError("admission cancelled"), since))
+            return
+        try:
+            why = admission(fut.result())
+        except Exception as e:  # Redis's error, or an answer this version cannot read
+            replies.fail(NotAdmitted(None, e, since))
+            return
+        if why is not None:
+            replies.fail(NotAdmitted(why, None, since))
+
+    state.batcher.call(*command).add_done_callback(answered)
 
 
 def _reply(job: m.Job, renderer: Renderer, reply: Reply) -> web.Response:

@@ -29,22 +29,33 @@ log = logging.getLogger("llm_broker.ingress.replies")
 
 
 class Waiter:
-    """The replies for one job, in order: a deque and a future to wake the reader."""
+    """The replies for one job, in order: a deque and a future to wake the reader;
+    or, when its job was not admitted, the error that says so."""
 
-    __slots__ = ("_items", "_loop", "_wakeup")
+    __slots__ = ("_error", "_items", "_loop", "_wakeup")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._items: deque[Reply] = deque()
         self._wakeup: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
 
     def put(self, item: Reply) -> None:
         self._items.append(item)
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
+    def fail(self, error: BaseException) -> None:
+        """No reply will come: :meth:`get` raises ``error`` once the replies that
+        came are taken."""
+        self._error = error
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
     async def get(self) -> Reply:
         while not self._items:
+            if self._error is not None:
+                raise self._error
             self._wakeup = self._loop.create_future()
             try:
                 await self._wakeup

@@ -162,9 +162,17 @@ class JobStore:
         """Admit a synchronous call: its record and its place in the provider's
         waiting lists. None when admitted, else why not (``max_depth`` jobs wait or
         run on the provider, or a quota of the tenant's is reached)."""
+        command = self.enqueue_command(job, max_depth=max_depth, ttl_s=ttl_s, acct=acct)
+        return admission(await self._batcher.call(*command))
+
+    def enqueue_command(
+        self, job: m.Job, *, max_depth: int, ttl_s: int, acct: bytes = b""
+    ) -> tuple[Any, ...]:
+        """:meth:`enqueue`'s command, for a caller that sends it itself (its answer
+        is read by :func:`admission`)."""
         self._cluster_can(acct)
         created, deadline = stamp(job.created), stamp(job.deadline)
-        command = self._fn.enqueue.command(
+        return self._fn.enqueue.command(
             (self.keys.job(job.id),),
             (
                 m.job_encoder.encode(job),
@@ -175,8 +183,6 @@ class JobStore:
                 *self._admission(job, max_depth, acct, deadline),
             ),
         )
-        answer = await self._batcher.call(*command)
-        return None if answer[0] == b"ok" else _refusal(answer)
 
     async def submit(
         self,
@@ -676,6 +682,11 @@ def _submitted(answer: Any, acked: int, replicas: int, fields: list[Any]) -> Sub
             return KeyConflict()
         case _:
             return _refusal(answer)
+
+
+def admission(answer: list[bytes]) -> Refused | None:
+    """What an ``enqueue`` answered: None when it admitted the call, else why not."""
+    return None if answer[0] == b"ok" else _refusal(answer)
 
 
 def _refusal(answer: list[bytes]) -> Refused:
