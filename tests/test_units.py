@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import os
 import sys
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from llm_broker.ingress import cache
 from llm_broker.ingress.auth import OPEN_TENANT, Authenticator
+from llm_broker.ingress.replies import Waiter
 from llm_broker.shared import messages as m
 from llm_broker.shared.config import (
     CacheConfig,
@@ -39,6 +41,7 @@ from llm_broker.shared.errors import (
 )
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.metrics import LATENCY_BUCKETS, FastCount, FastHistogram
+from llm_broker.shared.store.records import Result
 from llm_broker.workers.accumulate import StreamAccumulator
 from llm_broker.workers.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from llm_broker.workers.credentials import KeyRing
@@ -644,3 +647,22 @@ def test_the_interleaved_report_gives_each_rounds_ratios_and_their_medians() -> 
     # the medians of each build (1000 and 630), their ratio, and the rounds' ratios
     assert "| CPU µs per request at c=64 | 1000 | 630 | 0.63 | 0.65 (0.56-0.70) |" in text
     assert "| added p50 at c=1 (ms) | 2.800 | 1.250 | 0.45 | 0.46 (0.40-0.50) |" in text
+
+
+async def test_a_call_whose_admission_failed_gets_the_replies_that_came_then_the_error() -> None:
+    """A synchronous call waits on its replies alone; its admission's failure wakes it.
+    A reply that came before the failure is read first (the job ran: its client gets
+    the answer), and the failure ends a wait that would otherwise last to the deadline."""
+    loop = asyncio.get_running_loop()
+    came = Waiter(loop)
+    came.put(Result(b"{}", None))
+    came.fail(ValueError("not admitted"))
+    assert await came.get() == Result(b"{}", None)
+    with pytest.raises(ValueError, match="not admitted"):
+        await asyncio.wait_for(came.get(), 1)
+
+    waiting = Waiter(loop)
+    get = asyncio.ensure_future(waiting.get())  # (its first step runs before the failure)
+    loop.call_soon(waiting.fail, ValueError("refused"))
+    with pytest.raises(ValueError, match="refused"):
+        await asyncio.wait_for(get, 1)
