@@ -27,6 +27,7 @@ from llm_broker.ingress.context import CONTEXT, RequestContext
 from llm_broker.shared import logs
 from llm_broker.shared.config import Price
 from llm_broker.shared.loop import LoopRef
+from llm_broker.shared.store.records import Usage
 
 LOGGER = "llm_broker.requests"
 #: Lines are written together, at most this long after the first of them: one
@@ -42,9 +43,7 @@ _JOB_ID = re.compile(r"[0-9a-f]{1,64}")
 #: The most distinct combinations of method, endpoint, tenant, model, route and
 #: provider whose rendering a text line keeps (then all are forgotten at once).
 MAX_KEPT = 1024
-_Middle = tuple[str, str, str | None, str | None, str | None, str]
-
-
+_Repeating = tuple[str, str, str | None, str | None, str | None, str]
 _NO_CONTEXT = RequestContext()
 
 
@@ -63,8 +62,8 @@ class AccessLog:
         #: The formatted timestamp of the current second, and that second.
         self._second = -1
         self._stamp = ""
-        #: The rendered middle of a text line, by its values (see _text_pairs).
-        self._middles: dict[_Middle, str] = {}
+        #: The rendered repeating part of a text line, by its values (_repeating).
+        self._middles: dict[_Repeating, str] = {}
 
     def log(self, request: web.Request, endpoint: str, status: int, seconds: float) -> None:
         now = time.time()
@@ -100,12 +99,12 @@ class AccessLog:
         tenant, model, route, provider) is rendered once per distinct combination
         and kept (at most :data:`MAX_KEPT`: a client's names cannot grow it)."""
         ctx = request.get(CONTEXT) or _NO_CONTEXT
-        route = ctx.route or None
-        model = ctx.requested_model or route
-        key = (request.method, endpoint, ctx.tenant, model, route, ctx.provider)
+        key = _repeating(request, endpoint, ctx)
         middle = self._middles.get(key)
         if middle is None:
-            middle = self._middle(key)
+            if len(self._middles) >= MAX_KEPT:
+                self._middles.clear()
+            middle = self._middles[key] = logs.text_pairs(_repeating_fields(key))
         latency = round(seconds * 1000, 3)
         job_id = ctx.job_id
         if job_id is None:
@@ -114,9 +113,9 @@ class AccessLog:
             if not _JOB_ID.fullmatch(job_id):
                 job_id = logs.text_value(job_id)
             text = f"request_id={job_id} {middle} status={status} latency_ms={latency}"
-        trace = request.headers.get("traceparent", "")
-        if len(trace) >= 35 and _TRACE_ID.fullmatch(trace, 3, 35):
-            text += f" trace_id={trace[3:35]}"
+        trace_id = _trace_id(request)
+        if trace_id is not None:
+            text += f" trace_id={trace_id}"
         if ctx.error_type is not None:
             text += f" error_type={logs.text_value(ctx.error_type)}"
         if ctx.cache is not None:
@@ -124,47 +123,25 @@ class AccessLog:
         usage = ctx.usage
         if usage is not None:
             text += f" input_tokens={usage.input} output_tokens={usage.output}"
-            price = self._pricing.get(model or "") or self._pricing.get(route or "")
-            if price is not None:
-                text += f" cost_usd={round(price.cost(usage.input, usage.output), 8)}"
+            cost = self._cost(key, usage)
+            if cost is not None:
+                text += f" cost_usd={cost}"
         return text
-
-    def _middle(self, key: _Middle) -> str:
-        method, endpoint, tenant, model, route, provider = key
-        fields = {
-            "method": method,
-            "endpoint": endpoint,
-            "tenant": tenant,
-            "model": capped(model) if model else None,
-            "route": route if route != model else None,
-            "provider": provider or None,
-        }
-        middle = logs.text_pairs(fields)
-        if len(self._middles) >= MAX_KEPT:
-            self._middles.clear()
-        self._middles[key] = middle
-        return middle
 
     def _fields(
         self, request: web.Request, endpoint: str, status: int, seconds: float
     ) -> dict[str, Any]:
-        ctx = request.get(CONTEXT) or RequestContext()
-        route = ctx.route or None
-        model = ctx.requested_model or route
+        ctx = request.get(CONTEXT) or _NO_CONTEXT
+        key = _repeating(request, endpoint, ctx)
         fields: dict[str, Any] = {
             "request_id": ctx.job_id,
-            "method": request.method,
-            "endpoint": endpoint,
-            "tenant": ctx.tenant,
-            "model": capped(model) if model else None,
-            "route": route if route != model else None,
-            "provider": ctx.provider or None,
+            **_repeating_fields(key),
             "status": status,
             "latency_ms": round(seconds * 1000, 3),
         }
-        trace = request.headers.get("traceparent", "")
-        if len(trace) >= 35 and _TRACE_ID.fullmatch(trace, 3, 35):
-            fields["trace_id"] = trace[3:35]
+        trace_id = _trace_id(request)
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
         if ctx.error_type is not None:
             fields["error_type"] = ctx.error_type
         if ctx.cache is not None:
@@ -173,7 +150,38 @@ class AccessLog:
         if usage is not None:
             fields["input_tokens"] = usage.input
             fields["output_tokens"] = usage.output
-            price = self._pricing.get(model or "") or self._pricing.get(route or "")
-            if price is not None:
-                fields["cost_usd"] = round(price.cost(usage.input, usage.output), 8)
+            cost = self._cost(key, usage)
+            if cost is not None:
+                fields["cost_usd"] = cost
         return fields
+
+    def _cost(self, key: _Repeating, usage: Usage) -> float | None:
+        """The call's cost in US dollars, if its model (or route) has a price."""
+        model, route = key[3], key[4]
+        price = self._pricing.get(model or "") or self._pricing.get(route or "")
+        return None if price is None else round(price.cost(usage.input, usage.output), 8)
+
+
+def _repeating(request: web.Request, endpoint: str, ctx: RequestContext) -> _Repeating:
+    """The values of a line that repeat from request to request: method, endpoint,
+    tenant, model (the client's name, else the route), route and provider."""
+    route = ctx.route or None
+    return (request.method, endpoint, ctx.tenant, ctx.requested_model or route, route, ctx.provider)
+
+
+def _repeating_fields(key: _Repeating) -> dict[str, Any]:
+    """The fields those values make (None: left out of the line)."""
+    method, endpoint, tenant, model, route, provider = key
+    return {
+        "method": method,
+        "endpoint": endpoint,
+        "tenant": tenant,
+        "model": capped(model) if model else None,
+        "route": route if route != model else None,
+        "provider": provider or None,
+    }
+
+
+def _trace_id(request: web.Request) -> str | None:
+    trace = request.headers.get("traceparent", "")
+    return trace[3:35] if len(trace) >= 35 and _TRACE_ID.fullmatch(trace, 3, 35) else None

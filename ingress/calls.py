@@ -18,7 +18,6 @@ from typing import Any
 import msgspec
 import orjson
 from aiohttp import web
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llm_broker.ingress import cache
 from llm_broker.ingress.admission import redis_call, redis_failure, refused
@@ -209,12 +208,11 @@ def _admit(state: State, job: m.Job, acct: bytes, replies: Waiter) -> None:
     since = state.loop().time()
 
     def answered(fut: asyncio.Future[Any]) -> None:
-        if fut.cancelled():  # (the batcher cancels none; were it to, the call must not wait)
-            replies.fail(NotAdmitted(None, RedisConnectionError("admission cancelled"), since))
-            return
         try:
             why = admission(fut.result())
-        except Exception as e:  # Redis's error, or an answer this version cannot read
+        except BaseException as e:
+            # Redis's error, an answer this version cannot read, or a cancel (which
+            # no batcher makes): the call must not wait on to its deadline.
             replies.fail(NotAdmitted(None, e, since))
             return
         if why is not None:
