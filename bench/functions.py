@@ -8,16 +8,22 @@ itself, on its own ``redis-server`` (free port, temp dir, no persistence), admit
 request without a key in Redis has: the day's usage counted), a worker's registration
 gives them slots, and each is read and settled as the worker settles a completed call
 (its answer, its usage, a reply to the waiting ingress). ``INFO commandstats`` gives
-the microseconds each ``enqueue`` and ``settle`` took inside Redis, and those of the
+the microseconds ``enqueue`` and ``settle`` took inside Redis per job, and those of the
 commands they call; the rest of a function's time is its Lua and the calls into
 Redis from it. Each round starts from an empty Redis; the table gives the medians.
 
 ``--library FILE`` loads that text instead of the job store's library, under the job
 store's names: an edited copy of ``LIBRARY.text`` (shared/store/scripts.py) to try a
 change before making it, or an earlier version's to compare with. Its functions must
-take the job store's arguments.
+take the job store's arguments (an earlier version, without the batch forms, with
+``--together 1``).
 
-Usage: ``python bench/functions.py [--jobs 5000] [--rounds 7] [--library FILE]``
+Calls leave ``--together`` at a time (6 by default: about what one write of the ingress
+and of the worker carries at 64 connections), as one call of the function's batch form
+(shared/redisio.py, ``Mergeable``); ``--together 1`` calls each function on its own.
+
+Usage: ``python bench/functions.py [--jobs 5000] [--rounds 7] [--together 6]
+[--library FILE]``
 """
 
 from __future__ import annotations
@@ -51,8 +57,9 @@ ANSWER = (
     b'"completion_tokens":8,"total_tokens":10}}'
 )
 REPLIES = "b:r:bench"
-#: Calls in flight at once, as a busy ingress and worker have them.
-CONCURRENCY = 64
+#: Calls that leave together by default: about what one write of the ingress's and of
+#: the worker's carries at 64 connections in ``bench/run.py`` (scenario B).
+TOGETHER = 6
 
 
 def make_job() -> m.Job:
@@ -71,8 +78,11 @@ def make_job() -> m.Job:
     )
 
 
-async def one_round(url: str, jobs: int, library: str | None) -> dict[str, dict[str, float]]:
-    """Per function (``enqueue``, ``settle``): µs per call, in all and in its commands."""
+async def one_round(
+    url: str, jobs: int, together: int, library: str | None
+) -> dict[str, dict[str, float]]:
+    """Per function (``enqueue``, ``settle``): µs per job, in all and in its commands,
+    and its calls per job."""
     client = aioredis.Redis.from_url(url)
     await client.flushall()
     config = parse_config(
@@ -92,23 +102,22 @@ async def one_round(url: str, jobs: int, library: str | None) -> dict[str, dict[
     await client.xadd(REPLIES, {"i": "start"})  # (the ingress's stream exists)
     await store.register("mock", "worker", jobs + 1, 600)
     found: dict[str, dict[str, float]] = {}
-    gate = asyncio.Semaphore(CONCURRENCY)
 
     async def admit() -> None:
-        async with gate:
-            job = make_job()
-            now = time.time()
-            acct = accounts.account(
-                principal, akeys, config.accounts, model="mock", price=None, est=est, now=now
-            )
-            await store.enqueue(job, max_depth=10**7, ttl_s=900, acct=acct)
+        job = make_job()
+        now = time.time()
+        acct = accounts.account(
+            principal, akeys, config.accounts, model="mock", price=None, est=est, now=now
+        )
+        await store.enqueue(job, max_depth=10**7, ttl_s=900, acct=acct)
 
     await client.config_resetstat()
-    await asyncio.gather(*(admit() for _ in range(jobs)))
-    found["enqueue"] = await _stats(client)
+    for start in range(0, jobs, together):
+        await asyncio.gather(*(admit() for _ in range(min(together, jobs - start))))
+    found["enqueue"] = await _stats(client, jobs)
     await client.config_resetstat()
     while deliveries := await store.queues.read(
-        batcher, "mock", "worker", count=CONCURRENCY, block_ms=100
+        batcher, "mock", "worker", count=together, block_ms=100
     ):
         usage = Usage(2, 8)
         reply = Result(None, usage)
@@ -122,23 +131,25 @@ async def one_round(url: str, jobs: int, library: str | None) -> dict[str, dict[
                 for d in deliveries
             )
         )
-    found["settle"] = await _stats(client)
+    found["settle"] = await _stats(client, jobs)
     await batcher.close()
     await client.aclose()
     return found
 
 
-async def _stats(client: aioredis.Redis) -> dict[str, float]:
-    """µs per FCALL since the last reset: in all, and in the commands it called."""
+async def _stats(client: aioredis.Redis, jobs: int) -> dict[str, float]:
+    """µs per job since the last reset, in its function calls (several jobs' calls
+    leave as one where they wait for the same write): in all, and in the commands
+    they called; and function calls per job."""
     stats = await client.info("commandstats")
-    calls = max(1, int(stats.get("cmdstat_fcall", {}).get("calls", 0)))
+    calls = int(stats.get("cmdstat_fcall", {}).get("calls", 0))
     total = int(stats.get("cmdstat_fcall", {}).get("usec", 0))
     inner = sum(
         int(v["usec"])
         for k, v in stats.items()
         if k != "cmdstat_fcall" and not k.startswith(("cmdstat_info", "cmdstat_config"))
     )
-    return {"calls": calls, "total": total / calls, "commands": inner / calls}
+    return {"calls": calls / jobs, "total": total / jobs, "commands": inner / jobs}
 
 
 def _as_current(text: str) -> str:
@@ -156,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--together", type=int, default=TOGETHER, help="calls that leave in one write"
+    )
     parser.add_argument("--library", type=Path, help="a library's text to load instead")
     args = parser.parse_args(argv)
     library = _as_current(args.library.read_text()) if args.library else None
@@ -163,17 +177,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         redis_only = bench.Stack()
         try:
             url = bench.start_redis(redis_only, Path(tmp))
-            rounds = [asyncio.run(one_round(url, args.jobs, library)) for _ in range(args.rounds)]
+            rounds = [
+                asyncio.run(one_round(url, args.jobs, args.together, library))
+                for _ in range(args.rounds)
+            ]
         finally:
             redis_only.stop()
-    print(f"# A synchronous call's functions ({args.jobs:,} calls, {args.rounds} rounds, medians)")
+    print(
+        f"# A synchronous call's functions ({args.jobs:,} calls, {args.together} leaving "
+        f"together, {args.rounds} rounds, medians)"
+    )
     print()
-    print("| function | µs per call | in its commands | in Lua and calls into Redis |")
-    print("|---|--:|--:|--:|")
+    print(
+        "| function | calls per job | µs per job | in its commands | in Lua and calls into Redis |"
+    )
+    print("|---|--:|--:|--:|--:|")
     for name in ("enqueue", "settle"):
+        calls = statistics.median(r[name]["calls"] for r in rounds)
         total = statistics.median(r[name]["total"] for r in rounds)
         inner = statistics.median(r[name]["commands"] for r in rounds)
-        print(f"| {name} | {total:.1f} | {inner:.1f} | {total - inner:.1f} |")
+        print(f"| {name} | {calls:.2f} | {total:.1f} | {inner:.1f} | {total - inner:.1f} |")
     both = statistics.median(r["enqueue"]["total"] + r["settle"]["total"] for r in rounds)
     print(f"| both | {both:.1f} | | |")
 

@@ -204,7 +204,7 @@ def _admit(state: State, job: m.Job, acct: bytes, replies: Waiter) -> None:
     pcfg = state.config.providers[job.provider]
     job.result_ttl = job.result_ttl or int(state.config.jobs.sync_result_ttl_s)
     ttl = int(job.deadline - job.created) + job.result_ttl
-    command = state.store.enqueue_command(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl, acct=acct)
+    call = state.store.enqueue_call(job, max_depth=pcfg.max_queue_depth, ttl_s=ttl, acct=acct)
     since = state.loop().time()
 
     def answered(fut: asyncio.Future[Any]) -> None:
@@ -218,7 +218,7 @@ def _admit(state: State, job: m.Job, acct: bytes, replies: Waiter) -> None:
         if why is not None:
             replies.fail(NotAdmitted(why, None, since))
 
-    state.batcher.call(*command).add_done_callback(answered)
+    call.add_done_callback(answered)
 
 
 def _reply(job: m.Job, renderer: Renderer, reply: Reply) -> web.Response:

@@ -36,6 +36,7 @@ from llm_broker.shared.redisio import (
     REDIS_DOWN,
     Batcher,
     FilePassword,
+    Mergeable,
     Observer,
     chain_reads,
     node_client,
@@ -203,6 +204,13 @@ class ClusterBatcher:
 
         self._route(args, then, 0)
         return fut
+
+    def call_merged(
+        self, fn: Mergeable, keys: Sequence[Any], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        """A call of ``fn`` on its own: each command here goes to its slot's node, and
+        is sent again where the slot moved, one by one."""
+        return self.call(*fn.one.command(keys, args))
 
     def call_then(self, then: Then, *args: Any) -> None:
         self._route(args, then, 0)

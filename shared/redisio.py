@@ -71,6 +71,77 @@ class Function:
         return ("FCALL", self.name, len(keys), *keys, *args)
 
 
+class Mergeable:
+    """A function with a batch form: calls of ``one`` that wait for the same write
+    leave as one call of ``many`` (:meth:`Batcher.call_merged`), which takes each
+    call's ``keys`` keys, then each call's argument count and arguments, and answers
+    the list of the calls' answers. A call alone leaves as a call of ``one``. One
+    function call instead of several spares Redis the cost of starting each (its
+    argument tables, its run of Lua), which a call's small work is mostly made of.
+
+    An error of the batch form (a Lua error stops it) is every caller's, as a call
+    that may have run: the calls before the failing one were made."""
+
+    __slots__ = ("keys", "many", "one")
+
+    def __init__(self, one: Function, many: Function, keys: int) -> None:
+        self.one = one
+        self.many = many
+        self.keys = keys
+
+
+#: Calls in one call of a batch form at most: one function call holds Redis for all
+#: of them, where separate calls would let other clients' commands in between.
+MAX_MERGED = 64
+
+
+class _Merge:
+    """The calls of a :class:`Mergeable` that wait for one write, in the place of
+    one pending command: its command, made when it leaves, and its caller (as a
+    future, which hands each call its answer)."""
+
+    __slots__ = ("_alone", "_done", "calls", "fn", "futures", "open")
+
+    def __init__(self, fn: Mergeable) -> None:
+        self.fn = fn
+        self.calls: list[tuple[Sequence[Any], Sequence[Any]]] = []
+        self.futures: list[asyncio.Future[Any]] = []
+        #: Whether more calls may join (not sent, not answered).
+        self.open = True
+        self._alone = False
+        self._done = False
+
+    def command(self) -> tuple[Any, ...]:
+        self.open = False
+        if len(self.calls) == 1:
+            self._alone = True
+            return self.fn.one.command(*self.calls[0])
+        keys: list[Any] = []
+        args: list[Any] = []
+        for k, a in self.calls:
+            keys += k
+            args.append(len(a))
+            args += a
+        return self.fn.many.command(keys, args)
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        answers = [result] if self._alone else result
+        if not isinstance(answers, list) or len(answers) != len(self.futures):
+            self.set_exception(ResponseError(f"{self.fn.many.name} answered {result!r}"))
+            return
+        self._done, self.open = True, False
+        for fut, answer in zip(self.futures, answers, strict=True):
+            if not fut.done():
+                fut.set_result(answer)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._done, self.open = True, False
+        _fail(self.futures, error)
+
+
 class Library:
     """Lua functions loaded into Redis once (FUNCTION LOAD, Redis 7) and called by
     name. Their shared code is compiled and set up once, not on every call as a
@@ -411,6 +482,10 @@ class Commands(Protocol):
 
     def call(self, *args: Any) -> asyncio.Future[Any]: ...
 
+    def call_merged(
+        self, fn: Mergeable, keys: Sequence[Any], args: Sequence[Any]
+    ) -> asyncio.Future[Any]: ...
+
 
 class Readers(Commands, Protocol):
     """What reads streams one blocking read after another (:meth:`Batcher.reads`)."""
@@ -505,7 +580,9 @@ class Batcher:
         self._max_in_flight = max_in_flight
         #: (command, its caller's future, when it was called, whether Redis may be
         #: sent it again when it did not know its script or function).
-        self._pending: list[tuple[Sequence[Any], asyncio.Future[Any], float, bool]] = []
+        self._pending: list[tuple[Sequence[Any] | _Merge, asyncio.Future[Any], float, bool]] = []
+        #: The calls of each mergeable function that wait to leave together.
+        self._merges: dict[Mergeable, _Merge] = {}
         self._flush_soon = False
         #: Fails the commands that wait to be sent (a round trip on the wire, or a
         #: connection being made) once they have waited their timeout: the bucket of
@@ -556,10 +633,31 @@ class Batcher:
         another, and the one the caller waits for goes first."""
         return chain_reads(self._loop(), self.call_then, next_read, handle, behind_tasks)
 
+    def call_merged(
+        self, fn: Mergeable, keys: Sequence[Any], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        """A call of ``fn`` with ``keys`` and ``args``, which leaves with the other
+        calls of ``fn`` that wait for the same write as one call (see
+        :class:`Mergeable`); its answer is this call's."""
+        fut: asyncio.Future[Any] = self._loop().create_future()
+        merge = self._merges.get(fn)
+        if merge is not None and merge.open and len(merge.calls) < MAX_MERGED:
+            merge.calls.append((keys, args))
+            merge.futures.append(fut)
+            return fut
+        merge = self._merges[fn] = _Merge(fn)
+        merge.calls.append((keys, args))
+        merge.futures.append(fut)
+        self._add(merge, merge, True)  # type: ignore[arg-type]
+        return fut
+
     def _call(self, args: Sequence[Any], resend: bool) -> asyncio.Future[Any]:
-        loop = self._loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((args, fut, loop.time(), resend))
+        fut: asyncio.Future[Any] = self._loop().create_future()
+        self._add(args, fut, resend)
+        return fut
+
+    def _add(self, command: Sequence[Any] | _Merge, fut: asyncio.Future[Any], resend: bool) -> None:
+        self._pending.append((command, fut, self._loop().time(), resend))
         wire = self._wire
         if (
             len(self._pending) == 1
@@ -577,7 +675,6 @@ class Batcher:
             self._flush()
         else:
             self._flush_later()
-        return fut
 
     def _flush_later(self) -> None:
         """Write what waits on the next loop turn: every command called until then
@@ -615,7 +712,9 @@ class Batcher:
         if deadline <= now:
             _fail(futures, NotSent("Redis did not answer in time"))
             return
-        commands = [p[0] for p in batch]
+        commands: list[Sequence[Any]] = [
+            c.command() if isinstance(c, _Merge) else c for c, _, _, _ in batch
+        ]
         resend = [p[3] for p in batch]
         wire.send(commands, functools.partial(self._answered, commands, futures, resend), deadline)
 

@@ -9,6 +9,7 @@ import time
 import msgspec
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from llm_broker.shared import accounts
 from llm_broker.shared import messages as m
@@ -206,3 +207,69 @@ async def test_changes_to_one_record_made_at_once_are_all_kept(
     for name in names:
         rec = await store.tenant(name)
         assert rec is not None and (rec.limits, rec.budget) == (limits, budget)
+
+
+async def test_settles_sent_together_count_usage_and_fill_slots_as_one_by_one(
+    rclient: aioredis.Redis, prefix: str
+) -> None:
+    """Deliveries settled in one call of the batch form: the day's usage counts
+    each (its sums written once), each budget is charged each call's cost, and the
+    slots they free take the jobs that waited, as settling them one by one would.
+    A batch that fails leaves no count behind for the next call to lose."""
+    store: JobStore = store_for(rclient, prefix)
+    await store.queues.ensure_group("mock")
+    budget = Budget(usd=100.0, period="daily")
+    p = Principal(tenant="acme", key_id="key_1", key_budget=budget)
+    acct = _acct(prefix, p)
+    await store.register("mock", WORKER, 3, 60)
+    jobs = [_job() for _ in range(5)]
+    for j in jobs:
+        assert await store.enqueue(j, max_depth=100, ttl_s=60, acct=acct) is None
+    first = await read(store, rclient)
+    assert len(first) == 3  # two wait for a slot
+    usages = [Usage(10, 20), Usage(1, 2), None]
+    outcomes = [Outcome(status=m.COMPLETED, usage=u) for u in usages[:2]]
+    outcomes.append(Outcome(status=m.FAILED, payload=b"{}", http_status=502))
+    await rclient.config_resetstat()
+    made = await asyncio.gather(
+        *(store.settle(d, o, consumer=WORKER) for d, o in zip(first, outcomes, strict=True))
+    )
+    assert made == [True, True, True]
+    stats = await rclient.info("commandstats")
+    assert stats["cmdstat_fcall"]["calls"] == 1
+    # The usage counts (requests, input and output tokens, cost, errors) written
+    # once each (one by one: 10), and the scheduler's 3 for each job the freed
+    # slots took.
+    assert stats["cmdstat_hincrby"]["calls"] == 5 + 2 * 3
+    # The three freed slots took the two that waited.
+    waited = await read(store, rclient)
+    assert sorted(d.job.id for d in waited if d.job) == sorted(j.id for j in jobs[3:])
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    usage = accounts.AccountStore(rclient, prefix, AccountsConfig())
+    expected = {"requests": 3, "input_tokens": 11, "output_tokens": 22, "errors": 1}
+    rows = await usage.usage(start=day, end=day, group_by=("tenant", "key", "model"))
+    assert {k: rows[0][k] for k in expected} == expected
+    assert 0 < await rclient.ttl(AccountKeys(prefix).usage(accounts.day_of(time.time())))
+    # (10 + 1) input and (20 + 2) output tokens at $1,000 and $2,000 a million, and
+    # the two jobs still running's estimates.
+    assert await _spent(rclient, prefix, "k", "key_1", budget) == 55_000_000 + 2 * EST.cost
+
+    # A batch stopped by a call's error (a record whose account cannot be read):
+    # every caller hears it; the call before it is done, counted; the next counts.
+    await rclient.hset(store.keys.job(jobs[4].id), "acct", "{not json")  # type: ignore[misc]
+    if waited[0].job != jobs[3]:
+        waited.reverse()
+    done = Outcome(status=m.COMPLETED, usage=Usage(1, 1))
+    answers = await asyncio.gather(
+        *(store.settle(d, done, consumer=WORKER) for d in waited), return_exceptions=True
+    )
+    assert all(isinstance(a, ResponseError) for a in answers), answers
+    assert (await store.record(jobs[3].id)).status == "completed"  # type: ignore[union-attr]
+    rows = await usage.usage(start=day, end=day, group_by=("tenant", "key", "model"))
+    assert rows[0]["requests"] == 4
+    last = _job()
+    assert await store.enqueue(last, max_depth=100, ttl_s=60, acct=acct) is None
+    (delivery,) = await read(store, rclient)
+    assert await store.settle(delivery, done, consumer=WORKER) is True
+    rows = await usage.usage(start=day, end=day, group_by=("tenant", "key", "model"))
+    assert rows[0]["requests"] == 5

@@ -17,7 +17,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from llm_broker.shared.redisio import Batcher, NotSent, maybe_ran
+from llm_broker.shared.redisio import (
+    MAX_MERGED,
+    Batcher,
+    Library,
+    Mergeable,
+    NotSent,
+    maybe_ran,
+)
 from tests.conftest import RedisServer
 
 
@@ -289,3 +296,72 @@ async def test_a_quiet_process_sends_a_command_at_once(client: aioredis.Redis, q
     finally:
         await batcher.close()
     assert trips.count == (3 if quiet else 2)
+
+
+#: A function and its batch form (as the job store's enqueue and settle have): each
+#: call adds to its key and notes which form ran.
+MERGE_LIBRARY = Library(
+    "batchertest",
+    "",
+    {
+        "add": "redis.call('SET', KEYS[2], 'one')\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])",
+        "add_many": """
+local answers, p = {}, 1
+for i = 1, #KEYS / 2 do
+  redis.call('SET', KEYS[2 * i], 'many')
+  answers[i] = redis.call('INCRBY', KEYS[2 * i - 1], ARGV[p + 1])
+  p = p + tonumber(ARGV[p]) + 1
+end
+return answers
+""",
+    },
+)
+ADD = Mergeable(MERGE_LIBRARY["add"], MERGE_LIBRARY["add_many"], 2)
+
+
+async def test_merged_calls_that_leave_together_are_one_call_each_with_its_answer(
+    client: aioredis.Redis,
+) -> None:
+    """Calls of a mergeable function made in one turn leave as one call of its batch
+    form, sent again once its library is loaded (Redis did not know it); each caller
+    gets its own answer. A call alone leaves as the function itself."""
+    await client.delete("m:a", "m:b", "m:form")
+    try:
+        await client.function_delete(MERGE_LIBRARY.name)  # type: ignore[misc]
+    except ResponseError:
+        pass  # (not loaded)
+    trips = RoundTrips()
+    batcher = Batcher(client, timeout=5, round_trip=trips)
+    try:
+        calls = [
+            batcher.call_merged(ADD, (key, "m:form"), (amount,))
+            for key, amount in (("m:a", 1), ("m:b", 10), ("m:a", 2))
+        ]
+        assert await asyncio.gather(*calls) == [1, 10, 3]
+        assert await client.get("m:form") == b"many"
+        assert trips.count == 2  # the call Redis did not know, then again
+        assert await batcher.call_merged(ADD, ("m:b", "m:form"), (5,)) == 15
+        assert await client.get("m:form") == b"one"
+        # At most MAX_MERGED calls in one: more make another (in the same write).
+        await client.config_resetstat()
+        many = [batcher.call_merged(ADD, ("m:a", "m:form"), (1,)) for _ in range(MAX_MERGED + 1)]
+        assert await asyncio.gather(*many) == list(range(4, MAX_MERGED + 5))
+        assert (await client.info("commandstats"))["cmdstat_fcall"]["calls"] == 2
+    finally:
+        await batcher.close()
+
+
+async def test_a_merged_call_that_fails_fails_each_of_its_callers(
+    client: aioredis.Redis,
+) -> None:
+    """A batch form's error (one call's bad argument stops the function) is every
+    caller's: none is told it succeeded. The next call goes on as usual."""
+    await client.delete("m:c", "m:form")
+    batcher = Batcher(client, timeout=5)
+    try:
+        calls = [batcher.call_merged(ADD, ("m:c", "m:form"), (amount,)) for amount in (1, "x", 2)]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(a, ResponseError) for a in answers), answers
+        assert await batcher.call_merged(ADD, ("m:c", "m:form"), (4,)) == 5
+    finally:
+        await batcher.close()

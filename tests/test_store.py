@@ -90,6 +90,39 @@ async def test_enqueue_admits_until_the_queue_is_full(store: JobStore) -> None:
     assert await store.record(second.id) is None
 
 
+async def test_admissions_sent_together_are_one_call_each_answered_as_alone(
+    store: JobStore, rclient: aioredis.Redis
+) -> None:
+    """Calls admitted in the same loop turn leave as one call of the batch form;
+    each is admitted or refused as it would be on its own, in order."""
+    jobs = [make_job() for _ in range(4)]
+    await rclient.config_resetstat()
+    answers = await asyncio.gather(*(store.enqueue(j, max_depth=3, ttl_s=60) for j in jobs))
+    assert answers == [None, None, None, Full()]
+    assert (await rclient.info("commandstats"))["cmdstat_fcall"]["calls"] == 1
+    assert [(await record(store, j.id)).status for j in jobs[:3]] == ["queued"] * 3
+    assert await store.record(jobs[3].id) is None
+
+
+async def test_admissions_sent_together_fill_the_free_slots_then_wait(
+    store: JobStore, rclient: aioredis.Redis
+) -> None:
+    """In one call of the batch form, the calls that find a free slot go to the
+    stream, the next wait for one, in order; the depth counts both."""
+    await store.register("mock", CONSUMER, 2, 600)
+    jobs = [make_job() for _ in range(5)]
+    answers = await asyncio.gather(*(store.enqueue(j, max_depth=4, ttl_s=60) for j in jobs))
+    assert answers == [None, None, None, None, Full()]
+    await store.queues.ensure_group("mock")
+    first = await store.queues.read(store._batcher, "mock", CONSUMER, count=10, block_ms=10)
+    assert [d.job.id for d in first if d.job] == [j.id for j in jobs[:2]]
+    # Each settle frees a slot: the next waiting job takes it.
+    for n, delivery in enumerate(first):
+        await store.settle(delivery, Outcome(status=m.COMPLETED, payload=b"{}"), consumer=CONSUMER)
+        (after,) = await store.queues.read(store._batcher, "mock", CONSUMER, count=10, block_ms=10)
+        assert after.job is not None and after.job.id == jobs[2 + n].id
+
+
 async def test_submit_writes_record_index_and_honours_the_idempotency_key(
     store: JobStore,
 ) -> None:
@@ -235,6 +268,45 @@ async def test_settle_records_replies_and_acknowledges_in_one_step(
         (job.id.encode(), Result(b'{"ok":true}', Usage(3, 4))),
     ]
     assert await pending(rclient, store, job.provider) == (0, 0)
+
+
+async def test_settles_sent_together_are_one_call_each_closing_its_own_delivery(
+    store: JobStore, rclient: aioredis.Redis
+) -> None:
+    """Deliveries settled in the same loop turn leave as one call of the batch
+    form: each job gets its own final state and reply, a job already final stays
+    as it was (its call answers False), and every entry is acknowledged."""
+    replies = f"{store.keys.prefix}r:pod"
+    await rclient.xadd(replies, {"k": "init"})
+    jobs = [waiting_job(replies, result_ttl=60) for _ in range(3)]
+    deliveries = [await delivered(store, rclient, j) for j in jobs]
+    cancelled = await store.cancel(jobs[1].id, jobs[1].tenant, result_ttl=60)
+    assert cancelled is not None and cancelled.cancelled
+    outcomes = [
+        Outcome(status=m.COMPLETED, payload=b'{"n":%d}' % i, reply=Result(usage=Usage(i, 1)))
+        for i in range(3)
+    ]
+    await rclient.config_resetstat()
+    made = await asyncio.gather(
+        *(store.settle(d, o, consumer=CONSUMER) for d, o in zip(deliveries, outcomes, strict=True))
+    )
+    assert made == [True, False, True]
+    assert (await rclient.info("commandstats"))["cmdstat_fcall"]["calls"] == 1
+    states = [(await record(store, j.id)) for j in jobs]
+    assert [(r.status, r.result) for r in states] == [
+        ("completed", b'{"n":0}'),
+        ("cancelled", None),
+        ("completed", b'{"n":2}'),
+    ]
+    found = await read_once(
+        rclient, lambda r: JobStore.read_replies(r, replies, b"0-0", block_ms=10)
+    )
+    assert [(job_id, reply) for _, job_id, reply in found if job_id] == [
+        (jobs[0].id.encode(), Result(b'{"n":0}', Usage(0, 1))),
+        (jobs[1].id.encode(), Result(b'{"n":1}', Usage(1, 1))),
+        (jobs[2].id.encode(), Result(b'{"n":2}', Usage(2, 1))),
+    ]
+    assert await pending(rclient, store, jobs[0].provider) == (0, 0)
 
 
 async def test_a_late_duplicate_never_overwrites_a_final_state(

@@ -16,7 +16,7 @@ from llm_broker.shared.accounts import has_checks
 from llm_broker.shared.config import Config, Quota
 from llm_broker.shared.errors import NotOnCluster
 from llm_broker.shared.keys import GROUP, Keys
-from llm_broker.shared.redisio import Commands, execute
+from llm_broker.shared.redisio import Commands, Mergeable, execute
 from llm_broker.shared.store import scripts
 from llm_broker.shared.store.queues import Queues
 from llm_broker.shared.store.records import (
@@ -89,6 +89,9 @@ class JobStore:
         self.keys = Keys(config.redis.key_prefix, cluster=cluster)
         self._fn = scripts.Functions(scripts.CLUSTER_LIBRARY if cluster else scripts.LIBRARY)
         self._batcher = batcher
+        #: A synchronous call's functions, whose calls that leave together are one call.
+        self._enqueues = Mergeable(self._fn.enqueue, self._fn.enqueue_many, 1)
+        self._settles = Mergeable(self._fn.settle, self._fn.settle_many, 4)
         self._redis = redis
         self._wcfg = config.worker
         self._result_ttl = int(config.jobs.result_ttl_s)
@@ -162,17 +165,17 @@ class JobStore:
         """Admit a synchronous call: its record and its place in the provider's
         waiting lists. None when admitted, else why not (``max_depth`` jobs wait or
         run on the provider, or a quota of the tenant's is reached)."""
-        command = self.enqueue_command(job, max_depth=max_depth, ttl_s=ttl_s, acct=acct)
-        return admission(await self._batcher.call(*command))
+        return admission(await self.enqueue_call(job, max_depth=max_depth, ttl_s=ttl_s, acct=acct))
 
-    def enqueue_command(
+    def enqueue_call(
         self, job: m.Job, *, max_depth: int, ttl_s: int, acct: bytes = b""
-    ) -> tuple[Any, ...]:
-        """:meth:`enqueue`'s command, for a caller that sends it itself (its answer
-        is read by :func:`admission`)."""
+    ) -> asyncio.Future[Any]:
+        """:meth:`enqueue`'s call, for a caller that takes its answer itself (read by
+        :func:`admission`)."""
         self._cluster_can(acct)
         created, deadline = stamp(job.created), stamp(job.deadline)
-        return self._fn.enqueue.command(
+        return self._batcher.call_merged(
+            self._enqueues,
             (self.keys.job(job.id),),
             (
                 m.job_encoder.encode(job),
@@ -467,15 +470,15 @@ class JobStore:
             )
             await self._batcher.call(*self._fn.settle_queue.command((queue,), args))
             return bool(made)
-        settle = self._fn.settle.command((record, queue, reply_to or queue, events), args)
+        call_keys = (record, queue, reply_to or queue, events)
         commands: list[tuple[Any, ...]] = []
         if job is not None and job.cache_key and outcome.status == m.COMPLETED:
             commands.append(("SET", job.cache_key, outcome.payload, "EX", job.cache_ttl))
         if outcome.dead_letter:
             commands += self._dead_letter_commands(delivery, consumer, outcome.payload)
-        if not commands:  # the common case: one command, no gathering
-            return bool(await self._batcher.call(*settle))
-        commands.append(settle)
+        if not commands:  # the common case: one call, with the others' that leave with it
+            return bool(await self._batcher.call_merged(self._settles, call_keys, args))
+        commands.append(self._fn.settle.command(call_keys, args))
         futures = [self._batcher.call(*c) for c in commands]
         try:
             results = await asyncio.gather(*futures)

@@ -36,6 +36,35 @@ local function home(p, id)
   return not CLUSTER or provider_tag(p) == '{' .. string.sub(id, 1, 4) .. '}'
 end
 
+-- The day's usage counts (a hash per day, a field per tenant, key, model and count).
+-- While a batch of settles runs (settle_many) they are summed, and written once per
+-- field when it ends (usage_written); else at once. A hash gets its TTL (ttl) with
+-- its first field of a (tenant, key, model): the one whose requests count starts.
+local USAGE = nil  -- the batch's sums: {hash, ttl, field, n} in order of first use
+local function add_usage(hash, ttl, field, n)
+  -- (a count as an integer's digits: a number passed to redis.call is formatted %.14g)
+  if redis.call('HINCRBY', hash, field, string.format('%d', n)) == n
+      and string.sub(field, -8) == 'requests' then
+    redis.call('EXPIRE', hash, ttl, 'NX')
+  end
+end
+local function count_usage(hash, ttl, field, n)
+  if not USAGE then return add_usage(hash, ttl, field, n) end
+  local at = USAGE[hash .. '\0' .. field]
+  if at then
+    at[4] = at[4] + n
+  else
+    at = {hash, ttl, field, n}
+    USAGE[hash .. '\0' .. field] = at
+    USAGE[#USAGE + 1] = at
+  end
+end
+local function usage_written()
+  local sums = USAGE
+  USAGE = nil
+  for _, at in ipairs(sums) do add_usage(at[1], at[2], at[3], at[4]) end
+end
+
 -- Accounts (keys and tenants kept in Redis, docs/accounts.md): a job's account
 -- is a JSON object written with its record at admission:
 --   s: its scopes (the key's, the tenant's), each {n = name, b = base of its
@@ -53,7 +82,6 @@ end
 local function account_close(A, id, status, usage)
   local tin, tout = 0, 0
   local known = false
-  -- (the counts as given, for HINCRBY: a number passed to redis.call is formatted)
   local a, b
   if usage and usage ~= '' then
     a, b = string.match(usage, '^(%d+) (%d+)$')
@@ -76,14 +104,11 @@ local function account_close(A, id, status, usage)
   end
   if A.u then
     local f = A.f
-    -- The day's hash gets its TTL with its first field of a (tenant, key, model).
-    if redis.call('HINCRBY', A.u, f .. 'requests', 1) == 1 then
-      redis.call('EXPIRE', A.u, A.ux, 'NX')
-    end
-    if tin > 0 then redis.call('HINCRBY', A.u, f .. 'input_tokens', a) end
-    if tout > 0 then redis.call('HINCRBY', A.u, f .. 'output_tokens', b) end
-    if cost > 0 then redis.call('HINCRBY', A.u, f .. 'cost_nusd', cost) end
-    if status ~= 'completed' then redis.call('HINCRBY', A.u, f .. 'errors', 1) end
+    count_usage(A.u, A.ux, f .. 'requests', 1)
+    if tin > 0 then count_usage(A.u, A.ux, f .. 'input_tokens', tin) end
+    if tout > 0 then count_usage(A.u, A.ux, f .. 'output_tokens', tout) end
+    if cost > 0 then count_usage(A.u, A.ux, f .. 'cost_nusd', cost) end
+    if status ~= 'completed' then count_usage(A.u, A.ux, f .. 'errors', 1) end
   end
 end
 
@@ -487,7 +512,7 @@ end
 
 -- Acknowledges and deletes the entry, so the stream holds only work not yet done;
 -- the slot is free, and the next waiting job goes.
-local function settle_queue(queue, ARGV)
+local function settle_queue(queue, ARGV, later)
   local group, entry, id = ARGV[1], ARGV[2], ARGV[3]
   local now, prefix, provider, tenant, estimate, usage, held = ARGV[5], unpack(ARGV, 12, 17)
   local acked = redis.call('XACK', queue, group, entry)
@@ -516,7 +541,7 @@ local function settle_queue(queue, ARGV)
       end
     end
   end
-  dispatch(S, tonumber(now))
+  if later then later[S] = tonumber(now) else dispatch(S, tonumber(now)) end
 end
 
 -- Whether consumer holds the queue's entry (a stalled worker's entry may have been
@@ -615,13 +640,27 @@ local function account_wait(A, id, deadline, now)
   end
 end
 
+-- A provider's depth as admission reads it: the jobs waiting (its entries count)
+-- and in its stream, and its capacity (read when first needed). In a batch of
+-- admissions (enqueue_many: kept, by provider) it is read once and kept up to date
+-- while the batch's jobs go straight to the stream; a job that waits (dispatch
+-- then runs) makes the next read it again.
+local function depth_of(S, kept)
+  local d = kept and kept[S]
+  if d then return d end
+  d = {waiting = tonumber(redis.call('HGET', S.state, 'entries') or '0'),
+       streamed = redis.call('XLEN', S.stream)}
+  if kept then kept[S] = d end
+  return d
+end
+
 -- Admission's checks, before anything is written: the provider's depth, then
 -- the tenant's queued-jobs quotas, then its rate quotas (on this provider, then
 -- overall). Returns nil when the job may be admitted, else the refusal.
 local function refuse(S, q)
-  q.waiting = tonumber(redis.call('HGET', S.state, 'entries') or '0')
-  q.streamed = redis.call('XLEN', S.stream)
-  if q.streamed + q.waiting >= q.max_depth then return {'full'} end
+  local d = depth_of(S, q.kept)
+  q.depth = d
+  if d.streamed + d.waiting >= q.max_depth then return {'full'} end
   local t = q.tenant
   if q.mq > 0 and tonumber(redis.call('HGET', S.queued, t) or '0') >= q.mq then
     return {'tenant_queue_full', 'provider'}
@@ -654,15 +693,19 @@ local function enter(S, q, id, created, packed)
   if q.rpma > 0 or q.tpma > 0 then
     add_rate(S.prefix .. 'trla:' .. t, q.rpma, q.tpma, q.cost, q.now, 60, id)
   end
-  if q.waiting <= 0 and tonumber(redis.call('GET', S.capacity) or '0') > q.streamed
+  local d = q.depth
+  if d.waiting <= 0 then d.cap = d.cap or tonumber(redis.call('GET', S.capacity) or '0') end
+  if d.waiting <= 0 and d.cap > d.streamed
       and not (q.fq > 0 and at_quota(flight(S, t), q.fq, q.now))
       and not (q.fqa > 0 and at_quota(flight_all(S, t), q.fqa, q.now)) then
     send(S, t, id, packed, q.deadline, q.fq, q.fqa, q.now)
+    d.streamed = d.streamed + 1
     return
   end
   if q.acct and q.acct.q then account_wait(q.acct, id, q.deadline, q.now) end
   push(S, q.class, t, id, created, packed, q.conf, false, false, q.deadline)
   dispatch(S, q.now)
+  if q.kept then q.kept[S] = nil end
 end
 
 -- A tenant's weight and quotas on a provider as admission gets them (one argument,
@@ -723,18 +766,77 @@ local function admitted(job, ttl, tenant, created, ARGV, i)
 end
 """
 
-# A synchronous call's admission (see the scheduler above for its arguments):
-# the job record, then its waiting list. Returns {'ok'} or the refusal.
+# What a synchronous call's two functions do (each a function of the library's, and
+# each also made on several calls at once: see each_call).
+_CALLS = """
+-- A synchronous call's admission (see the scheduler above for its arguments):
+-- the job record, then its waiting list. Returns {'ok'} or the refusal.
+local function enqueue_one(job, A, kept)
+  local packed, ttl, id, tenant, created = unpack(A, 1, 5)
+  -- A[6…17]: the admission arguments
+  local S, q = admission(A, 6, tenant)
+  q.kept = kept  -- (a batch's: see depth_of)
+  local no = refuse(S, q)
+  if no then return no end
+  admitted(job, ttl, tenant, created, A, 6)
+  enter(S, q, id, tonumber(created), packed)
+  return {'ok'}
+end
+
+-- A delivery's close (settle_record, then settle_queue); 1 if it made the job final.
+-- later: see settle_many.
+local function settle_one(job, queue, replies, events, A, later)
+  local made = settle_record(job, replies, events, A)
+  settle_queue(queue, A, later)
+  return made
+end
+
+-- Calls of one function made at once (the batch form of enqueue and settle: the
+-- batcher's call_merged, shared/redisio.py): KEYS holds each call's keys, per call
+-- of them, and ARGV each call's argument count, then its arguments. one(k, A) makes
+-- a call, its keys from KEYS[k + 1], its arguments A. Returns each call's answer,
+-- in order; the calls run one after another, as separate calls of the function would.
+local function each_call(KEYS, ARGV, per, one)
+  local answers, p = {}, 1
+  for i = 1, #KEYS / per do
+    local n = tonumber(ARGV[p])
+    answers[i] = one((i - 1) * per, {unpack(ARGV, p + 1, p + n)})
+    p = p + n + 1
+  end
+  return answers
+end
+
+-- Deliveries closed in one call (each_call): as one after another, but a queue's
+-- free slots are filled (dispatch) once, when all are closed, and the day's usage
+-- counts are written once per field, with the calls' sums.
+local function settle_many(KEYS, ARGV)
+  local later = {}
+  USAGE = {}
+  local function done()
+    usage_written()
+    for S, now in pairs(later) do dispatch(S, now) end
+  end
+  local ok, made = pcall(each_call, KEYS, ARGV, 4, function(k, A)
+    return settle_one(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], A, later)
+  end)
+  if not ok then
+    -- A call failed (a defect): what the calls before it did stays done, as it
+    -- would have one by one, counts included, and the next call counts at once.
+    pcall(done)  -- (which clears the sums first)
+    return error(made)
+  end
+  done()
+  return made
+end
+"""
+
 _ENQUEUE = """
-local job = KEYS[1]
-local packed, ttl, id, tenant, created = unpack(ARGV, 1, 5)
--- ARGV[6…17]: the admission arguments
-local S, q = admission(ARGV, 6, tenant)
-local no = refuse(S, q)
-if no then return no end
-admitted(job, ttl, tenant, created, ARGV, 6)
-enter(S, q, id, tonumber(created), packed)
-return {'ok'}
+return enqueue_one(KEYS[1], ARGV)
+"""
+
+_ENQUEUE_MANY = """
+local kept = {}
+return each_call(KEYS, ARGV, 1, function(k, A) return enqueue_one(KEYS[k + 1], A, kept) end)
 """
 
 # An async submission: the Idempotency-Key check, admission, the job record,
@@ -817,10 +919,11 @@ return 'ok'
 # Closes one queue entry in one call (settle_record, then settle_queue). Returns 1
 # if this call made the job final.
 _SETTLE = """
-local job, queue, replies, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local made = settle_record(job, replies, events, ARGV)
-settle_queue(queue, ARGV)
-return made
+return settle_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV)
+"""
+
+_SETTLE_MANY = """
+return settle_many(KEYS, ARGV)
 """
 
 # On a Cluster, a job that fell back to another provider is settled in two steps:
@@ -1006,9 +1109,11 @@ return dispatch(S, now)
 
 _FUNCTIONS = {
     "enqueue": _ENQUEUE,
+    "enqueue_many": _ENQUEUE_MANY,
     "submit": _SUBMIT,
     "start": _START,
     "settle": _SETTLE,
+    "settle_many": _SETTLE_MANY,
     "move": _MOVE,
     "expire_job": _EXPIRE_JOB,
     "cancel": _CANCEL,
@@ -1030,9 +1135,11 @@ class Functions:
 
     def __init__(self, library: Library) -> None:
         self.enqueue: Function = library["enqueue"]
+        self.enqueue_many: Function = library["enqueue_many"]
         self.submit: Function = library["submit"]
         self.start: Function = library["start"]
         self.settle: Function = library["settle"]
+        self.settle_many: Function = library["settle_many"]
         self.move: Function = library["move"]
         self.expire_job: Function = library["expire_job"]
         self.cancel: Function = library["cancel"]
@@ -1050,7 +1157,7 @@ class Functions:
 
 def _library(cluster: bool) -> Library:
     mode = f"local CLUSTER = {'true' if cluster else 'false'}\n"
-    return Library("llmbc" if cluster else "llmb", mode + _FINISH + _SCHED, _FUNCTIONS)
+    return Library("llmbc" if cluster else "llmb", mode + _FINISH + _SCHED + _CALLS, _FUNCTIONS)
 
 
 #: The job store's functions, loaded into Redis as one library; on one Redis...
