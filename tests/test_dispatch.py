@@ -145,6 +145,29 @@ async def test_in_flight_quota_holds_back_only_that_tenant(
     assert [d.job.tenant for d in await read(store, rclient) if d.job] == ["q"]
 
 
+async def test_settles_sent_together_free_quota_and_slots_as_one_by_one(
+    store: JobStore, rclient: aioredis.Redis
+) -> None:
+    """Every running job settled in one call of the batch form: q's two leave its
+    in-flight quota, every entry is acknowledged and deleted, and the six freed
+    slots take q's next two (its quota again) and b's four, as six settles one by
+    one would."""
+    await admit(store, *(job("q") for _ in range(4)), *(job("b") for _ in range(8)))
+    await store.register("mock", WORKER, 6, 600)
+    first = await read(store, rclient)
+    assert sorted(d.job.tenant for d in first if d.job) == ["b", "b", "b", "b", "q", "q"]
+    await rclient.config_resetstat()
+    made = await asyncio.gather(
+        *(store.settle(d, Outcome(status=m.COMPLETED), consumer=WORKER) for d in first)
+    )
+    assert made == [True] * 6
+    assert (await rclient.info("commandstats"))["cmdstat_fcall"]["calls"] == 1
+    queue = store.keys.queue("mock")
+    assert [d.job.tenant for d in await read(store, rclient) if d.job].count("q") == 2
+    assert await rclient.xlen(queue) == 6  # only what was just delivered
+    assert int((await rclient.xpending(queue, "workers"))["pending"]) == 6
+
+
 async def test_waiting_jobs_that_must_not_run_are_dropped_without_running(
     store: JobStore, rclient: aioredis.Redis
 ) -> None:

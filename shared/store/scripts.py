@@ -515,12 +515,25 @@ end
 local function settle_queue(queue, ARGV, later)
   local group, entry, id = ARGV[1], ARGV[2], ARGV[3]
   local now, prefix, provider, tenant, estimate, usage, held = ARGV[5], unpack(ARGV, 12, 17)
-  local acked = redis.call('XACK', queue, group, entry)
-  redis.call('XDEL', queue, entry)
-  -- (A late duplicate delivery, whose entry was settled already, leaves the
-  -- tenant's in-flight count alone.)
   local S = sched(prefix, provider)
-  if tenant ~= '' and acked == 1 and held ~= '' then landed(S, tenant, id, held) end
+  if later and (tenant == '' or held == '') then
+    -- (nothing hangs on whether this entry was acknowledged still: it goes with
+    -- the batch's others, see settle_many)
+    local key = queue .. '\0' .. group
+    local entries = later.entries[key]
+    if not entries then
+      entries = {queue, group}
+      later.entries[key] = entries
+      later.entries[#later.entries + 1] = entries
+    end
+    entries[#entries + 1] = entry
+  else
+    local acked = redis.call('XACK', queue, group, entry)
+    redis.call('XDEL', queue, entry)
+    -- (A late duplicate delivery, whose entry was settled already, leaves the
+    -- tenant's in-flight count alone.)
+    if tenant ~= '' and acked == 1 and held ~= '' then landed(S, tenant, id, held) end
+  end
   -- The tenant's tpm windows count the call's real tokens from now on, not the
   -- estimate its admission counted (once: the estimate's member goes).
   local used = -1
@@ -541,7 +554,7 @@ local function settle_queue(queue, ARGV, later)
       end
     end
   end
-  if later then later[S] = tonumber(now) else dispatch(S, tonumber(now)) end
+  if later then later.dispatch[S] = tonumber(now) else dispatch(S, tonumber(now)) end
 end
 
 -- Whether consumer holds the queue's entry (a stalled worker's entry may have been
@@ -806,15 +819,21 @@ local function each_call(KEYS, ARGV, per, one)
   return answers
 end
 
--- Deliveries closed in one call (each_call): as one after another, but a queue's
--- free slots are filled (dispatch) once, when all are closed, and the day's usage
--- counts are written once per field, with the calls' sums.
+-- Deliveries closed in one call (each_call): as one after another, but what can
+-- wait for the last is done once: a queue's entries that count in no tenant's
+-- in-flight quota are acknowledged and deleted together, its free slots are filled
+-- (dispatch) once, and the day's usage counts are written once per field, with the
+-- calls' sums.
 local function settle_many(KEYS, ARGV)
-  local later = {}
+  local later = {entries = {}, dispatch = {}}
   USAGE = {}
   local function done()
     usage_written()
-    for S, now in pairs(later) do dispatch(S, now) end
+    for _, e in ipairs(later.entries) do
+      redis.call('XACK', e[1], e[2], unpack(e, 3))
+      redis.call('XDEL', e[1], unpack(e, 3))
+    end
+    for S, now in pairs(later.dispatch) do dispatch(S, now) end
   end
   local ok, made = pcall(each_call, KEYS, ARGV, 4, function(k, A)
     return settle_one(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], A, later)
