@@ -74,7 +74,7 @@ class Function:
 class Mergeable:
     """A function with a batch form: calls of ``one`` that wait for the same write
     leave as one call of ``many`` (:meth:`Batcher.call_merged`), which takes each
-    call's ``keys`` keys, then each call's argument count and arguments, and answers
+    call's keys, then each call's argument count and arguments, and answers
     the list of the calls' answers. A call alone leaves as a call of ``one``. One
     function call instead of several spares Redis the cost of starting each (its
     argument tables, its run of Lua), which a call's small work is mostly made of.
@@ -82,12 +82,11 @@ class Mergeable:
     An error of the batch form (a Lua error stops it) is every caller's, as a call
     that may have run: the calls before the failing one were made."""
 
-    __slots__ = ("keys", "many", "one")
+    __slots__ = ("many", "one")
 
-    def __init__(self, one: Function, many: Function, keys: int) -> None:
+    def __init__(self, one: Function, many: Function) -> None:
         self.one = one
         self.many = many
-        self.keys = keys
 
 
 #: Calls in one call of a batch form at most: one function call holds Redis for all
@@ -106,10 +105,16 @@ class _Merge:
         self.fn = fn
         self.calls: list[tuple[Sequence[Any], Sequence[Any]]] = []
         self.futures: list[asyncio.Future[Any]] = []
-        #: Whether more calls may join (not sent, not answered).
+        #: Whether more calls may join (not sent, not answered, not full).
         self.open = True
         self._alone = False
         self._done = False
+
+    def join(self, keys: Sequence[Any], args: Sequence[Any], fut: asyncio.Future[Any]) -> None:
+        self.calls.append((keys, args))
+        self.futures.append(fut)
+        if len(self.calls) >= MAX_MERGED:
+            self.open = False
 
     def command(self) -> tuple[Any, ...]:
         self.open = False
@@ -641,14 +646,12 @@ class Batcher:
         :class:`Mergeable`); its answer is this call's."""
         fut: asyncio.Future[Any] = self._loop().create_future()
         merge = self._merges.get(fn)
-        if merge is not None and merge.open and len(merge.calls) < MAX_MERGED:
-            merge.calls.append((keys, args))
-            merge.futures.append(fut)
-            return fut
-        merge = self._merges[fn] = _Merge(fn)
-        merge.calls.append((keys, args))
-        merge.futures.append(fut)
-        self._add(merge, merge, True)  # type: ignore[arg-type]
+        if merge is not None and merge.open:
+            merge.join(keys, args, fut)
+        else:
+            merge = self._merges[fn] = _Merge(fn)
+            merge.join(keys, args, fut)  # (before it can leave: _add may send it)
+            self._add(merge, merge, True)  # type: ignore[arg-type]
         return fut
 
     def _call(self, args: Sequence[Any], resend: bool) -> asyncio.Future[Any]:

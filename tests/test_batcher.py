@@ -316,7 +316,7 @@ return answers
 """,
     },
 )
-ADD = Mergeable(MERGE_LIBRARY["add"], MERGE_LIBRARY["add_many"], 2)
+ADD = Mergeable(MERGE_LIBRARY["add"], MERGE_LIBRARY["add_many"])
 
 
 async def test_merged_calls_that_leave_together_are_one_call_each_with_its_answer(

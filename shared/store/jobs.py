@@ -90,8 +90,8 @@ class JobStore:
         self._fn = scripts.Functions(scripts.CLUSTER_LIBRARY if cluster else scripts.LIBRARY)
         self._batcher = batcher
         #: A synchronous call's functions, whose calls that leave together are one call.
-        self._enqueues = Mergeable(self._fn.enqueue, self._fn.enqueue_many, 1)
-        self._settles = Mergeable(self._fn.settle, self._fn.settle_many, 4)
+        self._enqueues = Mergeable(self._fn.enqueue, self._fn.enqueue_many)
+        self._settles = Mergeable(self._fn.settle, self._fn.settle_many)
         self._redis = redis
         self._wcfg = config.worker
         self._result_ttl = int(config.jobs.result_ttl_s)

@@ -667,6 +667,11 @@ local function depth_of(S, kept)
   return d
 end
 
+local function capacity_of(S, d)
+  d.cap = d.cap or tonumber(redis.call('GET', S.capacity) or '0')
+  return d.cap
+end
+
 -- Admission's checks, before anything is written: the provider's depth, then
 -- the tenant's queued-jobs quotas, then its rate quotas (on this provider, then
 -- overall). Returns nil when the job may be admitted, else the refusal.
@@ -707,8 +712,7 @@ local function enter(S, q, id, created, packed)
     add_rate(S.prefix .. 'trla:' .. t, q.rpma, q.tpma, q.cost, q.now, 60, id)
   end
   local d = q.depth
-  if d.waiting <= 0 then d.cap = d.cap or tonumber(redis.call('GET', S.capacity) or '0') end
-  if d.waiting <= 0 and d.cap > d.streamed
+  if d.waiting <= 0 and capacity_of(S, d) > d.streamed
       and not (q.fq > 0 and at_quota(flight(S, t), q.fq, q.now))
       and not (q.fqa > 0 and at_quota(flight_all(S, t), q.fqa, q.now)) then
     send(S, t, id, packed, q.deadline, q.fq, q.fqa, q.now)
