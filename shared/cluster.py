@@ -221,10 +221,11 @@ class ClusterBatcher:
         handle: Callable[[Any], None],
         *,
         behind_tasks: bool = False,
+        ahead: int = 1,
     ) -> asyncio.Future[None]:
         """Blocking reads one after another (see :meth:`Batcher.reads`), each on the
         primary of its stream: a stream whose slot moves is read on its new node."""
-        return chain_reads(self._loop(), self.call_then, next_read, handle, behind_tasks)
+        return chain_reads(self._loop(), self.call_then, next_read, handle, behind_tasks, ahead)
 
     async def close(self, wait: bool = True) -> None:
         self._closed = True

@@ -501,6 +501,7 @@ class Readers(Commands, Protocol):
         handle: Callable[[Any], None],
         *,
         behind_tasks: bool = False,
+        ahead: int = 1,
     ) -> asyncio.Future[None]: ...
 
     async def close(self, wait: bool = True) -> None: ...
@@ -624,19 +625,27 @@ class Batcher:
         handle: Callable[[Any], None],
         *,
         behind_tasks: bool = False,
+        ahead: int = 1,
     ) -> asyncio.Future[None]:
         """Blocking reads, one after another: ``next_read()``'s command is sent, its
         answer goes to ``handle`` in the step that reads it, and the next command
-        leaves at once. The future ends when ``next_read()`` gives None, or with the
-        first Redis error or error of ``handle`` or ``next_read`` (a reader's defect
-        ends its reads, as it would end a loop); once it is done (or cancelled) no
-        more is sent.
+        leaves at once. The future ends when ``next_read()`` gives None (once the
+        reads sent have answered), or with the first Redis error or error of
+        ``handle`` or ``next_read`` (a reader's defect ends its reads, as it would
+        end a loop); once it is done (or cancelled) no more is sent.
 
         ``behind_tasks``: the next command is asked for one loop turn later, so that
         what the tasks ``handle`` started write in their first two steps (a job's
         upstream request) leaves before it: on a quiet process every write wakes
-        another, and the one the caller waits for goes first."""
-        return chain_reads(self._loop(), self.call_then, next_read, handle, behind_tasks)
+        another, and the one the caller waits for goes first.
+
+        ``ahead``: that many reads leave together, each answer handled as it comes,
+        and the next ones when all have answered: one write for ``ahead`` answers.
+        Only for reads whose command does not depend on the answers before it
+        (``XREADGROUP ... >``, not ``XREAD`` after an entry). Redis runs each when
+        the one before it has answered, so the last may answer ``ahead`` blocks
+        later: the batcher's timeout must allow it (:func:`stream_reader`)."""
+        return chain_reads(self._loop(), self.call_then, next_read, handle, behind_tasks, ahead)
 
     def call_merged(
         self, fn: Mergeable, keys: Sequence[Any], args: Sequence[Any]
@@ -719,7 +728,11 @@ class Batcher:
             c.command() if isinstance(c, _Merge) else c for c, _, _, _ in batch
         ]
         resend = [p[3] for p in batch]
-        wire.send(commands, functools.partial(self._answered, commands, futures, resend), deadline)
+        each = None
+        if any(isinstance(f, _Then) for f in futures):
+            each = functools.partial(_then_now, futures, resend)
+        answered = functools.partial(self._answered, commands, futures, resend)
+        wire.send(commands, answered, deadline, each)
 
     def _watch_waiting(self) -> None:
         """Fail the commands that waited to be sent past their timeout (unless the
@@ -857,19 +870,35 @@ class Batcher:
             await self._client.aclose()
 
 
-def stream_reader(cfg: RedisConfig, block_ms: int) -> Readers:
+def stream_reader(cfg: RedisConfig, block_ms: int, ahead: int = 1) -> Readers:
     """A batcher on a connection of its own, for blocking stream reads (``XREAD`` or
     ``XREADGROUP ... BLOCK``): what arrives reaches the reader in the step that
-    reads it. A round trip may take the block plus ``command_timeout_s``. Close it
-    with ``close(wait=False)`` (a read may be blocking); that closes its client.
-    On a Cluster, a connection of its own to each node it reads from."""
-    timeout = block_ms / 1000 + cfg.command_timeout_s
+    reads it. A round trip may take ``ahead`` blocks (reads sent together, see
+    :meth:`Batcher.reads`) plus ``command_timeout_s``. Close it with
+    ``close(wait=False)`` (a read may be blocking); that closes its client. On a
+    Cluster, a connection of its own to each node it reads from."""
+    timeout = ahead * block_ms / 1000 + cfg.command_timeout_s
     if cfg.cluster:
         from llm_broker.shared.cluster import cluster_batcher
 
         return cluster_batcher(cfg, timeout=timeout, max_connections=1)
     client = connect(cfg, max_connections=1)
     return Batcher(client, timeout=timeout, owns_client=True)
+
+
+def _then_now(futures: list[Any], resend: list[bool], i: int, reply: Any) -> None:
+    """The answer to command ``i`` of a round trip, as it arrives: given at once to
+    a caller of :meth:`Batcher.call_then` (its other callers get theirs when the
+    round trip ends; a function Redis did not know waits for its second sending)."""
+    then = futures[i]
+    if not isinstance(then, _Then) or then.done():
+        return
+    if isinstance(reply, Exception):
+        if resend[i] and _unknown(reply):
+            return
+        then.set_exception(reply)
+    else:
+        then.set_result(reply)
 
 
 class _Then:
@@ -905,25 +934,35 @@ def chain_reads(
     next_read: Callable[[], tuple[Any, ...] | None],
     handle: Callable[[Any], None],
     behind_tasks: bool,
+    ahead: int = 1,
 ) -> asyncio.Future[None]:
     """:meth:`Batcher.reads` over any ``call_then`` (a node's batcher, or a
     cluster's, which routes each read to the node of its stream)."""
     done: asyncio.Future[None] = loop.create_future()
+    out = 0  # reads sent and not answered yet
+    last = False  # next_read() gave None: the reads end once those out answer
 
     def ask() -> None:
+        nonlocal out, last
         if done.done():  # stopped (or cancelled) meanwhile
             return
-        try:
-            command = next_read()
-        except Exception as e:
-            done.set_exception(e)
-            return
-        if command is None:
+        while not last and out < ahead:
+            try:
+                command = next_read()
+            except Exception as e:
+                done.set_exception(e)
+                return
+            if command is None:
+                last = True
+            else:
+                out += 1
+                call_then(answered, *command)
+        if not out:
             done.set_result(None)
-        else:
-            call_then(answered, *command)
 
     def answered(result: Any, error: BaseException | None) -> None:
+        nonlocal out
+        out -= 1
         if done.done():  # the reader stopped
             return
         if error is not None:
@@ -934,6 +973,8 @@ def chain_reads(
         except Exception as e:
             done.set_exception(e)
             return
+        if out:
+            return  # the next reads leave when those out have answered
         if behind_tasks:
             loop.call_soon(ask)
         else:
@@ -967,6 +1008,7 @@ MAX_EXTENSIONS = 10
 _NOT_ENOUGH_DATA = object()
 
 Answered = Callable[[list[Any] | BaseException, float], None]
+Each = Callable[[int, Any], None]
 
 
 class _Callback:
@@ -983,12 +1025,21 @@ class _RoundTrip:
     and the bucket of their timeout's deadline (shared/loop.py's Deadlines; the
     timeout is extended up to ``cap`` while the loop is late)."""
 
-    __slots__ = ("answered", "callbacks", "cap", "due", "results", "started", "wire")
+    __slots__ = ("answered", "callbacks", "cap", "due", "each", "results", "started", "wire")
 
-    def __init__(self, wire: _Wire, callbacks: list[Any], answered: Answered, cap: float) -> None:
+    def __init__(
+        self,
+        wire: _Wire,
+        callbacks: list[Any],
+        answered: Answered,
+        cap: float,
+        each: Each | None = None,
+    ) -> None:
         self.wire = wire
         self.callbacks = callbacks
         self.answered = answered
+        #: Told each reply as it arrives (its index, the reply): see _then_now.
+        self.each = each
         self.results: list[Any] = []
         self.started = time.perf_counter()
         self.cap = cap
@@ -1038,7 +1089,13 @@ class _Wire(asyncio.Protocol):
         if leftover:
             self.data_received(leftover)
 
-    def send(self, commands: list[Sequence[Any]], answered: Answered, deadline: float) -> None:
+    def send(
+        self,
+        commands: list[Sequence[Any]],
+        answered: Answered,
+        deadline: float,
+        each: Each | None = None,
+    ) -> None:
         try:
             data = b"".join(_pack(c) for c in commands)
         except Exception as e:  # an argument Redis's protocol cannot carry: nothing left
@@ -1047,7 +1104,7 @@ class _Wire(asyncio.Protocol):
         callbacks = [self._callbacks.get(c[0]) for c in commands]
         deadlines = self._deadlines
         cap = deadlines.loop.time() + MAX_EXTENSIONS * self._timeout
-        trip = _RoundTrip(self, callbacks, answered, cap)
+        trip = _RoundTrip(self, callbacks, answered, cap, each)
         trip.due = deadlines.add(deadline, trip)
         self.batches.append(trip)
         self._transport.write(data)
@@ -1076,6 +1133,8 @@ class _Wire(asyncio.Protocol):
                     except Exception as e:  # a form of the reply redis-py does not parse
                         reply = e
             trip.results.append(reply)
+            if trip.each is not None:
+                trip.each(len(trip.results) - 1, reply)
             if len(trip.results) == len(trip.callbacks):
                 batches.popleft()
                 if trip.due is not None:

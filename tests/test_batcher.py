@@ -246,6 +246,49 @@ async def test_a_readers_own_error_ends_its_reads_with_that_error(client: aiored
         await batcher.close()
 
 
+async def test_reads_ahead_leave_together_and_each_answer_is_handled_as_it_comes(
+    client: aioredis.Redis,
+) -> None:
+    """Reads sent ``ahead`` at a time leave in one write (a round trip), Redis runs
+    each when the one before has answered, and each answer is handled as it
+    arrives, not when the round ends; the next round leaves once all have answered,
+    and the reads end when told to, after those sent have answered."""
+    trips = RoundTrips()
+    batcher = Batcher(client, timeout=30, round_trip=trips)
+    await client.xgroup_create("ahead", "g", "$", mkstream=True)
+    read = ("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "BLOCK", 5000, "STREAMS", "ahead", ">")
+    reads_left = 5
+    handled: list[bytes] = []
+    got = asyncio.Event()
+
+    def next_read() -> tuple[object, ...] | None:
+        nonlocal reads_left
+        if not reads_left:
+            return None
+        reads_left -= 1
+        return read
+
+    def handle(batches: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]) -> None:
+        ((_stream, entries),) = batches
+        ((_entry_id, fields),) = entries
+        handled.append(fields[b"n"])
+        got.set()
+
+    try:
+        reads = batcher.reads(next_read, handle, ahead=3)
+        for n in range(5):
+            await client.xadd("ahead", {"n": n})
+            while len(handled) <= n:  # each answer before the next entry exists
+                await asyncio.wait_for(got.wait(), 5)
+                got.clear()
+            assert reads.done() == (n == 4)
+        await asyncio.wait_for(reads, 5)
+    finally:
+        await batcher.close()
+    assert handled == [b"0", b"1", b"2", b"3", b"4"]
+    assert trips.count == 2  # three reads in the first write, the last two in the second
+
+
 @pytest.mark.parametrize("behind_tasks", [False, True])
 async def test_reads_behind_tasks_let_the_started_tasks_write_first(
     client: aioredis.Redis, behind_tasks: bool
