@@ -10,6 +10,7 @@ from collections import deque
 from typing import Any
 
 import msgspec
+from redis.exceptions import ResponseError
 
 from llm_broker.shared.config import Config
 from llm_broker.shared.errors import Unavailable
@@ -23,9 +24,20 @@ from llm_broker.shared.redisio import (
     stream_reader,
 )
 from llm_broker.shared.store import JobStore
+from llm_broker.shared.store.jobs import REPLY_GROUP
 from llm_broker.shared.store.records import Failure, Reply
 
 log = logging.getLogger("llm_broker.ingress.replies")
+
+#: Reads of a reply stream sent together (Batcher.reads): on a process whose
+#: replies come one at a time, one write of its reader per four replies (and one
+#: command less each for Redis to read) instead of one per reply.
+READ_AHEAD = 4
+#: How long each read blocks: a round of reads on an idle stream ends in a second.
+BLOCK_MS = 250
+#: What ends a round of reads but not the reader (a ResponseError only when Redis
+#: lost the stream or its group: see _stream_lost).
+_READ_ERRORS: tuple[type[Exception], ...] = (*REDIS_DOWN, ResponseError)
 
 
 class Waiter:
@@ -128,8 +140,7 @@ class ReplyRouter:
         await asyncio.gather(*(self._run(s) for s in self._streams))
 
     async def _run(self, stream: _Stream) -> None:
-        block_ms = 1000
-        reader = stream_reader(self._cfg.redis, block_ms)
+        reader = stream_reader(self._cfg.redis, BLOCK_MS, READ_AHEAD)
         next_refresh = next_trim = 0.0
         backoff = 0.05
         try:
@@ -142,23 +153,34 @@ class ReplyRouter:
                         await stream.ensure(reader, self.TTL_S)
                         stream.ready.set()
                         next_refresh = now + self.TTL_S / 4
+                    if stream.rewind:
+                        await stream.set_group(reader)
                     if now >= next_trim:
                         # Entries up to the last one read are done with.
                         await reader.call("XTRIM", stream.name, "MINID", "~", stream.last_id)
                         next_trim = now + 1.0
-                    await stream.read_until(reader, min(next_refresh, next_trim), block_ms)
+                    await stream.read_until(reader, min(next_refresh, next_trim))
                     backoff = 0.05
-                except REDIS_DOWN as e:
+                except _READ_ERRORS as e:
                     raise_if_cancelling(loop)
+                    if isinstance(e, ResponseError) and not _stream_lost(e):
+                        raise
                     if stream.healthy:
-                        log.warning("reply reader: Redis unreachable: %s", e)
+                        log.warning("reply reader: Redis unreachable or emptied: %s", e)
                     stream.healthy = False
                     stream.ready.clear()  # Redis may come back without it
+                    stream.rewind = True  # reads may have been lost with the connection
                     next_refresh = 0.0
                     await asyncio.sleep(backoff)  # back off while Redis is unreachable
                     backoff = min(backoff * 2, 1.0)
         finally:
             await reader.close(wait=False)
+
+
+def _stream_lost(e: ResponseError) -> bool:
+    """Whether Redis lost the stream or its group (emptied while connected)."""
+    text = str(e)
+    return text.startswith("NOGROUP") or "requires the key to exist" in text
 
 
 class _Stream:
@@ -168,6 +190,10 @@ class _Stream:
         self.name = name
         self._waiters = waiters
         self.last_id = b"0-0"
+        #: The group's place is to be set to ``last_id`` before the next read: at
+        #: first, and after a Redis error (a read's entries may have been delivered
+        #: and lost with the connection).
+        self.rewind = True
         self.healthy = False
         #: Set while the stream is known to exist: workers never create it (their
         #: replies to a missing stream are dropped), so a call waits for it.
@@ -180,7 +206,17 @@ class _Stream:
             await reader.call("EXPIRE", self.name, ttl_s)
             log.info("reply stream %s created", self.name)
 
-    def read_until(self, reader: Readers, until: float, block_ms: int) -> asyncio.Future[None]:
+    async def set_group(self, reader: Commands) -> None:
+        """Set the reader's group to read after the last entry read (made if missing)."""
+        try:
+            await reader.call("XGROUP SETID", self.name, REPLY_GROUP, self.last_id)
+        except ResponseError as e:
+            if not str(e).startswith("NOGROUP"):
+                raise
+            await reader.call("XGROUP CREATE", self.name, REPLY_GROUP, self.last_id)
+        self.rewind = False
+
+    def read_until(self, reader: Readers, until: float) -> asyncio.Future[None]:
         """Read the replies, each handed to its waiter in the step that reads it
         (:meth:`Batcher.reads`), until ``until`` (monotonic time) or a Redis error (the
         future's). No task switch per read: on a lightly loaded process each was a
@@ -189,9 +225,9 @@ class _Stream:
         def next_read() -> tuple[Any, ...] | None:
             if time.monotonic() >= until:
                 return None
-            return JobStore.replies_command(self.name, self.last_id, block_ms)
+            return JobStore.next_replies_command(self.name, BLOCK_MS)
 
-        return reader.reads(next_read, self._route)
+        return reader.reads(next_read, self._route, ahead=READ_AHEAD)
 
     def _route(self, batches: Any) -> None:
         self.healthy = True

@@ -207,6 +207,34 @@ async def test_worker_pulls_only_as_many_jobs_as_it_has_slots(
     assert stats["calls"] == 12
 
 
+async def test_reads_sent_together_never_bring_more_jobs_than_free_slots(
+    procs: Procs,
+    make_config: ConfigFactory,
+    rclient: aioredis.Redis,
+    prefix: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A worker's reads of a queue leave several at a time; with more entries
+    already on the stream than it has slots (as when other workers' slots were
+    free when they were dispatched), together they ask for its free slots only."""
+    _, mock_url = procs.mock()
+    jobs = [make_job("mock-latency-300") for _ in range(12)]
+    for job in jobs:
+        await dispatched(rclient, prefix, job)
+    queue = Keys(prefix).queue("mock")
+    assert await rclient.xlen(queue) == 12
+    config = make_config(mock_url, providers={"mock": {"max_concurrency": 3}})
+    procs.worker(config)
+
+    async def drained() -> bool:
+        return bool(await rclient.xlen(queue) == 0)
+
+    await eventually(drained, timeout=20, what="the queue to drain")
+    stats = await mock_stats(http, mock_url)
+    assert stats["peak_in_flight"] == 3
+    assert stats["calls"] == 12
+
+
 async def test_sigterm_lets_in_flight_jobs_finish_and_exits_zero(
     procs: Procs,
     make_config: ConfigFactory,

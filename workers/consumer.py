@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -27,6 +28,9 @@ from llm_broker.shared.redisio import (
     stream_reader,
 )
 from llm_broker.shared.store import Delivery, Queues
+
+#: Reads of a queue sent together (see StreamConsumer._read_while_free).
+READ_AHEAD = 4
 
 log = logging.getLogger("llm_broker.worker")
 
@@ -154,7 +158,7 @@ class StreamConsumer:
 
     async def read_loop(self) -> None:
         """Pull entries while there are free slots, until told to stop."""
-        reader = stream_reader(self._cfg.redis, self._wcfg.block_ms)
+        reader = stream_reader(self._cfg.redis, self._block_ms, READ_AHEAD)
         backoff = 0.1
         need_group = True
         try:
@@ -192,26 +196,43 @@ class StreamConsumer:
         finally:
             await reader.close(wait=False)
 
+    @property
+    def _block_ms(self) -> int:
+        """How long each of a round's reads blocks: the round, ``block_ms``."""
+        return max(1, self._wcfg.block_ms // READ_AHEAD)
+
     def _read_while_free(self, reader: Readers) -> asyncio.Future[None]:
         """Read new entries, each batch's jobs started in the step that reads it, and
         ask again at once while slots are free, until a reclaim is due, the consumer
         stops or Redis fails (the future's error). No task switch per read: on a
-        lightly loaded worker each was a loop turn on every job's way."""
-        block_ms = self._wcfg.block_ms
+        lightly loaded worker each was a loop turn on every job's way.
+
+        The reads leave :data:`READ_AHEAD` at a time (``Batcher.reads``): a worker
+        whose jobs come one at a time writes once per four of them, not once each.
+        A round's reads share the free slots out (each asks for its share), so that
+        what they bring never exceeds them."""
+        block_ms = self._block_ms
         first = True
+        asked: deque[int] = deque()  # what each read not answered yet asked for
 
         def next_read() -> tuple[Any, ...] | None:
             nonlocal first
-            free = self.free_slots
+            free = self.free_slots - sum(asked)
             # One read at least between two reclaims, as between any two rounds.
             due = not first and time.monotonic() >= self._next_reclaim
             if free <= 0 or self._stopping.is_set() or due:
                 return None
             first = False
-            return self._queues.read_command(self.provider, self.name, free, block_ms)
+            count = max(1, free // (READ_AHEAD - len(asked)))
+            asked.append(count)
+            return self._queues.read_command(self.provider, self.name, count, block_ms)
 
-        # A job's upstream request leaves before the next read (behind_tasks).
-        return reader.reads(next_read, self._start, behind_tasks=True)
+        def started(batches: Any) -> None:
+            asked.popleft()
+            self._start(batches)
+
+        # A job's upstream request leaves before the next reads (behind_tasks).
+        return reader.reads(next_read, started, behind_tasks=True, ahead=READ_AHEAD)
 
     def _start(self, batches: Any) -> None:
         for delivery in self._queues.deliveries(self.provider, batches):

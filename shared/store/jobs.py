@@ -56,6 +56,8 @@ _NO_QUOTA = Quota()
 
 #: The most entries a reply stream keeps (approximately).
 REPLY_MAXLEN = 100_000
+#: The consumer group a reply stream's reader keeps its place in.
+REPLY_GROUP = "replies"
 
 log = logging.getLogger("llm_broker.store")
 
@@ -655,6 +657,19 @@ class JobStore:
     def replies_command(stream: str, after: bytes, block_ms: int) -> tuple[Any, ...]:
         """The blocking read of the replies after entry ``after``."""
         return ("XREAD", "COUNT", 1000, "BLOCK", block_ms, "STREAMS", stream, after)
+
+    @staticmethod
+    def next_replies_command(stream: str, block_ms: int) -> tuple[Any, ...]:
+        """The blocking read of the replies after those read before, by the stream's
+        one reader (the ingress process it belongs to): its group (REPLY_GROUP) keeps
+        where it is, so that reads may be sent before the answers to those before
+        them (``Batcher.reads(ahead=…)``). Nothing is kept pending (``NOACK``): the
+        reader sets the group back to the last entry it read (``XGROUP SETID``)
+        whenever a read may have been lost with its connection."""
+        return (
+            "XREADGROUP", "GROUP", REPLY_GROUP, "r", "COUNT", 1000, "BLOCK", block_ms,
+            "NOACK", "STREAMS", stream, ">",
+        )  # fmt: skip
 
     @staticmethod
     def decode_replies(stream: str, batches: Any) -> list[tuple[bytes, bytes, Reply]]:
