@@ -17,6 +17,7 @@ from llm_broker.shared.errors import Unavailable
 from llm_broker.shared.keys import Keys
 from llm_broker.shared.loop import LoopRef
 from llm_broker.shared.redisio import (
+    READ_AHEAD,
     REDIS_DOWN,
     Commands,
     Readers,
@@ -29,12 +30,9 @@ from llm_broker.shared.store.records import Failure, Reply
 
 log = logging.getLogger("llm_broker.ingress.replies")
 
-#: Reads of a reply stream sent together (Batcher.reads): on a process whose
-#: replies come one at a time, one write of its reader per four replies (and one
-#: command less each for Redis to read) instead of one per reply.
-READ_AHEAD = 4
-#: How long each read blocks: a round of reads on an idle stream ends in a second.
-BLOCK_MS = 250
+#: How long each read blocks: a round of reads (READ_AHEAD, sent together) on an
+#: idle stream ends in a second.
+BLOCK_MS = 1000 // READ_AHEAD
 #: What ends a round of reads but not the reader (a ResponseError only when Redis
 #: lost the stream or its group: see _stream_lost).
 _READ_ERRORS: tuple[type[Exception], ...] = (*REDIS_DOWN, ResponseError)

@@ -870,6 +870,11 @@ class Batcher:
             await self._client.aclose()
 
 
+#: How many reads a stream reader sends together (``Batcher.reads``): one write per
+#: four answers where they come one at a time (the reply reader, the queue reader).
+READ_AHEAD = 4
+
+
 def stream_reader(cfg: RedisConfig, block_ms: int, ahead: int = 1) -> Readers:
     """A batcher on a connection of its own, for blocking stream reads (``XREAD`` or
     ``XREADGROUP ... BLOCK``): what arrives reaches the reader in the step that

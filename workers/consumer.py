@@ -22,15 +22,13 @@ from redis.exceptions import ResponseError
 from llm_broker.shared.config import Config
 from llm_broker.shared.metrics import FastCount, WorkerMetrics
 from llm_broker.shared.redisio import (
+    READ_AHEAD,
     REDIS_DOWN,
     Readers,
     raise_if_cancelling,
     stream_reader,
 )
 from llm_broker.shared.store import Delivery, Queues
-
-#: Reads of a queue sent together (see StreamConsumer._read_while_free).
-READ_AHEAD = 4
 
 log = logging.getLogger("llm_broker.worker")
 

@@ -650,13 +650,8 @@ class JobStore:
     ) -> list[tuple[bytes, bytes, Reply]]:
         """The replies after entry ``after`` (blocking up to ``block_ms``), as
         ``(entry id, job id, reply)``; ``reader`` is the reader's own connection."""
-        batches = await reader.call(*JobStore.replies_command(stream, after, block_ms))
-        return JobStore.decode_replies(stream, batches)
-
-    @staticmethod
-    def replies_command(stream: str, after: bytes, block_ms: int) -> tuple[Any, ...]:
-        """The blocking read of the replies after entry ``after``."""
-        return ("XREAD", "COUNT", 1000, "BLOCK", block_ms, "STREAMS", stream, after)
+        read = ("XREAD", "COUNT", 1000, "BLOCK", block_ms, "STREAMS", stream, after)
+        return JobStore.decode_replies(stream, await reader.call(*read))
 
     @staticmethod
     def next_replies_command(stream: str, block_ms: int) -> tuple[Any, ...]:
@@ -673,7 +668,8 @@ class JobStore:
 
     @staticmethod
     def decode_replies(stream: str, batches: Any) -> list[tuple[bytes, bytes, Reply]]:
-        """:meth:`replies_command`'s answer as ``(entry id, job id, reply)``."""
+        """A read's answer (:meth:`next_replies_command`, :meth:`read_replies`) as
+        ``(entry id, job id, reply)``."""
         found: list[tuple[bytes, bytes, Reply]] = []
         for _stream, entries in batches or ():
             for entry_id, fields in entries:
